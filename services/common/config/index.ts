@@ -1,0 +1,2 @@
+export { ConfigError, loadConfig, type LoadOptions } from "./load.js";
+export * from "./schema.js";

@@ -1,0 +1,30 @@
+import type { ChannelOptions } from "@grpc/grpc-js";
+import type { TransportConfig } from "../config/index.js";
+
+/**
+ * Channel and server options every service uses. grpc-js caps messages at 4 MiB and keeps HTTP/2
+ * windows at 64 KiB by default, which holds a tensor stream to ~0.3 GB/s; the windows come from
+ * the transport config.
+ */
+export function channelOptions(t: TransportConfig): ChannelOptions {
+  return {
+    "grpc.max_receive_message_length": t.maxMessageBytes,
+    "grpc.max_send_message_length": t.maxMessageBytes,
+    "grpc-node.flow_control_window": t.flowControlWindowBytes,
+    "grpc.keepalive_time_ms": t.keepaliveMs,
+    "grpc.keepalive_timeout_ms": Math.max(5000, Math.floor(t.keepaliveMs / 2)),
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+  };
+}
+
+export function serverOptions(t: TransportConfig): ChannelOptions {
+  return {
+    "grpc.max_receive_message_length": t.maxMessageBytes,
+    "grpc.max_send_message_length": t.maxMessageBytes,
+    "grpc.keepalive_time_ms": t.keepaliveMs,
+    "grpc.keepalive_timeout_ms": Math.max(5000, Math.floor(t.keepaliveMs / 2)),
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.min_ping_interval_without_data_ms": 1000,
+  };
+}

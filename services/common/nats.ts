@@ -1,0 +1,91 @@
+import { connect, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import type { z } from "zod";
+
+/**
+ * The one NATS connection helper. Every role connects through it: reconnects forever (a buffer or
+ * NATS restart must not kill a producer), JSON messages validated by zod on receipt so that a peer's
+ * bad message is logged and dropped, never thrown into the role.
+ */
+export interface Bus {
+  readonly nc: NatsConnection;
+  publish<S extends z.ZodType>(subject: string, schema: S, message: z.input<S>): void;
+  /** Calls `handler` for each valid message until the returned subscription is drained. */
+  subscribe<S extends z.ZodType>(subject: string, schema: S, handler: (message: z.output<S>, subject: string) => void): Subscription;
+  /** Request/reply with a validated answer; rejects on timeout or invalid answer. */
+  request<Q extends z.ZodType, A extends z.ZodType>(subject: string, query: Q, message: z.input<Q>, answer: A, timeoutMs: number): Promise<z.output<A>>;
+  /** Answers requests on `subject`; a handler error is logged and no answer is sent. */
+  reply<Q extends z.ZodType, A extends z.ZodType>(subject: string, query: Q, answer: A, handler: (message: z.output<Q>) => z.input<A>): Subscription;
+  /** Flushes and closes; resolves when the connection is really closed. */
+  close(): Promise<void>;
+}
+
+export interface BusOptions {
+  url: string;
+  /** Connection name shown by the server (e.g. "producer-0"). */
+  name: string;
+  /** How long the first connect may take. */
+  connectTimeoutMs?: number;
+  log?: (line: string) => void;
+}
+
+export async function connectBus(options: BusOptions): Promise<Bus> {
+  const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+  const nc = await connect({
+    servers: options.url,
+    name: options.name,
+    maxReconnectAttempts: -1,
+    reconnectTimeWait: 250,
+    timeout: options.connectTimeoutMs ?? 5000,
+  });
+  const encode = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
+  const decode = <S extends z.ZodType>(schema: S, data: Uint8Array, subject: string): z.output<S> | undefined => {
+    let json: unknown;
+    try {
+      json = JSON.parse(new TextDecoder().decode(data));
+    } catch {
+      log(`nats: dropped non-JSON message on ${subject}`);
+      return undefined;
+    }
+    const parsed = schema.safeParse(json);
+    if (!parsed.success) {
+      log(`nats: dropped invalid message on ${subject}: ${parsed.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ")}`);
+      return undefined;
+    }
+    return parsed.data;
+  };
+  return {
+    nc,
+    publish: (subject, schema, message) => nc.publish(subject, encode(schema.parse(message))),
+    subscribe: (subject, schema, handler) =>
+      nc.subscribe(subject, {
+        callback: (err, msg) => {
+          if (err) return log(`nats: subscription ${subject}: ${err.message}`);
+          const value = decode(schema, msg.data, msg.subject);
+          if (value !== undefined) handler(value, msg.subject);
+        },
+      }),
+    request: async (subject, query, message, answer, timeoutMs) => {
+      const msg = await nc.request(subject, encode(query.parse(message)), { timeout: timeoutMs });
+      const value = decode(answer, msg.data, subject);
+      if (value === undefined) throw new Error(`nats: invalid answer on ${subject}`);
+      return value;
+    },
+    reply: (subject, query, answer, handler) =>
+      nc.subscribe(subject, {
+        callback: (err, msg) => {
+          if (err) return log(`nats: subscription ${subject}: ${err.message}`);
+          const value = decode(query, msg.data, msg.subject);
+          if (value === undefined) return;
+          try {
+            msg.respond(encode(answer.parse(handler(value))));
+          } catch (e) {
+            log(`nats: handler for ${subject} failed: ${(e as Error).message}`);
+          }
+        },
+      }),
+    close: async () => {
+      if (nc.isClosed()) return;
+      await nc.drain();
+    },
+  };
+}

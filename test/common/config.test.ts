@@ -1,0 +1,66 @@
+import assert from "node:assert/strict";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, it } from "node:test";
+import { ConfigError, loadConfig } from "../../services/common/config/index.js";
+
+const refusedKeys = (fn: () => unknown): string[] => {
+  try {
+    fn();
+  } catch (err) {
+    assert.ok(err instanceof ConfigError, `expected ConfigError, got ${String(err)}`);
+    return err.keys;
+  }
+  assert.fail("config was accepted");
+};
+
+describe("config loader", () => {
+  const dir = mkdtempSync(join(tmpdir(), "saeflow-config-"));
+
+  it("fills every section with documented defaults", () => {
+    const c = loadConfig();
+    assert.equal(c.run.id, "local");
+    assert.equal(c.buffer.lowWatermark, 0.5);
+    assert.ok(c.transport.maxMessageBytes > 4 << 20);
+  });
+
+  it("layers file < environment < --set flags", () => {
+    const file = join(dir, "run.yaml");
+    writeFileSync(file, "run:\n  id: from-file\nbuffer:\n  capacityRows: 100\n  lowWatermark: 0.25\n");
+    const c = loadConfig({
+      file,
+      env: { SAEFLOW_BUFFER__CAPACITY_ROWS: "200", SAEFLOW_RUN__ID: "from-env", NATS_URL: "nats://10.0.0.1:4222", OTEL_EXPORTER_OTLP_ENDPOINT: "http://j:4318" },
+      sets: ["run.id=from-flag"],
+    });
+    assert.equal(c.run.id, "from-flag");
+    assert.equal(c.buffer.capacityRows, 200);
+    assert.equal(c.buffer.lowWatermark, 0.25);
+    assert.equal(c.nats.url, "nats://10.0.0.1:4222");
+    assert.equal(c.telemetry.otlpEndpoint, "http://j:4318");
+  });
+
+  it("names each bad key and where its value came from", () => {
+    try {
+      loadConfig({ env: { SAEFLOW_BUFFER__LOW_WATERMARK: "2" }, sets: ["transport.maxMessageBytes=12"] });
+      assert.fail("accepted");
+    } catch (err) {
+      assert.ok(err instanceof ConfigError);
+      assert.deepEqual(err.keys.sort(), ["buffer.lowWatermark", "transport.maxMessageBytes"]);
+      assert.match(err.message, /buffer\.lowWatermark: .*\(from env SAEFLOW_BUFFER__LOW_WATERMARK\)/);
+      assert.match(err.message, /transport\.maxMessageBytes: .*\(from --set transport\.maxMessageBytes\)/);
+    }
+  });
+
+  it("refuses unknown keys, wrong types, malformed files and malformed flags", () => {
+    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["buffer.capacityRowz=5"] })), ["buffer.capacityRowz"]);
+    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["buffer.dtype=fp64"] })), ["buffer.dtype"]);
+    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["nonsense"] })), ["--set"]);
+    const bad = join(dir, "bad.yaml");
+    writeFileSync(bad, "run: [unclosed\n");
+    assert.deepEqual(refusedKeys(() => loadConfig({ file: bad })), ["(file)"]);
+    writeFileSync(bad, "- a list\n");
+    assert.deepEqual(refusedKeys(() => loadConfig({ file: bad })), ["(root)"]);
+    assert.deepEqual(refusedKeys(() => loadConfig({ file: join(dir, "missing.yaml") })), ["(file)"]);
+  });
+});

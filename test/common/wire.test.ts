@@ -1,0 +1,47 @@
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { decodeMessage, encodeMessage } from "../../services/common/grpc/wire.js";
+import { toTensor } from "../../services/common/tensor-codec.js";
+import { PushRequestSchema, StatusResponseSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
+
+describe("gRPC wire encoding", () => {
+  it("writes tensor-carrying messages that protobuf-es parses back identically", () => {
+    const values = Float32Array.from({ length: 6 * 5 }, (_, i) => i * 0.25 - 3);
+    const msg = create(PushRequestSchema, {
+      chunk: {
+        runId: "r",
+        hookPoint: "blocks.0.hook_resid_post",
+        producerId: "p",
+        sequence: 2n ** 40n,
+        activations: toTensor(values, DType.FP32, [6, 5]),
+        tokenIds: [1, 2, 3, 4, 5, 6],
+        contextIds: [0, 0, 0, 1, 1, 1],
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+      },
+    });
+    const bytes = encodeMessage(PushRequestSchema, msg);
+    assert.equal(bytes.byteLength, toBinary(PushRequestSchema, msg).byteLength);
+    // A plain Uint8Array copy, so bytes fields come back as Uint8Array rather than Buffer views.
+    const back = fromBinary(PushRequestSchema, new Uint8Array(bytes));
+    assert.deepEqual(back, msg);
+  });
+
+  it("hands payloads back as views into the received buffer", () => {
+    const msg = create(PushRequestSchema, { chunk: { activations: toTensor(new Float32Array(64).fill(7), DType.FP32, [8, 8]) } });
+    const bytes = encodeMessage(PushRequestSchema, msg);
+    const back = decodeMessage(PushRequestSchema, bytes);
+    assert.equal(back.chunk!.activations!.data.buffer, bytes.buffer);
+  });
+
+  it("encodes messages without payloads exactly as protobuf-es does", () => {
+    const msg = create(StatusResponseSchema, { runId: "x", producers: ["a", "b"], hookPoints: [{ hookPoint: "h", capacityRows: 10n }] });
+    assert.deepEqual(new Uint8Array(encodeMessage(StatusResponseSchema, msg)), toBinary(StatusResponseSchema, msg));
+  });
+
+  it("leaves empty payloads out", () => {
+    const msg = create(PushRequestSchema, { chunk: { runId: "r", activations: { dtype: DType.FP32, shape: [0, 4] } } });
+    assert.deepEqual(fromBinary(PushRequestSchema, new Uint8Array(encodeMessage(PushRequestSchema, msg))), msg);
+  });
+});

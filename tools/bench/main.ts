@@ -1,0 +1,26 @@
+import { availableParallelism } from "node:os";
+
+/**
+ * `npm run bench` runs every benchmark; `npm run bench -- NAME [NAME...]` runs some. Each prints
+ * its own lines, then this prints one JSON line holding every figure, ratios under keys ending in
+ * `_ratio`, and the core count.
+ */
+const BENCHES = ["transport", "buffer", "trainer", "producer", "pipeline"] as const;
+type BenchName = (typeof BENCHES)[number];
+
+const asked = process.argv.slice(2);
+const unknown = asked.filter((a) => !(BENCHES as readonly string[]).includes(a));
+if (unknown.length) {
+  process.stderr.write(`unknown benchmark ${unknown.join(", ")}; choose from ${BENCHES.join(", ")}\n`);
+  process.exit(2);
+}
+const names: BenchName[] = asked.length ? (asked as BenchName[]) : [...BENCHES];
+const figures: Record<string, number> = { cores: availableParallelism() };
+for (const name of names) {
+  process.stdout.write(`\n== ${name} (${figures.cores} cores)\n`);
+  const mod = (await import(`./${name}.js`)) as { run: () => Promise<Record<string, number>> };
+  const result = await mod.run();
+  for (const [k, v] of Object.entries(result)) figures[`${name}.${k}`] = v;
+}
+process.stdout.write(`${JSON.stringify(figures)}\n`);
+process.exit(0);

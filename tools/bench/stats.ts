@@ -1,0 +1,23 @@
+/** Timing helpers shared by the benchmarks. */
+export const GB = 1e9;
+
+/** Runs `fn` `repeats` times after one warm-up and returns the median wall time in ms. */
+export async function medianMs(repeats: number, fn: () => Promise<void> | void): Promise<number> {
+  await fn();
+  const times: number[] = [];
+  for (let i = 0; i < repeats; i++) {
+    const t0 = performance.now();
+    await fn();
+    times.push(performance.now() - t0);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)]!;
+}
+
+export const gbPerSecond = (bytes: number, ms: number): number => bytes / GB / (ms / 1000);
+export const round = (x: number, digits = 3): number => Number(x.toFixed(digits));
+
+export function line(label: string, value: number, unit: string, reference?: { label: string; value: number }): void {
+  const ref = reference ? `   vs ${reference.label} ${reference.value.toFixed(3)} ${unit}   ratio ${(value / reference.value).toFixed(3)}` : "";
+  process.stdout.write(`${label.padEnd(44)} ${value.toFixed(3).padStart(10)} ${unit}${ref}\n`);
+}

@@ -1,0 +1,110 @@
+import { create } from "@bufbuild/protobuf";
+import { connect } from "node:net";
+import { fork } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { RunConfigSchema } from "../../services/common/config/index.js";
+import { createClient } from "../../services/common/grpc/adapter.js";
+import { toTensor } from "../../services/common/tensor-codec.js";
+import { BufferService, PushRequestSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
+import { gbPerSecond, line, medianMs, round } from "./stats.js";
+
+/**
+ * Tensor chunks of 2, 8 and 32 MiB pushed producer→server (Push) and streamed server→client
+ * (Batches) through the gRPC adapter, beside the same bytes over raw TCP on loopback.
+ */
+const MIB = 1024 * 1024;
+const D_MODEL = 1024;
+const transport = RunConfigSchema.parse({}).transport;
+
+async function grpcUpload(address: string, chunkMiB: number, count: number): Promise<void> {
+  const client = createClient(BufferService, address, transport);
+  const rows = (chunkMiB * MIB) / (D_MODEL * 4);
+  const req = create(PushRequestSchema, {
+    chunk: { runId: "bench", hookPoint: "h", producerId: "p", activations: toTensor(new Float32Array(rows * D_MODEL).fill(1), DType.FP32, [rows, D_MODEL]) },
+  });
+  const call = client.push();
+  let acked = 0;
+  const done = new Promise<void>((resolve, reject) => {
+    call.on("data", () => {
+      if (++acked === count) resolve();
+    });
+    call.on("error", reject);
+  });
+  for (let i = 0; i < count; i++) {
+    req.chunk!.sequence = BigInt(i);
+    if (!call.write(req)) await new Promise((r) => call.once("drain", r));
+  }
+  await done;
+  call.end();
+  client.close();
+}
+
+async function grpcDownload(address: string, chunkMiB: number, count: number): Promise<void> {
+  const client = createClient(BufferService, address, transport);
+  const stream = client.batches({ hookPoint: "h", batchSize: (chunkMiB * MIB) / (D_MODEL * 4), maxBatches: BigInt(count) });
+  let got = 0;
+  for await (const _ of stream) got++;
+  if (got !== count) throw new Error(`download: ${got} of ${count} batches`);
+  client.close();
+}
+
+function tcpRun(port: number, chunkMiB: number, count: number, upload: boolean): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, "127.0.0.1");
+    socket.on("error", reject);
+    const head = Buffer.alloc(8);
+    head.writeUInt32LE(upload ? 0 : chunkMiB * MIB, 0);
+    head.writeUInt32LE(upload ? chunkMiB * count : count, 4);
+    socket.write(head);
+    if (upload) {
+      const payload = Buffer.alloc(chunkMiB * MIB, 1);
+      let sent = 0;
+      const pump = () => {
+        while (sent < count) {
+          sent++;
+          if (!socket.write(payload)) return void socket.once("drain", pump);
+        }
+      };
+      pump();
+      socket.on("data", () => (socket.end(), resolve()));
+    } else {
+      let left = chunkMiB * MIB * count;
+      socket.on("data", (d: Buffer) => (left -= d.length));
+      socket.on("end", () => (left === 0 ? resolve() : reject(new Error(`tcp download short by ${left}`))));
+    }
+  });
+}
+
+export async function run(): Promise<Record<string, number>> {
+  const child = fork(fileURLToPath(new URL("./transport-peer.ts", import.meta.url)), [String(D_MODEL)], { execArgv: ["--import", "tsx"] });
+  const peer = await new Promise<{ grpc: string; tcpPort: number }>((resolve, reject) => {
+    child.once("message", (m) => resolve(m as { grpc: string; tcpPort: number }));
+    child.once("exit", (code) => reject(new Error(`transport peer exited with ${code}`)));
+  });
+  const out: Record<string, number> = {};
+  try {
+    for (const mib of [2, 8, 32]) {
+      const count = Math.max(8, Math.round(512 / mib));
+      const bytes = mib * MIB * count;
+      for (const [dir, grpcFn, upload] of [
+        ["push", grpcUpload, true],
+        ["batches", grpcDownload, false],
+      ] as const) {
+        const grpcMs = await medianMs(3, () => grpcFn(peer.grpc, mib, count));
+        const tcpMs = await medianMs(3, () => tcpRun(peer.tcpPort, mib, count, upload));
+        const g = gbPerSecond(bytes, grpcMs);
+        const t = gbPerSecond(bytes, tcpMs);
+        line(`grpc ${dir} ${mib} MiB chunks`, g, "GB/s", { label: "raw tcp", value: t });
+        out[`${dir}_${mib}mib_gbps`] = round(g);
+        out[`${dir}_${mib}mib_tcp_gbps`] = round(t);
+        out[`${dir}_${mib}mib_vs_tcp_ratio`] = round(g / t);
+      }
+    }
+  } finally {
+    const exited = new Promise((r) => child.once("exit", r));
+    child.send("close");
+    await exited;
+  }
+  return out;
+}
