@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { BufferSection } from "./sections/buffer.js";
+import { LaunchSection } from "./sections/launch.js";
 import { ProducerSection } from "./sections/producer.js";
 import { NatsSection, RunSection, TelemetrySection, TransportSection } from "./sections/run.js";
 import { TrainerSection } from "./sections/trainer.js";
@@ -17,6 +18,7 @@ export const RunConfigSchema = z
     buffer: BufferSection.prefault({}),
     producer: ProducerSection.prefault({}),
     trainer: TrainerSection.prefault({}),
+    launch: LaunchSection.prefault({}),
   })
   .strict();
 
@@ -25,3 +27,4 @@ export type BufferConfig = RunConfig["buffer"];
 export type ProducerConfig = RunConfig["producer"];
 export type TrainerConfig = RunConfig["trainer"];
 export type TransportConfig = RunConfig["transport"];
+export type LaunchConfig = RunConfig["launch"];

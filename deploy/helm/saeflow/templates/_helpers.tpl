@@ -1,0 +1,331 @@
+{{- define "saeflow.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "saeflow.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "saeflow.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Object name of a role's workload and Service; 50 + "-producer" stays within 63. */}}
+{{- define "saeflow.roleName" -}}
+{{- printf "%s-%s" (include "saeflow.fullname" .root) .role -}}
+{{- end -}}
+
+{{- define "saeflow.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "saeflow.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .role }}
+{{- end -}}
+
+{{- define "saeflow.labels" -}}
+{{ include "saeflow.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The gRPC service each role registers; readiness probes ask for it by name. */}}
+{{- define "saeflow.grpcService" -}}
+{{- get (dict "buffer" "saeflow.buffer.v1.BufferService" "producer" "saeflow.producer.v1.ProducerService" "trainer" "saeflow.trainer.v1.TrainerService") . -}}
+{{- end -}}
+
+{{/* Service name of the NATS chart's client port, following that chart's fullname rule. */}}
+{{- define "saeflow.natsUrl" -}}
+{{- $name := default "nats" .Values.nats.nameOverride -}}
+{{- $host := "" -}}
+{{- if .Values.nats.fullnameOverride -}}
+{{- $host = .Values.nats.fullnameOverride -}}
+{{- else if contains $name .Release.Name -}}
+{{- $host = .Release.Name -}}
+{{- else -}}
+{{- $host = printf "%s-%s" .Release.Name $name -}}
+{{- end -}}
+{{- printf "nats://%s:4222" ($host | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* Bytes of the buffer's pools: capacityRows x sum of hook point widths x dtype bytes. */}}
+{{- define "saeflow.poolBytes" -}}
+{{- $b := .Values.config.buffer -}}
+{{- $width := 0 -}}
+{{- range $b.hookPoints -}}
+{{- $width = add $width .dModel -}}
+{{- end -}}
+{{- mul $b.capacityRows $width (get (dict "fp32" 4 "fp16" 2 "bf16" 2) $b.dtype) -}}
+{{- end -}}
+
+{{- define "saeflow.bufferMemory" -}}
+{{- $mib := div (add (include "saeflow.poolBytes" . | int64) 1048575) 1048576 -}}
+{{- printf "%dMi" (add $mib .Values.buffer.memoryOverheadMiB | int64) -}}
+{{- end -}}
+
+{{/* Refusals the schema cannot express: they span several keys. */}}
+{{- define "saeflow.checks" -}}
+{{- $c := .Values.config -}}
+{{- if not .Values.nats.deploy -}}
+{{- $url := dig "nats" "url" "" $c -}}
+{{- if or (not $url) (contains "127.0.0.1" $url) (contains "localhost" $url) -}}
+{{- fail (printf "config.nats.url: %q cannot be reached from the pods; set it to your NATS server or set nats.deploy=true" $url) -}}
+{{- end -}}
+{{- end -}}
+{{- $model := dig "producer" "model" "" $c -}}
+{{- if not (hasPrefix "/models/" $model) -}}
+{{- fail (printf "config.producer.model: %q must be a path under /models, where modelVolume is mounted" $model) -}}
+{{- end -}}
+{{- $tokenizer := dig "producer" "tokenizer" "builtin:" $c -}}
+{{- if not (or (hasPrefix "builtin:" $tokenizer) (hasPrefix "/models/" $tokenizer) (hasPrefix "/datasets/" $tokenizer)) -}}
+{{- fail (printf "config.producer.tokenizer: %q must be builtin:... or a path under /models or /datasets" $tokenizer) -}}
+{{- end -}}
+{{- range $i, $d := dig "producer" "dataset" (list) $c -}}
+{{- if not (or (hasPrefix "builtin:" $d) (and (hasPrefix "/datasets/" $d) $.Values.datasetVolume)) -}}
+{{- fail (printf "config.producer.dataset.%d: %q must be builtin:... or a path under /datasets with datasetVolume set" $i $d) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq (dig "producer" "executionProvider" "cpu" $c) "cuda") (eq (int .Values.producer.gpu) 0) -}}
+{{- fail "config.producer.executionProvider is cuda but producer.gpu is 0: give producers a GPU" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The pod template of one role. Args: root, role, extraEnv (env entries of this role),
+mountModel (producers read the model and dataset), headless (the role's Service gives pods DNS names).
+*/}}
+{{- define "saeflow.podTemplate" -}}
+{{- $root := .root -}}
+{{- $v := index $root.Values .role -}}
+{{- $gpu := int (default 0 $v.gpu) -}}
+{{- $port := int $v.port -}}
+{{- $persist := and $root.Values.persistence.enabled (has .role $root.Values.persistence.roles) -}}
+metadata:
+  labels:
+    {{- include "saeflow.labels" . | nindent 4 }}
+  annotations:
+    {{- /* A Job's pod template is immutable: a changed run config makes `helm upgrade` fail rather than
+    leave running pods and their replacements on different configs. */}}
+    checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  # A role exits when the run stops; a failed pod is replaced by its Job, not restarted in place.
+  restartPolicy: Never
+  {{- if .headless }}
+  # Indexed Job pods are named <job>-<index>; with the headless Service each has the DNS name <job>-<index>.<service>.
+  subdomain: {{ include "saeflow.roleName" . }}
+  {{- end }}
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: {{ int $v.terminationGracePeriodSeconds }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 10001
+    runAsGroup: 10001
+    fsGroup: 10001
+    seccompProfile:
+      type: RuntimeDefault
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .role }}
+      image: {{ printf "%s:%s-%s" $root.Values.image.repository (default $root.Chart.AppVersion $root.Values.image.tag) (ternary "cuda" "cpu" (gt $gpu 0)) | quote }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      args: [{{ printf "services/%s/main.ts" .role | quote }}, "--config", "/etc/saeflow/run.yaml"]
+      ports:
+        - name: grpc
+          containerPort: {{ $port }}
+          protocol: TCP
+      env:
+        - name: {{ printf "SAEFLOW_%s__ADDRESS" (upper .role) }}
+          value: {{ printf "0.0.0.0:%d" $port | quote }}
+        - name: SAEFLOW_RUN__DIR
+          value: {{ printf "%s/%s" $root.Values.persistence.mountPath (dig "run" "id" "local" $root.Values.config) | quote }}
+        {{- if $root.Values.nats.deploy }}
+        - name: NATS_URL
+          value: {{ include "saeflow.natsUrl" $root | quote }}
+        {{- end }}
+        {{- if $root.Values.tls.caSecret }}
+        - name: NODE_EXTRA_CA_CERTS
+          value: {{ printf "/etc/saeflow/tls/%s" $root.Values.tls.caKey | quote }}
+        {{- end }}
+        {{- with .extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- with $v.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- /* "" is the whole server: NOT_SERVING until the role can work, so it gates startup and liveness. */}}
+      startupProbe:
+        grpc:
+          port: {{ $port }}
+          service: ""
+        periodSeconds: 10
+        failureThreshold: {{ div (add (int $v.startupSeconds) 9) 10 }}
+      livenessProbe:
+        grpc:
+          port: {{ $port }}
+          service: ""
+        periodSeconds: 10
+        timeoutSeconds: 5
+        failureThreshold: 6
+      readinessProbe:
+        grpc:
+          port: {{ $port }}
+          service: {{ include "saeflow.grpcService" .role | quote }}
+        periodSeconds: 5
+        timeoutSeconds: 5
+        failureThreshold: 2
+      resources:
+        {{- if eq .role "buffer" }}
+        {{- $memory := include "saeflow.bufferMemory" $root }}
+        requests:
+          cpu: {{ $v.cpu | quote }}
+          memory: {{ $memory }}
+        limits:
+          memory: {{ $memory }}
+        {{- else }}
+        {{- $res := deepCopy (default (dict) $v.resources) }}
+        {{- if gt $gpu 0 }}
+        {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" $gpu) (default (dict) $res.limits)) }}
+        {{- end }}
+        {{- toYaml $res | nindent 8 }}
+        {{- end }}
+      securityContext:
+        allowPrivilegeEscalation: false
+        readOnlyRootFilesystem: true
+        capabilities:
+          drop: [ALL]
+      volumeMounts:
+        - name: run-config
+          mountPath: /etc/saeflow/run.yaml
+          subPath: run.yaml
+          readOnly: true
+        - name: run-dir
+          mountPath: {{ $root.Values.persistence.mountPath }}
+        - name: tmp
+          mountPath: /tmp
+        {{- if .mountModel }}
+        - name: model
+          mountPath: /models
+          readOnly: true
+        {{- if $root.Values.datasetVolume }}
+        - name: dataset
+          mountPath: /datasets
+          readOnly: true
+        {{- end }}
+        {{- end }}
+        {{- if $root.Values.tls.caSecret }}
+        - name: tls-ca
+          mountPath: /etc/saeflow/tls
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: run-config
+      configMap:
+        name: {{ include "saeflow.fullname" $root }}-run
+    - name: run-dir
+      {{- if $persist }}
+      persistentVolumeClaim:
+        claimName: {{ default (printf "%s-runs" (include "saeflow.fullname" $root)) $root.Values.persistence.existingClaim }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+    {{- /* tsx compiles TypeScript into its cache under /tmp; the root filesystem stays read-only. */}}
+    - name: tmp
+      emptyDir: {}
+    {{- if .mountModel }}
+    - name: model
+      {{- toYaml $root.Values.modelVolume | nindent 6 }}
+    {{- if $root.Values.datasetVolume }}
+    - name: dataset
+      {{- toYaml $root.Values.datasetVolume | nindent 6 }}
+    {{- end }}
+    {{- end }}
+    {{- if $root.Values.tls.caSecret }}
+    - name: tls-ca
+      secret:
+        secretName: {{ $root.Values.tls.caSecret }}
+    {{- end }}
+{{- end -}}
+
+{{/*
+A role's Job: a release is one run, and each role completes when the run stops. Args: root, role,
+replicas, indexed (each pod gets a completion index: the producer's shard, the trainer's id).
+*/}}
+{{- define "saeflow.job" -}}
+{{- $v := index .root.Values .role -}}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {{ include "saeflow.roleName" . }}
+  labels:
+    {{- include "saeflow.labels" . | nindent 4 }}
+spec:
+  {{- if .indexed }}
+  completionMode: Indexed
+  {{- end }}
+  completions: {{ .replicas }}
+  parallelism: {{ .replicas }}
+  backoffLimit: {{ int $v.backoffLimit }}
+  # A replacement starts only once the failed pod is gone, so no two pods hold one GPU or two pools.
+  podReplacementPolicy: Failed
+  podFailurePolicy:
+    rules:
+      # Exit code 2 is a config the role refused: retrying cannot help.
+      - action: FailJob
+        onExitCodes:
+          containerName: {{ .role }}
+          operator: In
+          values: [2]
+      # Evictions and preemptions are not the role's failures and do not count against backoffLimit.
+      - action: Ignore
+        onPodConditions:
+          - type: DisruptionTarget
+            status: "True"
+  template:
+    {{- include "saeflow.podTemplate" . | nindent 4 }}
+{{- end -}}
+
+{{/* A role's Service on its gRPC port; headless for indexed roles so each pod has a DNS name. */}}
+{{- define "saeflow.service" -}}
+{{- $v := index .root.Values .role -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "saeflow.roleName" . }}
+  labels:
+    {{- include "saeflow.labels" . | nindent 4 }}
+spec:
+  {{- if .headless }}
+  clusterIP: None
+  publishNotReadyAddresses: true
+  {{- end }}
+  selector:
+    {{- include "saeflow.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ int $v.port }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: kubernetes.io/h2c
+{{- end -}}

@@ -1,0 +1,71 @@
+import { resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { ConfigError, loadConfig } from "../../services/common/config/index.js";
+import { writeReport } from "./report.js";
+import { readRunFile } from "./run-file.js";
+import { collectStatus, statusTable } from "./status.js";
+import { stopTrainer, up } from "./up.js";
+
+const USAGE = `usage: saeflow <command> [options]
+
+  up CONFIG [--set key=value ...]   start a whole run on this machine (NATS, buffer, producers, trainers)
+  status [RUN_DIR]                  one table of every service's status (default: runs/local)
+  stop [RUN_DIR]                    checkpoint and export the trainers, then drain the run
+  export [RUN_DIR]                  write the SAELens export of each SAE from its latest checkpoint
+  report [RUN_DIR]                  draw the run into RUN_DIR/report.html
+`;
+
+const root = resolve(import.meta.dirname, "../..");
+
+function fail(message: string, code = 2): never {
+  process.stderr.write(`saeflow: ${message}\n`);
+  process.exit(code);
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  const { values, positionals } = parseArgs({
+    args: rest,
+    allowPositionals: true,
+    options: { set: { type: "string", multiple: true, default: [] }, help: { type: "boolean", short: "h" } },
+  });
+  if (!command || values.help || command === "help") {
+    process.stdout.write(USAGE);
+    return command ? 0 : 2;
+  }
+  const runDir = resolve(positionals[0] ?? "runs/local");
+  switch (command) {
+    case "up": {
+      if (!positionals[0]) fail("up needs a CONFIG file, e.g. saeflow up deploy/configs/local.yaml");
+      const config = loadConfig({ file: positionals[0], env: process.env, sets: values.set });
+      const result = await up(root, config);
+      if (config.launch.report) process.stderr.write(`saeflow: report ${await writeReport(result.runDir)}\n`);
+      process.stderr.write(`saeflow: run folder ${result.runDir}\n`);
+      return result.completed ? 0 : 1;
+    }
+    case "status": {
+      const st = await collectStatus(readRunFile(runDir));
+      process.stdout.write(`${statusTable(st)}\n`);
+      return 0;
+    }
+    case "stop": {
+      const run = readRunFile(runDir);
+      const config = loadConfig({ file: run.config });
+      await Promise.all(run.services.filter((s) => s.role === "trainer").map((s) => stopTrainer(s.address, config)));
+      process.stderr.write("saeflow: trainers checkpointed and stopped; the run drains and exits\n");
+      return 0;
+    }
+    case "report":
+      process.stdout.write(`${await writeReport(runDir)}\n`);
+      return 0;
+    default:
+      fail(`unknown command "${command}"\n${USAGE}`);
+  }
+}
+
+try {
+  process.exitCode = await main(process.argv.slice(2));
+} catch (err) {
+  if (err instanceof ConfigError) fail(err.message);
+  fail((err as Error).message, 1);
+}

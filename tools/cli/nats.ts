@@ -1,0 +1,44 @@
+import { execFileSync } from "node:child_process";
+import { mkdirSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { findNatsServer, type NatsServer, startNatsServer } from "../../services/common/nats-server.js";
+
+/**
+ * NATS without a set-up step: NATS_URL when given; else nats-server from PATH (or /usr/sbin); else
+ * Debian's package fetched with `apt-get download` and unpacked into .cache/nats (no root needed to
+ * unpack, nothing installed system-wide); else an error that says exactly what to run.
+ */
+export interface NatsForRun {
+  url: string;
+  /** Set when this run started the server; stop it at the end. */
+  server?: NatsServer;
+}
+
+function fetchDebianNats(root: string, log: (line: string) => void): string | undefined {
+  const dir = join(root, ".cache/nats");
+  mkdirSync(dir, { recursive: true });
+  try {
+    log("nats-server not found; fetching Debian's nats-server package into .cache/nats");
+    execFileSync("apt-get", ["download", "nats-server"], { cwd: dir, stdio: "ignore" });
+    const deb = readdirSync(dir).find((f) => f.startsWith("nats-server_") && f.endsWith(".deb"));
+    if (!deb) return undefined;
+    execFileSync("dpkg-deb", ["-x", deb, "."], { cwd: dir, stdio: "ignore" });
+  } catch {
+    return undefined;
+  }
+  return findNatsServer(root);
+}
+
+export async function natsForRun(root: string, env: NodeJS.ProcessEnv, log: (line: string) => void): Promise<NatsForRun> {
+  if (env.NATS_URL) return { url: env.NATS_URL };
+  const binary = findNatsServer(root) ?? fetchDebianNats(root, log);
+  if (!binary) {
+    throw new Error(
+      "nats-server is not installed and could not be fetched. Run one of:\n" +
+        "  sudo apt-get install nats-server        (Debian/Ubuntu)\n" +
+        "  NATS_URL=nats://HOST:4222 npm start      (use a running server)",
+    );
+  }
+  const server = await startNatsServer({ binary });
+  return { url: server.url, server };
+}

@@ -1,0 +1,92 @@
+import { appendFileSync } from "node:fs";
+import { SingleBar } from "cli-progress";
+import type { RunStatus } from "./status.js";
+
+/**
+ * The live progress line of `saeflow up` and the pipeline.jsonl it leaves: one record per poll with
+ * tokens, throughput, loss, L0, buffer fill and trainer wait, for the report's time-series plots.
+ */
+export interface PipelineRecord {
+  t: number;
+  elapsedS: number;
+  step: number;
+  steps: number;
+  producerTokens: number;
+  producerTokensPerS: number;
+  trainerTokens: number;
+  trainerTokensPerS: number;
+  loss: number;
+  l0: number;
+  explainedVariance: number;
+  bufferFill: number;
+  bufferRowsIn: number;
+  bufferRowsOut: number;
+  trainerWaitFraction: number;
+  refillCycles: number;
+}
+
+const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+const mean = (xs: number[]) => (xs.length ? sum(xs) / xs.length : NaN);
+
+export function summarise(st: RunStatus, startedAt: number, steps: number): PipelineRecord {
+  const hooks = st.buffer.flatMap((b) => b.status?.hookPoints ?? []);
+  const trainers = st.trainers.flatMap((t) => (t.status ? [t.status] : []));
+  const saes = trainers.flatMap((t) => t.saes);
+  const wall = sum(trainers.map((t) => t.wallMs));
+  return {
+    t: st.at,
+    elapsedS: (st.at - startedAt) / 1000,
+    step: Math.min(...saes.map((s) => Number(s.step)), Infinity) === Infinity ? 0 : Math.min(...saes.map((s) => Number(s.step))),
+    steps,
+    producerTokens: sum(st.producers.map((p) => Number(p.status?.tokens ?? 0n))),
+    producerTokensPerS: sum(st.producers.map((p) => p.status?.tokensPerSecond ?? 0)),
+    trainerTokens: sum(trainers.map((t) => Number(t.saes[0]?.tokens ?? 0n))),
+    trainerTokensPerS: sum(trainers.map((t) => t.saes[0]?.tokensPerSecond ?? 0)),
+    loss: mean(saes.map((s) => s.loss)),
+    l0: mean(saes.map((s) => s.l0)),
+    explainedVariance: mean(saes.map((s) => s.explainedVariance)),
+    bufferFill: mean(hooks.map((h) => h.fillFraction)),
+    bufferRowsIn: sum(hooks.map((h) => Number(h.rowsIn))),
+    bufferRowsOut: sum(hooks.map((h) => Number(h.rowsOut))),
+    trainerWaitFraction: wall > 0 ? sum(trainers.map((t) => t.waitMs)) / wall : 0,
+    refillCycles: sum(hooks.map((h) => Number(h.refillCycles))),
+  };
+}
+
+const si = (x: number) => (x >= 1e6 ? `${(x / 1e6).toFixed(2)}M` : x >= 1e3 ? `${(x / 1e3).toFixed(1)}k` : x.toFixed(0));
+
+export class ProgressLine {
+  private readonly bar: SingleBar;
+  private started = false;
+
+  constructor(private readonly pipelineFile: string) {
+    this.bar = new SingleBar({
+      format: "{bar} step {value}/{total} | {tokens} tok | {tps} tok/s | loss {loss} | L0 {l0} | buffer {fill} | trainer wait {wait}",
+      barsize: 20,
+      hideCursor: true,
+      noTTYOutput: true,
+      notTTYSchedule: 10_000,
+      etaBuffer: 20,
+    });
+  }
+
+  update(r: PipelineRecord): void {
+    appendFileSync(this.pipelineFile, `${JSON.stringify(r)}\n`);
+    const payload = {
+      tokens: si(r.trainerTokens),
+      tps: si(r.trainerTokensPerS),
+      loss: Number.isFinite(r.loss) ? r.loss.toFixed(4) : "-",
+      l0: Number.isFinite(r.l0) ? r.l0.toFixed(1) : "-",
+      fill: `${(r.bufferFill * 100).toFixed(0)}%`,
+      wait: `${(r.trainerWaitFraction * 100).toFixed(0)}%`,
+    };
+    if (!this.started) {
+      this.bar.start(r.steps, r.step, payload);
+      this.started = true;
+    } else this.bar.update(r.step, payload);
+  }
+
+  stop(): void {
+    if (this.started) this.bar.stop();
+  }
+}

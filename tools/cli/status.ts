@@ -1,0 +1,84 @@
+import { RunConfigSchema } from "../../services/common/config/index.js";
+import { createClient } from "../../services/common/grpc/adapter.js";
+import { BufferService, type StatusResponse as BufferStatus } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { ProducerService, type StatusResponse as ProducerStatus } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
+import { TrainerService, type StatusResponse as TrainerStatus } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
+import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
+import type { RunFile } from "./run-file.js";
+
+/** One status call to every service of a run; a service that does not answer is reported as such. */
+export interface RunStatus {
+  at: number;
+  buffer: Array<{ id: string; status?: BufferStatus; error?: string }>;
+  producers: Array<{ id: string; status?: ProducerStatus; error?: string }>;
+  trainers: Array<{ id: string; status?: TrainerStatus; error?: string }>;
+}
+
+const transport = RunConfigSchema.parse({}).transport;
+const deadline = (ms: number) => ({ deadline: Date.now() + ms });
+
+async function ask<T>(fn: () => Promise<T>): Promise<{ status?: T; error?: string }> {
+  try {
+    return { status: await fn() };
+  } catch (err) {
+    return { error: (err as { details?: string }).details || (err as Error).message };
+  }
+}
+
+export async function collectStatus(run: Pick<RunFile, "services">, timeoutMs = 2000): Promise<RunStatus> {
+  const calls = run.services.map(async (s) => {
+    const service = s.role === "buffer" ? BufferService : s.role === "producer" ? ProducerService : TrainerService;
+    const client = createClient(service, s.address, transport);
+    try {
+      return { s, r: await ask(() => client.status({}, deadline(timeoutMs))) };
+    } finally {
+      client.close();
+    }
+  });
+  const results = await Promise.all(calls);
+  const pick = <T>(role: string) => results.filter((x) => x.s.role === role).map((x) => ({ id: x.s.id, ...(x.r as { status?: T; error?: string }) }));
+  return { at: Date.now(), buffer: pick<BufferStatus>("buffer"), producers: pick<ProducerStatus>("producer"), trainers: pick<TrainerStatus>("trainer") };
+}
+
+const stateName = (s: ServiceState | undefined) => (s === undefined ? "-" : ServiceState[s]?.toLowerCase() ?? "?");
+const fmt = (x: number, digits = 3) => (Number.isFinite(x) ? x.toPrecision(digits) : "-");
+
+/** The table `saeflow status` prints: one row per service, and one per SAE. */
+export function statusTable(st: RunStatus): string {
+  const rows: string[][] = [["service", "state", "detail"]];
+  for (const b of st.buffer) {
+    if (!b.status) rows.push([b.id, "unreachable", b.error ?? ""]);
+    for (const h of b.status?.hookPoints ?? []) {
+      rows.push([
+        `${b.id} ${h.hookPoint}`,
+        stateName(b.status!.state),
+        `fill ${(h.fillFraction * 100).toFixed(0)}%  in ${h.rowsIn}  out ${h.rowsOut}  refills ${h.refillCycles}  trainer wait ${(h.trainerWaitMs / 1000).toFixed(1)}s  contexts/batch ${fmt(h.meanDistinctContexts)}`,
+      ]);
+    }
+  }
+  for (const p of st.producers) {
+    if (!p.status) rows.push([p.id, "unreachable", p.error ?? ""]);
+    else
+      rows.push([
+        p.id,
+        stateName(p.status.state),
+        `tokens ${p.status.tokens}  ${fmt(p.status.tokensPerSecond)} tok/s  docs ${p.status.position?.documentsDone ?? 0n}${p.status.pausedByBuffer ? "  (paused by buffer)" : ""}`,
+      ]);
+  }
+  for (const t of st.trainers) {
+    if (!t.status) rows.push([t.id, "unreachable", t.error ?? ""]);
+    else {
+      const wait = t.status.wallMs > 0 ? (100 * t.status.waitMs) / t.status.wallMs : 0;
+      rows.push([t.id, stateName(t.status.state), `${t.status.hookPoint}  waiting ${wait.toFixed(0)}% of wall time`]);
+      for (const sae of t.status.saes) {
+        rows.push([
+          `  ${sae.name}`,
+          sae.recipe,
+          `step ${sae.step}  loss ${fmt(sae.loss)}  mse ${fmt(sae.mse)}  ev ${fmt(sae.explainedVariance)}  L0 ${fmt(sae.l0)}  dead ${(sae.deadFraction * 100).toFixed(1)}%  ${fmt(sae.tokensPerSecond)} tok/s`,
+        ]);
+      }
+    }
+  }
+  const widths = [0, 1].map((i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map((r) => `${r[0]!.padEnd(widths[0]!)}  ${r[1]!.padEnd(widths[1]!)}  ${r[2]}`).join("\n");
+}
