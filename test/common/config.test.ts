@@ -27,7 +27,7 @@ describe("config loader", () => {
 
   it("layers file < environment < --set flags", () => {
     const file = join(dir, "run.yaml");
-    writeFileSync(file, "run:\n  id: from-file\nbuffer:\n  capacityRows: 100\n  lowWatermark: 0.25\n");
+    writeFileSync(file, "run:\n  id: from-file\nbuffer:\n  capacityRows: 100\n  lowWatermark: 0.4\n");
     const c = loadConfig({
       file,
       env: { SAEFLOW_BUFFER__CAPACITY_ROWS: "200", SAEFLOW_RUN__ID: "from-env", NATS_URL: "nats://10.0.0.1:4222", OTEL_EXPORTER_OTLP_ENDPOINT: "http://j:4318" },
@@ -35,7 +35,7 @@ describe("config loader", () => {
     });
     assert.equal(c.run.id, "from-flag");
     assert.equal(c.buffer.capacityRows, 200);
-    assert.equal(c.buffer.lowWatermark, 0.25);
+    assert.equal(c.buffer.lowWatermark, 0.4);
     assert.equal(c.nats.url, "nats://10.0.0.1:4222");
     assert.equal(c.telemetry.otlpEndpoint, "http://j:4318");
   });
@@ -62,5 +62,14 @@ describe("config loader", () => {
     writeFileSync(bad, "- a list\n");
     assert.deepEqual(refusedKeys(() => loadConfig({ file: bad })), ["(root)"]);
     assert.deepEqual(refusedKeys(() => loadConfig({ file: join(dir, "missing.yaml") })), ["(file)"]);
+  });
+});
+
+describe("config consistency across roles", () => {
+  it("refuses a trainer or producer that does not match the buffer's pools, naming the key", () => {
+    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["trainer.hookPoint=blocks.0.hook_resid_post"] })), ["trainer.hookPoint"]);
+    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["trainer.dModel=128"] })), ["trainer.dModel"]);
+    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["producer.hookPoints=[blocks.1.hook_resid_post, blocks.0.hook_mlp_out]"] })), ["producer.hookPoints.1"]);
+    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["producer.dtype=bf16"] })), ["producer.dtype"]);
   });
 });

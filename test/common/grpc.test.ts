@@ -4,6 +4,7 @@ import { create } from "@bufbuild/protobuf";
 import { status } from "@grpc/grpc-js";
 import { context, trace } from "@opentelemetry/api";
 import { RunConfigSchema } from "../../services/common/config/index.js";
+import { FieldError } from "../../services/common/errors.js";
 import { createClient, type ServiceClient } from "../../services/common/grpc/adapter.js";
 import { Serving } from "../../services/common/grpc/health.js";
 import { bind, type RunningServer, startServer } from "../../services/common/grpc/server.js";
@@ -39,6 +40,7 @@ describe("gRPC adapter", () => {
           }
         },
         batches: async (req, call) => {
+          if (req.batchSize === 0) throw new FieldError("batch_size", "must be at least 1");
           for (let i = 0n; i < req.maxBatches; i++) {
             const values = new Float32Array(req.batchSize * D).fill(Number(i));
             call.write(create(BatchesResponseSchema, { sequence: i, activations: toTensor(values, DType.FP32, [req.batchSize, D]) }));
@@ -92,6 +94,16 @@ describe("gRPC adapter", () => {
       got.push(fromTensor(t)[0]!);
     }
     assert.deepEqual(got, [0, 1, 2, 3, 4]);
+  });
+
+  it("ends a stream whose handler refuses the request with a status naming the field", async () => {
+    const stream = client.batches({ batchSize: 0, maxBatches: 1n });
+    await assert.rejects(
+      (async () => {
+        for await (const _ of stream) assert.fail("no batch expected");
+      })(),
+      (err: { code: number; details: string }) => err.code === status.INVALID_ARGUMENT && err.details === "batch_size: must be at least 1",
+    );
   });
 
   it("refuses a message over the configured limit with RESOURCE_EXHAUSTED and keeps serving", async () => {

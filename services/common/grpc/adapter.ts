@@ -157,7 +157,8 @@ export function serviceImplementation<S extends DescService>(service: S, handler
               if (!call.destroyed) call.end();
             },
             (err: unknown) => {
-              if (!call.cancelled && !call.destroyed) call.destroy(Object.assign(new Error(), toServiceError(err)) as ServiceError);
+              // grpc-js sends a stream's status from its own 'error' listener; destroy() would skip it and leave the peer waiting.
+              if (!call.cancelled && !call.destroyed) call.emit("error", Object.assign(new Error(), toServiceError(err)) as ServiceError);
             },
           );
         }) satisfies handleServerStreamingCall<unknown, unknown> & handleBidiStreamingCall<unknown, unknown>;
