@@ -37,6 +37,10 @@ export async function startNatsServer(options: { port?: number; binary?: string;
   const port = options.port ?? (await freePort());
   const child: ChildProcess = spawn(binary, ["-a", "127.0.0.1", "-p", String(port)], { stdio: ["ignore", "ignore", "pipe"] });
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  // A test or CLI that dies without stopping the server must not leave it running.
+  const killOnExit = () => child.kill("SIGKILL");
+  process.once("exit", killOnExit);
+  void exited.then(() => process.off("exit", killOnExit));
   await new Promise<void>((resolve, reject) => {
     let log = "";
     const timer = setTimeout(() => reject(new Error(`nats-server did not start within ${options.timeoutMs ?? 10000} ms:\n${log}`)), options.timeoutMs ?? 10000);

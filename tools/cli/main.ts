@@ -1,6 +1,7 @@
 import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ConfigError, loadConfig } from "../../services/common/config/index.js";
+import { evalTable, evaluateRun } from "../eval/run.js";
 import { writeReport } from "./report.js";
 import { readRunFile } from "./run-file.js";
 import { collectStatus, statusTable } from "./status.js";
@@ -39,6 +40,10 @@ async function main(argv: string[]): Promise<number> {
       if (!positionals[0]) fail("up needs a CONFIG file, e.g. saeflow up deploy/configs/local.yaml");
       const config = loadConfig({ file: positionals[0], env: process.env, sets: values.set });
       const result = await up(root, config);
+      if (result.completed && config.launch.evaluate) {
+        process.stderr.write("saeflow: evaluating each SAE spliced into the model\n");
+        process.stderr.write(`${evalTable(await evaluateRun(result.runDir, config, { root, log: (l) => process.stderr.write(`saeflow: ${l}\n`) }))}\n`);
+      }
       if (config.launch.report) process.stderr.write(`saeflow: report ${await writeReport(result.runDir)}\n`);
       process.stderr.write(`saeflow: run folder ${result.runDir}\n`);
       return result.completed ? 0 : 1;

@@ -88,7 +88,7 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
   };
 
   let interrupted = false;
-  let completed = false;
+  let completed: boolean;
   const startedAt = Date.now();
   const progress = new ProgressLine(resolve(runDir, "pipeline.jsonl"));
   try {

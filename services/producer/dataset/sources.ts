@@ -1,0 +1,177 @@
+import { createReadStream, existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { join, relative } from "node:path";
+import { fileURLToPath } from "node:url";
+import { ConfigError } from "../../common/config/index.js";
+import { textOfRecord } from "./jsonl.js";
+
+/** One file of the dataset, in the sorted order every producer agrees on. */
+export interface SourceFile {
+  path: string;
+  format: "text" | "jsonl";
+}
+
+/** One document: a line, paragraph or file of text, or one JSONL record. */
+export interface Document {
+  /** Index over the whole dataset (all shards), in file order; sharding and resume use it. */
+  index: number;
+  fileIndex: number;
+  /** Byte offset of the document's first line in its file, where a resumed reader starts. */
+  offset: number;
+  text: string;
+}
+
+export interface ReadOptions {
+  textSplit: "line" | "paragraph" | "file";
+  textField: string;
+  log: (line: string) => void;
+}
+
+/** Where to start reading: a document boundary in a file. */
+export interface ReadFrom {
+  fileIndex: number;
+  offset: number;
+  documentIndex: number;
+}
+
+export const BUILTIN_CORPUS = "builtin:corpus";
+const TEXT_EXTENSIONS = [".txt", ".text", ".md"];
+const JSONL_EXTENSIONS = [".jsonl", ".ndjson"];
+
+const repoRoot = fileURLToPath(new URL("../../../", import.meta.url));
+const byCodeUnits = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
+
+function walk(dir: string, out: string[], skip: (name: string) => boolean): void {
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    if (entry.name.startsWith(".") || skip(entry.name)) continue;
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) walk(path, out, skip);
+    else if (entry.isFile()) out.push(path);
+  }
+}
+
+/**
+ * The default corpus: every .md file (READMEs, changelogs, guides; English prose) inside the folder
+ * of each package named in saeflow's package.json `dependencies`, leaving out the packages' own
+ * nested node_modules, sorted by path. `npm ci` (with or without dev dependencies) installs exactly
+ * these folders, so every machine reads the same ~170 kB of text in the same order.
+ */
+export function builtinCorpus(root = repoRoot): string[] {
+  const manifest = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as { dependencies?: Record<string, string> };
+  const files: string[] = [];
+  for (const name of Object.keys(manifest.dependencies ?? {})) {
+    const dir = join(root, "node_modules", name);
+    if (existsSync(dir)) walk(dir, files, (n) => n === "node_modules");
+  }
+  return files.filter((f) => f.toLowerCase().endsWith(".md")).sort(byCodeUnits);
+}
+
+const formatOf = (path: string): SourceFile["format"] | undefined => {
+  const lower = path.toLowerCase();
+  if (JSONL_EXTENSIONS.some((e) => lower.endsWith(e))) return "jsonl";
+  if (TEXT_EXTENSIONS.some((e) => lower.endsWith(e))) return "text";
+  return undefined;
+};
+
+/**
+ * Expands the configured dataset entries into files. A folder contributes its .txt, .text, .md,
+ * .jsonl and .ndjson files (recursively, hidden ones left out); a file named directly is read as
+ * JSONL when it ends in .jsonl/.ndjson and as plain text otherwise. The result is sorted within
+ * each entry, so every producer numbers documents alike.
+ */
+export function resolveSources(entries: string[], key = "producer.dataset"): SourceFile[] {
+  const files: SourceFile[] = [];
+  entries.forEach((entry, i) => {
+    const where = `${key}.${i}`;
+    if (entry === BUILTIN_CORPUS) {
+      const corpus = builtinCorpus();
+      if (!corpus.length) throw new ConfigError(`${where}: ${BUILTIN_CORPUS} found no .md files under ${join(repoRoot, "node_modules")}; run npm ci`, [where]);
+      files.push(...corpus.map((path) => ({ path, format: "text" as const })));
+      return;
+    }
+    if (!existsSync(entry)) throw new ConfigError(`${where}: ${entry} does not exist`, [where]);
+    if (statSync(entry).isDirectory()) {
+      const found: string[] = [];
+      walk(entry, found, () => false);
+      const usable = found.filter((f) => formatOf(f)).sort(byCodeUnits);
+      if (!usable.length) throw new ConfigError(`${where}: folder ${entry} holds no .txt, .md, .jsonl or .ndjson files`, [where]);
+      files.push(...usable.map((path) => ({ path, format: formatOf(path)! })));
+      return;
+    }
+    files.push({ path: entry, format: formatOf(entry) === "jsonl" ? "jsonl" : "text" });
+  });
+  return files;
+}
+
+/** A name for a file in status and errors: relative to the working folder when inside it. */
+export function displayName(path: string): string {
+  const rel = relative(process.cwd(), path);
+  return rel.startsWith("..") ? path : rel;
+}
+
+interface Line {
+  offset: number;
+  text: string;
+}
+
+/** Lines of a file from byte `start`, each with its byte offset; reads 64 KiB at a time. */
+async function* readLines(path: string, start: number): AsyncGenerator<Line> {
+  let carry: Buffer = Buffer.alloc(0);
+  let carryOffset = start;
+  for await (const piece of createReadStream(path, { start, highWaterMark: 64 << 10 })) {
+    const buf: Buffer = carry.length ? Buffer.concat([carry, piece as Buffer]) : (piece as Buffer);
+    let from = 0;
+    for (let nl = buf.indexOf(10, from); nl !== -1; nl = buf.indexOf(10, from)) {
+      const end = nl > from && buf[nl - 1] === 13 ? nl - 1 : nl;
+      yield { offset: carryOffset + from, text: buf.toString("utf8", from, end) };
+      from = nl + 1;
+    }
+    carry = buf.subarray(from);
+    carryOffset += from;
+  }
+  if (carry.length) yield { offset: carryOffset, text: carry.toString("utf8").replace(/\r$/, "") };
+}
+
+const isBlank = (text: string): boolean => text.trim() === "";
+
+/** Documents of one file as [offset, text], split per `textSplit` (JSONL: one per record). */
+async function* fileDocuments(file: SourceFile, start: number, options: ReadOptions): AsyncGenerator<[number, string]> {
+  if (file.format === "jsonl") {
+    for await (const line of readLines(file.path, start)) {
+      if (isBlank(line.text)) continue;
+      const text = textOfRecord(line.text, options.textField);
+      if (typeof text === "string") yield [line.offset, text];
+      else options.log(`dataset: ${displayName(file.path)} at byte ${line.offset}: ${text.error}; record skipped`);
+    }
+    return;
+  }
+  let para: string[] = [];
+  let paraOffset = start;
+  for await (const line of readLines(file.path, start)) {
+    if (options.textSplit === "line") {
+      if (!isBlank(line.text)) yield [line.offset, line.text];
+      continue;
+    }
+    if (options.textSplit === "paragraph" && isBlank(line.text)) {
+      if (para.length) yield [paraOffset, para.join("\n")];
+      para = [];
+      continue;
+    }
+    if (!para.length) paraOffset = line.offset;
+    para.push(line.text);
+  }
+  if (para.length && !isBlank(para.join("\n"))) yield [paraOffset, para.join("\n")];
+}
+
+/**
+ * Streams the documents of `files` from `from` on, one file open at a time, numbering them over
+ * the whole dataset. Nothing is read ahead of what the caller pulls.
+ */
+export async function* readDocuments(files: SourceFile[], options: ReadOptions, from: ReadFrom): AsyncGenerator<Document> {
+  let index = from.documentIndex;
+  for (let fileIndex = from.fileIndex; fileIndex < files.length; fileIndex++) {
+    const start = fileIndex === from.fileIndex ? from.offset : 0;
+    for await (const [offset, text] of fileDocuments(files[fileIndex]!, start, options)) {
+      yield { index: index++, fileIndex, offset, text };
+    }
+  }
+}

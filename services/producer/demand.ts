@@ -1,0 +1,134 @@
+import type { Subscription } from "@nats-io/transport-node";
+import { Demand, HEARTBEAT_MS, MemberAnnounce, RunState, type Subjects } from "../common/coordination.js";
+import type { Bus } from "../common/nats.js";
+
+const HELLO_TIMEOUT_MS = 2000;
+
+/** What the gate says to the production loop. */
+export type Go = "produce" | "stop";
+
+/**
+ * The producer's side of the NATS handshake. It announces the producer (join, heartbeat, leave),
+ * keeps the buffer's latest Demand, and lets the loop start a forward pass only while the buffer
+ * says refill and the pass fits in the producer's absolute grant: rows sent since joining plus a
+ * whole chunk (chunkRows, an upper bound on a pass's rows per hook point) at most the grant. The
+ * buffer grants in whole chunks, so a grant is always usable, and the producer never sends rows
+ * it was not promised. The check happens before each pass, so a pause takes effect within one
+ * chunk. An operator's Pause RPC closes the same gate.
+ */
+export class DemandGate {
+  private demand: Demand | undefined;
+  private runState: RunState["state"] = "running";
+  private operatorPaused = false;
+  private stopped = false;
+  private rowsSent = 0;
+  private subs: Subscription[] = [];
+  private heartbeat: NodeJS.Timeout | undefined;
+  private waiters: Array<() => void> = [];
+  private bus: Bus | undefined;
+
+  constructor(
+    private readonly subjects: Subjects,
+    private readonly me: MemberAnnounce,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Joins the run: listens for demand and run state, announces itself, asks the buffer for the current Demand. */
+  async join(bus: Bus): Promise<void> {
+    this.bus = bus;
+    this.subs.push(
+      bus.subscribe(this.subjects.demand, Demand, (d) => this.apply(d)),
+      bus.subscribe(this.subjects.runState, RunState, (s) => {
+        this.runState = s.state;
+        if (s.state !== "running") this.log(`demand: run is ${s.state}${s.reason ? ` (${s.reason})` : ""}; stopping`);
+        this.notify();
+      }),
+    );
+    this.heartbeat = setInterval(() => bus.publish(this.subjects.heartbeat, MemberAnnounce, this.me), HEARTBEAT_MS);
+    await this.announce(bus);
+  }
+
+  /**
+   * Joins again after the push stream had to reconnect (the buffer may have restarted). The hello
+   * makes the buffer count this producer afresh, as a join does; the chunks re-sent on the new
+   * stream count as sent, which can only leave some of the new grant unused, never overshoot it.
+   * The old grant counted from the old join, so the gate stays shut until the next Demand.
+   */
+  async rejoin(rowsResent: number): Promise<void> {
+    this.rowsSent = rowsResent;
+    this.demand = undefined;
+    if (this.bus) await this.announce(this.bus);
+  }
+
+  /** Rows per hook point just sent. */
+  sent(rows: number): void {
+    this.rowsSent += rows;
+  }
+
+  setOperatorPaused(paused: boolean): void {
+    this.operatorPaused = paused;
+    this.notify();
+  }
+
+  get pausedByOperator(): boolean {
+    return this.operatorPaused;
+  }
+
+  /** True while the buffer's latest word is pause. */
+  get pausedByBuffer(): boolean {
+    return this.demand?.command === "pause";
+  }
+
+  /** True when the loop may start a forward pass now. */
+  get open(): boolean {
+    const grant = this.demand?.grants[this.me.producerId] ?? 0;
+    return this.runState === "running" && !this.operatorPaused && this.demand?.command === "refill" && this.rowsSent + this.me.chunkRows <= grant;
+  }
+
+  /** Resolves "produce" when a pass may start, "stop" when the run ends or the producer stops. */
+  async wait(): Promise<Go> {
+    for (;;) {
+      if (this.stopped || this.runState !== "running") return "stop";
+      if (this.open) return "produce";
+      await new Promise<void>((resolve) => this.waiters.push(resolve));
+    }
+  }
+
+  /** Wakes the loop for good (shutdown). */
+  stop(): void {
+    this.stopped = true;
+    this.notify();
+  }
+
+  /** Announces leaving and stops listening; resolves once the leave is flushed to the server. */
+  async leave(): Promise<void> {
+    this.stop();
+    clearInterval(this.heartbeat);
+    for (const s of this.subs) s.unsubscribe();
+    this.subs = [];
+    if (!this.bus || this.bus.nc.isClosed()) return;
+    this.bus.publish(this.subjects.leave, MemberAnnounce, this.me);
+    await this.bus.nc.flush();
+  }
+
+  private async announce(bus: Bus): Promise<void> {
+    bus.publish(this.subjects.join, MemberAnnounce, this.me);
+    try {
+      this.apply(await bus.request(this.subjects.hello, MemberAnnounce, this.me, Demand, HELLO_TIMEOUT_MS));
+    } catch (err) {
+      // No buffer yet: it will learn of this producer from its heartbeat and include it in the next Demand.
+      this.log(`demand: no answer to hello (${(err as Error).message}); waiting for the buffer's demand`);
+    }
+  }
+
+  private apply(d: Demand): void {
+    this.demand = d;
+    this.notify();
+  }
+
+  private notify(): void {
+    const waiting = this.waiters;
+    this.waiters = [];
+    for (const w of waiting) w();
+  }
+}

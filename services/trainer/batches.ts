@@ -1,0 +1,173 @@
+import type { ClientReadableStream } from "@grpc/grpc-js";
+import { status as grpcStatus } from "@grpc/grpc-js";
+import { ConfigError, type RunConfig } from "../common/config/index.js";
+import type { DTypeName } from "../common/config/sections/dtype.js";
+import type { ServiceClient } from "../common/grpc/adapter.js";
+import { checkTensor, dtypeName, fromTensor } from "../common/tensor-codec.js";
+import { type BatchesResponse, BufferService, ShareMode } from "../gen/saeflow/buffer/v1/buffer_pb.js";
+
+/** One minibatch of activations, [rows, dModel], in the wire dtype (fp16 and bf16 as raw words). */
+export interface Batch {
+  data: Float32Array | Uint16Array;
+  dtype: DTypeName;
+  rows: number;
+  dModel: number;
+  /** W3C traceparent of the buffer span the rows came from, for a span link. */
+  traceparent: string;
+}
+
+/** Where the trainer's batches come from. */
+export interface BatchSource {
+  /** The next batch; undefined once the source has ended or been closed. */
+  next(): Promise<Batch | undefined>;
+  /** Ends the source; a pending next() resolves undefined. */
+  close(): void;
+}
+
+/** Batches held in memory, e.g. to replay the same stream in tests and benchmarks. */
+export class ArrayBatchSource implements BatchSource {
+  private at = 0;
+  private closed = false;
+
+  constructor(private readonly batches: readonly Batch[]) {}
+
+  async next(): Promise<Batch | undefined> {
+    return this.closed ? undefined : this.batches[this.at++];
+  }
+
+  close(): void {
+    this.closed = true;
+  }
+}
+
+type BufferClient = ServiceClient<typeof BufferService>;
+
+/**
+ * Checks the buffer serves the configured hook point at the configured width, so a mismatch is
+ * refused before training with an error naming the trainer key at fault.
+ */
+export async function checkBufferPool(client: BufferClient, config: RunConfig): Promise<void> {
+  const t = config.trainer;
+  const status = await client.status({});
+  const pool = status.hookPoints.find((h) => h.hookPoint === t.hookPoint);
+  if (!pool) {
+    const served = status.hookPoints.map((h) => h.hookPoint).join(", ") || "none";
+    throw new ConfigError(`invalid config:\n  trainer.hookPoint: the buffer at ${t.bufferAddress} has no pool "${t.hookPoint}" (it serves ${served})`, [
+      "trainer.hookPoint",
+    ]);
+  }
+  if (pool.dModel !== t.dModel) {
+    throw new ConfigError(`invalid config:\n  trainer.dModel: ${t.dModel}, but the buffer's pool "${t.hookPoint}" holds rows of width ${pool.dModel}`, [
+      "trainer.dModel",
+    ]);
+  }
+}
+
+/**
+ * The buffer's Batches stream as a BatchSource. At most `prefetch` batches wait decoded; beyond
+ * that the stream is paused and gRPC flow control holds the buffer back.
+ */
+export class GrpcBatchSource implements BatchSource {
+  private readonly call: ClientReadableStream<BatchesResponse>;
+  private readonly queue: Batch[] = [];
+  private waiter: ((b: Batch | undefined) => void) | undefined;
+  private failer: ((err: Error) => void) | undefined;
+  private failure: Error | undefined;
+  private ended = false;
+  private closed = false;
+
+  constructor(
+    client: BufferClient,
+    private readonly config: RunConfig,
+    private readonly prefetch = 2,
+  ) {
+    const t = config.trainer;
+    this.call = client.batches({
+      hookPoint: t.hookPoint,
+      trainerId: t.id,
+      group: t.group,
+      batchSize: t.batchSize,
+      share: t.share === "split" ? ShareMode.SPLIT : ShareMode.FAN_OUT,
+      maxBatches: 0n,
+      includeIds: false,
+    });
+    this.call.on("data", (msg: BatchesResponse) => this.onData(msg));
+    this.call.on("end", () => this.finish());
+    this.call.on("error", (err: Error & { code?: number }) => {
+      if (this.closed && err.code === grpcStatus.CANCELLED) this.finish();
+      else this.fail(err);
+    });
+  }
+
+  private decode(msg: BatchesResponse): Batch {
+    const t = this.config.trainer;
+    checkTensor(msg.activations, "batch.activations", { shape: [undefined, undefined] });
+    const tensor = msg.activations!;
+    const [rows, width] = tensor.shape as [number, number];
+    if (width !== t.dModel) {
+      throw new ConfigError(`invalid config:\n  trainer.dModel: ${t.dModel}, but the buffer sent rows of width ${width}`, ["trainer.dModel"]);
+    }
+    if (rows !== t.batchSize) throw new Error(`the buffer sent a batch of ${rows} rows; trainer.batchSize is ${t.batchSize}`);
+    return { data: fromTensor(tensor), dtype: dtypeName(tensor.dtype), rows, dModel: width, traceparent: msg.traceparent };
+  }
+
+  private onData(msg: BatchesResponse): void {
+    let batch: Batch;
+    try {
+      batch = this.decode(msg);
+    } catch (err) {
+      this.fail(err as Error);
+      this.call.cancel();
+      return;
+    }
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = this.failer = undefined;
+      w(batch);
+      return;
+    }
+    this.queue.push(batch);
+    if (this.queue.length >= this.prefetch) this.call.pause();
+  }
+
+  private finish(): void {
+    this.ended = true;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = this.failer = undefined;
+      w(undefined);
+    }
+  }
+
+  private fail(err: Error): void {
+    this.failure ??= err;
+    this.ended = true;
+    if (this.failer) {
+      const f = this.failer;
+      this.waiter = this.failer = undefined;
+      f(err);
+    }
+  }
+
+  next(): Promise<Batch | undefined> {
+    const batch = this.queue.shift();
+    if (batch) {
+      if (this.queue.length < this.prefetch && !this.ended) this.call.resume();
+      return Promise.resolve(batch);
+    }
+    if (this.failure && !this.closed) return Promise.reject(this.failure);
+    if (this.ended || this.closed) return Promise.resolve(undefined);
+    this.call.resume();
+    return new Promise((resolve, reject) => {
+      this.waiter = resolve;
+      this.failer = reject;
+    });
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.call.cancel();
+    this.finish();
+  }
+}

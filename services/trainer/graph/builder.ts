@@ -1,0 +1,184 @@
+import onnxProto from "onnx-proto";
+
+const { onnx } = onnxProto;
+type INode = onnxProto.onnx.INodeProto;
+type IValueInfo = onnxProto.onnx.IValueInfoProto;
+type ITensor = onnxProto.onnx.ITensorProto;
+type IAttribute = onnxProto.onnx.IAttributeProto;
+
+/** ONNX element types the step graphs use. */
+export const F32 = onnx.TensorProto.DataType.FLOAT;
+export const F16 = onnx.TensorProto.DataType.FLOAT16;
+export const I64 = onnx.TensorProto.DataType.INT64;
+export type ElemType = typeof F32 | typeof F16 | typeof I64;
+
+/** A dimension: a fixed size or a symbolic name (dynamic at run time). */
+export type Dim = number | string;
+type AttrValue = number | number[] | string | { float: number } | { floats: number[] };
+
+/**
+ * The ORT opset the step graphs target: ScatterND's reduction="add" needs 16, ReduceMax/ReduceL2 with
+ * axes as an input need 18. IR version 8 is what ORT 1.30 accepts with opset 18.
+ */
+const OPSET = 18;
+const IR_VERSION = 8;
+
+function attribute(name: string, value: AttrValue): IAttribute {
+  const T = onnx.AttributeProto.AttributeType;
+  if (typeof value === "string") return { name, type: T.STRING, s: new TextEncoder().encode(value) };
+  if (typeof value === "number") return { name, type: T.INT, i: value };
+  if (Array.isArray(value)) return { name, type: T.INTS, ints: value };
+  if ("float" in value) return { name, type: T.FLOAT, f: value.float };
+  return { name, type: T.FLOATS, floats: value.floats };
+}
+
+function valueInfo(name: string, elemType: ElemType, dims: readonly Dim[]): IValueInfo {
+  return {
+    name,
+    type: {
+      tensorType: {
+        elemType,
+        shape: { dim: dims.map((d) => (typeof d === "number" ? { dimValue: d } : { dimParam: d })) },
+      },
+    },
+  };
+}
+
+/**
+ * Builds an ONNX graph by name: every op returns the name of its output so a graph reads like the
+ * math it computes. Constants become initializers.
+ */
+export class GraphBuilder {
+  private readonly nodes: INode[] = [];
+  private readonly inputs: IValueInfo[] = [];
+  private readonly outputs: IValueInfo[] = [];
+  private readonly initializers: ITensor[] = [];
+  private readonly used = new Set<string>();
+
+  constructor(private readonly graphName: string) {}
+
+  /** A fresh name based on `hint`. */
+  private fresh(hint: string): string {
+    let name = hint;
+    for (let i = 1; this.used.has(name); i++) name = `${hint}_${i}`;
+    this.used.add(name);
+    return name;
+  }
+
+  input(name: string, elemType: ElemType, dims: readonly Dim[]): string {
+    if (this.used.has(name)) throw new Error(`graph ${this.graphName}: duplicate name ${name}`);
+    this.used.add(name);
+    this.inputs.push(valueInfo(name, elemType, dims));
+    return name;
+  }
+
+  /**
+   * Marks `value` as the graph output `name`. Name the producing op `name` to avoid the Identity
+   * (a full copy) this otherwise adds.
+   */
+  output(value: string, name: string, elemType: ElemType, dims: readonly Dim[]): void {
+    if (value !== name && this.used.has(name)) throw new Error(`graph ${this.graphName}: output name ${name} is taken`);
+    const out = value === name ? value : this.op("Identity", [value], {}, name);
+    this.outputs.push(valueInfo(out, elemType, dims));
+  }
+
+  /** A float32 constant; a scalar when `dims` is empty. */
+  constF(values: number | readonly number[], dims: readonly number[] = [], hint = "c"): string {
+    const name = this.fresh(hint);
+    const floatData = typeof values === "number" ? [values] : [...values];
+    this.initializers.push({ name, dataType: F32, dims: [...dims], floatData });
+    return name;
+  }
+
+  /** An int64 constant (shapes, axes, indices). */
+  constI(values: readonly number[], dims: readonly number[] = [values.length], hint = "i"): string {
+    const name = this.fresh(hint);
+    this.initializers.push({ name, dataType: I64, dims: [...dims], int64Data: [...values] });
+    return name;
+  }
+
+  /** One node with one output. */
+  op(opType: string, inputs: readonly string[], attrs: Record<string, AttrValue> = {}, hint?: string): string {
+    return this.opN(opType, inputs, 1, attrs, hint)[0]!;
+  }
+
+  /** One node with `count` outputs. */
+  opN(opType: string, inputs: readonly string[], count: number, attrs: Record<string, AttrValue> = {}, hint?: string): string[] {
+    const base = hint ?? opType.toLowerCase();
+    const output = Array.from({ length: count }, (_, i) => this.fresh(count === 1 ? base : `${base}_${i}`));
+    this.nodes.push({
+      opType,
+      name: this.fresh(`n_${base}`),
+      input: [...inputs],
+      output,
+      attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
+    });
+    return output;
+  }
+
+  // Sugar for the ops the step graphs use, so they read like the math.
+  add = (a: string, b: string, hint?: string) => this.op("Add", [a, b], {}, hint);
+  sub = (a: string, b: string, hint?: string) => this.op("Sub", [a, b], {}, hint);
+  mul = (a: string, b: string, hint?: string) => this.op("Mul", [a, b], {}, hint);
+  div = (a: string, b: string, hint?: string) => this.op("Div", [a, b], {}, hint);
+  sqrt = (a: string, hint?: string) => this.op("Sqrt", [a], {}, hint);
+  relu = (a: string, hint?: string) => this.op("Relu", [a], {}, hint);
+  matmul = (a: string, b: string, hint?: string) => this.op("MatMul", [a, b], {}, hint);
+  gather = (data: string, indices: string, axis: number, hint?: string) => this.op("Gather", [data, indices], { axis }, hint);
+  cast = (a: string, to: ElemType, hint?: string) => this.op("Cast", [a], { to }, hint);
+  greater = (a: string, b: string, hint?: string) => this.op("Greater", [a, b], {}, hint);
+  where = (cond: string, a: string, b: string, hint?: string) => this.op("Where", [cond, a, b], {}, hint);
+  reshape = (a: string, shape: readonly number[], hint?: string) => this.op("Reshape", [a, this.constI(shape)], {}, hint);
+  unsqueeze = (a: string, axes: readonly number[], hint?: string) => this.op("Unsqueeze", [a, this.constI(axes)], {}, hint);
+
+  /** C = alpha * op(A) @ op(B) + beta * bias, with op = transpose when asked. */
+  gemm(a: string, b: string, opts: { bias?: string; transA?: boolean; transB?: boolean }, hint?: string): string {
+    const inputs = opts.bias ? [a, b, opts.bias] : [a, b];
+    return this.op("Gemm", inputs, { transA: opts.transA ? 1 : 0, transB: opts.transB ? 1 : 0 }, hint);
+  }
+
+  /** Sum over `axes` (all axes when empty); keepdims off. */
+  reduceSum(a: string, axes: readonly number[], hint?: string): string {
+    return axes.length ? this.op("ReduceSum", [a, this.constI(axes)], { keepdims: 0 }, hint) : this.op("ReduceSum", [a], { keepdims: 0 }, hint);
+  }
+
+  reduceSumSquare(a: string, axes: readonly number[], hint?: string): string {
+    return axes.length
+      ? this.op("ReduceSumSquare", [a, this.constI(axes)], { keepdims: 0 }, hint)
+      : this.op("ReduceSumSquare", [a], { keepdims: 0 }, hint);
+  }
+
+  /** Row norms with the reduced axis kept, for broadcasting back. */
+  reduceL2Keep(a: string, axis: number, hint?: string): string {
+    return this.op("ReduceL2", [a, this.constI([axis])], { keepdims: 1 }, hint);
+  }
+
+  /** data with `updates` added at `indices` ([m, 1] rows); duplicates accumulate. */
+  scatterAdd(data: string, indices: string, updates: string, hint?: string): string {
+    return this.op("ScatterND", [data, indices, updates], { reduction: "add" }, hint);
+  }
+
+  /** Zeros of a fixed shape. */
+  zeros(dims: readonly number[], hint = "zeros"): string {
+    const value = { name: "value", type: onnx.AttributeProto.AttributeType.TENSOR, t: { dataType: F32, dims: [1], floatData: [0] } };
+    const out = this.fresh(hint);
+    this.nodes.push({ opType: "ConstantOfShape", name: this.fresh(`n_${hint}`), input: [this.constI(dims)], output: [out], attribute: [value] });
+    return out;
+  }
+
+  /** Concatenates scalars into a 1-D vector (for small stats outputs). */
+  stack(scalars: readonly string[], hint = "stack"): string {
+    return this.op("Concat", scalars.map((s) => this.reshape(s, [1])), { axis: 0 }, hint);
+  }
+
+  /** The serialized model. */
+  build(): Uint8Array {
+    const model = onnx.ModelProto.create({
+      irVersion: IR_VERSION,
+      producerName: "saeflow",
+      opsetImport: [{ domain: "", version: OPSET }],
+      graph: { name: this.graphName, node: this.nodes, input: this.inputs, output: this.outputs, initializer: this.initializers },
+    });
+    return onnx.ModelProto.encode(model).finish();
+  }
+}

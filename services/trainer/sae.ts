@@ -1,0 +1,96 @@
+import { STATE, type StateName, stateShape } from "./graph/step.js";
+import type { Rng } from "./rng.js";
+
+/** Parameters and Adam moments of one SAE, latent-major: W_enc and W_dec are both [n, d]. */
+export type SaeState = Record<StateName, Float32Array>;
+
+export function allocState(n: number, d: number): SaeState {
+  return Object.fromEntries(STATE.map((s) => [s, new Float32Array(stateShape(s, n, d).reduce((a, b) => a * b, 1))])) as SaeState;
+}
+
+export function copyState(from: SaeState, to: SaeState): void {
+  for (const s of STATE) to[s].set(from[s]);
+}
+
+/**
+ * Decoder rows drawn at random and scaled to unit norm; the encoder starts as the decoder's transpose
+ * (the same [n, d] matrix here), b_enc at 0, b_dec at `bDec`, moments at 0.
+ */
+export function initState(n: number, d: number, rng: Rng, bDec: Float32Array): SaeState {
+  const s = allocState(n, d);
+  for (let i = 0; i < n; i++) {
+    const row = s.W_dec.subarray(i * d, (i + 1) * d);
+    let norm = 0;
+    for (let j = 0; j < d; j++) {
+      const v = rng.normal();
+      row[j] = v;
+      norm += v * v;
+    }
+    const inv = 1 / Math.sqrt(norm);
+    for (let j = 0; j < d; j++) row[j]! *= inv;
+  }
+  s.W_enc.set(s.W_dec);
+  s.b_dec.set(bDec);
+  return s;
+}
+
+/** sqrt(d) / E|x|: the factor that gives rows an average norm of sqrt(d) (SAELens "expected_average_only_in"). */
+export function normalisationScale(batches: readonly Float32Array[], d: number): number {
+  let sum = 0;
+  let rows = 0;
+  for (const batch of batches) {
+    for (let r = 0; r < batch.length / d; r++) {
+      let sq = 0;
+      for (let j = r * d; j < (r + 1) * d; j++) sq += batch[j]! * batch[j]!;
+      sum += Math.sqrt(sq);
+      rows++;
+    }
+  }
+  return sum > 0 ? Math.sqrt(d) / (sum / rows) : 1;
+}
+
+/** b_dec's starting point in normalised units: zeros, the mean row, or the geometric median (Weiszfeld). */
+export function initialBDec(batches: readonly Float32Array[], d: number, scale: number, method: "mean" | "geometric_median" | "zeros"): Float32Array {
+  const out = new Float32Array(d);
+  if (method === "zeros") return out;
+  const mean = new Float64Array(d);
+  let rows = 0;
+  for (const batch of batches) {
+    for (let i = 0; i < batch.length; i++) mean[i % d]! += batch[i]! * scale;
+    rows += batch.length / d;
+  }
+  for (let j = 0; j < d; j++) mean[j]! /= rows;
+  if (method === "geometric_median") weiszfeld(batches, d, scale, mean);
+  out.set(mean);
+  return out;
+}
+
+/** Refines `point` in place toward the geometric median of the rows. */
+function weiszfeld(batches: readonly Float32Array[], d: number, scale: number, point: Float64Array, iterations = 50, tol = 1e-6): void {
+  const next = new Float64Array(d);
+  for (let it = 0; it < iterations; it++) {
+    next.fill(0);
+    let weights = 0;
+    for (const batch of batches) {
+      for (let r = 0; r < batch.length / d; r++) {
+        let dist = 0;
+        for (let j = 0; j < d; j++) {
+          const diff = batch[r * d + j]! * scale - point[j]!;
+          dist += diff * diff;
+        }
+        const w = 1 / Math.max(Math.sqrt(dist), 1e-12);
+        weights += w;
+        for (let j = 0; j < d; j++) next[j]! += w * batch[r * d + j]! * scale;
+      }
+    }
+    let moved = 0;
+    let size = 0;
+    for (let j = 0; j < d; j++) {
+      const v = next[j]! / weights;
+      moved += (v - point[j]!) ** 2;
+      size += v * v;
+      point[j] = v;
+    }
+    if (Math.sqrt(moved) <= tol * Math.max(Math.sqrt(size), 1)) return;
+  }
+}

@@ -1,0 +1,110 @@
+import ort from "onnxruntime-node";
+import { buildStepGraph, nextName, PARAMS, type ParamName, STAT_COUNT, STATE, stateShape, type StepSpec } from "./graph/step.js";
+import type { StepScalars } from "./reference.js";
+import { allocState, type SaeState } from "./sae.js";
+
+/** What one step reports besides the new state. Arrays are reused by the next step: copy to keep. */
+export interface StepOutputs {
+  stats: Float32Array;
+  fires: Float32Array;
+  /** Only when the graph was built with gradOutputs. */
+  grads?: Record<ParamName, Float32Array>;
+}
+
+export function sessionOptions(threads: number): ort.InferenceSession.SessionOptions {
+  return {
+    intraOpNumThreads: threads,
+    interOpNumThreads: 1,
+    executionMode: "sequential",
+    graphOptimizationLevel: "all",
+    // Warnings (e.g. initializers the optimiser folded away) are noise in a training log.
+    logSeverityLevel: 3,
+  };
+}
+
+const scalar = () => new ort.Tensor("float32", new Float32Array(1), []);
+
+/**
+ * An onnxruntime session running one SAE's step graph. The state lives in two sets of buffers: the
+ * step reads one and writes the other, preallocated, and the two swap, so a step allocates nothing
+ * of the state's size.
+ */
+export class StepSession {
+  private cur: SaeState;
+  private spare: SaeState;
+  private readonly scalars = { scale: scalar(), lr_step: scalar(), sqrt_bc2: scalar(), l1_coef: scalar(), aux_scale: scalar() };
+  private readonly auxK = new ort.Tensor("int64", new BigInt64Array(1), [1]);
+  private readonly outputs: StepOutputs;
+  private readonly fetchTensors: Record<string, ort.Tensor> = {};
+
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly spec: StepSpec,
+    state: SaeState,
+  ) {
+    const { width: n, dModel: d } = spec;
+    this.cur = state;
+    this.spare = allocState(n, d);
+    this.outputs = { stats: new Float32Array(STAT_COUNT), fires: new Float32Array(n) };
+    this.fetchTensors.stats = new ort.Tensor("float32", this.outputs.stats, [STAT_COUNT]);
+    this.fetchTensors.fires = new ort.Tensor("float32", this.outputs.fires, [n]);
+    if (spec.gradOutputs) {
+      this.outputs.grads = Object.fromEntries(PARAMS.map((p) => [p, new Float32Array(stateShape(p, n, d).reduce((a, b) => a * b, 1))])) as Record<
+        ParamName,
+        Float32Array
+      >;
+      for (const p of PARAMS) this.fetchTensors[`grad_${p}`] = new ort.Tensor("float32", this.outputs.grads[p], stateShape(p, n, d));
+    }
+  }
+
+  /** Builds the step graph for `spec` and opens a session on it; `state` becomes the current state. */
+  static async create(spec: StepSpec, state: SaeState, threads: number): Promise<StepSession> {
+    const session = await ort.InferenceSession.create(buildStepGraph(spec), sessionOptions(threads));
+    return new StepSession(session, spec, state);
+  }
+
+  /** The current state (read it between steps; the next step replaces it). */
+  get state(): SaeState {
+    return this.cur;
+  }
+
+  private tensors(state: SaeState): Record<string, ort.Tensor> {
+    const { width: n, dModel: d } = this.spec;
+    return Object.fromEntries(STATE.map((s) => [s, new ort.Tensor("float32", state[s], stateShape(s, n, d))]));
+  }
+
+  /**
+   * One step on batch `x` ([B, d], float32 or float16 as the spec says). `deadIdx` lists dead
+   * latents for AuxK; with none, AuxK is fed one id and a zero weight so the graph keeps its shape.
+   */
+  async run(x: ort.Tensor, sc: StepScalars): Promise<StepOutputs> {
+    const { beta1, beta2 } = this.spec;
+    this.scalars.scale.data[0] = sc.scale;
+    this.scalars.lr_step.data[0] = sc.lr / (1 - beta1 ** sc.t);
+    this.scalars.sqrt_bc2.data[0] = Math.sqrt(1 - beta2 ** sc.t);
+    const feeds: Record<string, ort.Tensor> = { x, scale: this.scalars.scale, lr_step: this.scalars.lr_step, sqrt_bc2: this.scalars.sqrt_bc2 };
+    if (this.spec.recipe === "relu") {
+      this.scalars.l1_coef.data[0] = sc.l1Coef;
+      feeds.l1_coef = this.scalars.l1_coef;
+    } else if (this.spec.auxK) {
+      const live = sc.deadIdx.length > 0 && sc.auxScale > 0;
+      const ids = live ? BigInt64Array.from(sc.deadIdx, (i) => BigInt(i)) : new BigInt64Array(1);
+      feeds.dead_idx = new ort.Tensor("int64", ids, [ids.length]);
+      this.auxK.data[0] = BigInt(live ? Math.min(sc.auxK, ids.length) : 1);
+      feeds.aux_k = this.auxK;
+      this.scalars.aux_scale.data[0] = live ? sc.auxScale : 0;
+      feeds.aux_scale = this.scalars.aux_scale;
+    }
+    Object.assign(feeds, this.tensors(this.cur));
+    const next = this.tensors(this.spare);
+    const fetches: Record<string, ort.Tensor> = { ...this.fetchTensors };
+    for (const s of STATE) fetches[nextName(s)] = next[s]!;
+    await this.session.run(feeds, fetches);
+    [this.cur, this.spare] = [this.spare, this.cur];
+    return this.outputs;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}

@@ -1,0 +1,57 @@
+import { create } from "@bufbuild/protobuf";
+import { status } from "@grpc/grpc-js";
+import { once } from "node:events";
+import type { RunConfig } from "../../services/common/config/index.js";
+import { FieldError } from "../../services/common/errors.js";
+import { Serving } from "../../services/common/grpc/health.js";
+import { bind, type RunningServer, startServer } from "../../services/common/grpc/server.js";
+import { encodeFloats, toTensor } from "../../services/common/tensor-codec.js";
+import { BatchesResponseSchema, BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
+import type { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
+
+/**
+ * A real gRPC BufferService on loopback that serves synthetic rows: Status lists one pool, Batches
+ * cycles through the given rows in the requested batch size, forever, honouring flow control.
+ */
+export async function startSyntheticBuffer(opts: {
+  config: RunConfig;
+  hookPoint: string;
+  dModel: number;
+  rows: Float32Array;
+  dtype: DType;
+}): Promise<RunningServer> {
+  const { hookPoint, dModel } = opts;
+  const total = opts.rows.length / dModel;
+  const unimplemented = async (): Promise<never> => {
+    throw new FieldError("method", "not served by the synthetic buffer", status.UNIMPLEMENTED);
+  };
+  const server = await startServer("127.0.0.1:0", opts.config.transport, [
+    bind(BufferService, {
+      push: unimplemented,
+      status: async () => ({
+        state: ServiceState.RUNNING,
+        runId: opts.config.run.id,
+        hookPoints: [{ hookPoint, dModel, capacityRows: BigInt(total), unconsumedRows: BigInt(total) }],
+      }),
+      batches: async (req, call) => {
+        if (req.hookPoint !== hookPoint) throw new FieldError("hook_point", `no pool "${req.hookPoint}"`, status.NOT_FOUND);
+        let at = 0;
+        for (let seq = 0n; !call.cancelled; seq++) {
+          const batch = new Float32Array(req.batchSize * dModel);
+          for (let r = 0; r < req.batchSize; r++, at = (at + 1) % total) batch.set(opts.rows.subarray(at * dModel, (at + 1) * dModel), r * dModel);
+          const msg = create(BatchesResponseSchema, {
+            activations: toTensor(encodeFloats(batch, opts.dtype), opts.dtype, [req.batchSize, dModel]),
+            sequence: seq,
+          });
+          if (!call.write(msg)) await Promise.race([once(call, "drain"), once(call, "cancelled")]);
+        }
+      },
+      pause: unimplemented,
+      resume: unimplemented,
+      drain: unimplemented,
+    }),
+  ]);
+  server.health.set(Serving.SERVING);
+  return server;
+}

@@ -1,0 +1,200 @@
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, describe, test } from "node:test";
+import { fp32ToFp16 } from "../../services/common/tensor-codec.js";
+import { ArrayBatchSource, type Batch } from "../../services/trainer/batches.js";
+import { checkpointPath, checkpointSteps, loadCheckpoint, saveCheckpoint } from "../../services/trainer/checkpoint.js";
+import { loadSaeLens } from "../../services/trainer/export.js";
+import { STATE } from "../../services/trainer/graph/step.js";
+import { Rng } from "../../services/trainer/rng.js";
+import { initState, normalisationScale } from "../../services/trainer/sae.js";
+import { Trainer } from "../../services/trainer/trainer.js";
+import { asBatches, bestCosines, explainedVariance, readJsonl, saeLensForward, sparseData, testConfig } from "./fixtures.js";
+
+const root = mkdtempSync(join(tmpdir(), "saeflow-trainer-"));
+after(() => rmSync(root, { recursive: true, force: true }));
+let runs = 0;
+const runDir = () => join(root, `run-${runs++}`);
+
+// 48 unit directions in d=32; every token sums 3 of them. An SAE of 96 latents with k=3 should find them.
+const D = 32;
+const ROWS = 256;
+const data = sparseData({ d: D, features: 48, active: 3, rows: ROWS, batches: 600, seed: "planted" });
+const batches = asBatches(data.batches, ROWS, D);
+
+async function train(dir: string, trainer: Record<string, unknown>, source: Batch[]) {
+  const config = testConfig(dir, { dModel: D, batchSize: ROWS, ...trainer });
+  const t = new Trainer({ config, source: new ArrayBatchSource(source) });
+  return { result: await t.run(), config };
+}
+
+const finalState = (dir: string, sae: string, width: number, step: number) => loadCheckpoint(checkpointPath(join(dir, sae, "checkpoints"), step), width, D);
+
+describe("training on planted sparse directions", () => {
+  test("TopK: the loss falls and the SAE recovers most planted directions", async (t) => {
+    const dir = runDir();
+    const { result } = await train(dir, { steps: 300, saes: [{ name: "topk", recipe: "topk", width: 96, k: 3, lr: 0.01 }] }, batches);
+    assert.equal(result.step, 300);
+    const lines = readJsonl(join(dir, "topk", "metrics.jsonl"));
+    assert.equal(lines.length, 12);
+    for (const key of ["mse", "fvu", "explained_variance", "l0", "dead_fraction", "tokens", "tokens_per_second", "wait_ms", "loss", "learning_rate"]) {
+      assert.equal(typeof lines[0]![key], "number", key);
+    }
+    assert.ok((lines.at(-1)!.loss as number) < 0.2 * (lines[0]!.loss as number), "loss falls by 5x");
+    assert.ok((lines.at(-1)!.explained_variance as number) > 0.95);
+    assert.equal(lines.at(-1)!.l0, 3);
+    const cos = bestCosines(data.directions, finalState(dir, "topk", 96, 300).state.W_dec, D);
+    t.diagnostic(`recovered ${cos.filter((c) => c > 0.9).length}/48, loss ${lines[0]!.loss} -> ${lines.at(-1)!.loss}`);
+    assert.ok(cos.filter((c) => c > 0.9).length >= 0.9 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
+  });
+
+  test("BatchTopK recovers them too and exports its running threshold as a SAELens JumpReLU", async (t) => {
+    const dir = runDir();
+    const { result } = await train(dir, { steps: 300, exportOnFinish: true, saes: [{ name: "btk", recipe: "batchtopk", width: 96, k: 3, lr: 0.01 }] }, batches);
+    const cos = bestCosines(data.directions, finalState(dir, "btk", 96, 300).state.W_dec, D);
+    assert.ok(cos.filter((c) => c > 0.9).length >= 0.8 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
+    const exp = loadSaeLens(result.exports[0]!);
+    assert.equal(exp.cfg.architecture, "jumprelu");
+    const threshold = exp.tensors.threshold!.data as Float32Array;
+    assert.ok(threshold[0]! > 0 && threshold.every((v) => v === threshold[0]), "one positive threshold for every latent");
+    const x = data.batches[599]!;
+    const { codes, recon } = saeLensForward(exp, x);
+    const l0 = codes.reduce((a, v) => a + (v > 0 ? 1 : 0), 0) / ROWS;
+    t.diagnostic(`recovered ${cos.filter((c) => c > 0.9).length}/48, inference L0 ${l0}, threshold ${threshold[0]}`);
+    assert.ok(l0 > 2 && l0 < 4.5, `inference L0 ${l0} near k=3`);
+    assert.ok(explainedVariance(x, recon, D) > 0.9);
+  });
+
+  test("ReLU + L1: sparsity rises and most directions are found", async (t) => {
+    const dir = runDir();
+    await train(dir, { steps: 600, saes: [{ name: "relu", recipe: "relu", width: 96, lr: 0.003, l1Coefficient: 2, l1WarmupSteps: 50 }] }, batches);
+    const lines = readJsonl(join(dir, "relu", "metrics.jsonl"));
+    assert.ok((lines.at(-1)!.l0 as number) < 0.5 * (lines[0]!.l0 as number), "L1 drives L0 down");
+    assert.ok((lines.at(-1)!.penalty as number) > 0);
+    const cos = bestCosines(data.directions, finalState(dir, "relu", 96, 600).state.W_dec, D);
+    t.diagnostic(`recovered ${cos.filter((c) => c > 0.9).length}/48, L0 ${lines[0]!.l0} -> ${lines.at(-1)!.l0}`);
+    assert.ok(cos.filter((c) => c > 0.9).length >= 0.75 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
+  });
+
+  test("JumpReLU: the TopK SAE converts to thresholds that keep its sparsity", async (t) => {
+    const dir = runDir();
+    const { result } = await train(
+      dir,
+      { steps: 300, exportOnFinish: true, jumprelu: { calibrationTokens: 2048 }, saes: [{ name: "jump", recipe: "jumprelu", width: 96, k: 3, lr: 0.01 }] },
+      batches,
+    );
+    const exp = loadSaeLens(result.exports[0]!);
+    assert.equal(exp.cfg.architecture, "jumprelu");
+    assert.deepEqual(exp.tensors.threshold!.shape, [96]);
+    const x = data.batches[599]!;
+    const { codes, recon } = saeLensForward(exp, x);
+    const l0 = codes.reduce((a, v) => a + (v > 0 ? 1 : 0), 0) / ROWS;
+    t.diagnostic(`JumpReLU L0 ${l0}, explained variance ${explainedVariance(x, recon, D)}`);
+    assert.ok(Math.abs(l0 - 3) < 0.5, `JumpReLU L0 ${l0} keeps k=3`);
+    assert.ok(explainedVariance(x, recon, D) > 0.9);
+  });
+});
+
+describe("AuxK", () => {
+  // Planted dead latents: encoder rows shrunk 1000x, so they never win a top-k slot on their own.
+  async function plantedRun(auxKCoefficient: number): Promise<number> {
+    const dir = runDir();
+    const width = 96;
+    const planted = Array.from({ length: 24 }, (_, i) => 72 + i);
+    const scale = normalisationScale(data.batches.slice(0, 4), D);
+    const state = initState(width, D, new Rng(1, "aux"), new Float32Array(D));
+    for (const i of planted) for (let j = 0; j < D; j++) state.W_enc[i * D + j]! *= 1e-3;
+    const spec = { name: "sae", recipe: "topk" as const, width, k: 3, lr: 0.01, l1Coefficient: 0, l1WarmupSteps: 0, auxKCoefficient, kAux: 16 };
+    saveCheckpoint(
+      join(dir, "sae", "checkpoints"),
+      { meta: { step: 0, tokens: 0, rng: new Rng(1, "aux").state, scale, thresholdEma: 0, config: { sae: spec, dModel: D } }, state, lastFired: new Float64Array(width) },
+      width,
+      D,
+      2,
+    );
+    const config = testConfig(dir, { dModel: D, batchSize: ROWS, steps: 400, deadWindowTokens: 5 * ROWS, saes: [spec] });
+    const t = new Trainer({ config, source: new ArrayBatchSource(batches) });
+    const { step } = await t.run();
+    // Revived: fired on some token after planting (last_fired counts tokens; 0 is never).
+    const { lastFired } = finalState(dir, "sae", width, step);
+    return planted.filter((i) => lastFired[i]! > 0).length;
+  }
+
+  test("revives planted dead latents that stay dead without it", async (t) => {
+    const revived = await plantedRun(1 / 32);
+    const control = await plantedRun(0);
+    t.diagnostic(`revived ${revived}/24 with AuxK, ${control}/24 without`);
+    assert.equal(control, 0, "without AuxK nothing brings them back");
+    assert.ok(revived >= 18, `AuxK revived ${revived}/24`);
+  });
+});
+
+describe("checkpoints", () => {
+  test("an interrupted and resumed run ends bit-identical to an uninterrupted one", async () => {
+    const settings = {
+      steps: 120,
+      checkpointEvery: 40,
+      deadWindowTokens: 10 * ROWS,
+      saes: [
+        { name: "a", recipe: "topk", width: 96, k: 3, lr: 0.01, kAux: 8 },
+        { name: "b", recipe: "batchtopk", width: 64, k: 4, lr: 0.005 },
+      ],
+    };
+    const whole = runDir();
+    await train(whole, settings, batches.slice(0, 120));
+    const split = runDir();
+    // The first process sees 70 batches (its stream ends: a crash after step 70 loses nothing the
+    // checkpoint at 40 does not hold, so restart from 40 by dropping the final checkpoint).
+    await train(split, settings, batches.slice(0, 70));
+    for (const sae of ["a", "b"]) {
+      const dir = join(split, sae, "checkpoints");
+      assert.deepEqual(checkpointSteps(dir), [40, 70]);
+      rmSync(checkpointPath(dir, 70));
+    }
+    await train(split, settings, batches.slice(40, 120));
+    for (const [sae, width] of [["a", 96] as const, ["b", 64] as const]) {
+      const x = finalState(whole, sae, width, 120);
+      const y = finalState(split, sae, width, 120);
+      for (const s of STATE) assert.ok(Buffer.from(x.state[s].buffer, x.state[s].byteOffset, x.state[s].byteLength).equals(Buffer.from(y.state[s].buffer, y.state[s].byteOffset, y.state[s].byteLength)), `${sae} ${s} differs`);
+      assert.deepEqual(Array.from(y.lastFired), Array.from(x.lastFired));
+      assert.deepEqual(y.meta, x.meta);
+    }
+  });
+
+  test("a stray temporary file from a crash mid-write is ignored", async () => {
+    const dir = runDir();
+    const settings = { steps: 20, checkpointEvery: 10, saes: [{ name: "s", recipe: "topk", width: 96, k: 3, lr: 0.01 }] };
+    await train(dir, settings, batches.slice(0, 10));
+    const ckpts = join(dir, "s", "checkpoints");
+    const { writeFileSync } = await import("node:fs");
+    writeFileSync(`${checkpointPath(ckpts, 20)}.tmp-999`, Buffer.alloc(100, 7));
+    assert.deepEqual(checkpointSteps(ckpts), [10]);
+    const { result } = await train(dir, settings, batches.slice(10, 20));
+    assert.equal(result.step, 20);
+  });
+});
+
+describe("a sweep", () => {
+  test("several SAEs train on one fp16 stream, each with its own metrics, checkpoints and export", async () => {
+    const dir = runDir();
+    const fp16 = data.batches.slice(0, 60).map((x) => ({ data: Uint16Array.from(x, fp32ToFp16), dtype: "fp16" as const, rows: ROWS, dModel: D, traceparent: "" }));
+    const saes = [
+      { name: "k3", recipe: "topk", width: 96, k: 3, lr: 0.01 },
+      { name: "k6-wide", recipe: "topk", width: 128, k: 6, lr: 0.005 },
+      { name: "relu", recipe: "relu", width: 64, lr: 0.003, l1Coefficient: 1 },
+    ];
+    const { result } = await train(dir, { steps: 60, exportOnFinish: true, saes }, fp16);
+    assert.equal(result.checkpoints.length, 3);
+    assert.equal(result.exports.length, 3);
+    for (const sae of saes) {
+      const lines = readJsonl(join(dir, sae.name, "metrics.jsonl"));
+      assert.ok(lines.length >= 2 && lines.every((l) => l.sae === sae.name));
+      assert.ok((lines.at(-1)!.loss as number) < (lines[0]!.loss as number));
+      const exp = loadSaeLens(join(dir, sae.name, "sae_lens"));
+      assert.equal(exp.cfg.d_sae, sae.width);
+      assert.equal(exp.cfg.architecture, sae.recipe === "relu" ? "standard" : "topk");
+    }
+  });
+});

@@ -1,0 +1,216 @@
+import { fork } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { create } from "@bufbuild/protobuf";
+import ort from "onnxruntime-node";
+import { loadConfig } from "../../services/common/config/index.js";
+import { startNatsServer } from "../../services/common/nats-server.js";
+import { type Bus, connectBus } from "../../services/common/nats.js";
+import { Demand, subjects } from "../../services/common/coordination.js";
+import { bind, startServer } from "../../services/common/grpc/server.js";
+import { BufferService, PushResponseSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
+import { type Batch, makeBatch } from "../../services/producer/batch.js";
+import { shardContexts } from "../../services/producer/dataset/contexts.js";
+import { freshPosition } from "../../services/producer/dataset/position.js";
+import { resolveSources } from "../../services/producer/dataset/sources.js";
+import { loadModel } from "../../services/producer/model/onnx.js";
+import { sessionFor } from "../../services/producer/model/session.js";
+import { truncateAtHooks } from "../../services/producer/model/truncate.js";
+import { type RunningProducer, startProducer } from "../../services/producer/producer.js";
+import { loadTokenizer, type TextTokenizer } from "../../services/producer/tokenizer.js";
+import { makeTinyLlama } from "../model/tiny-llama.js";
+import { line, round } from "./stats.js";
+
+/**
+ * The producer on the tiny Llama (builtin corpus, Llama-3.1 tokenizer, CPU) at context 128 and
+ * 1024: tokens/s and activation bytes/s through the whole service (dataset, tokenizer, forward,
+ * conversion, push over gRPC to a buffer stand-in in another process, NATS grants), beside a bare
+ * onnxruntime session running the same batches of the same cut model in the same run. Then what
+ * cutting the model after an early hook point saves against running it whole (to the logits).
+ */
+const HOOK = "blocks.1.hook_resid_post";
+const EARLY_HOOK = "blocks.0.hook_resid_post";
+const TOKENS_PER_PASS = 2048;
+const WARMUP_PASSES = 3;
+const ROUNDS = 5;
+const PASSES = 12;
+const PEER_FLAG = "--producer-bench-peer";
+
+/** The buffer stand-in: answers every chunk at once, as a buffer with room does. */
+async function servePeer(): Promise<void> {
+  const transport = loadConfig({}).transport;
+  const unimplemented = async (): Promise<never> => {
+    throw new Error("not part of the producer benchmark");
+  };
+  const server = await startServer("127.0.0.1:0", transport, [
+    bind(BufferService, {
+      push: async (call) => {
+        for await (const req of call) {
+          const c = req.chunk!;
+          call.write(create(PushResponseSchema, { hookPoint: c.hookPoint, sequence: c.sequence, rowsAccepted: c.activations!.shape[0]! }));
+        }
+      },
+      batches: unimplemented,
+      status: unimplemented,
+      pause: unimplemented,
+      resume: unimplemented,
+      drain: unimplemented,
+    }),
+  ]);
+  process.send!({ address: server.address });
+  process.once("message", async () => {
+    await server.close(100);
+    process.disconnect();
+  });
+}
+
+/** The first `count` batches the producer would run, built by its own dataset code. */
+async function sameBatches(tokenizer: TextTokenizer, contextLength: number, batchContexts: number, count: number): Promise<Batch[]> {
+  const contexts = shardContexts(
+    {
+      files: resolveSources(["builtin:corpus"]),
+      read: { textSplit: "paragraph", textField: "text", log: () => undefined },
+      shard: { index: 0, count: 1 },
+      pack: { contextLength, prependBos: true, excludeBos: true, bosId: tokenizer.bosId, padId: tokenizer.padId },
+      encode: tokenizer.encode,
+      epochs: 0,
+    },
+    freshPosition(),
+  );
+  const batches: Batch[] = [];
+  while (batches.length < count) {
+    const picked = [];
+    for (let i = 0; i < batchContexts; i++) picked.push((await contexts.next()).value!);
+    batches.push(makeBatch(picked, contextLength));
+  }
+  await contexts.return(undefined);
+  return batches;
+}
+
+const feedsOf = (b: Batch): Record<string, ort.Tensor> => {
+  const dims = [b.inputs.batch, b.inputs.length];
+  return {
+    input_ids: new ort.Tensor("int64", b.inputs.inputIds, dims),
+    attention_mask: new ort.Tensor("int64", b.inputs.attentionMask, dims),
+    position_ids: new ort.Tensor("int64", b.inputs.positionIds, dims),
+  };
+};
+
+/** Seconds a bare session takes for `batches`, fetching only `outputs`. */
+async function bareSeconds(session: ort.InferenceSession, batches: Batch[], outputs: string[]): Promise<number> {
+  const t0 = performance.now();
+  for (const b of batches) await session.run(feedsOf(b), outputs);
+  return (performance.now() - t0) / 1000;
+}
+
+const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+async function until(ready: () => boolean): Promise<void> {
+  while (!ready()) await new Promise((r) => setTimeout(r, 2));
+}
+
+/** Grants `passes` more passes and times them until the producer has used the grant and parked. */
+async function timedGrant(bus: Bus, runId: string, producer: RunningProducer, chunkRows: number, passes: number, cycle: number) {
+  const before = producer.status();
+  const grant = Number(before.rowsSent) + passes * chunkRows;
+  const t0 = performance.now();
+  bus.publish(subjects("saeflow", runId).demand, Demand, { cycle, command: "refill", grants: { [producer.id]: grant }, freeRows: {} });
+  await until(() => {
+    const s = producer.status();
+    return s.state === ServiceState.PAUSED && Number(s.rowsSent) + chunkRows > grant;
+  });
+  const seconds = (performance.now() - t0) / 1000;
+  const after = producer.status();
+  return { seconds, tokens: Number(after.tokens - before.tokens), bytes: Number(after.bytesSent - before.bytesSent) };
+}
+
+export async function run(): Promise<Record<string, number>> {
+  const model = makeTinyLlama({ out: ".cache/tiny-llama" });
+  const tokenizer = loadTokenizer("builtin:llama3_1");
+  const nats = await startNatsServer();
+  const peer = fork(fileURLToPath(import.meta.url), [PEER_FLAG], { execArgv: ["--import", "tsx"], cwd: dirname(fileURLToPath(new URL("../../package.json", import.meta.url))) });
+  const { address } = await new Promise<{ address: string }>((resolve) => peer.once("message", (m) => resolve(m as { address: string })));
+  const bus = await connectBus({ url: nats.url, name: "bench-buffer", log: () => undefined });
+  const figures: Record<string, number> = {};
+  const full = loadModel(model.modelPath);
+  const runDir = mkdtempSync(join(tmpdir(), "saeflow-bench-producer-"));
+
+  for (const contextLength of [128, 1024]) {
+    const batchContexts = TOKENS_PER_PASS / contextLength;
+    const runId = `bench-${contextLength}`;
+    const config = loadConfig({
+      base: {
+        run: { id: runId, dir: runDir },
+        nats: { url: nats.url },
+        buffer: { hookPoints: [{ name: HOOK, dModel: model.params.dModel }] },
+        producer: { model: model.modelPath, bufferAddress: address, address: "127.0.0.1:0", hookPoints: [HOOK], contextLength, batchContexts, resume: false },
+      },
+    });
+    const producer = await startProducer(config, { log: () => undefined });
+    const session = await sessionFor(truncateAtHooks(full, [HOOK]), dirname(model.modelPath));
+    const chunkRows = batchContexts * (contextLength - 1);
+    await timedGrant(bus, runId, producer, chunkRows, WARMUP_PASSES, 0);
+    // Rounds alternate between the producer and the bare session, so that load from elsewhere on
+    // the machine hits both alike; each figure is the median over rounds.
+    const batches = await sameBatches(tokenizer, contextLength, batchContexts, WARMUP_PASSES + ROUNDS * PASSES);
+    const producerTps: number[] = [];
+    const producerBps: number[] = [];
+    const bareTps: number[] = [];
+    for (let r = 0; r < ROUNDS; r++) {
+      const p = await timedGrant(bus, runId, producer, chunkRows, PASSES, r + 1);
+      producerTps.push(p.tokens / p.seconds);
+      producerBps.push(p.bytes / p.seconds);
+      const same = batches.slice(WARMUP_PASSES + r * PASSES, WARMUP_PASSES + (r + 1) * PASSES);
+      bareTps.push(same.reduce((n, b) => n + b.tokens, 0) / (await bareSeconds(session, same, [HOOK])));
+    }
+    await producer.stop();
+    await session.release();
+
+    const ratios = producerTps.map((t, i) => bareTps[i]! / t);
+    const key = `ctx${contextLength}`;
+    line(`producer, context ${contextLength} x ${batchContexts}`, median(producerTps) / 1000, "k tokens/s", { label: "bare ORT", value: median(bareTps) / 1000 });
+    line(`  activation bytes/s (fp32, d_model ${model.params.dModel})`, median(producerBps) / 1e6, "MB/s");
+    figures[`${key}_tokens_per_s`] = round(median(producerTps), 0);
+    figures[`${key}_activation_mb_per_s`] = round(median(producerBps) / 1e6, 2);
+    figures[`${key}_bare_ort_tokens_per_s`] = round(median(bareTps), 0);
+    figures[`${key}_overhead_ratio`] = round(median(ratios), 3);
+  }
+
+  // Cutting after an early hook point against running the whole model, on the same batches.
+  const batches = await sameBatches(tokenizer, 128, 4, 6);
+  // Whole-model runs allocate 250 MB of logits each, and the garbage collector makes whatever runs
+  // next pay for them, so each session runs all its rounds in a block, the whole model last.
+  const ms = { early: [] as number[], last: [] as number[], whole: [] as number[] };
+  for (const [name, cut, outputs] of [
+    ["early", truncateAtHooks(full, [EARLY_HOOK]), [EARLY_HOOK]],
+    ["last", truncateAtHooks(full, [HOOK]), [HOOK]],
+    ["whole", full, ["logits"]],
+  ] as const) {
+    const session = await sessionFor(cut, dirname(model.modelPath));
+    await bareSeconds(session, batches.slice(0, 1), [...outputs]);
+    for (let r = 0; r < ROUNDS; r++) ms[name].push(((await bareSeconds(session, batches, [...outputs])) / batches.length) * 1000);
+    await session.release();
+  }
+  const whole = median(ms.whole);
+  for (const [name, hook] of [
+    ["early", EARLY_HOOK],
+    ["last", HOOK],
+  ] as const) {
+    line(`forward 4 x 128 cut after ${hook}`, median(ms[name]), "ms/pass", { label: "whole model", value: whole });
+    figures[`truncate_${name}_ms_per_pass`] = round(median(ms[name]), 2);
+    figures[`truncate_${name}_speedup_ratio`] = round(whole / median(ms[name]), 2);
+  }
+  figures.whole_model_ms_per_pass = round(whole, 2);
+
+  await bus.close();
+  peer.send("stop");
+  await new Promise((r) => peer.once("exit", r));
+  await nats.stop();
+  rmSync(runDir, { recursive: true, force: true });
+  return figures;
+}
+
+if (process.argv.includes(PEER_FLAG)) await servePeer();
