@@ -4,13 +4,13 @@ import { ConfigError, loadConfig } from "../../services/common/config/index.js";
 import { evalTable, evaluateRun } from "../eval/run.js";
 import { writeReport } from "./report.js";
 import { readRunFile } from "./run-file.js";
-import { collectStatus, statusTable } from "./status.js";
+import { collectStatus, statusJson, statusTable } from "./status.js";
 import { stopTrainer, up } from "./up.js";
 
 const USAGE = `usage: saeflow <command> [options]
 
   up CONFIG [--set key=value ...]   start a whole run on this machine (NATS, buffer, producers, trainers)
-  status [RUN_DIR]                  one table of every service's status (default: runs/local)
+  status [RUN_DIR] [--json]         one table of every service's status (default: runs/local)
   stop [RUN_DIR]                    checkpoint and export the trainers, then drain the run
   export [RUN_DIR]                  write the SAELens export of each SAE from its latest checkpoint
   report [RUN_DIR]                  draw the run into RUN_DIR/report.html
@@ -28,7 +28,7 @@ async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: rest,
     allowPositionals: true,
-    options: { set: { type: "string", multiple: true, default: [] }, help: { type: "boolean", short: "h" } },
+    options: { set: { type: "string", multiple: true, default: [] }, json: { type: "boolean" }, help: { type: "boolean", short: "h" } },
   });
   if (!command || values.help || command === "help") {
     process.stdout.write(USAGE);
@@ -50,7 +50,7 @@ async function main(argv: string[]): Promise<number> {
     }
     case "status": {
       const st = await collectStatus(readRunFile(runDir));
-      process.stdout.write(`${statusTable(st)}\n`);
+      process.stdout.write(values.json ? `${JSON.stringify(statusJson(st), null, 2)}\n` : `${statusTable(st)}\n`);
       return 0;
     }
     case "stop": {

@@ -55,19 +55,17 @@ export function summarise(st: RunStatus, startedAt: number, steps: number): Pipe
 
 const si = (x: number) => (x >= 1e6 ? `${(x / 1e6).toFixed(2)}M` : x >= 1e3 ? `${(x / 1e3).toFixed(1)}k` : x.toFixed(0));
 
+const FORMAT = "step {value}/{total} | {tokens} tok | {tps} tok/s | loss {loss} | L0 {l0} | buffer {fill} | trainer wait {wait}";
+
 export class ProgressLine {
   private readonly bar: SingleBar;
   private started = false;
+  private lastPlain = 0;
+  /** Without a terminal (CI, logs) a plain line every 10 s replaces the redrawn bar. */
+  private readonly tty = Boolean(process.stderr.isTTY);
 
   constructor(private readonly pipelineFile: string) {
-    this.bar = new SingleBar({
-      format: "{bar} step {value}/{total} | {tokens} tok | {tps} tok/s | loss {loss} | L0 {l0} | buffer {fill} | trainer wait {wait}",
-      barsize: 20,
-      hideCursor: true,
-      noTTYOutput: true,
-      notTTYSchedule: 10_000,
-      etaBuffer: 20,
-    });
+    this.bar = new SingleBar({ format: `{bar} ${FORMAT}`, barsize: 20, hideCursor: true, etaBuffer: 20 });
   }
 
   update(r: PipelineRecord): void {
@@ -80,6 +78,13 @@ export class ProgressLine {
       fill: `${(r.bufferFill * 100).toFixed(0)}%`,
       wait: `${(r.trainerWaitFraction * 100).toFixed(0)}%`,
     };
+    if (!this.tty) {
+      if (r.t - this.lastPlain < 10_000 && r.step < r.steps) return;
+      this.lastPlain = r.t;
+      const line = Object.entries({ value: r.step, total: r.steps, ...payload }).reduce((text, [k, v]) => text.replace(`{${k}}`, String(v)), FORMAT);
+      process.stderr.write(`${line}\n`);
+      return;
+    }
     if (!this.started) {
       this.bar.start(r.steps, r.step, payload);
       this.started = true;

@@ -7,13 +7,14 @@ import { Serving } from "../../services/common/grpc/health.js";
 import { freePort } from "../../services/common/nats-server.js";
 import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
 import { TrainerService } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
 import { makeTinyLlama } from "../model/tiny-llama.js";
 import { natsForRun } from "./nats.js";
 import { type RoleProcess, spawnRole, stopRole } from "./processes.js";
 import { ProgressLine, summarise } from "./progress.js";
 import { writeRunFile } from "./run-file.js";
-import { collectStatus } from "./status.js";
+import { collectStatus, statusJson } from "./status.js";
 
 /**
  * `saeflow up`: one run on this machine. NATS, the buffer, N producers and M trainers as separate
@@ -80,6 +81,7 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
   const procs: RoleProcess[] = [];
   const exits: Record<string, number> = {};
   const stopAll = async () => {
+    await settleAndSnapshot(runDir, procs, resolved);
     for (const role of ["producer", "trainer", "buffer"] as const) {
       if (role === "buffer") await drainBuffer(bufferAddress, resolved);
       await Promise.all(procs.filter((p) => p.role === role).map(async (p) => (exits[p.id] = await stopRole(p, 15_000))));
@@ -121,24 +123,41 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
     });
     log(`run ${config.run.id}: ${launch.producers} producer(s), buffer ${bufferAddress}, ${launch.trainers} trainer(s); logs in ${resolve(runDir, "logs")}`);
 
+    let stopping = false;
+    const stopTraining = (why: string) => {
+      if (stopping) return;
+      stopping = true;
+      log(why);
+      void Promise.all(trainers.map((t) => stopTrainer(t.address, resolved)));
+    };
     const onSignal = () => {
       if (interrupted) {
         for (const p of procs) p.child.kill("SIGKILL");
         return;
       }
       interrupted = true;
-      log("interrupted: checkpointing the trainers, then stopping (Ctrl-C again to kill)");
-      void Promise.all(trainers.map((t) => stopTrainer(t.address, resolved)));
+      stopTraining("interrupted: checkpointing the trainers, then stopping (Ctrl-C again to kill)");
     };
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);
 
+    // A failed buffer or producer ends the run with a checkpoint rather than leaving trainers waiting;
+    // producers that finished their epochs let the buffer drain what it holds to the trainers.
+    for (const p of procs.filter((q) => q.role !== "trainer")) {
+      void p.exited.then((code) => {
+        if (code !== 0 && !stopping) stopTraining(`${p.id} exited with ${code} (see ${p.log}); checkpointing the trainers`);
+      });
+    }
+    const producers = procs.filter((p) => p.role === "producer");
+    void Promise.all(producers.map((p) => p.exited)).then((codes) => {
+      if (!stopping && codes.every((c) => c === 0)) {
+        log("every producer finished its epochs; the buffer serves what it holds, then ends the trainers' streams");
+        void drainBuffer(bufferAddress, resolved);
+      }
+    });
     const trainersDone = Promise.all(trainers.map(async (t) => (exits[t.id] = await t.exited)));
-    const anyRoleFailed = Promise.race(procs.filter((p) => p.role !== "trainer").map((p) => p.exited.then((code) => ({ p, code }))));
     let done = false;
     void trainersDone.then(() => (done = true));
-    const failure = anyRoleFailed.then(({ p, code }) => (code !== 0 ? log(`${p.id} exited with ${code}; see ${p.log}`) : undefined));
-    void failure;
     while (!done) {
       const st = await collectStatus({ services: procs.filter((p) => p.child.exitCode === null).map((p) => ({ ...p, pid: 0 })) });
       progress.update(summarise(st, startedAt, config.trainer.steps));
@@ -147,12 +166,44 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
     progress.stop();
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
-    completed = !interrupted && trainers.every((t) => exits[t.id] === 0);
+    completed = !stopping && trainers.every((t) => exits[t.id] === 0);
   } finally {
     progress.stop();
     await stopAll();
   }
   return { runDir, exits, completed };
+}
+
+/**
+ * Pauses the producers, waits until no rows are moving, and writes final-status.json: every
+ * service's last status at one quiet moment, so rows sent, accepted, served and trained reconcile.
+ */
+async function settleAndSnapshot(runDir: string, procs: RoleProcess[], config: RunConfig): Promise<void> {
+  const live = () => procs.filter((p) => p.child.exitCode === null && p.child.signalCode === null).map((p) => ({ ...p, pid: 0 }));
+  await Promise.all(
+    live()
+      .filter((p) => p.role === "producer")
+      .map(async (p) => {
+        const client = createClient(ProducerService, p.address, config.transport);
+        await client.pause({}, { deadline: Date.now() + 5000 }).catch(() => undefined);
+        client.close();
+      }),
+  );
+  let last = "";
+  const until = Date.now() + 15_000;
+  for (;;) {
+    const st = await collectStatus({ services: live() });
+    const moving = JSON.stringify([
+      st.producers.map((p) => String(p.status?.rowsSent ?? "")),
+      st.buffer.map((b) => b.status?.hookPoints.map((h) => [String(h.rowsIn), String(h.rowsOut), h.dropped.map((d) => String(d.rows))])),
+    ]);
+    if (moving === last || Date.now() > until) {
+      writeFileSync(resolve(runDir, "final-status.json"), `${JSON.stringify(statusJson(st), null, 2)}\n`);
+      return;
+    }
+    last = moving;
+    await new Promise((r) => setTimeout(r, 300));
+  }
 }
 
 async function drainBuffer(address: string, config: RunConfig): Promise<void> {

@@ -1,0 +1,154 @@
+import { create } from "@bufbuild/protobuf";
+import { status } from "@grpc/grpc-js";
+import { FieldError } from "../common/errors.js";
+import { linkFrom } from "../common/telemetry.js";
+import { type HostArray, toTensor } from "../common/tensor-codec.js";
+import { type BatchesRequest, type BatchesResponse, BatchesResponseSchema, ShareMode } from "../gen/saeflow/buffer/v1/buffer_pb.js";
+import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
+import { DType } from "../gen/saeflow/v1/tensor_pb.js";
+import type { ActivationBuffer } from "./buffer.js";
+import type { HookPoint, StreamStats } from "./hook-point.js";
+import type { Cursor, GatheredIds } from "./pool.js";
+
+type Share = "fan_out" | "split";
+
+/** Trainers of one group on one hook point. A split group reads through one shared cursor. */
+interface Group {
+  share: Share;
+  members: number;
+  shared: Cursor | undefined;
+}
+
+/** Where a stream's batches go: grpc-js' call.write, whose callback fires once the message is serialised and sent on. */
+export interface BatchSink {
+  write(message: BatchesResponse, done: () => void): void;
+}
+
+/**
+ * Batches written and not yet serialised. A stream gathers into its own preallocated buffers and
+ * reuses one only after grpc-js has serialised the message that viewed it; two let the next gather
+ * overlap the previous send.
+ */
+const PIPELINE = 2;
+
+const WAIT = -1;
+
+/**
+ * The serve side: each trainer stream reads a cursor of its hook point's pool, gathering random
+ * minibatches into preallocated buffers. Fan-out trainers each get a cursor (every row); trainers of
+ * a split group share one (disjoint rows). Distinct groups never compete for rows.
+ */
+export class BatchServer {
+  private readonly groups = new Map<HookPoint, Map<string, Group>>();
+
+  constructor(private readonly buffer: ActivationBuffer) {}
+
+  /** Streams batches until max_batches are sent, the buffer drains or stops, or `abort` fires. */
+  async serve(request: BatchesRequest, sink: BatchSink, abort: AbortSignal): Promise<void> {
+    const hook = this.buffer.hooks.get(request.hookPoint);
+    if (!hook) {
+      throw new FieldError("hook_point", `unknown hook point "${request.hookPoint}"; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`);
+    }
+    const { capacity, rowBytes, dModel } = hook.pool;
+    if (request.batchSize < 1 || request.batchSize > capacity) throw new FieldError("batch_size", `${request.batchSize} is outside 1..${capacity} (the pool capacity)`);
+    if (!request.trainerId) throw new FieldError("trainer_id", "empty");
+    const group = request.group || "default";
+    const cursor = this.attach(hook, group, request.share);
+    const stats: StreamStats = { trainerId: request.trainerId, group, batches: 0, rows: 0, waitMs: 0 };
+    hook.streams.add(stats);
+    const aborted = new Promise<false>((resolve) => abort.addEventListener("abort", () => resolve(false), { once: true }));
+    try {
+      const outs = Array.from({ length: PIPELINE }, () => Buffer.from(new ArrayBuffer(request.batchSize * rowBytes)));
+      const sent: Array<Promise<true> | undefined> = new Array<Promise<true> | undefined>(PIPELINE);
+      const attributes = { hook_point: hook.name, trainer_id: request.trainerId, group };
+      for (let sequence = 0; request.maxBatches === 0n || sequence < request.maxBatches; sequence++) {
+        const k = sequence % PIPELINE;
+        if (sent[k] && !(await Promise.race([sent[k], aborted]))) return;
+        const started = performance.now();
+        let rows = this.ready(hook, cursor, request.batchSize);
+        while (rows === WAIT) {
+          await hook.rowsAdded.wait(abort);
+          rows = abort.aborted ? 0 : this.ready(hook, cursor, request.batchSize);
+        }
+        if (rows === 0) return;
+        // No await from here to take(): the rows counted ready are still unread (a split group shares the cursor).
+        const waitMs = performance.now() - started;
+        stats.waitMs += waitMs;
+        hook.recordWait(waitMs);
+        const span = this.buffer.instruments.tracer.startSpan("buffer.batch", { attributes });
+        const ids: GatheredIds | undefined = request.includeIds ? { rowIds: [], tokenIds: [], contextIds: [] } : undefined;
+        const batch = hook.take(cursor, rows, outs[k]!, ids);
+        const link = linkFrom(batch.traceparent);
+        if (link) span.addLink(link);
+        const message = create(BatchesResponseSchema, {
+          activations: toTensor(hostView(outs[k]!, this.buffer.dtype, rows * dModel), this.buffer.dtype, [rows, dModel]),
+          sequence: BigInt(sequence),
+          fillCycle: BigInt(batch.cycle),
+          distinctContexts: batch.distinctContexts,
+          waitMs,
+          traceparent: batch.traceparent,
+          ...ids,
+        });
+        sent[k] = new Promise<true>((resolve) => sink.write(message, () => resolve(true)));
+        stats.batches++;
+        stats.rows += rows;
+        span.setAttributes({ sequence, rows, bytes: rows * rowBytes, distinct_contexts: batch.distinctContexts, wait_ms: waitMs, fill_cycle: batch.cycle });
+        span.end();
+      }
+    } finally {
+      hook.streams.delete(stats);
+      this.detach(hook, group, cursor);
+    }
+  }
+
+  /**
+   * Rows `cursor` may take now, 0 when the stream should end, or WAIT. Running, a batch is drawn once
+   * the pool was first full and only while at least `floorRows` rows are unread, so it is a random
+   * draw from a well-mixed pool; draining, what is left is served.
+   */
+  private ready(hook: HookPoint, cursor: Cursor, batchSize: number): number {
+    const unread = hook.pool.unread(cursor);
+    switch (this.buffer.state) {
+      case ServiceState.STOPPED:
+        return 0;
+      case ServiceState.DRAINING:
+        return Math.min(unread, batchSize);
+      case ServiceState.RUNNING:
+        return hook.primed && unread >= Math.max(batchSize, hook.floorRows) ? batchSize : WAIT;
+      default:
+        return WAIT;
+    }
+  }
+
+  private attach(hook: HookPoint, name: string, requested: ShareMode): Cursor {
+    let groups = this.groups.get(hook);
+    if (!groups) this.groups.set(hook, (groups = new Map()));
+    const asked: Share | undefined = requested === ShareMode.SPLIT ? "split" : requested === ShareMode.FAN_OUT ? "fan_out" : undefined;
+    let group = groups.get(name);
+    if (!group) {
+      const share = asked ?? this.buffer.config.defaultShare;
+      group = { share, members: 0, shared: share === "split" ? hook.pool.openCursor() : undefined };
+      groups.set(name, group);
+    } else if (asked && asked !== group.share) {
+      throw new FieldError("share", `group "${name}" on ${hook.name} is ${group.share}; this trainer asked for ${asked}`, status.FAILED_PRECONDITION);
+    }
+    group.members++;
+    return group.shared ?? hook.pool.openCursor();
+  }
+
+  private detach(hook: HookPoint, name: string, cursor: Cursor): void {
+    const groups = this.groups.get(hook)!;
+    const group = groups.get(name)!;
+    group.members--;
+    if (!group.shared) hook.closeCursor(cursor);
+    if (group.members === 0) {
+      groups.delete(name);
+      if (group.shared) hook.closeCursor(group.shared);
+    }
+  }
+}
+
+/** The first `elements` elements of `out` as the typed array toTensor expects for `dtype`. */
+function hostView(out: Buffer, dtype: DType, elements: number): HostArray {
+  return dtype === DType.FP32 ? new Float32Array(out.buffer, out.byteOffset, elements) : new Uint16Array(out.buffer, out.byteOffset, elements);
+}
