@@ -85,7 +85,12 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
       }),
     close: async () => {
       if (nc.isClosed()) return;
-      await nc.drain();
+      try {
+        await nc.drain();
+      } catch {
+        // The server is already gone (a run shutting down in any order): nothing left to flush.
+        await nc.close();
+      }
     },
   };
 }

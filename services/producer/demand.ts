@@ -10,11 +10,12 @@ export type Go = "produce" | "stop";
 /**
  * The producer's side of the NATS handshake. It announces the producer (join, heartbeat, leave),
  * keeps the buffer's latest Demand, and lets the loop start a forward pass only while the buffer
- * says refill and the pass fits in the producer's absolute grant: rows sent since joining plus a
- * whole chunk (chunkRows, an upper bound on a pass's rows per hook point) at most the grant. The
- * buffer grants in whole chunks, so a grant is always usable, and the producer never sends rows
- * it was not promised. The check happens before each pass, so a pause takes effect within one
- * chunk. An operator's Pause RPC closes the same gate.
+ * says refill and at least one context fits in the producer's absolute grant. A pass then takes
+ * as many contexts as fit (each bounded by rowsPerContext rows per hook point), at most a chunk's
+ * worth: packed contexts hold fewer rows than the bound (BOS positions are dropped), so the credit
+ * left after whole chunks is spent by a smaller pass instead of stranding the pool short of full.
+ * The producer never sends rows it was not promised. The check happens before each pass, so a
+ * pause takes effect within one chunk. An operator's Pause RPC closes the same gate.
  */
 export class DemandGate {
   private demand: Demand | undefined;
@@ -31,6 +32,8 @@ export class DemandGate {
     private readonly subjects: Subjects,
     private readonly me: MemberAnnounce,
     private readonly log: (line: string) => void,
+    /** Upper bound on one context's rows per hook point; chunkRows is a whole pass of them. */
+    private readonly rowsPerContext: number = me.chunkRows,
   ) {}
 
   /** Joins the run: listens for demand and run state, announces itself, asks the buffer for the current Demand. */
@@ -79,10 +82,16 @@ export class DemandGate {
     return this.demand?.command === "pause";
   }
 
+  /** Contexts the next pass may take within the grant (0 when none fits), at most a chunk's worth. */
+  get contextsAllowed(): number {
+    const grant = this.demand?.grants[this.me.producerId] ?? 0;
+    const perChunk = Math.floor(this.me.chunkRows / this.rowsPerContext);
+    return Math.max(0, Math.min(perChunk, Math.floor((grant - this.rowsSent) / this.rowsPerContext)));
+  }
+
   /** True when the loop may start a forward pass now. */
   get open(): boolean {
-    const grant = this.demand?.grants[this.me.producerId] ?? 0;
-    return this.runState === "running" && !this.operatorPaused && this.demand?.command === "refill" && this.rowsSent + this.me.chunkRows <= grant;
+    return this.runState === "running" && !this.operatorPaused && this.demand?.command === "refill" && this.contextsAllowed > 0;
   }
 
   /** Resolves "produce" when a pass may start, "stop" when the run ends or the producer stops. */
@@ -108,7 +117,8 @@ export class DemandGate {
     this.subs = [];
     if (!this.bus || this.bus.nc.isClosed()) return;
     this.bus.publish(this.subjects.leave, MemberAnnounce, this.me);
-    await this.bus.nc.flush();
+    // Best effort: without NATS the buffer notices the silence after MEMBER_TIMEOUT_MS instead.
+    await this.bus.nc.flush().catch(() => undefined);
   }
 
   private async announce(bus: Bus): Promise<void> {

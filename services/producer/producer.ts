@@ -142,7 +142,7 @@ export async function startProducer(config: RunConfig, options: ProducerOptions 
   };
 
   const server: RunningServer = await startServer(options.address ?? p.address, config.transport, [bind(ProducerService, producerHandlers(control))]);
-  const gate = new DemandGate(subjects(config.nats.subjectPrefix, config.run.id), { producerId: id, hookPoints: p.hookPoints, address: server.address, chunkRows }, log);
+  const gate = new DemandGate(subjects(config.nats.subjectPrefix, config.run.id), { producerId: id, hookPoints: p.hookPoints, address: server.address, chunkRows }, log, chunkRows / p.batchContexts);
   let model: ModelSession | undefined;
   let bus: Bus;
   try {
@@ -208,7 +208,8 @@ export async function startProducer(config: RunConfig, options: ProducerOptions 
 
   const nextBatch = async (): Promise<Batch | undefined> => {
     const picked: Context[] = [];
-    while (picked.length < p.batchContexts) {
+    const want = Math.max(1, Math.min(p.batchContexts, gate.contextsAllowed));
+    while (picked.length < want) {
       const next = await contexts.next();
       if (next.done) break;
       picked.push(next.value);

@@ -45,7 +45,7 @@ function lineChart(title: string, values: Row[], x: string, y: string, color?: s
     mark: { type: "line", point: values.length < 60 },
     encoding: {
       x: { field: x, type: "quantitative" },
-      y: { field: y, type: "quantitative", scale: { type: yScale, zero: false } },
+      y: { field: y, type: "quantitative", scale: yScale === "log" ? { type: "log" } : { zero: false } },
       ...(color ? { color: { field: color, type: "nominal" } } : {}),
     },
   } as TopLevelSpec;

@@ -148,15 +148,15 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
         if (code !== 0 && !stopping) stopTraining(`${p.id} exited with ${code} (see ${p.log}); checkpointing the trainers`);
       });
     }
+    let done = false;
     const producers = procs.filter((p) => p.role === "producer");
     void Promise.all(producers.map((p) => p.exited)).then((codes) => {
-      if (!stopping && codes.every((c) => c === 0)) {
+      if (!stopping && !done && codes.every((c) => c === 0)) {
         log("every producer finished its epochs; the buffer serves what it holds, then ends the trainers' streams");
         void drainBuffer(bufferAddress, resolved);
       }
     });
     const trainersDone = Promise.all(trainers.map(async (t) => (exits[t.id] = await t.exited)));
-    let done = false;
     void trainersDone.then(() => (done = true));
     while (!done) {
       const st = await collectStatus({ services: procs.filter((p) => p.child.exitCode === null).map((p) => ({ ...p, pid: 0 })) });
