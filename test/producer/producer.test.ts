@@ -144,21 +144,24 @@ describe("producer", () => {
     assert.deepEqual(new Set(owner.values()), new Set(["cover-0", "cover-1"]));
   });
 
-  it("produces only within its grant: a pass starts only when a whole chunk still fits", async () => {
+  it("produces only within its grant: whole passes first, then a smaller pass spends the credit left", async () => {
     await world.newBuffer();
     const p = await startProducer(world.config({ id: "granted", dataset: ["builtin:corpus"], hookPoints: HOOKS, contextLength: 32, batchContexts: 2, epochs: 0 }), quiet);
-    const chunkRows = 2 * 31; // two contexts of 32 with BOS left out: the most rows a pass can send
+    const perContext = 31; // a context of 32 with BOS left out: the most rows it can send
+    const chunkRows = 2 * perContext;
     const grant = 3 * chunkRows - 10;
     await world.demand.grant({ granted: grant });
-    await world.buffer.until(() => world.buffer.chunks(HOOKS[1]).length >= 2, "two passes");
+    await world.buffer.until(() => world.buffer.chunks(HOOKS[1]).length >= 3, "three passes");
     await poll(async () => p.status().state === ServiceState.PAUSED, "the producer to park on its grant");
     world.demand.bus.publish(world.demand.subjects.runState, RunState, { state: "draining", reason: "test" });
     await p.finished; // the run ending ends production
     await p.stop();
     for (const hook of HOOKS) {
       const chunks = world.buffer.chunks(hook);
-      assert.deepEqual(seqs(chunks), [0, 1], `${hook}: a third pass might not fit`);
-      assert.ok(rowsOf(chunks) <= grant && rowsOf(chunks) + chunkRows > grant);
+      assert.deepEqual(seqs(chunks), [0, 1, 2], `${hook}: two whole passes, then one of the contexts that still fit`);
+      assert.ok(chunks[2]!.activations!.shape[0]! <= chunkRows);
+      assert.ok(rowsOf(chunks) <= grant, `${hook}: ${rowsOf(chunks)} rows sent past the grant of ${grant}`);
+      assert.ok(rowsOf(chunks) + perContext > grant, `${hook}: parked while another context still fit`);
     }
     assert.equal(p.status().rowsSent, BigInt(2 * rowsOf(world.buffer.chunks(HOOKS[0]))));
   });

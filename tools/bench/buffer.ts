@@ -249,6 +249,17 @@ async function peerMain(): Promise<void> {
   process.once("disconnect", () => process.exit(0));
 }
 
+/** Rows/s through push → shuffle → serve over gRPC for one row width: the buffer stage alone. */
+export async function bufferRowsPerSecond(dModel: number, bytes = E2E_BYTES): Promise<number> {
+  const peer = await startPeer();
+  try {
+    const rows = Math.floor(bytes / (dModel * 4) / CHUNK) * CHUNK;
+    return rows / ((await medianOf(3, () => grpcEndToEnd(peer, dModel, rows))) / 1000);
+  } finally {
+    await peer.close();
+  }
+}
+
 export async function run(): Promise<Record<string, number>> {
   const out: Record<string, number> = {};
   for (const { label, dModel } of ROWS) {
