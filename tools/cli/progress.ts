@@ -21,7 +21,9 @@ export interface PipelineRecord {
   bufferFill: number;
   bufferRowsIn: number;
   bufferRowsOut: number;
+  /** Time the trainers waited for a batch, over their wall time (the trainers' own count). */
   trainerWaitFraction: number;
+  bufferHoldFraction: number;
   refillCycles: number;
 }
 
@@ -49,8 +51,20 @@ export function summarise(st: RunStatus, startedAt: number, steps: number): Pipe
     bufferRowsIn: sum(hooks.map((h) => Number(h.rowsIn))),
     bufferRowsOut: sum(hooks.map((h) => Number(h.rowsOut))),
     trainerWaitFraction: wall > 0 ? sum(trainers.map((t) => t.waitMs)) / wall : 0,
+    bufferHoldFraction: holdFraction(st, startedAt),
     refillCycles: sum(hooks.map((h) => Number(h.refillCycles))),
   };
+}
+
+/**
+ * Time the buffer held a trainer's next batch back for producers, as a fraction of wall time. It
+ * differs from the trainer's own wait: a trainer's gRPC stream prefetches, so the buffer may hold the
+ * next batch while the trainer is still busy with the last one, and the trainer never notices.
+ */
+function holdFraction(st: RunStatus, startedAt: number): number {
+  const hooks = st.buffer.flatMap((b) => b.status?.hookPoints ?? []);
+  const streams = Math.max(1, sum(hooks.map((h) => h.trainers.length)));
+  return sum(hooks.map((h) => h.trainerWaitMs)) / streams / Math.max(1, st.at - startedAt);
 }
 
 const si = (x: number) => (x >= 1e6 ? `${(x / 1e6).toFixed(2)}M` : x >= 1e3 ? `${(x / 1e3).toFixed(1)}k` : x.toFixed(0));

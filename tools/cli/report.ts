@@ -83,6 +83,7 @@ export async function writeReport(runDir: string): Promise<string> {
     const long = pipeline.flatMap((r) => [
       { elapsedS: r.elapsedS!, series: "buffer fill", value: r.bufferFill! },
       { elapsedS: r.elapsedS!, series: "trainer wait (fraction of wall)", value: r.trainerWaitFraction! },
+      { elapsedS: r.elapsedS!, series: "batches held for producers (fraction of wall)", value: r.bufferHoldFraction ?? 0 },
     ]);
     charts.push(await svg(lineChart("Buffer fill and trainer wait over time", long, "elapsedS", "value", "series")));
     charts.push(await svg(lineChart("Trainer throughput (tokens/s)", pipeline, "elapsedS", "trainerTokensPerS")));
