@@ -9,6 +9,7 @@ import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer
 import { ArrayBatchSource, type Batch } from "../../services/trainer/batches.js";
 import { Trainer } from "../../services/trainer/trainer.js";
 import { spawnRole, stopRole } from "../cli/processes.js";
+import type { PipelineRecord } from "../cli/progress.js";
 import { up } from "../cli/up.js";
 import { bufferRowsPerSecond } from "./buffer.js";
 import { line, round } from "./stats.js";
@@ -35,7 +36,7 @@ interface MetricsLine {
   wait_ms: number;
 }
 
-async function pipeline(): Promise<{ tokensPerS: number; waitFraction: number }> {
+async function pipeline(): Promise<{ tokensPerS: number; waitFraction: number; holdFraction: number }> {
   const runDir = mkdtempSync(join(tmpdir(), "saeflow-bench-pipeline-"));
   try {
     const config = benchConfig(runDir);
@@ -44,7 +45,8 @@ async function pipeline(): Promise<{ tokensPerS: number; waitFraction: number }>
     const lines = readFileSync(join(runDir, config.trainer.saes[0]!.name, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as MetricsLine);
     const last = lines.at(-1)!;
     const waited = lines.reduce((a, l) => a + l.wait_ms, 0);
-    return { tokensPerS: last.tokens / last.elapsed_s, waitFraction: waited / (last.elapsed_s * 1000) };
+    const records = readFileSync(join(runDir, "pipeline.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as PipelineRecord);
+    return { tokensPerS: last.tokens / last.elapsed_s, waitFraction: waited / (last.elapsed_s * 1000), holdFraction: records.at(-1)!.bufferHoldFraction };
   } finally {
     rmSync(runDir, { recursive: true, force: true });
   }
@@ -129,12 +131,14 @@ export async function run(): Promise<Record<string, number>> {
   line("trainer alone (2-SAE sweep)", trainer / 1e3, "ktok/s");
   line("buffer alone (push→serve, d=64)", buffer / 1e3, "krows/s");
   line("trainer wait, fraction of wall time", piped.waitFraction, "");
+  line("batches held for producers, fraction of wall", piped.holdFraction, "");
   return {
     pipeline_tokens_per_s: Math.round(piped.tokensPerS),
     producer_alone_tokens_per_s: Math.round(producer),
     trainer_alone_tokens_per_s: Math.round(trainer),
     buffer_alone_rows_per_s: Math.round(buffer),
     trainer_wait_fraction: round(piped.waitFraction),
+    buffer_hold_fraction: round(piped.holdFraction),
     pipeline_vs_slowest_stage_ratio: round(piped.tokensPerS / slowest),
     pipeline_vs_trainer_alone_ratio: round(piped.tokensPerS / trainer),
   };
