@@ -42,7 +42,10 @@ async function main(argv: string[]): Promise<number> {
       const result = await up(root, config);
       if (result.completed && config.launch.evaluate) {
         process.stderr.write("saeflow: evaluating each SAE spliced into the model\n");
-        process.stderr.write(`${evalTable(await evaluateRun(result.runDir, config, { root, log: (l) => process.stderr.write(`saeflow: ${l}\n`) }))}\n`);
+        for (const dir of result.trainerDirs) {
+          const rows = await evaluateRun(dir, { ...config, run: { ...config.run, dir } }, { root, log: (l) => process.stderr.write(`saeflow: ${l}\n`) });
+          process.stderr.write(`${evalTable(rows)}\n`);
+        }
       }
       if (config.launch.report) process.stderr.write(`saeflow: report ${await writeReport(result.runDir)}\n`);
       process.stderr.write(`saeflow: run folder ${result.runDir}\n`);

@@ -1,5 +1,5 @@
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
-import { join, relative } from "node:path";
+import { dirname, join, relative } from "node:path";
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
 
@@ -63,13 +63,14 @@ function table(rows: Row[]): string {
 }
 
 export async function writeReport(runDir: string): Promise<string> {
-  const metrics = findFiles(runDir, "metrics.jsonl").flatMap((f) =>
-    readJsonl(f).map((r) => ({ ...r, sae: String(r.sae ?? relative(runDir, f)) })),
-  );
+  // Named by folder (topk-k8, or trainer-1/topk-k8 when several trainers train the same sweep).
+  const metrics = findFiles(runDir, "metrics.jsonl").flatMap((f) => readJsonl(f).map((r) => ({ ...r, sae: relative(runDir, dirname(f)) })));
   const pipelineFile = join(runDir, "pipeline.jsonl");
   const pipeline = existsSync(pipelineFile) ? readJsonl(pipelineFile) : [];
-  const evalFile = join(runDir, "eval.json");
-  const evaluation = existsSync(evalFile) ? (JSON.parse(readFileSync(evalFile, "utf8")) as Row[]) : [];
+  const evaluation = findFiles(runDir, "eval.json").flatMap((f) => {
+    const where = relative(runDir, dirname(f));
+    return (JSON.parse(readFileSync(f, "utf8")) as Row[]).map((r) => (where ? { ...r, sae: `${where}/${String(r.sae)}` } : r));
+  });
   if (!metrics.length && !pipeline.length) throw new Error(`${runDir} holds no metrics.jsonl or pipeline.jsonl to draw`);
 
   const charts: string[] = [];

@@ -23,6 +23,8 @@ import { collectStatus, statusJson } from "./status.js";
  */
 export interface UpResult {
   runDir: string;
+  /** Where each trainer wrote its SAEs: runDir itself, or runDir/trainer-i with several trainers. */
+  trainerDirs: string[];
   /** Exit code of each role process. */
   exits: Record<string, number>;
   /** True when the trainers finished their steps (not interrupted, none failed). */
@@ -110,7 +112,9 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
     const trainers: RoleProcess[] = [];
     for (let i = 0; i < launch.trainers; i++) {
       const address = `127.0.0.1:${rest[launch.producers + i]}`;
-      const t = spawnRole(root, runDir, "trainer", `trainer-${i}`, address, configFile, [`trainer.id=trainer-${i}`, `trainer.address=${address}`]);
+      // Several trainers train the same sweep names, so each gets its own folder.
+      const own = launch.trainers > 1 ? [`run.dir=${resolve(runDir, `trainer-${i}`)}`] : [];
+      const t = spawnRole(root, runDir, "trainer", `trainer-${i}`, address, configFile, [`trainer.id=trainer-${i}`, `trainer.address=${address}`, ...own]);
       trainers.push(t);
       procs.push(t);
     }
@@ -171,7 +175,8 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
     progress.stop();
     await stopAll();
   }
-  return { runDir, exits, completed };
+  const trainerDirs = launch.trainers > 1 ? Array.from({ length: launch.trainers }, (_, i) => resolve(runDir, `trainer-${i}`)) : [runDir];
+  return { runDir, trainerDirs, exits, completed };
 }
 
 /**
