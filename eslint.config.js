@@ -3,7 +3,7 @@ import js from "@eslint/js";
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["dist/**", "services/gen/**", "node_modules/**", "runs/**", ".cache/**"] },
+  { ignores: ["dist/**", "services/gen/**", "node_modules/**", "runs/**", ".cache/**", ".scratch/**", ".gpu/**", ".gl/**"] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

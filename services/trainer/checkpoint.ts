@@ -1,14 +1,15 @@
 import { mkdirSync, readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { readSafetensors, type SafeTensor, writeSafetensors } from "../common/safetensors.js";
-import { STATE, stateShape } from "./graph/step.js";
+import type { FiringCounts } from "./firing.js";
+import { stateOf, stateShape, type StepRecipe } from "./graph/step.js";
 import type { RngState } from "./rng.js";
-import type { SaeState } from "./sae.js";
+import { type SaeState, stateTensor } from "./sae.js";
 
 /**
- * A checkpoint is one safetensors file per SAE and step: weights, Adam moments and the per-latent
- * last-fired token counts as tensors; step, tokens, RNG state, normalisation and the config as JSON
- * metadata. Files are written atomically, so the newest complete file is always a good one.
+ * A checkpoint is one safetensors file per SAE and step: weights, Adam moments, the per-latent
+ * last-fired token counts and the firing counts of the sparsity windows as tensors; step, tokens,
+ * RNG state, normalisation and the config as JSON metadata. Files are written atomically, so the newest complete file is always a good one.
  */
 
 export interface CheckpointMeta {
@@ -19,8 +20,10 @@ export interface CheckpointMeta {
   rng: RngState;
   /** Normalisation factor x -> x * scale. */
   scale: number;
-  /** batchtopk: running minimum kept activation (the inference threshold). */
+  /** batchtopk, matryoshka: running minimum kept score (the inference threshold). */
   thresholdEma: number;
+  /** Tokens counted by the current and the previous sparsity window. */
+  firedTokens: [number, number];
   /** The SAE's config and the trainer settings it was trained with, for provenance and checks. */
   config: Record<string, unknown>;
 }
@@ -29,7 +32,15 @@ export interface Checkpoint {
   meta: CheckpointMeta;
   state: SaeState;
   lastFired: Float64Array;
+  /** Firing counts of the current and the previous sparsity window (their tokens are in meta). */
+  fired: [Float64Array, Float64Array];
 }
+
+/** The firing windows a checkpoint holds, as FiringWindows keeps them. */
+export const firingOf = (c: Checkpoint): [FiringCounts, FiringCounts] => [
+  { fired: c.fired[0], tokens: c.meta.firedTokens[0] },
+  { fired: c.fired[1], tokens: c.meta.firedTokens[1] },
+];
 
 const FILE = /^step-(\d+)\.safetensors$/;
 const fileName = (step: number) => `step-${String(step).padStart(9, "0")}.safetensors`;
@@ -52,25 +63,27 @@ export function checkpointSteps(dir: string): number[] {
 export const checkpointPath = (dir: string, step: number) => join(dir, fileName(step));
 
 /** Writes the checkpoint for `meta.step` and keeps only the newest `keep`. Returns its path. */
-export function saveCheckpoint(dir: string, ckpt: Checkpoint, n: number, d: number, keep: number): string {
+export function saveCheckpoint(dir: string, ckpt: Checkpoint, recipe: StepRecipe, n: number, d: number, keep: number): string {
   mkdirSync(dir, { recursive: true });
   const tensors: Record<string, SafeTensor> = {};
-  for (const s of STATE) tensors[s] = { dtype: "F32", shape: stateShape(s, n, d), data: ckpt.state[s] };
+  for (const s of stateOf(recipe)) tensors[s] = { dtype: "F32", shape: stateShape(s, n, d), data: stateTensor(ckpt.state, s) };
   tensors.last_fired = { dtype: "F64", shape: [n], data: ckpt.lastFired };
+  tensors.fired_current = { dtype: "F64", shape: [n], data: ckpt.fired[0] };
+  tensors.fired_previous = { dtype: "F64", shape: [n], data: ckpt.fired[1] };
   const path = checkpointPath(dir, ckpt.meta.step);
   writeSafetensors(path, tensors, { saeflow: JSON.stringify(ckpt.meta) });
   for (const step of checkpointSteps(dir).slice(0, -keep)) rmSync(checkpointPath(dir, step), { force: true });
   return path;
 }
 
-/** Reads a checkpoint, checking its tensors have the shapes an SAE of width n over d needs. */
-export function loadCheckpoint(path: string, n: number, d: number): Checkpoint {
+/** Reads a checkpoint, checking it holds the tensors, in the shapes, an SAE of `recipe` and width n over d needs. */
+export function loadCheckpoint(path: string, recipe: StepRecipe, n: number, d: number): Checkpoint {
   const file = readSafetensors(path);
   const raw = file.metadata.saeflow;
   if (!raw) throw new Error(`${path}: not a saeflow checkpoint (no saeflow metadata)`);
   const meta = JSON.parse(raw) as CheckpointMeta;
-  const state = {} as SaeState;
-  for (const s of STATE) {
+  const state: Partial<Record<string, Float32Array>> = {};
+  for (const s of stateOf(recipe)) {
     const t = file.tensors[s];
     const want = stateShape(s, n, d);
     if (!t || t.dtype !== "F32" || t.shape.join(",") !== want.join(",")) {
@@ -78,7 +91,10 @@ export function loadCheckpoint(path: string, n: number, d: number): Checkpoint {
     }
     state[s] = t.data as Float32Array;
   }
-  const lastFired = file.tensors.last_fired;
-  if (!lastFired || lastFired.dtype !== "F64" || lastFired.data.length !== n) throw new Error(`${path}: last_fired is missing or not F64 [${n}]`);
-  return { meta, state, lastFired: lastFired.data as Float64Array };
+  const counts = (name: string): Float64Array => {
+    const t = file.tensors[name];
+    if (!t || t.dtype !== "F64" || t.data.length !== n) throw new Error(`${path}: ${name} is missing or not F64 [${n}]`);
+    return t.data as Float64Array;
+  };
+  return { meta, state: state as SaeState, lastFired: counts("last_fired"), fired: [counts("fired_current"), counts("fired_previous")] };
 }

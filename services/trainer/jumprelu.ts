@@ -1,6 +1,6 @@
 import ort from "onnxruntime-node";
 import { buildCalibrateGraph, type CalibrateSpec } from "./graph/calibrate.js";
-import type { SaeState } from "./sae.js";
+import { decoderNorms, type SaeState } from "./sae.js";
 import { sessionOptions } from "./session.js";
 
 /**
@@ -18,12 +18,7 @@ export async function jumpReluThresholds(
 ): Promise<Float32Array> {
   if (batches.length === 0) throw new Error("JumpReLU calibration needs at least one batch");
   const { width: n, dModel: d } = spec;
-  const decNorm = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    let sq = 0;
-    for (let j = i * d; j < (i + 1) * d; j++) sq += state.W_dec[j]! * state.W_dec[j]!;
-    decNorm[i] = Math.sqrt(sq);
-  }
+  const decNorm = decoderNorms(state, n, d);
   const session = await ort.InferenceSession.create(buildCalibrateGraph(spec), sessionOptions(threads));
   try {
     const feeds = {

@@ -17,10 +17,18 @@ export interface WindowMetrics {
   l0: number;
   /** Fraction of latents that have not fired within the dead window. */
   dead_fraction: number;
+  /** AuxK's loss, or gated's reconstruction through the gate. */
   aux_loss: number;
   penalty: number;
-  /** mse + aux_loss + penalty. */
+  /** matryoshka: the inner prefixes' squared errors per token, summed over prefixes. */
+  prefix_loss: number;
+  /** mse + prefix_loss + aux_loss + penalty. */
   loss: number;
+  /** Global gradient norm before clipping, averaged over the window. */
+  grad_norm: number;
+  /** Active latents per token asked of ranked codes at the window's last step (k while it anneals). */
+  k: number;
+  /** Learning rate of the window's last step. */
   learning_rate: number;
   tokens_per_second: number;
   /** Milliseconds this window waited for batches. */
@@ -35,15 +43,24 @@ export class Window {
   private variance = 0;
   private aux = 0;
   private penalty = 0;
+  private prefix = 0;
+  private gradNorm = 0;
+  private k = 0;
+  private lr = 0;
   private active = 0;
   private rows = 0;
   private steps = 0;
 
-  add(stats: Float32Array, fires: Float32Array, rows: number): void {
+  /** One step's stats and firings, and the k and learning rate it was taken with. */
+  add(stats: Float32Array, fires: Float32Array, rows: number, step: { k: number; lr: number }): void {
     this.sse += stats[STAT.sse]!;
     this.variance += stats[STAT.variance]!;
     this.aux += stats[STAT.aux]!;
     this.penalty += stats[STAT.penalty]!;
+    this.prefix += stats[STAT.prefix]!;
+    this.gradNorm += stats[STAT.gradNorm]!;
+    this.k = step.k;
+    this.lr = step.lr;
     let fired = 0;
     for (let i = 0; i < fires.length; i++) fired += fires[i]!;
     this.active += fired;
@@ -56,13 +73,26 @@ export class Window {
   }
 
   /** Averages of the window, then a reset. */
-  take(): Pick<WindowMetrics, "mse" | "fvu" | "explained_variance" | "l0" | "aux_loss" | "penalty" | "loss"> {
+  take(): Pick<WindowMetrics, "mse" | "fvu" | "explained_variance" | "l0" | "aux_loss" | "penalty" | "prefix_loss" | "loss" | "grad_norm" | "k" | "learning_rate"> {
     const mse = this.sse / this.rows;
     const fvu = this.variance > 0 ? this.sse / this.variance : 0;
     const aux = this.aux / this.steps;
     const penalty = this.penalty / this.steps;
-    const out = { mse, fvu, explained_variance: 1 - fvu, l0: this.active / this.rows, aux_loss: aux, penalty, loss: mse + aux + penalty };
-    this.sse = this.variance = this.aux = this.penalty = this.active = this.rows = this.steps = 0;
+    const prefix = this.prefix / this.rows;
+    const out = {
+      mse,
+      fvu,
+      explained_variance: 1 - fvu,
+      l0: this.active / this.rows,
+      aux_loss: aux,
+      penalty,
+      prefix_loss: prefix,
+      loss: mse + prefix + aux + penalty,
+      grad_norm: this.gradNorm / this.steps,
+      k: this.k,
+      learning_rate: this.lr,
+    };
+    this.sse = this.variance = this.aux = this.penalty = this.prefix = this.gradNorm = this.active = this.rows = this.steps = 0;
     return out;
   }
 }

@@ -1,23 +1,35 @@
-import { STATE, type StateName, stateShape } from "./graph/step.js";
+import { type CoreParam, type GatedParam, type StateName, stateOf, stateShape, type StepRecipe, type WithMoments } from "./graph/step.js";
 import type { Rng } from "./rng.js";
 
-/** Parameters and Adam moments of one SAE, latent-major: W_enc and W_dec are both [n, d]. */
-export type SaeState = Record<StateName, Float32Array>;
+/**
+ * Parameters and Adam moments of one SAE, latent-major: W_enc and W_dec are both [n, d]. gated adds
+ * its magnitude path (r_mag, b_mag); b_enc is then its gate bias.
+ */
+export type SaeState = Record<WithMoments<CoreParam>, Float32Array> & Partial<Record<WithMoments<GatedParam>, Float32Array>>;
 
-export function allocState(n: number, d: number): SaeState {
-  return Object.fromEntries(STATE.map((s) => [s, new Float32Array(stateShape(s, n, d).reduce((a, b) => a * b, 1))])) as SaeState;
+/** A state tensor the recipe holds; an error names it when the state lacks it. */
+export function stateTensor(state: SaeState, name: StateName): Float32Array {
+  const t = state[name];
+  if (!t) throw new Error(`the SAE state has no ${name}`);
+  return t;
 }
 
-export function copyState(from: SaeState, to: SaeState): void {
-  for (const s of STATE) to[s].set(from[s]);
+export function allocState(n: number, d: number, recipe: StepRecipe = "topk"): SaeState {
+  return Object.fromEntries(stateOf(recipe).map((s) => [s, new Float32Array(stateShape(s, n, d).reduce((a, b) => a * b, 1))])) as SaeState;
+}
+
+export function copyState(from: SaeState, to: SaeState, recipe: StepRecipe = "topk"): void {
+  for (const s of stateOf(recipe)) stateTensor(to, s).set(stateTensor(from, s));
 }
 
 /**
- * Decoder rows drawn at random and scaled to unit norm; the encoder starts as the decoder's transpose
- * (the same [n, d] matrix here), b_enc at 0, b_dec at `bDec`, moments at 0.
+ * Decoder rows drawn at random and scaled to `decoderNorm` (1 unless asked; Llama Scope used 0.5);
+ * the encoder starts as the decoder's transpose (the same [n, d] matrix here), biases (and gated's
+ * r_mag) at 0, b_dec at `bDec`, moments at 0.
  */
-export function initState(n: number, d: number, rng: Rng, bDec: Float32Array): SaeState {
-  const s = allocState(n, d);
+export function initState(n: number, d: number, rng: Rng, bDec: Float32Array, opts: { decoderNorm?: number; recipe?: StepRecipe } = {}): SaeState {
+  const s = allocState(n, d, opts.recipe);
+  const target = opts.decoderNorm ?? 1;
   for (let i = 0; i < n; i++) {
     const row = s.W_dec.subarray(i * d, (i + 1) * d);
     let norm = 0;
@@ -26,12 +38,23 @@ export function initState(n: number, d: number, rng: Rng, bDec: Float32Array): S
       row[j] = v;
       norm += v * v;
     }
-    const inv = 1 / Math.sqrt(norm);
-    for (let j = 0; j < d; j++) row[j]! *= inv;
+    const factor = target / Math.sqrt(norm);
+    for (let j = 0; j < d; j++) row[j]! *= factor;
   }
   s.W_enc.set(s.W_dec);
   s.b_dec.set(bDec);
   return s;
+}
+
+/** |W_dec_i| of every latent. */
+export function decoderNorms(state: SaeState, n: number, d: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    let sq = 0;
+    for (let j = i * d; j < (i + 1) * d; j++) sq += state.W_dec[j]! * state.W_dec[j]!;
+    out[i] = Math.sqrt(sq);
+  }
+  return out;
 }
 
 /** sqrt(d) / E|x|: the factor that gives rows an average norm of sqrt(d) (SAELens "expected_average_only_in"). */

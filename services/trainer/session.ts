@@ -1,14 +1,14 @@
 import ort from "onnxruntime-node";
-import { buildStepGraph, nextName, PARAMS, type ParamName, STAT_COUNT, STATE, stateShape, type StepSpec } from "./graph/step.js";
+import { buildStepGraph, nextName, type ParamName, paramsOf, penalisedRecipe, rankedRecipe, STAT_COUNT, stateOf, stateShape, type StepSpec } from "./graph/step.js";
 import type { StepScalars } from "./reference.js";
-import { allocState, type SaeState } from "./sae.js";
+import { allocState, type SaeState, stateTensor } from "./sae.js";
 
 /** What one step reports besides the new state. Arrays are reused by the next step: copy to keep. */
 export interface StepOutputs {
   stats: Float32Array;
   fires: Float32Array;
-  /** Only when the graph was built with gradOutputs. */
-  grads?: Record<ParamName, Float32Array>;
+  /** The gradients Adam was given (after clipping); only when the graph was built with gradOutputs. */
+  grads?: Partial<Record<ParamName, Float32Array>>;
 }
 
 export function sessionOptions(threads: number): ort.InferenceSession.SessionOptions {
@@ -34,6 +34,7 @@ export class StepSession {
   private spare: SaeState;
   private readonly scalars = { scale: scalar(), lr_step: scalar(), sqrt_bc2: scalar(), l1_coef: scalar(), aux_scale: scalar() };
   private readonly auxK = new ort.Tensor("int64", new BigInt64Array(1), [1]);
+  private readonly k = new ort.Tensor("int64", new BigInt64Array(1), [1]);
   private readonly outputs: StepOutputs;
   private readonly fetchTensors: Record<string, ort.Tensor> = {};
 
@@ -44,16 +45,17 @@ export class StepSession {
   ) {
     const { width: n, dModel: d } = spec;
     this.cur = state;
-    this.spare = allocState(n, d);
+    this.spare = allocState(n, d, spec.recipe);
     this.outputs = { stats: new Float32Array(STAT_COUNT), fires: new Float32Array(n) };
     this.fetchTensors.stats = new ort.Tensor("float32", this.outputs.stats, [STAT_COUNT]);
     this.fetchTensors.fires = new ort.Tensor("float32", this.outputs.fires, [n]);
     if (spec.gradOutputs) {
-      this.outputs.grads = Object.fromEntries(PARAMS.map((p) => [p, new Float32Array(stateShape(p, n, d).reduce((a, b) => a * b, 1))])) as Record<
-        ParamName,
-        Float32Array
-      >;
-      for (const p of PARAMS) this.fetchTensors[`grad_${p}`] = new ort.Tensor("float32", this.outputs.grads[p], stateShape(p, n, d));
+      this.outputs.grads = {};
+      for (const p of paramsOf(spec.recipe)) {
+        const grad = new Float32Array(stateShape(p, n, d).reduce((a, b) => a * b, 1));
+        this.outputs.grads[p] = grad;
+        this.fetchTensors[`grad_${p}`] = new ort.Tensor("float32", grad, stateShape(p, n, d));
+      }
     }
   }
 
@@ -70,23 +72,34 @@ export class StepSession {
 
   private tensors(state: SaeState): Record<string, ort.Tensor> {
     const { width: n, dModel: d } = this.spec;
-    return Object.fromEntries(STATE.map((s) => [s, new ort.Tensor("float32", state[s], stateShape(s, n, d))]));
+    return Object.fromEntries(stateOf(this.spec.recipe).map((s) => [s, new ort.Tensor("float32", stateTensor(state, s), stateShape(s, n, d))]));
   }
 
   /**
    * One step on batch `x` ([B, d], float32 or float16 as the spec says). `deadIdx` lists dead
    * latents for AuxK; with none, AuxK is fed one id and a zero weight so the graph keeps its shape.
+   * A graph built with a fixed k refuses another k.
    */
   async run(x: ort.Tensor, sc: StepScalars): Promise<StepOutputs> {
-    const { beta1, beta2 } = this.spec;
+    const { beta1, beta2, recipe } = this.spec;
     this.scalars.scale.data[0] = sc.scale;
     this.scalars.lr_step.data[0] = sc.lr / (1 - beta1 ** sc.t);
     this.scalars.sqrt_bc2.data[0] = Math.sqrt(1 - beta2 ** sc.t);
     const feeds: Record<string, ort.Tensor> = { x, scale: this.scalars.scale, lr_step: this.scalars.lr_step, sqrt_bc2: this.scalars.sqrt_bc2 };
-    if (this.spec.recipe === "relu") {
+    if (penalisedRecipe(recipe)) {
       this.scalars.l1_coef.data[0] = sc.l1Coef;
       feeds.l1_coef = this.scalars.l1_coef;
-    } else if (this.spec.auxK) {
+    }
+    if (rankedRecipe(recipe)) {
+      if (this.spec.annealK) {
+        if (!(sc.k >= 1 && sc.k <= this.spec.k)) throw new Error(`k ${sc.k} is outside this step graph's range 1..${this.spec.k}`);
+        this.k.data[0] = BigInt(sc.k);
+        feeds.k = this.k;
+      } else if (sc.k !== this.spec.k) {
+        throw new Error(`k ${sc.k} fed to a step graph built for k ${this.spec.k}`);
+      }
+    }
+    if (rankedRecipe(recipe) && this.spec.auxK) {
       const live = sc.deadIdx.length > 0 && sc.auxScale > 0;
       const ids = live ? BigInt64Array.from(sc.deadIdx, (i) => BigInt(i)) : new BigInt64Array(1);
       feeds.dead_idx = new ort.Tensor("int64", ids, [ids.length]);
@@ -98,7 +111,7 @@ export class StepSession {
     Object.assign(feeds, this.tensors(this.cur));
     const next = this.tensors(this.spare);
     const fetches: Record<string, ort.Tensor> = { ...this.fetchTensors };
-    for (const s of STATE) fetches[nextName(s)] = next[s]!;
+    for (const s of stateOf(recipe)) fetches[nextName(s)] = next[s]!;
     await this.session.run(feeds, fetches);
     [this.cur, this.spare] = [this.spare, this.cur];
     return this.outputs;

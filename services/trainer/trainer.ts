@@ -7,15 +7,16 @@ import { decodeFloats, dtypeFromName } from "../common/tensor-codec.js";
 import { linkFrom } from "../common/telemetry.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import type { Batch, BatchSource } from "./batches.js";
-import { type Checkpoint, checkpointPath, checkpointSteps, loadCheckpoint, saveCheckpoint } from "./checkpoint.js";
+import { type Checkpoint, checkpointPath, checkpointSteps, firingOf, loadCheckpoint, saveCheckpoint } from "./checkpoint.js";
 import { exportSaeLens, type ExportInfo } from "./export.js";
-import { STAT, type StepSpec } from "./graph/step.js";
+import { FiringWindows } from "./firing.js";
+import { rankedRecipe, STAT, type StepRecipe, type StepSpec } from "./graph/step.js";
 import { jumpReluThresholds } from "./jumprelu.js";
 import { MetricsFile, TrainerMeters, Window, type WindowMetrics } from "./metrics.js";
 import type { StepScalars } from "./reference.js";
 import { Rng } from "./rng.js";
-import { initialBDec, initState, normalisationScale, type SaeState } from "./sae.js";
-import { learningRate, rampedCoefficient } from "./schedule.js";
+import { decoderNorms, initialBDec, initState, normalisationScale, type SaeState } from "./sae.js";
+import { activeK, learningRate, rampedCoefficient } from "./schedule.js";
 import { StepSession } from "./session.js";
 
 const tracer = trace.getTracer("saeflow.trainer");
@@ -57,27 +58,43 @@ class Lock {
 }
 
 /** The step-graph recipe an SAE trains with: JumpReLU trains as TopK and is converted at export. */
-const stepRecipe = (spec: SaeSpec): StepSpec["recipe"] => (spec.recipe === "jumprelu" ? "topk" : spec.recipe);
+const stepRecipe = (spec: SaeSpec): StepRecipe => (spec.recipe === "jumprelu" ? "topk" : spec.recipe);
+
+/** The SAELens architecture each recipe exports as; the BatchTopK family and JumpReLU as thresholds. */
+const EXPORTED_AS: Record<SaeSpec["recipe"], ExportInfo["architecture"]> = {
+  topk: "topk",
+  jumprelu: "jumprelu",
+  batchtopk: "jumprelu",
+  matryoshka: "jumprelu",
+  relu: "standard",
+  gated: "gated",
+};
 
 /** One SAE of the sweep: its state, dead-latent record, metrics and files. */
 class SaeRun {
+  /** The step graph in use: a dense one fed k while k anneals, then one built for k. */
   session: StepSession | undefined;
   state: SaeState | undefined;
   rng: Rng;
   lastFired: Float64Array;
+  firing: FiringWindows;
   thresholdEma = 0;
   readonly window = new Window();
   latest: WindowMetrics | undefined;
   readonly metrics: MetricsFile;
+  readonly recipe: StepRecipe;
 
   constructor(
     readonly spec: SaeSpec,
     readonly index: number,
     readonly dir: string,
     seed: number,
+    cfg: TrainerConfig,
   ) {
     this.rng = new Rng(seed, spec.name);
+    this.recipe = stepRecipe(spec);
     this.lastFired = new Float64Array(spec.width);
+    this.firing = new FiringWindows(spec.width, Math.ceil(cfg.sparsityWindowTokens / cfg.batchSize), cfg.steps);
     this.metrics = new MetricsFile(join(dir, "metrics.jsonl"));
   }
 
@@ -141,7 +158,7 @@ export class Trainer {
     this.cfg = options.config.trainer;
     this.log = options.log ?? (() => undefined);
     this.exportAtEnd = this.cfg.exportOnFinish;
-    this.saes = this.cfg.saes.map((spec, i) => new SaeRun(spec, i, join(options.config.run.dir, spec.name), options.config.run.seed));
+    this.saes = this.cfg.saes.map((spec, i) => new SaeRun(spec, i, join(options.config.run.dir, spec.name), options.config.run.seed, this.cfg));
   }
 
   get state(): ServiceState {
@@ -204,7 +221,7 @@ export class Trainer {
     const rows = first.map((b) => decodeFloats(b.data, dtypeFromName(b.dtype)));
     this.scale = this.cfg.normalizeActivations === "expected_average" ? normalisationScale(rows, d) : 1;
     const bDec = initialBDec(rows, d, this.scale, this.cfg.bDecInit);
-    for (const sae of this.saes) sae.state = initState(sae.spec.width, d, sae.rng, bDec);
+    for (const sae of this.saes) sae.state = initState(sae.spec.width, d, sae.rng, bDec, { decoderNorm: this.cfg.decoderInitNorm, recipe: sae.recipe });
     return first;
   }
 
@@ -222,10 +239,11 @@ export class Trainer {
       );
     }
     for (const sae of this.saes) {
-      const ckpt = loadCheckpoint(checkpointPath(sae.checkpointDir, step), sae.spec.width, this.cfg.dModel);
+      const ckpt = loadCheckpoint(checkpointPath(sae.checkpointDir, step), sae.recipe, sae.spec.width, this.cfg.dModel);
       this.checkResumable(sae, ckpt);
       sae.state = ckpt.state;
       sae.lastFired = ckpt.lastFired;
+      [sae.firing.current, sae.firing.previous] = firingOf(ckpt);
       sae.rng = Rng.fromState(ckpt.meta.rng);
       sae.thresholdEma = ckpt.meta.thresholdEma;
       this.scale = ckpt.meta.scale;
@@ -250,22 +268,46 @@ export class Trainer {
   /** Opens every SAE's session once the first batch tells the input dtype. */
   private async openSessions(dtype: Batch["dtype"]): Promise<void> {
     this.input = dtype === "fp16" ? "fp16" : "fp32";
-    for (const sae of this.saes) {
-      const spec: StepSpec = {
-        recipe: stepRecipe(sae.spec),
-        batchSize: this.cfg.batchSize,
-        dModel: this.cfg.dModel,
-        width: sae.spec.width,
-        k: sae.spec.k,
-        input: this.input,
-        ...this.cfg.adam,
-        unitNormDecoder: this.cfg.unitNormDecoder,
-        auxK: sae.spec.auxKCoefficient > 0,
-      };
-      sae.session = await StepSession.create(spec, sae.current(), this.cfg.threads);
-      sae.state = undefined;
-    }
+    for (const sae of this.saes) await this.sessionFor(sae);
     this.markReady();
+  }
+
+  /** Steps over which k anneals from kStart; 0 when it does not. */
+  private annealSteps(spec: SaeSpec): number {
+    return spec.kStart > spec.k ? Math.floor(this.cfg.kAnnealFraction * this.cfg.steps) : 0;
+  }
+
+  private kAt(spec: SaeSpec): number {
+    return activeK({ k: spec.k, kStart: spec.kStart, annealSteps: this.annealSteps(spec) }, this.stepsDone);
+  }
+
+  /**
+   * The SAE's session for the current step: while k anneals, a dense graph fed k (early k is large);
+   * after, one built for k. The state moves from one to the other.
+   */
+  private async sessionFor(sae: SaeRun): Promise<StepSession> {
+    const annealK = this.stepsDone < this.annealSteps(sae.spec);
+    if (sae.session?.spec.annealK === annealK) return sae.session;
+    const state = sae.current();
+    await sae.session?.release();
+    sae.session = undefined;
+    const spec: StepSpec = {
+      recipe: sae.recipe,
+      batchSize: this.cfg.batchSize,
+      dModel: this.cfg.dModel,
+      width: sae.spec.width,
+      k: annealK ? sae.spec.kStart : sae.spec.k,
+      annealK,
+      prefixes: sae.spec.recipe === "matryoshka" ? sae.spec.prefixes : [],
+      input: this.input ?? "fp32",
+      ...this.cfg.adam,
+      unitNormDecoder: this.cfg.unitNormDecoder,
+      auxK: rankedRecipe(sae.recipe) && sae.spec.auxKCoefficient > 0,
+      gradClipNorm: this.cfg.gradClipNorm,
+    };
+    sae.session = await StepSession.create(spec, state, this.cfg.threads);
+    sae.state = undefined;
+    return sae.session;
   }
 
   /** The batch as the graphs' x input; bf16 is widened here since onnxruntime-node takes no bf16. */
@@ -279,13 +321,14 @@ export class Trainer {
 
   private scalars(sae: SaeRun): StepScalars {
     const { spec } = sae;
-    const dead = spec.recipe === "relu" || spec.auxKCoefficient === 0 ? [] : sae.dead(this.tokens, this.cfg.deadWindowTokens);
+    const dead = !rankedRecipe(sae.recipe) || spec.auxKCoefficient === 0 ? [] : sae.dead(this.tokens, this.cfg.deadWindowTokens);
     const kAux = spec.kAux || Math.max(1, Math.floor(this.cfg.dModel / 2));
     return {
       scale: this.scale,
       lr: this.learningRate(spec),
       t: this.stepsDone + 1,
       l1Coef: rampedCoefficient(spec.l1Coefficient, spec.l1WarmupSteps, this.stepsDone),
+      k: this.kAt(spec),
       deadIdx: dead,
       auxK: Math.min(kAux, dead.length),
       auxScale: spec.auxKCoefficient * Math.min(dead.length / kAux, 1),
@@ -294,7 +337,10 @@ export class Trainer {
 
   private learningRate(spec: SaeSpec): number {
     const c = this.cfg;
-    return learningRate({ peak: spec.lr, steps: c.steps, warmupSteps: c.lrWarmupSteps, decay: c.lrDecay, decayStart: c.lrDecayStart }, this.stepsDone);
+    return learningRate(
+      { peak: spec.lr, steps: c.steps, warmupSteps: c.lrWarmupSteps, decay: c.lrDecay, decayStart: c.lrDecayStart, endRatio: c.lrEndRatio },
+      this.stepsDone,
+    );
   }
 
   /** The next batch from the source, refused when its rows do not have the configured width. */
@@ -318,11 +364,13 @@ export class Trainer {
       const x = this.feed(batch);
       const tokensAfter = this.tokens + batch.rows;
       for (const sae of this.saes) {
-        const out = await sae.session!.run(x, this.scalars(sae));
-        sae.window.add(out.stats, out.fires, batch.rows);
+        const sc = this.scalars(sae);
+        const out = await (await this.sessionFor(sae)).run(x, sc);
+        sae.window.add(out.stats, out.fires, batch.rows, sc);
         for (let i = 0; i < out.fires.length; i++) if (out.fires[i]! > 0) sae.lastFired[i] = tokensAfter;
+        sae.firing.add(out.fires, batch.rows, this.stepsDone + 1);
         const minAct = out.stats[STAT.minAct]!;
-        if (sae.spec.recipe === "batchtopk" && minAct > 0 && minAct < 1e38) {
+        if ((sae.spec.recipe === "batchtopk" || sae.spec.recipe === "matryoshka") && minAct > 0 && minAct < 1e38) {
           sae.thresholdEma = sae.thresholdEma === 0 ? minAct : sae.thresholdEma + this.cfg.thresholdEmaRate * (minAct - sae.thresholdEma);
         }
       }
@@ -366,7 +414,6 @@ export class Trainer {
         tokens: this.tokens,
         ...sae.window.take(),
         dead_fraction: sae.dead(this.tokens, this.cfg.deadWindowTokens).length / sae.spec.width,
-        learning_rate: this.learningRate(sae.spec),
         tokens_per_second: seconds > 0 ? this.windowRows / seconds : 0,
         wait_ms: this.windowWaitMs,
         elapsed_s: (now - this.startedAt) / 1000,
@@ -398,11 +445,14 @@ export class Trainer {
               rng: sae.rng.state,
               scale: this.scale,
               thresholdEma: sae.thresholdEma,
+              firedTokens: [sae.firing.current.tokens, sae.firing.previous.tokens],
               config: { sae: sae.spec, dModel: this.cfg.dModel, hookPoint: this.cfg.hookPoint, batchSize: this.cfg.batchSize, adam: this.cfg.adam },
             },
             state: sae.current(),
             lastFired: sae.lastFired,
+            fired: [sae.firing.current.fired, sae.firing.previous.fired],
           },
+          sae.recipe,
           sae.spec.width,
           this.cfg.dModel,
           this.cfg.keepCheckpoints,
@@ -424,17 +474,36 @@ export class Trainer {
       for (const sae of this.saes) {
         const { spec } = sae;
         const state = sae.current();
+        const firing = sae.firing.latest();
         const info: ExportInfo = {
-          architecture: spec.recipe === "relu" ? "standard" : spec.recipe === "topk" ? "topk" : "jumprelu",
+          architecture: EXPORTED_AS[spec.recipe],
           k: spec.k,
           scale: this.scale,
+          foldDecoderNorm: !this.cfg.unitNormDecoder,
+          firing,
           hookName: this.cfg.hookPoint,
           modelName: this.cfg.modelName || basename(dirname(producer.model)),
           contextSize: producer.contextLength,
           prependBos: producer.prependBos,
-          provenance: { recipe: spec.recipe, run_id: this.options.config.run.id, steps: this.stepsDone, tokens: this.tokens, k: spec.k, lr: spec.lr, normalisation_scale_folded: this.scale },
+          provenance: {
+            recipe: spec.recipe,
+            run_id: this.options.config.run.id,
+            steps: this.stepsDone,
+            tokens: this.tokens,
+            k: spec.k,
+            lr: spec.lr,
+            ...(spec.recipe === "matryoshka" ? { prefixes: spec.prefixes } : {}),
+            normalisation_scale_folded: this.scale,
+            decoder_norms_folded: !this.cfg.unitNormDecoder,
+            sparsity_tokens: firing.tokens,
+          },
         };
-        if (spec.recipe === "batchtopk") info.threshold = new Float32Array(spec.width).fill(sae.thresholdEma);
+        if (spec.recipe === "batchtopk" || spec.recipe === "matryoshka") {
+          // The running threshold is on the score latents were ranked by, relu(pre) x |W_dec_i| when decoder
+          // norms are free, so latent i's threshold on its pre-activation is theta / |W_dec_i|.
+          const norms = this.cfg.unitNormDecoder ? new Float32Array(spec.width).fill(1) : decoderNorms(state, spec.width, this.cfg.dModel);
+          info.threshold = Float32Array.from(norms, (c) => sae.thresholdEma / Math.max(c, 1e-12));
+        }
         if (spec.recipe === "jumprelu") info.threshold = await this.calibrate(sae, state);
         out.push(exportSaeLens(sae.exportDir, state, spec.width, this.cfg.dModel, info));
       }

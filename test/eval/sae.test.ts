@@ -3,9 +3,9 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
-import { loadSaeLens } from "../../services/trainer/export.js";
+import { exportSaeLens, loadSaeLens } from "../../services/trainer/export.js";
 import { Rng } from "../../services/trainer/rng.js";
-import { initState, type SaeState } from "../../services/trainer/sae.js";
+import { allocState, initState, type SaeState } from "../../services/trainer/sae.js";
 import { loadSae, SaeFolderError, saeForward } from "../../tools/eval/sae.js";
 import { saeLensForward } from "../trainer/fixtures.js";
 import { writeSae } from "./fixtures.js";
@@ -23,6 +23,14 @@ const fill = (s: SaeState) => {
   s.W_dec.set([1, 0, 0, 1, 0.5, 0.5, 2, 2]);
   s.b_dec.set([0.5, 0]);
 };
+
+/** A gated export written by the trainer's exporter (b_enc becomes b_gate). */
+function writeGated(dir: string, n: number, d: number, fill: (s: SaeState) => void): string {
+  const state = allocState(n, d, "gated");
+  fill(state);
+  const info = { architecture: "gated" as const, k: 1, scale: 1, hookName: hook, modelName: "tiny-llama", contextSize: 32, prependBos: true, provenance: {} };
+  return exportSaeLens(dir, state, n, d, info);
+}
 
 describe("SAE forward on an SAELens export", () => {
   const root = mkdtempSync(join(tmpdir(), "saeflow-eval-sae-"));
@@ -55,28 +63,50 @@ describe("SAE forward on an SAELens export", () => {
     assert.deepEqual(Array.from(l0), [2, 0]);
   });
 
+  test("gated: the gate (b_gate) picks latents, the magnitude path (exp(r_mag), b_mag) sizes them", () => {
+    const sae = loadSae(
+      writeGated(join(root, "gated"), 4, 2, (s) => {
+        fill(s);
+        s.r_mag!.set([0, Math.log(2), 0, 0]);
+        s.b_mag!.set([0.5, 0, -3, 0]);
+      }),
+    );
+    assert.equal(sae.architecture, "gated");
+    const { recon, l0 } = saeForward(sae, x, 2);
+    // Row 1: x_cent @ W_enc = [1, 2, 3, -1], gate [1, 2, 2.5, -1] opens 0, 1, 2; magnitudes [1.5, 4, 0]:
+    // [0.5, 0] + 1.5 * [1, 0] + 4 * [0, 1]. Row 2: gate [0, -1, -1.5, 0] opens none.
+    assert.deepEqual(Array.from(recon), [2, 4, 0.5, 0]);
+    assert.deepEqual(Array.from(l0), [2, 0]);
+  });
+
   test("matches the float64 SAELens forward the trainer's export is tested with, on random weights", () => {
     const d = 16;
     const n = 96;
     const rng = new Rng(5, "eval-sae");
     const rows = 12;
     const input = Float32Array.from({ length: rows * d }, () => rng.normal());
-    for (const architecture of ["standard", "topk", "jumprelu"] as const) {
-      const dir = writeSae(join(root, `random-${architecture}`), {
-        hook,
-        n,
-        d,
-        architecture,
-        k: 7,
-        threshold: Float32Array.from({ length: n }, () => 0.3 * rng.uniform()),
-        fill: (s) => {
-          const init = initState(n, d, rng, Float32Array.from({ length: d }, () => 0.1 * rng.normal()));
-          s.W_enc.set(init.W_enc.map((v) => v + 0.1 * rng.normal()));
-          s.W_dec.set(init.W_dec);
-          s.b_dec.set(init.b_dec);
-          s.b_enc.set(Float32Array.from({ length: n }, () => 0.05 * rng.normal()));
-        },
-      });
+    for (const architecture of ["standard", "topk", "jumprelu", "gated"] as const) {
+      const fillRandom = (s: SaeState) => {
+        const init = initState(n, d, rng, Float32Array.from({ length: d }, () => 0.1 * rng.normal()));
+        s.W_enc.set(init.W_enc.map((v) => v + 0.1 * rng.normal()));
+        s.W_dec.set(init.W_dec);
+        s.b_dec.set(init.b_dec);
+        s.b_enc.set(Float32Array.from({ length: n }, () => 0.05 * rng.normal()));
+        s.r_mag?.set(Float32Array.from({ length: n }, () => 0.3 * rng.normal()));
+        s.b_mag?.set(Float32Array.from({ length: n }, () => 0.05 * rng.normal()));
+      };
+      const dir =
+        architecture === "gated"
+          ? writeGated(join(root, "random-gated"), n, d, fillRandom)
+          : writeSae(join(root, `random-${architecture}`), {
+              hook,
+              n,
+              d,
+              architecture,
+              k: 7,
+              threshold: Float32Array.from({ length: n }, () => 0.3 * rng.uniform()),
+              fill: fillRandom,
+            });
       const ours = saeForward(loadSae(dir), input, rows);
       const reference = saeLensForward(loadSaeLens(dir), input);
       const worst = ours.recon.reduce((m, v, i) => Math.max(m, Math.abs(v - reference.recon[i]!)), 0);

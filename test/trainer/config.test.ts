@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { ConfigError, loadConfig } from "../../services/common/config/index.js";
 import { ArrayBatchSource } from "../../services/trainer/batches.js";
-import { learningRate, rampedCoefficient } from "../../services/trainer/schedule.js";
+import { activeK, learningRate, rampedCoefficient } from "../../services/trainer/schedule.js";
 import { Trainer } from "../../services/trainer/trainer.js";
 import { gaussianBatch, testConfig } from "./fixtures.js";
 
@@ -36,7 +36,7 @@ describe("trainer config", () => {
   });
 
   test("an unknown recipe is refused naming the key", () => {
-    const err = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a}, {name: b, recipe: gated}]"] }));
+    const err = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a}, {name: b, recipe: vanilla}]"] }));
     assert.deepEqual(err.keys, ["trainer.saes.1.recipe"]);
     assert.match(err.message, /trainer\.saes\.1\.recipe/);
   });
@@ -44,6 +44,37 @@ describe("trainer config", () => {
   test("kAux beyond the width and duplicate SAE names are refused naming their keys", () => {
     const err = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, width: 64, k: 8, kAux: 100}, {name: a, width: 64, k: 8}]"] }));
     assert.deepEqual(err.keys.sort(), ["trainer.saes.0.kAux", "trainer.saes.1.name"]);
+  });
+
+  test("the Llama Scope options default to the plain schedule, so configs without them train as before", () => {
+    const t = loadConfig().trainer;
+    assert.deepEqual([t.saes[0]!.kStart, t.lrEndRatio, t.gradClipNorm, t.decoderInitNorm], [0, 0, 0, 1]);
+    assert.deepEqual(t.saes[0]!.prefixes, []);
+  });
+
+  test("a kStart outside k..width, or on a recipe without a top k, is refused naming the key", () => {
+    const low = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, width: 64, k: 8, kStart: 4}]"] }));
+    assert.deepEqual(low.keys, ["trainer.saes.0.kStart"]);
+    assert.match(low.message, /kStart \(4\) must lie between k \(8\) and width \(64\)/);
+    const gated = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, recipe: gated, kStart: 100}]"] }));
+    assert.deepEqual(gated.keys, ["trainer.saes.0.kStart"]);
+  });
+
+  test("matryoshka prefixes must exist, increase, and lie between k and the width, naming the key", () => {
+    const none = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4}]"] }));
+    assert.deepEqual(none.keys, ["trainer.saes.0.prefixes"]);
+    const bad = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4, prefixes: [16, 8, 64]}]"] }));
+    assert.match(bad.message, /prefixes must increase \(16 then 8\)/);
+    assert.match(bad.message, /prefix 64 must be at least k \(4\) and below width \(64\)/);
+    const other = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, recipe: batchtopk, width: 64, k: 4, prefixes: [16]}]"] }));
+    assert.deepEqual(other.keys, ["trainer.saes.0.prefixes"]);
+    assert.equal(loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4, prefixes: [4, 16]}]"] }).trainer.saes[0]!.prefixes.length, 2);
+  });
+
+  test("a decoder init norm that unit-norm decoders would undo is refused naming trainer.decoderInitNorm", () => {
+    const err = refused(() => loadConfig({ sets: ["trainer.decoderInitNorm=0.5"] }));
+    assert.deepEqual(err.keys, ["trainer.decoderInitNorm"]);
+    assert.equal(loadConfig({ sets: ["trainer.decoderInitNorm=0.5", "trainer.unitNormDecoder=false"] }).trainer.decoderInitNorm, 0.5);
   });
 
   test("a dModel that differs from the buffer's pool in the same run config is refused naming trainer.dModel", () => {
@@ -63,7 +94,7 @@ describe("trainer config", () => {
 });
 
 describe("schedules", () => {
-  const s = { peak: 1, steps: 100, warmupSteps: 10, decay: "linear" as const, decayStart: 0.8 };
+  const s = { peak: 1, steps: 100, warmupSteps: 10, decay: "linear" as const, decayStart: 0.8, endRatio: 0 };
 
   test("learning rate warms up linearly, holds, then decays to near 0", () => {
     assert.equal(learningRate(s, 0), 0.1);
@@ -73,6 +104,33 @@ describe("schedules", () => {
     assert.ok(learningRate(s, 99) < 0.06);
     assert.ok(Math.abs(learningRate({ ...s, decay: "cosine" }, 90) - 0.5) < 1e-12);
     assert.equal(learningRate({ ...s, decay: "none" }, 99), 1);
+  });
+
+  test("Llama Scope's learning rate: warm-up, then a cool-down over the last 20% to 1% of the peak", () => {
+    // The 8x preset: 390,625 steps, warm-up 5,000, cool-down from step 312,500.
+    const ls = { peak: 8e-4, steps: 390625, warmupSteps: 5000, decay: "linear" as const, decayStart: 0.8, endRatio: 0.01 };
+    assert.equal(learningRate(ls, 0), 8e-4 / 5000);
+    assert.equal(learningRate(ls, 2499), 8e-4 / 2);
+    assert.equal(learningRate(ls, 4999), 8e-4);
+    assert.equal(learningRate(ls, 312499), 8e-4, "flat until the cool-down");
+    assert.equal(learningRate(ls, 312500), 8e-4, "the cool-down starts at the peak");
+    assert.ok(Math.abs(learningRate(ls, 351562.5) - 8e-4 * (0.01 + 0.99 * 0.5)) < 1e-15, "halfway: halfway to 1%");
+    assert.ok(Math.abs(learningRate(ls, 390625) - 8e-6) < 1e-15, "1% of the peak one step past the last");
+    assert.ok(Math.abs(learningRate(ls, 390624) - 8e-4 * (0.01 + 0.99 / 78125)) < 1e-15, "the last step: one 78,125th above 1%");
+    assert.ok(Math.abs(learningRate({ ...ls, decay: "cosine" }, 390625) - 8e-6) < 1e-15);
+  });
+
+  test("Llama Scope's k annealing: from kStart down to k over the first 10% of steps, then k", () => {
+    const ks = { k: 50, kStart: 4096, annealSteps: Math.floor(0.1 * 390625) };
+    assert.equal(ks.annealSteps, 39062);
+    assert.equal(activeK(ks, 0), 4096);
+    assert.equal(activeK(ks, 19531), Math.ceil(50 + 4046 * (1 - 19531 / 39062)), "halfway");
+    assert.equal(activeK(ks, 19531), 2073);
+    assert.equal(activeK(ks, 39061), 51);
+    assert.equal(activeK(ks, 39062), 50);
+    assert.equal(activeK(ks, 390624), 50);
+    for (let step = 1; step < 39062; step += 997) assert.ok(activeK(ks, step) <= activeK(ks, step - 1), "never rises");
+    assert.equal(activeK({ k: 50, kStart: 0, annealSteps: 100 }, 0), 50, "kStart 0: no annealing");
   });
 
   test("the L1 coefficient ramps up over its warm-up", () => {

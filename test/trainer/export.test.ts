@@ -3,8 +3,9 @@ import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
-import { type ExportInfo, exportSaeLens, hookLayer, loadSaeLens } from "../../services/trainer/export.js";
-import { evaluate, toParams64 } from "../../services/trainer/reference.js";
+import { type ExportInfo, exportSaeLens, hookLayer, loadSaeLens, SPARSITY_FILE } from "../../services/trainer/export.js";
+import { evaluate, type StepScalars, toParams64 } from "../../services/trainer/reference.js";
+import { loadSae, saeForward } from "../../tools/eval/sae.js";
 import { busyState, gaussianBatch, saeLensForward, smallSpec } from "./fixtures.js";
 
 const spec = smallSpec({ batchSize: 16, dModel: 6, width: 16, k: 3 });
@@ -21,6 +22,20 @@ const info = (over: Partial<ExportInfo>): ExportInfo => ({
   provenance: { recipe: "topk" },
   ...over,
 });
+
+const noStep: StepScalars = { scale, lr: 0, t: 1, l1Coef: 0, k: 3, deadIdx: [], auxK: 0, auxScale: 0 };
+
+/** What the trained SAE reconstructs from raw x: x_hat_norm / scale = (err + x_norm) / scale. */
+const trainedRecon = (x: Float32Array, s: typeof spec, state: ReturnType<typeof busyState>) => {
+  const { frozen } = evaluate(s, toParams64(state, s.recipe), x, noStep);
+  return Float32Array.from(x, (v, i) => (frozen.err[i]! + v * scale) / scale);
+};
+
+function assertRecon(actual: Float32Array, expected: Float32Array, what: string): void {
+  for (let i = 0; i < expected.length; i++) {
+    assert.ok(Math.abs(actual[i]! - expected[i]!) < 1e-4 * Math.max(1, Math.abs(expected[i]!)), `${what} recon[${i}] ${actual[i]} vs ${expected[i]}`);
+  }
+}
 
 describe("SAELens export", () => {
   const root = mkdtempSync(join(tmpdir(), "saeflow-export-"));
@@ -46,6 +61,7 @@ describe("SAELens export", () => {
     assert.deepEqual(Array.from(exp.tensors.b_enc!.data as Float32Array), Array.from(state.b_enc));
     assert.deepEqual(Array.from(exp.tensors.b_dec!.data as Float32Array), Array.from(state.b_dec, (v) => Math.fround(v / scale)));
     assert.deepEqual(readdirSync(root), ["topk"], "no temporary folder is left behind");
+    assert.equal(exp.cfg.architecture, "topk");
   });
 
   test("cfg.json carries what SAELens needs to load and place the SAE", () => {
@@ -68,14 +84,48 @@ describe("SAELens export", () => {
 
   test("the export on raw activations reconstructs what the trained SAE did on normalised ones", () => {
     const x = gaussianBatch(spec.batchSize, d, "raw", 3);
-    const trained = evaluate(spec, toParams64(state), x, { scale, lr: 0, t: 1, l1Coef: 0, deadIdx: [], auxK: 0, auxScale: 0 });
     const exp = loadSaeLens(exportSaeLens(join(root, "fwd"), state, n, d, info({})));
-    const { recon } = saeLensForward(exp, x);
-    for (let i = 0; i < x.length; i++) {
-      // x_hat_raw = x_hat_norm / scale = (err + x_norm) / scale.
-      const expected = (trained.residual.err[i]! + x[i]! * scale) / scale;
-      assert.ok(Math.abs(recon[i]! - expected) < 1e-4 * Math.max(1, Math.abs(expected)), `recon[${i}] ${recon[i]} vs ${expected}`);
+    assertRecon(saeLensForward(exp, x).recon, trainedRecon(x, spec, state), "topk");
+  });
+
+  test("free decoder norms are folded into the encoder: unit decoder rows, the same TopK ranking and reconstruction", () => {
+    const free = smallSpec({ batchSize: 16, width: 16, k: 3, unitNormDecoder: false });
+    const freeState = busyState(free, "free-norms");
+    const x = gaussianBatch(free.batchSize, d, "free", 3);
+    const exp = loadSaeLens(exportSaeLens(join(root, "fold"), freeState, n, d, info({ foldDecoderNorm: true })));
+    const wDec = exp.tensors.W_dec!.data as Float32Array;
+    for (let i = 0; i < n; i++) assert.ok(Math.abs(Math.hypot(...wDec.subarray(i * d, (i + 1) * d)) - 1 / scale) < 1e-6, `row ${i} has norm 1 (in raw units)`);
+    assertRecon(saeLensForward(exp, x).recon, trainedRecon(x, free, freeState), "folded topk");
+    const sae = loadSae(join(root, "fold"));
+    assertRecon(saeForward(sae, x, free.batchSize).recon, trainedRecon(x, free, freeState), "tools/eval topk");
+  });
+
+  test("gated exports SAELens' layout (b_gate, r_mag, b_mag, no b_enc) and reconstructs as trained, folded or not", () => {
+    for (const unitNormDecoder of [true, false]) {
+      const gated = smallSpec({ recipe: "gated", batchSize: 16, width: 16, unitNormDecoder });
+      const gatedState = busyState(gated, `gated-${unitNormDecoder}`);
+      const x = gaussianBatch(gated.batchSize, d, "gated", 3);
+      const dir = exportSaeLens(join(root, `gated-${unitNormDecoder}`), gatedState, n, d, info({ architecture: "gated", foldDecoderNorm: !unitNormDecoder }));
+      const exp = loadSaeLens(dir);
+      assert.equal(exp.cfg.architecture, "gated");
+      assert.equal(exp.cfg.activation_fn_str, "relu");
+      assert.deepEqual(Object.keys(exp.tensors).sort(), ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"]);
+      for (const t of ["b_gate", "r_mag", "b_mag"]) assert.deepEqual(exp.tensors[t]!.shape, [n]);
+      const expected = trainedRecon(x, gated, gatedState);
+      const { codes } = saeLensForward(exp, x);
+      assert.ok(codes.some((c) => c > 0) && codes.some((c, i) => c === 0 && i % n !== 0), "some latents gated on, some off");
+      assertRecon(saeLensForward(exp, x).recon, expected, "gated");
+      assertRecon(saeForward(loadSae(dir), x, gated.batchSize).recon, expected, "tools/eval gated");
     }
+  });
+
+  test("sparsity.safetensors holds SAELens' log10 firing frequency under the key sparsity", () => {
+    const fired = Float64Array.from({ length: n }, (_, i) => (i % 4 === 0 ? 0 : i * 10));
+    const exp = loadSaeLens(exportSaeLens(join(root, "sparsity"), state, n, d, info({ firing: { fired, tokens: 1000 } })));
+    assert.ok(readdirSync(join(root, "sparsity")).includes(SPARSITY_FILE));
+    assert.deepEqual(Array.from(exp.sparsity!), Array.from(fired, (f) => Math.fround(Math.log10(f / 1000 + 1e-10))));
+    assert.equal(exp.sparsity![0], Math.fround(-10), "a latent that never fired sits at log10(1e-10)");
+    assert.equal(loadSaeLens(join(root, "topk")).sparsity, undefined, "no counts, no file");
   });
 
   test("JumpReLU and standard exports carry their threshold or none, and a re-export replaces the folder", () => {

@@ -14,12 +14,15 @@ export function smallSpec(over: Partial<StepSpec> = {}): StepSpec {
     dModel: 6,
     width: 16,
     k: 3,
+    annealK: false,
+    prefixes: [],
     input: "fp32",
     beta1: 0.9,
     beta2: 0.999,
     eps: 1e-8,
     unitNormDecoder: true,
     auxK: false,
+    gradClipNorm: 0,
     ...over,
   };
 }
@@ -30,13 +33,23 @@ export function gaussianBatch(rows: number, d: number, seed: string, scale = 1):
   return Float32Array.from({ length: rows * d }, () => rng.normal() * scale);
 }
 
-/** A state with nonzero biases and moments, so every term of the step is exercised. */
+/**
+ * A state with nonzero biases, so every term of the step is exercised; decoder rows of unequal
+ * norms when the spec leaves them free, and a live magnitude path for gated.
+ */
 export function busyState(spec: StepSpec, seed: string): SaeState {
   const { width: n, dModel: d } = spec;
   const rng = new Rng(11, seed);
-  const s = initState(n, d, rng, Float32Array.from({ length: d }, () => 0.1 * rng.normal()));
+  const s = initState(n, d, rng, Float32Array.from({ length: d }, () => 0.1 * rng.normal()), { recipe: spec.recipe });
   for (let i = 0; i < s.W_enc.length; i++) s.W_enc[i]! += 0.2 * rng.normal();
   for (let i = 0; i < n; i++) s.b_enc[i] = 0.1 * rng.normal();
+  if (!spec.unitNormDecoder) {
+    for (let i = 0; i < n; i++) {
+      const c = 0.5 + rng.uniform();
+      for (let j = i * d; j < (i + 1) * d; j++) s.W_dec[j]! *= c;
+    }
+  }
+  if (s.r_mag && s.b_mag) for (let i = 0; i < n; i++) [s.r_mag[i], s.b_mag[i]] = [0.3 * rng.normal(), 0.1 * rng.normal()];
   return s;
 }
 
@@ -105,13 +118,17 @@ export function testConfig(dir: string, trainer: Record<string, unknown>): RunCo
 export const asBatches = (xs: readonly Float32Array[], rows: number, d: number): Batch[] =>
   xs.map((data) => ({ data, dtype: "fp32", rows, dModel: d, traceparent: "" }));
 
-/** SAELens' forward pass of an export on raw activations: the codes and the reconstruction. */
+/**
+ * SAELens' forward pass of an export on raw activations: the codes and the reconstruction. gated:
+ * pre is the gate (b_gate), and a kept latent's code is relu(x_cent @ (W_enc * exp(r_mag)) + b_mag).
+ */
 export function saeLensForward(exp: LoadedSaeLens, x: Float32Array): { codes: Float32Array; recon: Float32Array } {
   const d = exp.cfg.d_in as number;
   const n = exp.cfg.d_sae as number;
   const arch = exp.cfg.architecture as string;
   const t = (name: string) => exp.tensors[name]!.data as Float32Array;
-  const [wEnc, bEnc, wDec, bDec] = [t("W_enc"), t("b_enc"), t("W_dec"), t("b_dec")];
+  const gated = arch === "gated";
+  const [wEnc, bEnc, wDec, bDec] = [t("W_enc"), t(gated ? "b_gate" : "b_enc"), t("W_dec"), t("b_dec")];
   const rows = x.length / d;
   const codes = new Float32Array(rows * n);
   const recon = new Float32Array(rows * d);
@@ -125,10 +142,16 @@ export function saeLensForward(exp: LoadedSaeLens, x: Float32Array): { codes: Fl
     const keep = new Set<number>();
     if (arch === "topk") {
       for (const i of Array.from(pre.keys()).sort((a, b) => pre[b]! - pre[a]!).slice(0, exp.cfg.k as number)) keep.add(i);
-    } else {
+    } else if (arch !== "gated") {
       for (let i = 0; i < n; i++) if (arch === "standard" || pre[i]! > t("threshold")[i]!) keep.add(i);
     }
-    for (const i of keep) codes[r * n + i] = Math.max(pre[i]!, 0);
+    for (let i = 0; i < n; i++) if (gated && pre[i]! > 0) keep.add(i);
+    const magnitude = (i: number) => {
+      let m = t("b_mag")[i]!;
+      for (let j = 0; j < d; j++) m += (x[r * d + j]! - bDec[j]!) * wEnc[j * n + i]! * Math.exp(t("r_mag")[i]!);
+      return m;
+    };
+    for (const i of keep) codes[r * n + i] = Math.max(gated ? magnitude(i) : pre[i]!, 0);
     for (let j = 0; j < d; j++) {
       let s = bDec[j]!;
       for (let i = 0; i < n; i++) s += codes[r * n + i]! * wDec[i * d + j]!;

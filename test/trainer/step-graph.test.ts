@@ -2,9 +2,9 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import ort from "onnxruntime-node";
 import { fp32ToFp16, fp16ToFp32 } from "../../services/common/tensor-codec.js";
-import { PARAMS, STAT, STATE, type StepSpec } from "../../services/trainer/graph/step.js";
-import { evaluate, referenceStep, type StepScalars, toParams64 } from "../../services/trainer/reference.js";
-import { copyState, allocState } from "../../services/trainer/sae.js";
+import { paramsOf, STAT, stateOf, type StepSpec } from "../../services/trainer/graph/step.js";
+import { clipFactor, evaluate, referenceStep, type StepScalars, toParams64 } from "../../services/trainer/reference.js";
+import { allocState, copyState, stateTensor } from "../../services/trainer/sae.js";
 import { StepSession } from "../../services/trainer/session.js";
 import { busyState, gaussianBatch, smallSpec } from "./fixtures.js";
 
@@ -13,17 +13,30 @@ const scalars = (over: Partial<StepScalars> = {}): StepScalars => ({
   lr: 1e-2,
   t: 1,
   l1Coef: 0.05,
+  k: 3,
   deadIdx: [],
   auxK: 0,
   auxScale: 0,
   ...over,
 });
 
+const auxK = { deadIdx: [1, 4, 5, 9, 14], auxK: 2, auxScale: 0.5 };
 const CASES: Array<{ name: string; spec: StepSpec; sc: StepScalars }> = [
   { name: "topk", spec: smallSpec(), sc: scalars() },
-  { name: "topk + AuxK", spec: smallSpec({ auxK: true }), sc: scalars({ deadIdx: [1, 4, 5, 9, 14], auxK: 2, auxScale: 0.5 }) },
+  { name: "topk + AuxK", spec: smallSpec({ auxK: true }), sc: scalars(auxK) },
+  { name: "topk ranked by activation x decoder norm + AuxK", spec: smallSpec({ auxK: true, unitNormDecoder: false }), sc: scalars(auxK) },
+  { name: "topk, k fed (annealing)", spec: smallSpec({ auxK: true, annealK: true, k: 6 }), sc: scalars({ ...auxK, k: 4 }) },
+  { name: "topk, k fed, ranked by decoder norm", spec: smallSpec({ annealK: true, k: 6, unitNormDecoder: false }), sc: scalars({ k: 5 }) },
   { name: "batchtopk + AuxK", spec: smallSpec({ recipe: "batchtopk", auxK: true }), sc: scalars({ deadIdx: [0, 3, 7], auxK: 2, auxScale: 0.25 }) },
+  { name: "batchtopk ranked by decoder norm", spec: smallSpec({ recipe: "batchtopk", unitNormDecoder: false }), sc: scalars() },
+  { name: "batchtopk, k fed (annealing)", spec: smallSpec({ recipe: "batchtopk", annealK: true, k: 7 }), sc: scalars({ k: 5 }) },
+  { name: "matryoshka + AuxK", spec: smallSpec({ recipe: "matryoshka", prefixes: [4, 10], auxK: true }), sc: scalars(auxK) },
+  { name: "matryoshka ranked by decoder norm", spec: smallSpec({ recipe: "matryoshka", prefixes: [3, 6, 12], unitNormDecoder: false }), sc: scalars() },
+  { name: "matryoshka, k fed (annealing)", spec: smallSpec({ recipe: "matryoshka", prefixes: [5, 9], annealK: true, k: 8, unitNormDecoder: false }), sc: scalars({ k: 6 }) },
   { name: "relu + L1", spec: smallSpec({ recipe: "relu", unitNormDecoder: false }), sc: scalars() },
+  { name: "gated", spec: smallSpec({ recipe: "gated" }), sc: scalars({ l1Coef: 0.2 }) },
+  { name: "gated, free decoder norms", spec: smallSpec({ recipe: "gated", unitNormDecoder: false }), sc: scalars({ l1Coef: 0.2 }) },
+  { name: "topk + gradient clipping", spec: smallSpec({ auxK: true, gradClipNorm: 0.05 }), sc: scalars(auxK) },
 ];
 
 function assertClose(actual: ArrayLike<number>, expected: ArrayLike<number>, tol: number, what: string): void {
@@ -36,17 +49,19 @@ function assertClose(actual: ArrayLike<number>, expected: ArrayLike<number>, tol
   }
 }
 
+const norm = (xs: ArrayLike<number>[]) => Math.sqrt(xs.reduce((a, x) => a + Array.from(x).reduce((b, v) => b + v * v, 0), 0));
+
 describe("reference step", () => {
   for (const { name, spec, sc } of CASES) {
     test(`${name}: hand-derived gradients match central finite differences`, () => {
       const x = gaussianBatch(spec.batchSize, spec.dModel, name);
-      const params = toParams64(busyState(spec, name));
+      const params = toParams64(busyState(spec, name), spec.recipe);
       const base = evaluate(spec, params, x, sc);
-      // AuxK's target (the main residual) is a constant to its gradient, so hold it fixed.
-      const lossAt = () => evaluate(spec, params, x, sc, base.residual).loss;
+      // AuxK's target and gated's frozen decoder are constants to the gradient, so hold them fixed.
+      const lossAt = () => evaluate(spec, params, x, sc, base.frozen).loss;
       const h = 1e-6;
-      for (const p of PARAMS) {
-        const values = params[p];
+      for (const p of paramsOf(spec.recipe)) {
+        const values = params[p]!;
         for (let probe = 0; probe < Math.min(values.length, 24); probe++) {
           const i = (probe * 7919) % values.length;
           const keep = values[i]!;
@@ -56,13 +71,14 @@ describe("reference step", () => {
           const down = lossAt();
           values[i] = keep;
           const fd = (up - down) / (2 * h);
-          const g = base.grads[p][i]!;
+          const g = base.grads[p]![i]!;
           assert.ok(Math.abs(fd - g) <= 1e-5 * Math.max(1, Math.abs(g)), `${p}[${i}]: finite difference ${fd}, gradient ${g}`);
         }
       }
       assert.ok(base.stats[STAT.sse]! > 0);
-      if (spec.auxK) assert.ok(base.stats[STAT.aux]! > 0, "the AuxK term is live");
-      if (spec.recipe === "relu") assert.ok(base.stats[STAT.penalty]! > 0, "the L1 term is live");
+      if (spec.auxK || spec.recipe === "gated") assert.ok(base.stats[STAT.aux]! > 0, "the auxiliary term is live");
+      if (spec.recipe === "relu" || spec.recipe === "gated") assert.ok(base.stats[STAT.penalty]! > 0, "the L1 term is live");
+      if (spec.recipe === "matryoshka") assert.ok(base.stats[STAT.prefix]! > base.stats[STAT.sse]!, "inner prefixes reconstruct worse");
     });
   }
 });
@@ -72,19 +88,20 @@ describe("ONNX step graph", () => {
     test(`${name}: gradients, stats and fires match the reference`, async () => {
       const x = gaussianBatch(spec.batchSize, spec.dModel, name);
       const state = busyState(spec, name);
-      const expected = evaluate(spec, toParams64(state), x, sc);
+      const expected = evaluate(spec, toParams64(state, spec.recipe), x, sc);
+      const clip = clipFactor(expected.stats[STAT.gradNorm]!, spec.gradClipNorm);
       const session = await StepSession.create({ ...spec, gradOutputs: true }, state, 1);
       const out = await session.run(new ort.Tensor("float32", x, [spec.batchSize, spec.dModel]), sc);
-      for (const p of PARAMS) assertClose(out.grads![p], expected.grads[p], 1e-5, `grad ${p}`);
+      for (const p of paramsOf(spec.recipe)) assertClose(out.grads![p]!, expected.grads[p]!.map((v) => v * clip), 1e-5, `grad ${p}`);
       assertClose(out.stats, expected.stats, 1e-5, "stats");
       assert.deepEqual(Array.from(out.fires), Array.from(expected.fires));
       await session.release();
     });
 
-    test(`${name}: five full steps (Adam, renormalisation) track the reference`, async () => {
+    test(`${name}: five full steps (clipping, Adam, renormalisation) track the reference`, async () => {
       const state = busyState(spec, name);
-      const ref = allocState(spec.width, spec.dModel);
-      copyState(state, ref);
+      const ref = allocState(spec.width, spec.dModel, spec.recipe);
+      copyState(state, ref, spec.recipe);
       const session = await StepSession.create(spec, state, 1);
       let refState = ref;
       for (let t = 1; t <= 5; t++) {
@@ -93,7 +110,7 @@ describe("ONNX step graph", () => {
         await session.run(new ort.Tensor("float32", x, [spec.batchSize, spec.dModel]), stepScalars);
         refState = referenceStep(spec, refState, x, stepScalars).next;
       }
-      for (const s of STATE) assertClose(session.state[s], refState[s], 2e-5, s);
+      for (const s of stateOf(spec.recipe)) assertClose(stateTensor(session.state, s), stateTensor(refState, s), 2e-5, s);
       await session.release();
     });
   }
@@ -107,7 +124,7 @@ describe("ONNX step graph", () => {
     const expected = evaluate(spec, toParams64(state), rounded, scalars());
     const session = await StepSession.create({ ...spec, gradOutputs: true }, state, 1);
     const out = await session.run(new ort.Tensor("float16", words, [spec.batchSize, spec.dModel]), scalars());
-    assertClose(out.grads!.W_enc, expected.grads.W_enc, 1e-5, "grad W_enc");
+    assertClose(out.grads!.W_enc!, expected.grads.W_enc, 1e-5, "grad W_enc");
     assertClose(out.stats, expected.stats, 1e-5, "stats");
     await session.release();
   });
@@ -124,5 +141,38 @@ describe("ONNX step graph", () => {
     await session.run(x, scalars({ t: 2 }));
     assert.equal(session.state.W_enc, first, "the third state lands in the first set again");
     await session.release();
+  });
+
+  test("a graph refuses a k it was not built for", async () => {
+    const x = new ort.Tensor("float32", gaussianBatch(8, 6, "k"), [8, 6]);
+    const fixed = await StepSession.create(smallSpec(), busyState(smallSpec(), "k"), 1);
+    await assert.rejects(fixed.run(x, scalars({ k: 4 })), /built for k 3/);
+    await fixed.release();
+    const fed = await StepSession.create(smallSpec({ annealK: true, k: 5 }), busyState(smallSpec(), "k"), 1);
+    await assert.rejects(fed.run(x, scalars({ k: 6 })), /outside this step graph's range 1\.\.5/);
+    await fed.release();
+  });
+
+  test("gradient clipping bounds what reaches Adam: the gradient's norm and so the first moment's", async () => {
+    const clip = 0.05;
+    const spec = smallSpec({ gradClipNorm: clip, gradOutputs: true });
+    const clipped = await StepSession.create(spec, busyState(spec, "clip"), 1);
+    const free = await StepSession.create({ ...spec, gradClipNorm: 0 }, busyState(spec, "clip"), 1);
+    for (let t = 1; t <= 4; t++) {
+      // Inputs 40x larger than the clip level's scale: unclipped gradients are far above it.
+      const x = new ort.Tensor("float32", gaussianBatch(spec.batchSize, spec.dModel, `clip/${t}`, 40), [spec.batchSize, spec.dModel]);
+      const a = await clipped.run(x, scalars({ t, scale: 1 }));
+      const gradNorm = a.stats[STAT.gradNorm]!;
+      assert.ok(gradNorm > 10 * clip, `the raw gradient norm ${gradNorm} is well above the clip level`);
+      assert.ok(Math.abs(norm(Object.values(a.grads!)) - clip) < 1e-4 * clip, "the clipped gradient has norm = clip");
+      const b = await free.run(x, scalars({ t, scale: 1 }));
+      assert.ok(Math.abs(norm(Object.values(b.grads!)) - b.stats[STAT.gradNorm]!) < 1e-4 * gradNorm, "unclipped, Adam sees the raw gradient");
+      const moments = (s: StepSession) => norm(paramsOf("topk").map((p) => stateTensor(s.state, `m_${p}`)));
+      // m_t = sum_s (1-b1) b1^(t-s) g_s, so |m_t| <= (1 - b1^t) clip.
+      assert.ok(moments(clipped) <= (1 - 0.9 ** t) * clip * (1 + 1e-5), `|m_${t}| ${moments(clipped)}`);
+      assert.ok(moments(free) > 10 * moments(clipped));
+    }
+    await clipped.release();
+    await free.release();
   });
 });

@@ -7,11 +7,14 @@ import { fp32ToFp16 } from "../../services/common/tensor-codec.js";
 import { ArrayBatchSource, type Batch } from "../../services/trainer/batches.js";
 import { checkpointPath, checkpointSteps, loadCheckpoint, saveCheckpoint } from "../../services/trainer/checkpoint.js";
 import { loadSaeLens } from "../../services/trainer/export.js";
-import { STATE } from "../../services/trainer/graph/step.js";
+import { logSparsity } from "../../services/trainer/firing.js";
+import { stateOf, type StepRecipe } from "../../services/trainer/graph/step.js";
+import { evaluate, toParams64 } from "../../services/trainer/reference.js";
 import { Rng } from "../../services/trainer/rng.js";
-import { initState, normalisationScale } from "../../services/trainer/sae.js";
+import { initState, normalisationScale, stateTensor } from "../../services/trainer/sae.js";
 import { Trainer } from "../../services/trainer/trainer.js";
-import { asBatches, bestCosines, explainedVariance, readJsonl, saeLensForward, sparseData, testConfig } from "./fixtures.js";
+import { loadSae, saeForward } from "../../tools/eval/sae.js";
+import { asBatches, bestCosines, explainedVariance, readJsonl, saeLensForward, smallSpec, sparseData, testConfig } from "./fixtures.js";
 
 const root = mkdtempSync(join(tmpdir(), "saeflow-trainer-"));
 after(() => rmSync(root, { recursive: true, force: true }));
@@ -30,7 +33,8 @@ async function train(dir: string, trainer: Record<string, unknown>, source: Batc
   return { result: await t.run(), config };
 }
 
-const finalState = (dir: string, sae: string, width: number, step: number) => loadCheckpoint(checkpointPath(join(dir, sae, "checkpoints"), step), width, D);
+const finalState = (dir: string, sae: string, width: number, step: number, recipe: StepRecipe = "topk") =>
+  loadCheckpoint(checkpointPath(join(dir, sae, "checkpoints"), step), recipe, width, D);
 
 describe("training on planted sparse directions", () => {
   test("TopK: the loss falls and the SAE recovers most planted directions", async (t) => {
@@ -97,6 +101,85 @@ describe("training on planted sparse directions", () => {
   });
 });
 
+describe("Gated and Matryoshka-BatchTopK on planted sparse directions", () => {
+  test("Gated: the loss falls, most directions are recovered, and the SAELens gated export reconstructs", async (t) => {
+    const dir = runDir();
+    const { result } = await train(
+      dir,
+      { steps: 300, exportOnFinish: true, saes: [{ name: "gated", recipe: "gated", width: 96, lr: 0.01, l1Coefficient: 5, l1WarmupSteps: 50 }] },
+      batches,
+    );
+    const lines = readJsonl(join(dir, "gated", "metrics.jsonl"));
+    const [first, last] = [lines[0]!, lines.at(-1)!];
+    assert.ok((last.mse as number) < 0.2 * (first.mse as number), "the reconstruction error falls by 5x");
+    assert.ok((last.loss as number) < 0.6 * (first.loss as number), "so does the whole loss");
+    assert.ok((last.aux_loss as number) > 0 && (last.penalty as number) > 0, "the gate's auxiliary reconstruction and sparsity terms are live");
+    assert.ok((last.l0 as number) < 5, `L0 ${last.l0}`);
+    const cos = bestCosines(data.directions, finalState(dir, "gated", 96, 300, "gated").state.W_dec, D);
+    const exp = loadSaeLens(result.exports[0]!);
+    assert.equal(exp.cfg.architecture, "gated");
+    const x = data.batches[599]!;
+    const ev = explainedVariance(x, saeLensForward(exp, x).recon, D);
+    const evEval = explainedVariance(x, saeForward(loadSae(result.exports[0]!), x, ROWS).recon, D);
+    t.diagnostic(`recovered ${cos.filter((c) => c > 0.9).length}/48, L0 ${first.l0} -> ${last.l0}, export explained variance ${ev} (tools/eval ${evEval})`);
+    assert.ok(cos.filter((c) => c > 0.9).length >= 0.8 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
+    assert.ok(ev > 0.9 && Math.abs(evEval - ev) < 1e-4);
+  });
+
+  test("Matryoshka: every nested prefix reconstructs, most directions are recovered, and it exports as JumpReLU", async (t) => {
+    const dir = runDir();
+    const saes = [{ name: "mat", recipe: "matryoshka", width: 96, k: 3, prefixes: [16, 48], lr: 0.01 }];
+    const { result } = await train(dir, { steps: 300, exportOnFinish: true, saes }, batches);
+    const lines = readJsonl(join(dir, "mat", "metrics.jsonl"));
+    const [first, last] = [lines[0]!, lines.at(-1)!];
+    assert.ok((last.loss as number) < 0.5 * (first.loss as number), "the summed loss falls");
+    assert.ok((last.prefix_loss as number) < 0.6 * (first.prefix_loss as number), "and so do the inner prefixes' losses");
+    assert.ok((last.prefix_loss as number) > (last.mse as number), "two inner prefixes, each at least as lossy as the whole");
+    const { state } = finalState(dir, "mat", 96, 300, "matryoshka");
+    const cos = bestCosines(data.directions, state.W_dec, D);
+    const early = bestCosines(data.directions, state.W_dec.subarray(0, 16 * D), D);
+    t.diagnostic(
+      `recovered ${cos.filter((c) => c > 0.9).length}/48 (${early.filter((c) => c > 0.9).length} by the first 16 latents), mse ${first.mse} -> ${last.mse}, prefix loss ${first.prefix_loss} -> ${last.prefix_loss}`,
+    );
+    // The planted directions are flat, not hierarchical: the small prefixes pull some latents toward
+    // mixtures of them, so Matryoshka recovers a little less of this data than plain BatchTopK.
+    assert.ok(cos.filter((c) => c > 0.9).length >= 0.75 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
+    const exp = loadSaeLens(result.exports[0]!);
+    assert.equal(exp.cfg.architecture, "jumprelu");
+    assert.deepEqual((exp.cfg.saeflow as { prefixes: number[] }).prefixes, [16, 48]);
+    const x = data.batches[599]!;
+    const { codes, recon } = saeLensForward(exp, x);
+    const l0 = codes.reduce((a, v) => a + (v > 0 ? 1 : 0), 0) / ROWS;
+    assert.ok(l0 > 2 && l0 < 4.5, `inference L0 ${l0} near k=3`);
+    assert.ok(explainedVariance(x, recon, D) > 0.9);
+  });
+});
+
+describe("sparsity.safetensors", () => {
+  test("holds log10 of the firing frequency over the last window, as counted independently from each step's state", async () => {
+    const dir = runDir();
+    const [steps, window] = [12, 4];
+    const sae = { name: "s", recipe: "topk", width: 96, k: 3, lr: 0.01 };
+    const { result } = await train(
+      dir,
+      { steps, checkpointEvery: 1, keepCheckpoints: steps + 1, sparsityWindowTokens: window * ROWS, exportOnFinish: true, saes: [sae] },
+      batches.slice(0, steps),
+    );
+    // Step t trains on batch t-1 with the state checkpointed at step t-1; count the reference code's firings.
+    const spec = smallSpec({ batchSize: ROWS, dModel: D, width: 96, k: 3 });
+    const fired = new Float64Array(96);
+    for (let t = steps - window + 1; t <= steps; t++) {
+      const before = finalState(dir, "s", 96, t - 1);
+      const sc = { scale: before.meta.scale, lr: 0, t, l1Coef: 0, k: 3, deadIdx: [], auxK: 0, auxScale: 0 };
+      evaluate(spec, toParams64(before.state), data.batches[t - 1]!, sc).fires.forEach((f, i) => (fired[i]! += f));
+    }
+    const written = loadSaeLens(result.exports[0]!).sparsity!;
+    assert.equal(written.length, 96);
+    assert.deepEqual(Array.from(written), Array.from(logSparsity({ fired, tokens: window * ROWS })));
+    assert.equal((loadSaeLens(result.exports[0]!).cfg.saeflow as { sparsity_tokens: number }).sparsity_tokens, window * ROWS);
+  });
+});
+
 describe("AuxK", () => {
   // Planted dead latents: encoder rows shrunk 1000x, so they never win a top-k slot on their own.
   async function plantedRun(auxKCoefficient: number): Promise<number> {
@@ -109,7 +192,13 @@ describe("AuxK", () => {
     const spec = { name: "sae", recipe: "topk" as const, width, k: 3, lr: 0.01, l1Coefficient: 0, l1WarmupSteps: 0, auxKCoefficient, kAux: 16 };
     saveCheckpoint(
       join(dir, "sae", "checkpoints"),
-      { meta: { step: 0, tokens: 0, rng: new Rng(1, "aux").state, scale, thresholdEma: 0, config: { sae: spec, dModel: D } }, state, lastFired: new Float64Array(width) },
+      {
+        meta: { step: 0, tokens: 0, rng: new Rng(1, "aux").state, scale, thresholdEma: 0, firedTokens: [0, 0], config: { sae: spec, dModel: D } },
+        state,
+        lastFired: new Float64Array(width),
+        fired: [new Float64Array(width), new Float64Array(width)],
+      },
+      "topk",
       width,
       D,
       2,
@@ -133,13 +222,19 @@ describe("AuxK", () => {
 
 describe("checkpoints", () => {
   test("an interrupted and resumed run ends bit-identical to an uninterrupted one", async () => {
+    // k anneals over the first 60 steps, so the resumed run switches step graphs after the checkpoint it resumes from.
     const settings = {
       steps: 120,
       checkpointEvery: 40,
       deadWindowTokens: 10 * ROWS,
+      kAnnealFraction: 0.5,
+      gradClipNorm: 5,
+      sparsityWindowTokens: 30 * ROWS,
       saes: [
-        { name: "a", recipe: "topk", width: 96, k: 3, lr: 0.01, kAux: 8 },
+        { name: "a", recipe: "topk", width: 96, k: 3, kStart: 24, lr: 0.01, kAux: 8 },
         { name: "b", recipe: "batchtopk", width: 64, k: 4, lr: 0.005 },
+        { name: "c", recipe: "gated", width: 64, lr: 0.01, l1Coefficient: 5 },
+        { name: "d", recipe: "matryoshka", width: 64, k: 4, kStart: 16, prefixes: [16, 32], lr: 0.005 },
       ],
     };
     const whole = runDir();
@@ -148,17 +243,22 @@ describe("checkpoints", () => {
     // The first process sees 70 batches (its stream ends: a crash after step 70 loses nothing the
     // checkpoint at 40 does not hold, so restart from 40 by dropping the final checkpoint).
     await train(split, settings, batches.slice(0, 70));
-    for (const sae of ["a", "b"]) {
+    for (const sae of ["a", "b", "c", "d"]) {
       const dir = join(split, sae, "checkpoints");
       assert.deepEqual(checkpointSteps(dir), [40, 70]);
       rmSync(checkpointPath(dir, 70));
     }
     await train(split, settings, batches.slice(40, 120));
-    for (const [sae, width] of [["a", 96] as const, ["b", 64] as const]) {
-      const x = finalState(whole, sae, width, 120);
-      const y = finalState(split, sae, width, 120);
-      for (const s of STATE) assert.ok(Buffer.from(x.state[s].buffer, x.state[s].byteOffset, x.state[s].byteLength).equals(Buffer.from(y.state[s].buffer, y.state[s].byteOffset, y.state[s].byteLength)), `${sae} ${s} differs`);
+    const saes = [["a", 96, "topk"], ["b", 64, "batchtopk"], ["c", 64, "gated"], ["d", 64, "matryoshka"]] as const;
+    for (const [sae, width, recipe] of saes) {
+      const x = finalState(whole, sae, width, 120, recipe);
+      const y = finalState(split, sae, width, 120, recipe);
+      for (const s of stateOf(recipe)) {
+        const [a, b] = [stateTensor(x.state, s), stateTensor(y.state, s)];
+        assert.ok(Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength)), `${sae} ${s} differs`);
+      }
       assert.deepEqual(Array.from(y.lastFired), Array.from(x.lastFired));
+      assert.deepEqual(y.fired.map((f) => Array.from(f)), x.fired.map((f) => Array.from(f)));
       assert.deepEqual(y.meta, x.meta);
     }
   });

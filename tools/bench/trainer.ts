@@ -3,17 +3,20 @@ import { createInterface } from "node:readline";
 import ort from "onnxruntime-node";
 import { F32, GraphBuilder } from "../../services/trainer/graph/builder.js";
 import type { StepSpec } from "../../services/trainer/graph/step.js";
+import type { StepScalars } from "../../services/trainer/reference.js";
 import { Rng } from "../../services/trainer/rng.js";
 import { initState } from "../../services/trainer/sae.js";
 import { sessionOptions, StepSession } from "../../services/trainer/session.js";
 import { line, round } from "./stats.js";
 
 /**
- * Tokens per second of one TopK training step (forward, backward, Adam, renormalisation) as the ONNX
- * step graph runs it on 2 threads, beside (a) the encoder GEMM alone in onnxruntime, the step's one
- * dense product and so its floor, and (b) the same algorithm written in PyTorch (Debian's
- * python3-torch, OpenBLAS, 2 threads). The three are timed in turn, step by step, so a machine
- * shared with other work slows them alike; each figure is a median.
+ * Tokens per second of one training step (forward, backward, Adam, renormalisation) as the ONNX
+ * step graph runs it on 2 threads, beside (a) the encoder GEMM alone in onnxruntime, the TopK step's
+ * one dense product and so its floor, and (b) the same recipe written in PyTorch (Debian's
+ * python3-torch, OpenBLAS, 2 threads): TopK at two sizes, then BatchTopK, Matryoshka-BatchTopK,
+ * Gated and the dense step that runs while Llama Scope's k anneals, at the smaller one. The figures
+ * of one line are timed in turn, step by step, so a machine shared with other work slows them alike;
+ * each is a median.
  */
 const THREADS = 2;
 const B = 4096;
@@ -21,44 +24,116 @@ const SIZES = [
   { d: 512, n: 8192, k: 32 },
   { d: 768, n: 24576, k: 32 },
 ];
+/** The recipes beyond TopK, at the first size; their steps are dense or near it, so fewer repeats. */
+const RECIPES: Array<{ name: string; spec: Partial<StepSpec>; torch: boolean; label: string }> = [
+  { name: "batchtopk", spec: { recipe: "batchtopk" }, torch: true, label: "BatchTopK" },
+  { name: "matryoshka", spec: { recipe: "matryoshka", prefixes: [1024, 4096] }, torch: true, label: "Matryoshka-BatchTopK, prefixes 1024, 4096" },
+  { name: "gated", spec: { recipe: "gated" }, torch: true, label: "Gated" },
+  { name: "topk_anneal", spec: { recipe: "topk", annealK: true, k: 512 }, torch: false, label: "TopK while k anneals (dense, k=512 fed)" },
+];
 const WARMUP = 3;
 const REPEATS = 5;
+const RECIPE_WARMUP = 1;
+const RECIPE_REPEATS = 3;
 const PYTHON = "/usr/bin/python3";
 
-/** The same step in PyTorch: addmm, topk, gather + bmm decode, index_add_ gradients, torch.optim.Adam. */
+/**
+ * The same steps in PyTorch. TopK: addmm, topk, gather + bmm decode, index_add_ gradients (hand
+ * derived, as the ONNX graph is). The other recipes as the libraries users know write them, with
+ * autograd: BatchTopK and Matryoshka as dictionary_learning's MatryoshkaBatchTopKTrainer (batch
+ * top-k into a dense code, one loss per nested prefix, summed), Gated as SAELens' GatedTrainingSAE
+ * (with the gate and magnitude paths sharing one GEMM). torch.optim.Adam, then unit decoder rows.
+ */
 const TORCH_STEP = String.raw`
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 B = int(sys.argv[2])
 step = None
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+
+def renorm(W_dec):
+    with torch.no_grad():
+        W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+def topk_step(d, n, k, W_dec, x):
+    W_enc = W_dec.clone(); b_enc = torch.zeros(n); b_dec = torch.zeros(d)
+    params = [W_enc, b_enc, W_dec, b_dec]
+    for p in params: p.grad = torch.zeros_like(p)
+    opt = adam(params)
+    def step():
+        with torch.no_grad():
+            xc = x - b_dec
+            pre = torch.addmm(b_enc, xc, W_enc.t())
+            vals, idx = pre.topk(k, dim=1)
+            acts = vals.relu()
+            wsel = W_dec[idx]
+            err = torch.bmm(acts.unsqueeze(1), wsel).squeeze(1) + b_dec - x
+            g = err * (2.0 / B)
+            dvals = torch.bmm(wsel, g.unsqueeze(2)).squeeze(2) * (vals > 0)
+            rows = idx.reshape(-1)
+            W_dec.grad.zero_().index_add_(0, rows, (acts.unsqueeze(2) * g.unsqueeze(1)).reshape(-1, d))
+            W_enc.grad.zero_().index_add_(0, rows, (dvals.unsqueeze(2) * xc.unsqueeze(1)).reshape(-1, d))
+            b_enc.grad.zero_().index_add_(0, rows, dvals.reshape(-1))
+            b_dec.grad.copy_(g.sum(0) - b_enc.grad @ W_enc)
+            opt.step()
+            renorm(W_dec)
+    return step
+
+def matryoshka_step(d, n, k, W_dec, x, prefixes):
+    W_dec.requires_grad_()
+    W_enc = W_dec.detach().clone().requires_grad_()
+    b_enc = torch.zeros(n, requires_grad=True); b_dec = torch.zeros(d, requires_grad=True)
+    bounds = [0] + prefixes + [n]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    opt = adam([W_enc, b_enc, W_dec, b_dec])
+    def step():
+        opt.zero_grad()
+        pre = torch.relu((x - b_dec) @ W_enc.t() + b_enc)
+        flat = pre.flatten()
+        top = flat.topk(B * k, sorted=False)
+        f = torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(B, n)
+        x_hat = b_dec
+        loss = 0.0
+        for f_g, W_g in zip(f.split(sizes, dim=1), W_dec.split(sizes, dim=0)):
+            x_hat = x_hat + f_g @ W_g
+            loss = loss + (x - x_hat).pow(2).sum(-1).mean()
+        loss.backward()
+        opt.step()
+        renorm(W_dec)
+    return step
+
+def gated_step(d, n, k, W_dec, x):
+    W_dec.requires_grad_()
+    W_enc = W_dec.detach().clone().requires_grad_()
+    b_gate, r_mag, b_mag = (torch.zeros(n, requires_grad=True) for _ in range(3))
+    b_dec = torch.zeros(d, requires_grad=True)
+    opt = adam([W_enc, b_gate, r_mag, b_mag, W_dec, b_dec])
+    def step():
+        opt.zero_grad()
+        enc = (x - b_dec) @ W_enc.t()
+        pi_gate = enc + b_gate
+        f = (pi_gate > 0).float() * torch.relu(enc * r_mag.exp() + b_mag)
+        recon = (f @ W_dec + b_dec - x).pow(2).sum(-1).mean()
+        gate = torch.relu(pi_gate)
+        l1 = (gate * W_dec.norm(dim=1)).sum(-1).mean()
+        aux = (gate @ W_dec.detach() + b_dec.detach() - x).pow(2).sum(-1).mean()
+        (recon + l1 + aux).backward()
+        opt.step()
+        renorm(W_dec)
+    return step
+
 for command in sys.stdin:
     c = json.loads(command)
     if c["op"] == "init":
-        d, n, k = c["d"], c["n"], c["k"]
+        d, n, k, recipe = c["d"], c["n"], c["k"], c["recipe"]
         torch.manual_seed(0)
         W_dec = torch.randn(n, d); W_dec /= W_dec.norm(dim=1, keepdim=True)
-        W_enc = W_dec.clone(); b_enc = torch.zeros(n); b_dec = torch.zeros(d)
-        params = [W_enc, b_enc, W_dec, b_dec]
-        for p in params: p.grad = torch.zeros_like(p)
-        opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
         x = torch.randn(B, d)
-        def step():
-            with torch.no_grad():
-                xc = x - b_dec
-                pre = torch.addmm(b_enc, xc, W_enc.t())
-                vals, idx = pre.topk(k, dim=1)
-                acts = vals.relu()
-                wsel = W_dec[idx]
-                err = torch.bmm(acts.unsqueeze(1), wsel).squeeze(1) + b_dec - x
-                g = err * (2.0 / B)
-                dvals = torch.bmm(wsel, g.unsqueeze(2)).squeeze(2) * (vals > 0)
-                rows = idx.reshape(-1)
-                W_dec.grad.zero_().index_add_(0, rows, (acts.unsqueeze(2) * g.unsqueeze(1)).reshape(-1, d))
-                W_enc.grad.zero_().index_add_(0, rows, (dvals.unsqueeze(2) * xc.unsqueeze(1)).reshape(-1, d))
-                b_enc.grad.zero_().index_add_(0, rows, dvals.reshape(-1))
-                b_dec.grad.copy_(g.sum(0) - b_enc.grad @ W_enc)
-                opt.step()
-                W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if recipe == "topk": step = topk_step(d, n, k, W_dec, x)
+        elif recipe == "gated": step = gated_step(d, n, k, W_dec, x)
+        else: step = matryoshka_step(d, n, k, W_dec, x, c["prefixes"])
         print(json.dumps({"ok": True}), flush=True)
     else:
         t = time.perf_counter(); step()
@@ -88,8 +163,9 @@ class TorchStep {
     return JSON.parse(answer.value) as Record<string, number>;
   }
 
-  async init(d: number, n: number, k: number): Promise<void> {
-    await this.ask({ op: "init", d, n, k });
+  /** Sets up `recipe` at these sizes (batchtopk is matryoshka without prefixes). */
+  async init(recipe: string, d: number, n: number, k: number, prefixes: readonly number[] = []): Promise<void> {
+    await this.ask({ op: "init", recipe, d, n, k, prefixes });
   }
 
   async stepMs(): Promise<number> {
@@ -122,46 +198,82 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
   return performance.now() - t0;
 }
 
+const tok = (ms: number) => (B / ms) * 1000;
+
+/** An ONNX step session of `spec` over fresh weights, and a function running one step. */
+async function stepSession(spec: StepSpec, k: number): Promise<{ session: StepSession; step: (x: ort.Tensor) => Promise<unknown> }> {
+  const session = await StepSession.create(spec, initState(spec.width, spec.dModel, new Rng(0, "bench"), new Float32Array(spec.dModel), { recipe: spec.recipe }), THREADS);
+  let t = 0;
+  const sc = (): StepScalars => ({ scale: 1, lr: 1e-4, t: ++t, l1Coef: 1, k, deadIdx: [], auxK: 0, auxScale: 0 });
+  return { session, step: (x) => session.run(x, sc()) };
+}
+
+/** Runs the timed functions of one line in turn, warm-up first, and returns their medians. */
+async function medians(fns: Array<() => Promise<unknown>>, warmup: number, repeats: number): Promise<number[]> {
+  const times = fns.map(() => [] as number[]);
+  // The first steps also fault in the state buffers and onnxruntime's arena; they are not timed.
+  for (let r = 0; r < warmup + repeats; r++) {
+    for (let i = 0; i < fns.length; i++) {
+      const ms = await timed(fns[i]!);
+      if (r >= warmup) times[i]!.push(ms);
+    }
+  }
+  return times.map(median);
+}
+
 export async function run(): Promise<Record<string, number>> {
   const figures: Record<string, number> = {};
   const torch = TorchStep.start();
   if (typeof torch === "string") process.stdout.write(`(b) PyTorch reference ${torch}\n`);
+  const base = { batchSize: B, annealK: false, prefixes: [], input: "fp32", beta1: 0.9, beta2: 0.999, eps: 1e-8, unitNormDecoder: true, auxK: false, gradClipNorm: 0 } as const;
   try {
-    for (const { d, n, k } of SIZES) {
+    for (const [size, { d, n, k }] of SIZES.entries()) {
       const rng = new Rng(0, "x");
       const x = new ort.Tensor("float32", Float32Array.from({ length: B * d }, () => rng.normal()), [B, d]);
-      const spec: StepSpec = { recipe: "topk", batchSize: B, dModel: d, width: n, k, input: "fp32", beta1: 0.9, beta2: 0.999, eps: 1e-8, unitNormDecoder: true, auxK: false };
-      const step = await StepSession.create(spec, initState(n, d, new Rng(0, "bench"), new Float32Array(d)), THREADS);
+      const topk = await stepSession({ ...base, recipe: "topk", dModel: d, width: n, k }, k);
       const gemm = await gemmSession(d, n, x);
-      if (typeof torch !== "string") await torch.init(d, n, k);
-      const times = { step: [] as number[], gemm: [] as number[], torch: [] as number[] };
-      let t = 0;
-      // The first steps also fault in the state buffers and onnxruntime's arena; they are not timed.
-      for (let r = 0; r < WARMUP + REPEATS; r++) {
-        const s = await timed(() => step.run(x, { scale: 1, lr: 1e-4, t: ++t, l1Coef: 0, deadIdx: [], auxK: 0, auxScale: 0 }));
-        const g = await timed(gemm.run);
-        const p = typeof torch === "string" ? 0 : await torch.stepMs();
-        if (r < WARMUP) continue;
-        times.step.push(s);
-        times.gemm.push(g);
-        times.torch.push(p);
-      }
-      await step.release();
+      if (typeof torch !== "string") await torch.init("topk", d, n, k);
+      const [stepMs, gemmMs, torchMs] = await medians(
+        [() => topk.step(x), gemm.run, ...(typeof torch === "string" ? [] : [() => torch.stepMs()])],
+        WARMUP,
+        REPEATS,
+      );
+      await topk.session.release();
       await gemm.release();
 
       const key = `d${d}_n${n}_k${k}`;
-      const tok = (ms: number) => (B / ms) * 1000;
-      const [stepMs, gemmMs, torchMs] = [median(times.step), median(times.gemm), median(times.torch)];
       process.stdout.write(`d=${d} n=${n} k=${k} B=${B}, ${THREADS} threads, median of ${REPEATS}\n`);
-      line("  onnxruntime step (TopK, Adam, renorm)", tok(stepMs), "tok/s");
-      line("  (a) onnxruntime encoder GEMM alone", tok(gemmMs), "tok/s", { label: "step", value: tok(stepMs) });
-      figures[`${key}_step_tok_s`] = round(tok(stepMs), 1);
-      figures[`${key}_gemm_tok_s`] = round(tok(gemmMs), 1);
-      figures[`${key}_gemm_share_of_step_ratio`] = round(gemmMs / stepMs);
-      if (typeof torch !== "string") {
-        line("  (b) PyTorch same step", tok(torchMs), "tok/s", { label: "onnxruntime step", value: tok(stepMs) });
+      line("  onnxruntime step (TopK, Adam, renorm)", tok(stepMs!), "tok/s");
+      line("  (a) onnxruntime encoder GEMM alone", tok(gemmMs!), "tok/s", { label: "step", value: tok(stepMs!) });
+      figures[`${key}_step_tok_s`] = round(tok(stepMs!), 1);
+      figures[`${key}_gemm_tok_s`] = round(tok(gemmMs!), 1);
+      figures[`${key}_gemm_share_of_step_ratio`] = round(gemmMs! / stepMs!);
+      if (torchMs !== undefined) {
+        line("  (b) PyTorch same step", tok(torchMs), "tok/s", { label: "onnxruntime step", value: tok(stepMs!) });
         figures[`${key}_torch_tok_s`] = round(tok(torchMs), 1);
-        figures[`${key}_step_vs_torch_ratio`] = round(torchMs / stepMs);
+        figures[`${key}_step_vs_torch_ratio`] = round(torchMs / stepMs!);
+      }
+      if (size > 0) continue;
+
+      process.stdout.write(`recipes at d=${d} n=${n} k=${k} B=${B}, ${THREADS} threads, median of ${RECIPE_REPEATS}\n`);
+      for (const recipe of RECIPES) {
+        const spec: StepSpec = { ...base, recipe: "topk", dModel: d, width: n, k, ...recipe.spec };
+        const ours = await stepSession(spec, spec.k);
+        const withTorch = recipe.torch && typeof torch !== "string";
+        if (withTorch) await torch.init(spec.recipe, d, n, k, spec.prefixes);
+        const [oursMs, theirsMs] = await medians([() => ours.step(x), ...(withTorch ? [() => torch.stepMs()] : [])], RECIPE_WARMUP, RECIPE_REPEATS);
+        await ours.session.release();
+        const rk = `${key}_${recipe.name}`;
+        line(`  onnxruntime ${recipe.label}`, tok(oursMs!), "tok/s", { label: "TopK step", value: tok(stepMs!) });
+        figures[`${rk}_step_tok_s`] = round(tok(oursMs!), 1);
+        figures[`${rk}_vs_topk_ratio`] = round(stepMs! / oursMs!);
+        if (theirsMs !== undefined) {
+          line(`  (b) PyTorch ${recipe.label}`, tok(theirsMs), "tok/s", { label: "onnxruntime", value: tok(oursMs!) });
+          figures[`${rk}_torch_tok_s`] = round(tok(theirsMs), 1);
+          figures[`${rk}_step_vs_torch_ratio`] = round(theirsMs / oursMs!);
+        } else if (!recipe.torch) {
+          process.stdout.write(`  (b) no PyTorch reference for ${recipe.label}\n`);
+        }
       }
     }
   } finally {

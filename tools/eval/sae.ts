@@ -11,13 +11,15 @@ import { CFG_FILE, loadSaeLens, WEIGHTS_FILE } from "../../services/trainer/expo
  *   codes = relu(pre)                            standard
  *         = relu(pre) kept at the k largest pre  topk
  *         = relu(pre) * (pre > threshold)        jumprelu
+ *         = (pre > 0) * relu((x - b_dec) @ (W_enc * exp(r_mag)) + b_mag)
+ *                                                gated, with b_gate as b_enc
  *   x_hat = codes @ W_dec + b_dec
  *
  * The export folds training's normalisation into the weights, so the SAE reads raw activations.
  */
 
-export type Architecture = "standard" | "topk" | "jumprelu";
-const ARCHITECTURES: readonly string[] = ["standard", "topk", "jumprelu"];
+export type Architecture = "standard" | "topk" | "jumprelu" | "gated";
+const ARCHITECTURES: readonly string[] = ["standard", "topk", "jumprelu", "gated"];
 
 export interface Sae {
   dir: string;
@@ -32,12 +34,15 @@ export interface Sae {
   applyBDecToInput: boolean;
   /** [d, n] row-major. */
   wEnc: Float32Array;
+  /** [n] b_enc, or b_gate for gated. */
   bEnc: Float32Array;
   /** [n, d] row-major. */
   wDec: Float32Array;
   bDec: Float32Array;
   /** [n] (jumprelu). */
   threshold: Float32Array | undefined;
+  /** [n] exp(r_mag) and b_mag of gated's magnitude path. */
+  magnitude: { scale: Float32Array; bias: Float32Array } | undefined;
 }
 
 /** A folder that is not a usable SAELens export; the message says what is wrong with it. */
@@ -96,10 +101,14 @@ export function loadSae(dir: string): Sae {
     k: positiveInt(k) ? k : 0,
     applyBDecToInput: cfg.apply_b_dec_to_input !== false,
     wEnc: tensor(dir, tensors, "W_enc", [d, n]),
-    bEnc: tensor(dir, tensors, "b_enc", [n]),
+    bEnc: tensor(dir, tensors, architecture === "gated" ? "b_gate" : "b_enc", [n]),
     wDec: tensor(dir, tensors, "W_dec", [n, d]),
     bDec: tensor(dir, tensors, "b_dec", [d]),
     threshold: architecture === "jumprelu" ? tensor(dir, tensors, "threshold", [n]) : undefined,
+    magnitude:
+      architecture === "gated"
+        ? { scale: Float32Array.from(tensor(dir, tensors, "r_mag", [n]), Math.exp), bias: tensor(dir, tensors, "b_mag", [n]) }
+        : undefined,
   };
 }
 
@@ -133,20 +142,26 @@ export function saeForward(sae: Sae, x: Float32Array, rows: number): SaeOutput {
   const pre = new Float32Array(n);
   const scratch = new Float32Array(n);
   const centred = new Float32Array(d);
+  const { magnitude } = sae;
   for (let r = 0; r < rows; r++) {
     for (let j = 0; j < d; j++) centred[j] = x[r * d + j]! - (sae.applyBDecToInput ? bDec[j]! : 0);
-    pre.set(bEnc);
+    // gated's two paths share the product x_cent @ W_enc: the gate adds b_gate, the magnitude rescales by exp(r_mag).
+    if (magnitude) pre.fill(0);
+    else pre.set(bEnc);
     // j outer, i inner: W_enc is [d, n], so the inner loop walks it contiguously.
     for (let j = 0; j < d; j++) {
       const v = centred[j]!;
       const row = j * n;
       for (let i = 0; i < n; i++) pre[i]! += v * wEnc[row + i]!;
     }
+    const codeOf = magnitude
+      ? (i: number) => (pre[i]! + bEnc[i]! > 0 ? pre[i]! * magnitude.scale[i]! + magnitude.bias[i]! : 0)
+      : (i: number) => pre[i]!;
     const active = sae.architecture === "topk" ? topK(pre, sae.k, scratch) : undefined;
     const out = recon.subarray(r * d, (r + 1) * d);
     out.set(bDec);
     const add = (i: number) => {
-      const code = pre[i]!;
+      const code = codeOf(i);
       if (!(code > 0)) return;
       l0[r]! += 1;
       const at = i * d;

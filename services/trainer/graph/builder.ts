@@ -130,6 +130,17 @@ export class GraphBuilder {
   where = (cond: string, a: string, b: string, hint?: string) => this.op("Where", [cond, a, b], {}, hint);
   reshape = (a: string, shape: readonly number[], hint?: string) => this.op("Reshape", [a, this.constI(shape)], {}, hint);
   unsqueeze = (a: string, axes: readonly number[], hint?: string) => this.op("Unsqueeze", [a, this.constI(axes)], {}, hint);
+  exp = (a: string, hint?: string) => this.op("Exp", [a], {}, hint);
+
+  /** a[start:end] along `axis`. */
+  slice(a: string, axis: number, start: number, end: number, hint?: string): string {
+    return this.op("Slice", [a, this.constI([start]), this.constI([end]), this.constI([axis])], {}, hint);
+  }
+
+  /** Entry `index` of `a` along `axis`, that axis dropped. */
+  pick(a: string, axis: number, index: number, hint?: string): string {
+    return this.gather(a, this.constI([index], []), axis, hint);
+  }
 
   /** C = alpha * op(A) @ op(B) + beta * bias, with op = transpose when asked. */
   gemm(a: string, b: string, opts: { bias?: string; transA?: boolean; transB?: boolean }, hint?: string): string {

@@ -6,15 +6,27 @@ export const SaeSpec = z
   .object({
     name: z.string().regex(/^[A-Za-z0-9._-]+$/).describe("Folder name of this SAE in the run."),
     recipe: z
-      .enum(["topk", "batchtopk", "relu", "jumprelu"])
+      .enum(["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"])
       .default("topk")
-      .describe("topk (Llama Scope), jumprelu (topk, then converted to per-latent thresholds), batchtopk, relu (ReLU + L1)."),
+      .describe(
+        "topk (Llama Scope), jumprelu (topk, then converted to per-latent thresholds), batchtopk, matryoshka (Matryoshka-BatchTopK), relu (ReLU + L1), gated (Gated SAE).",
+      ),
     width: z.number().int().positive().default(1024).describe("Number of latents n."),
-    k: z.number().int().positive().default(50).describe("Active latents per token (topk, jumprelu, batchtopk)."),
+    k: z.number().int().positive().default(50).describe("Active latents per token (topk, jumprelu, batchtopk, matryoshka)."),
+    kStart: z
+      .number()
+      .int()
+      .min(0)
+      .default(0)
+      .describe("k at step 0, falling linearly to k over trainer.kAnnealFraction of the steps (Llama Scope's k annealing); 0 trains at k throughout."),
+    prefixes: z
+      .array(z.number().int().positive())
+      .default([])
+      .describe("matryoshka: nested prefix sizes, increasing, at least k and below width; each prefix and the whole dictionary reconstruct x, losses summed."),
     lr: z.number().positive().default(2e-4).describe("Peak Adam learning rate."),
-    l1Coefficient: z.number().min(0).default(5).describe("relu: weight of the decoder-norm-weighted L1 penalty."),
-    l1WarmupSteps: z.number().int().min(0).default(0).describe("relu: steps over which the L1 weight ramps up from 0."),
-    auxKCoefficient: z.number().min(0).default(1 / 32).describe("AuxK loss weight (topk, jumprelu, batchtopk); 0 turns AuxK off."),
+    l1Coefficient: z.number().min(0).default(5).describe("relu, gated: weight of the decoder-norm-weighted L1 penalty."),
+    l1WarmupSteps: z.number().int().min(0).default(0).describe("relu, gated: steps over which the L1 weight ramps up from 0."),
+    auxKCoefficient: z.number().min(0).default(1 / 32).describe("AuxK loss weight (topk, jumprelu, batchtopk, matryoshka); 0 turns AuxK off."),
     kAux: z.number().int().min(0).default(0).describe("Dead latents AuxK uses per token; 0 means dModel / 2."),
   })
   .strict();
@@ -54,17 +66,34 @@ export const TrainerSection = z
     saes: z.array(SaeSpec).min(1).prefault([{ name: "topk-k32", recipe: "topk", width: 1024, k: 32, lr: 2e-4 }]).describe("The sweep."),
     adam: AdamSection.prefault({}).describe("Adam hyper-parameters, shared by the sweep."),
     lrWarmupSteps: z.number().int().min(0).default(100).describe("Steps of linear learning-rate warm-up from 0."),
-    lrDecay: z.enum(["none", "linear", "cosine"]).default("linear").describe("Learning-rate decay to 0 from lrDecayStart to the last step."),
+    lrDecay: z.enum(["none", "linear", "cosine"]).default("linear").describe("Learning-rate decay toward lrEndRatio x peak from lrDecayStart to the last step."),
     lrDecayStart: z.number().min(0).max(1).default(0.8).describe("Fraction of `steps` after which the decay begins."),
+    lrEndRatio: z.number().min(0).lt(1).default(0).describe("Where the decay ends, as a fraction of the peak learning rate (Llama Scope: 0.01)."),
+    kAnnealFraction: z.number().gt(0).max(1).default(0.1).describe("Fraction of `steps` over which k falls from saes[].kStart to k."),
+    gradClipNorm: z.number().min(0).default(0).describe("Scale each SAE's gradients so their global norm is at most this before Adam; 0 does not clip."),
+    decoderInitNorm: z
+      .number()
+      .positive()
+      .default(1)
+      .describe("Norm of each decoder row at initialisation (Llama Scope: 0.5); the encoder starts as the decoder's transpose."),
     normalizeActivations: z
       .enum(["expected_average", "none"])
       .default("expected_average")
       .describe("Scale inputs so E|x| = sqrt(dModel), estimated once; folded back into the weights on export."),
     normEstimateBatches: z.number().int().positive().default(4).describe("First batches used for the normalisation and the b_dec init."),
     bDecInit: z.enum(["mean", "geometric_median", "zeros"]).default("mean").describe("b_dec initialisation from the first batches."),
-    unitNormDecoder: z.boolean().default(true).describe("Rescale decoder rows to unit norm after every step."),
+    unitNormDecoder: z
+      .boolean()
+      .default(true)
+      .describe("Rescale decoder rows to unit norm after every step; off, norms train freely and TopK ranks latents by activation x decoder norm (Llama Scope)."),
     deadWindowTokens: z.number().int().positive().default(10_000_000).describe("A latent that has not fired for this many tokens is dead."),
-    thresholdEmaRate: z.number().gt(0).max(1).default(0.01).describe("batchtopk: rate of the running minimum-activation threshold used at inference."),
+    thresholdEmaRate: z.number().gt(0).max(1).default(0.01).describe("batchtopk, matryoshka: rate of the running minimum-activation threshold used at inference."),
+    sparsityWindowTokens: z
+      .number()
+      .int()
+      .positive()
+      .default(8_192_000)
+      .describe("Tokens over which sparsity.safetensors counts firings (SAELens' default window: 2000 steps of 4096 tokens)."),
     jumprelu: JumpReluSection.prefault({}).describe("TopK to JumpReLU conversion."),
     logEvery: z.number().int().positive().default(10).describe("Steps between metric lines."),
     checkpointEvery: z.number().int().min(0).default(500).describe("Steps between checkpoints; 0 checkpoints only at the end and on request."),
@@ -80,11 +109,23 @@ export const TrainerSection = z
     t.saes.forEach((sae, i) => {
       if (names.has(sae.name)) ctx.addIssue({ code: "custom", path: ["saes", i, "name"], message: `duplicate SAE name "${sae.name}"` });
       names.add(sae.name);
-      if (sae.recipe !== "relu" && sae.k > sae.width) {
-        ctx.addIssue({ code: "custom", path: ["saes", i, "k"], message: `k (${sae.k}) exceeds width (${sae.width})` });
-      }
-      if (sae.kAux > sae.width) {
-        ctx.addIssue({ code: "custom", path: ["saes", i, "kAux"], message: `kAux (${sae.kAux}) exceeds width (${sae.width})` });
+      const issue = (key: string, message: string) => ctx.addIssue({ code: "custom", path: ["saes", i, key], message });
+      const ranked = sae.recipe !== "relu" && sae.recipe !== "gated";
+      if (ranked && sae.k > sae.width) issue("k", `k (${sae.k}) exceeds width (${sae.width})`);
+      if (sae.kAux > sae.width) issue("kAux", `kAux (${sae.kAux}) exceeds width (${sae.width})`);
+      if (sae.kStart > 0 && !ranked) issue("kStart", `${sae.recipe} keeps no top k to anneal; leave kStart at 0`);
+      else if (sae.kStart > 0 && (sae.kStart < sae.k || sae.kStart > sae.width)) issue("kStart", `kStart (${sae.kStart}) must lie between k (${sae.k}) and width (${sae.width})`);
+      if (sae.recipe === "matryoshka") {
+        if (sae.prefixes.length === 0) issue("prefixes", "matryoshka needs at least one prefix below width");
+        sae.prefixes.forEach((p, j) => {
+          if (p < sae.k || p >= sae.width) issue("prefixes", `prefix ${p} must be at least k (${sae.k}) and below width (${sae.width})`);
+          if (j > 0 && p <= sae.prefixes[j - 1]!) issue("prefixes", `prefixes must increase (${sae.prefixes[j - 1]} then ${p})`);
+        });
+      } else if (sae.prefixes.length > 0) {
+        issue("prefixes", `only matryoshka nests prefixes, not ${sae.recipe}`);
       }
     });
+    if (t.unitNormDecoder && t.decoderInitNorm !== 1) {
+      ctx.addIssue({ code: "custom", path: ["decoderInitNorm"], message: `${t.decoderInitNorm} would be renormalised to 1 after the first step; set unitNormDecoder=false to train free norms` });
+    }
   });
