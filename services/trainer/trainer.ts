@@ -179,6 +179,18 @@ export class Trainer {
     return this.running;
   }
 
+  /**
+   * SAELens exports from the newest checkpoint every SAE of the sweep holds, without training: what
+   * `saeflow export` runs on a run folder. JumpReLU's conversion draws its calibration batches from
+   * the source, so it needs a live buffer; the other recipes need none.
+   */
+  async exportCheckpoints(): Promise<string[]> {
+    if (!this.restore()) {
+      throw new ConfigError(`invalid config:\n  run.dir: ${this.runDir} holds no checkpoint of ${this.saes.map((s) => s.spec.name).join(", ")}`, ["run.dir"]);
+    }
+    return this.lock.run(() => this.exportAll());
+  }
+
   private async train(): Promise<RunResult> {
     try {
       const pending = this.cfg.resume && this.restore() ? [] : await this.initialise();

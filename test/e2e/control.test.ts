@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { promisify } from "node:util";
@@ -98,5 +98,12 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
     assert.equal(code, 0, `a run stopped on request ends cleanly:\n${output}`);
     for (const sae of ["topk-k8", "topk-k16"]) assert.ok(existsSync(join(runDir, sae, "sae_lens", "cfg.json")), `${sae} exported:\n${output}`);
     assert.ok(existsSync(join(runDir, "final-status.json")));
+  });
+
+  it("exports again from the checkpoints of the finished run", async () => {
+    rmSync(join(runDir, "topk-k8", "sae_lens"), { recursive: true });
+    const { stdout } = await cli("export", runDir);
+    assert.deepEqual(stdout.trim().split("\n").sort(), [join(runDir, "topk-k16", "sae_lens"), join(runDir, "topk-k8", "sae_lens")]);
+    assert.ok(existsSync(join(runDir, "topk-k8", "sae_lens", "sae_weights.safetensors")));
   });
 });

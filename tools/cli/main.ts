@@ -2,6 +2,7 @@ import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ConfigError, loadConfig } from "../../services/common/config/index.js";
 import { evalTable, evaluateRun } from "../eval/run.js";
+import { exportRun } from "./export.js";
 import { writeReport } from "./report.js";
 import { readRunFile } from "./run-file.js";
 import { collectStatus, statusJson, statusTable } from "./status.js";
@@ -61,6 +62,14 @@ async function main(argv: string[]): Promise<number> {
       const config = loadConfig({ file: run.config });
       await Promise.all(run.services.filter((s) => s.role === "trainer").map((s) => stopTrainer(s.address, config)));
       process.stderr.write("saeflow: trainers checkpointed and stopped; the run drains and exits\n");
+      return 0;
+    }
+    case "export": {
+      const run = readRunFile(runDir);
+      const config = loadConfig({ file: run.config });
+      const trainers = run.services.filter((s) => s.role === "trainer");
+      const dirs = trainers.length > 1 ? trainers.map((t) => resolve(runDir, t.id)) : [runDir];
+      for (const path of await exportRun(config, dirs, (l) => process.stderr.write(`saeflow: ${l}\n`))) process.stdout.write(`${path}\n`);
       return 0;
     }
     case "report":
