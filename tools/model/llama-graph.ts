@@ -10,8 +10,8 @@ import { headDim, type LlamaParams, type LlamaWeights, ropeInvFreq } from "./lla
  * stored transposed for MatMul. The math follows transformers' modeling_llama (eager attention).
  */
 
-/** Bumped when the graph changes, so tiny-llama.ts regenerates folders written by an older one. */
-export const GRAPH_VERSION = 2;
+/** Bumped when the graph or its weights change, so tiny-llama.ts regenerates folders written by an older one. */
+export const GRAPH_VERSION = 3;
 
 /** torch.finfo(float32).min: what transformers adds to masked attention scores. */
 const MASKED = -3.4028234663852886e38;

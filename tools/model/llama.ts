@@ -115,7 +115,8 @@ export interface LlamaWeights {
 
 /**
  * Weights drawn from the seed like transformers' init (normal, std 0.02), except that RMSNorm
- * weights are 1 + N(0, 0.02) instead of exactly 1, so a test can tell a norm's weight from none.
+ * weights are 1 + N(0, 0.02) instead of exactly 1, so a test can tell a norm's weight from none,
+ * and the LM head is N(0, 1/d).
  */
 export function makeWeights(p: LlamaParams): LlamaWeights {
   checkParams(p);
@@ -135,5 +136,9 @@ export function makeWeights(p: LlamaParams): LlamaWeights {
     up: normal(p.ffn * d, std),
     down: normal(d * p.ffn, std),
   }));
-  return { embed, layers, norm: normal(d, std, 1), lmHead: normal(p.vocabSize * d, std) };
+  // The head alone is drawn at 1/sqrt(d): after the final RMSNorm its logits then have unit scale,
+  // so the prediction depends on the residual stream. At 0.02 every logit is ~0, the model predicts
+  // uniformly whatever the hook holds, and the splice evaluation (LM loss with an SAE in) measures
+  // nothing.
+  return { embed, layers, norm: normal(d, std, 1), lmHead: normal(p.vocabSize * d, 1 / Math.sqrt(d)) };
 }
