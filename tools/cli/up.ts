@@ -1,5 +1,5 @@
-import { existsSync, mkdirSync, writeFileSync } from "node:fs";
-import { resolve } from "node:path";
+import { mkdirSync, writeFileSync } from "node:fs";
+import { dirname, resolve } from "node:path";
 import { stringify } from "yaml";
 import type { RunConfig } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
@@ -62,9 +62,10 @@ async function ports(config: RunConfig, count: number): Promise<number[]> {
 export async function up(root: string, config: RunConfig): Promise<UpResult> {
   const runDir = resolve(root, config.run.dir);
   mkdirSync(runDir, { recursive: true });
-  if (config.producer.model === DEFAULT_TINY_MODEL && !existsSync(resolve(root, DEFAULT_TINY_MODEL))) {
-    log(`generating the built-in tiny Llama model into ${DEFAULT_TINY_MODEL}`);
-    makeTinyLlama({ out: resolve(root, ".cache/tiny-llama"), seed: config.run.seed });
+  if (config.producer.model === DEFAULT_TINY_MODEL) {
+    // Cheap when .cache holds this model already; regenerates one made from another seed or graph.
+    const tiny = makeTinyLlama({ out: resolve(root, dirname(DEFAULT_TINY_MODEL)), seed: config.run.seed });
+    if (tiny.generated) log(`generated the built-in tiny Llama model into ${DEFAULT_TINY_MODEL}`);
   }
   const nats = await natsForRun(root, process.env, log);
   const { launch } = config;
