@@ -1,5 +1,6 @@
 import { appendFileSync } from "node:fs";
 import { SingleBar } from "cli-progress";
+import type { HookPointStatus } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import type { RunStatus } from "./status.js";
 
 /**
@@ -38,7 +39,7 @@ export function summarise(st: RunStatus, startedAt: number, steps: number): Pipe
   return {
     t: st.at,
     elapsedS: (st.at - startedAt) / 1000,
-    step: Math.min(...saes.map((s) => Number(s.step)), Infinity) === Infinity ? 0 : Math.min(...saes.map((s) => Number(s.step))),
+    step: saes.length ? Math.min(...saes.map((s) => Number(s.step))) : 0,
     steps,
     producerTokens: sum(st.producers.map((p) => Number(p.status?.tokens ?? 0n))),
     producerTokensPerS: sum(st.producers.map((p) => p.status?.tokensPerSecond ?? 0)),
@@ -51,7 +52,7 @@ export function summarise(st: RunStatus, startedAt: number, steps: number): Pipe
     bufferRowsIn: sum(hooks.map((h) => Number(h.rowsIn))),
     bufferRowsOut: sum(hooks.map((h) => Number(h.rowsOut))),
     trainerWaitFraction: wall > 0 ? sum(trainers.map((t) => t.waitMs)) / wall : 0,
-    bufferHoldFraction: holdFraction(st, startedAt),
+    bufferHoldFraction: holdFraction(hooks, st.at - startedAt),
     refillCycles: sum(hooks.map((h) => Number(h.refillCycles))),
   };
 }
@@ -61,10 +62,9 @@ export function summarise(st: RunStatus, startedAt: number, steps: number): Pipe
  * differs from the trainer's own wait: a trainer's gRPC stream prefetches, so the buffer may hold the
  * next batch while the trainer is still busy with the last one, and the trainer never notices.
  */
-function holdFraction(st: RunStatus, startedAt: number): number {
-  const hooks = st.buffer.flatMap((b) => b.status?.hookPoints ?? []);
+function holdFraction(hooks: HookPointStatus[], elapsedMs: number): number {
   const streams = Math.max(1, sum(hooks.map((h) => h.trainers.length)));
-  return sum(hooks.map((h) => h.trainerWaitMs)) / streams / Math.max(1, st.at - startedAt);
+  return sum(hooks.map((h) => h.trainerWaitMs)) / streams / Math.max(1, elapsedMs);
 }
 
 const si = (x: number) => (x >= 1e6 ? `${(x / 1e6).toFixed(2)}M` : x >= 1e3 ? `${(x / 1e3).toFixed(1)}k` : x.toFixed(0));

@@ -90,13 +90,12 @@ function answer(services: string[], req: Request) {
 /** Adds both reflection versions to `server`, listing `services` plus reflection itself. */
 export function addReflection(server: Server, services: string[]): void {
   const listed = [...new Set([...services, v1.ServerReflection.typeName, v1alpha.ServerReflection.typeName])].sort();
+  // v1alpha is v1 under another package name: the same answers, built with each version's schema.
   server.addService(
     serviceDefinition(v1.ServerReflection),
     serviceImplementation(v1.ServerReflection, {
       serverReflectionInfo: async (call) => {
-        for await (const req of call) {
-          call.write(create(v1.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }));
-        }
+        for await (const req of call) call.write(create(v1.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }));
       },
     }),
   );
@@ -104,9 +103,7 @@ export function addReflection(server: Server, services: string[]): void {
     serviceDefinition(v1alpha.ServerReflection),
     serviceImplementation(v1alpha.ServerReflection, {
       serverReflectionInfo: async (call) => {
-        for await (const req of call) {
-          call.write(create(v1alpha.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }));
-        }
+        for await (const req of call) call.write(create(v1alpha.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }));
       },
     }),
   );
