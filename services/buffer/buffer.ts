@@ -149,11 +149,20 @@ export class ActivationBuffer {
         fillFraction: h.pool.held / h.pool.capacity,
         rowsIn: BigInt(h.accounting.rowsIn),
         rowsOut: BigInt(h.accounting.rowsOut),
-        dropped: DROP_REASONS.filter((r) => h.accounting.dropped[r] > 0).map((reason) => ({ reason, rows: BigInt(h.accounting.dropped[reason]) })),
+        dropped: DROP_REASONS.filter((r) => h.accounting.dropped[r] > 0).map((reason) => ({
+          reason,
+          rows: BigInt(h.accounting.dropped[reason]),
+        })),
         refillCycles: BigInt(h.cycle),
         trainerWaitMs: h.waitMs,
         meanDistinctContexts: h.meanDistinctContexts,
-        trainers: [...h.streams].map((s) => ({ trainerId: s.trainerId, group: s.group, batches: BigInt(s.batches), rows: BigInt(s.rows), waitMs: s.waitMs })),
+        trainers: [...h.streams].map((s) => ({
+          trainerId: s.trainerId,
+          group: s.group,
+          batches: BigInt(s.batches),
+          rows: BigInt(s.rows),
+          waitMs: s.waitMs,
+        })),
         refilling: h.refilling,
       })),
     };

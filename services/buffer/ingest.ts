@@ -81,7 +81,13 @@ export class Ingest {
       inSpan(
         this.buffer.instruments.tracer,
         "buffer.push",
-        { hook_point: hook.name, producer_id: valid.producerId, sequence: Number(valid.sequence), rows, bytes: valid.activations!.data.byteLength },
+        {
+          hook_point: hook.name,
+          producer_id: valid.producerId,
+          sequence: Number(valid.sequence),
+          rows,
+          bytes: valid.activations!.data.byteLength,
+        },
         async (span) => {
           const outcome = await this.accept(valid, hook, rows);
           span.setAttributes({ rows_accepted: outcome.placed, rows_dropped: outcome.dropped, code: outcome.code });
@@ -97,13 +103,17 @@ export class Ingest {
     if (!chunk) throw new FieldError("chunk", "missing");
     const hook = this.buffer.hooks.get(chunk.hookPoint);
     if (!hook) {
-      throw new FieldError("chunk.hook_point", `unknown hook point "${chunk.hookPoint}"; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`);
+      throw new FieldError(
+        "chunk.hook_point",
+        `unknown hook point "${chunk.hookPoint}"; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`,
+      );
     }
     if (!chunk.producerId) throw new FieldError("chunk.producer_id", "empty");
     checkTensor(chunk.activations, "chunk.activations", { dtype: this.buffer.dtype, shape: [undefined, hook.pool.dModel] });
     const rows = chunk.activations!.shape[0]!;
     if (rows === 0) throw new FieldError("chunk.activations.shape", "dimension 0 is 0; a chunk holds at least one row");
-    if (chunk.contextIds.length !== rows) throw new FieldError("chunk.context_ids", `${chunk.contextIds.length} ids for ${rows} rows; one per row`);
+    if (chunk.contextIds.length !== rows)
+      throw new FieldError("chunk.context_ids", `${chunk.contextIds.length} ids for ${rows} rows; one per row`);
     if (chunk.tokenIds.length !== 0 && chunk.tokenIds.length !== rows) {
       throw new FieldError("chunk.token_ids", `${chunk.tokenIds.length} ids for ${rows} rows; none or one per row`);
     }
@@ -129,7 +139,14 @@ export class Ingest {
       const width = hook.pool.dModel;
       for (let r = 0; r < rows; r++) {
         if (!rowIsFinite(values, tensor.dtype, r * width, (r + 1) * width)) {
-          return this.dropRest(hook, 0, rows, "non_finite", status.INVALID_ARGUMENT, `chunk.activations.data: row ${r} holds NaN or Inf; the chunk was refused`);
+          return this.dropRest(
+            hook,
+            0,
+            rows,
+            "non_finite",
+            status.INVALID_ARGUMENT,
+            `chunk.activations.data: row ${r} holds NaN or Inf; the chunk was refused`,
+          );
         }
       }
     }
@@ -146,7 +163,14 @@ export class Ingest {
     let placed = 0;
     while (placed < rows) {
       if (this.buffer.closedToPushes) {
-        return this.dropRest(hook, placed, rows, "draining", status.FAILED_PRECONDITION, `buffer is draining: ${rows - placed} of ${rows} rows not pooled`);
+        return this.dropRest(
+          hook,
+          placed,
+          rows,
+          "draining",
+          status.FAILED_PRECONDITION,
+          `buffer is draining: ${rows - placed} of ${rows} rows not pooled`,
+        );
       }
       const fits = Math.min(hook.pool.free, rows - placed);
       if (fits > 0) {

@@ -21,9 +21,14 @@ export class Instruments {
     this.rowsIn = meter.createCounter("saeflow.buffer.rows_in", { description: "Rows accepted into a pool." });
     this.rowsOut = meter.createCounter("saeflow.buffer.rows_out", { description: "Rows that left a pool after every consumer had them." });
     this.rowsDropped = meter.createCounter("saeflow.buffer.rows_dropped", { description: "Rows of valid chunks not pooled, by reason." });
-    this.chunksRefused = meter.createCounter("saeflow.buffer.chunks_refused", { description: "Chunks refused by the checks, by field at fault." });
+    this.chunksRefused = meter.createCounter("saeflow.buffer.chunks_refused", {
+      description: "Chunks refused by the checks, by field at fault.",
+    });
     this.refillCycles = meter.createCounter("saeflow.buffer.refill_cycles", { description: "Times a pool fell to its low watermark." });
-    this.trainerWaitMs = meter.createCounter("saeflow.buffer.trainer_wait", { unit: "ms", description: "Time trainer streams waited for rows." });
+    this.trainerWaitMs = meter.createCounter("saeflow.buffer.trainer_wait", {
+      unit: "ms",
+      description: "Time trainer streams waited for rows.",
+    });
     this.fillFraction = meter.createObservableGauge("saeflow.buffer.fill_fraction", { description: "Unconsumed rows over capacity." });
     this.observeFill = (result) => {
       for (const [hookPoint, fraction] of fill()) result.observe(fraction, { hook_point: hookPoint });

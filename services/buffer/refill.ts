@@ -1,13 +1,5 @@
 import type { Subscription } from "@nats-io/transport-node";
-import {
-  Demand,
-  HEARTBEAT_MS,
-  MEMBER_TIMEOUT_MS,
-  MemberAnnounce,
-  RunState,
-  type Subjects,
-  subjects,
-} from "../common/coordination.js";
+import { Demand, HEARTBEAT_MS, MEMBER_TIMEOUT_MS, MemberAnnounce, RunState, type Subjects, subjects } from "../common/coordination.js";
 import type { Bus } from "../common/nats.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import type { ActivationBuffer, BufferObserver } from "./buffer.js";
@@ -141,7 +133,8 @@ export class RefillCoordinator implements BufferObserver {
     member.announce = announce;
     member.lastSeen = Date.now();
     member.live = true;
-    if (revived || before.chunkRows !== announce.chunkRows || before.hookPoints.join("\n") !== announce.hookPoints.join("\n")) this.membershipChanged();
+    if (revived || before.chunkRows !== announce.chunkRows || before.hookPoints.join("\n") !== announce.hookPoints.join("\n"))
+      this.membershipChanged();
   }
 
   private leave(producerId: string): void {
@@ -232,8 +225,11 @@ export class RefillCoordinator implements BufferObserver {
       member.grant += shares[i]!;
       for (const h of hooks) open.set(h, open.get(h)! - shares[i]!);
     });
-    eligible.sort((a, b) => mostOutstanding(a.member) - mostOutstanding(b.member) || a.member.announce.producerId.localeCompare(b.member.announce.producerId));
-    for (let granted = true; granted; ) {
+    eligible.sort(
+      (a, b) =>
+        mostOutstanding(a.member) - mostOutstanding(b.member) || a.member.announce.producerId.localeCompare(b.member.announce.producerId),
+    );
+    for (let granted = true; granted;) {
       granted = false;
       for (const { member, hooks } of eligible) {
         const chunk = member.announce.chunkRows;

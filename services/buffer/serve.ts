@@ -47,10 +47,14 @@ export class BatchServer {
   async serve(request: BatchesRequest, sink: BatchSink, abort: AbortSignal): Promise<void> {
     const hook = this.buffer.hooks.get(request.hookPoint);
     if (!hook) {
-      throw new FieldError("hook_point", `unknown hook point "${request.hookPoint}"; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`);
+      throw new FieldError(
+        "hook_point",
+        `unknown hook point "${request.hookPoint}"; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`,
+      );
     }
     const { capacity, rowBytes, dModel } = hook.pool;
-    if (request.batchSize < 1 || request.batchSize > capacity) throw new FieldError("batch_size", `${request.batchSize} is outside 1..${capacity} (the pool capacity)`);
+    if (request.batchSize < 1 || request.batchSize > capacity)
+      throw new FieldError("batch_size", `${request.batchSize} is outside 1..${capacity} (the pool capacity)`);
     if (!request.trainerId) throw new FieldError("trainer_id", "empty");
     const group = request.group || "default";
     const cursor = this.attach(hook, group, request.share);
@@ -92,7 +96,14 @@ export class BatchServer {
         sent[k] = new Promise<true>((resolve) => sink.write(message, () => resolve(true)));
         stats.batches++;
         stats.rows += rows;
-        span.setAttributes({ sequence, rows, bytes: rows * rowBytes, distinct_contexts: batch.distinctContexts, wait_ms: waitMs, fill_cycle: batch.cycle });
+        span.setAttributes({
+          sequence,
+          rows,
+          bytes: rows * rowBytes,
+          distinct_contexts: batch.distinctContexts,
+          wait_ms: waitMs,
+          fill_cycle: batch.cycle,
+        });
         span.end();
       }
     } finally {
@@ -130,7 +141,11 @@ export class BatchServer {
       group = { share, members: 0, shared: share === "split" ? hook.pool.openCursor() : undefined };
       groups.set(name, group);
     } else if (asked && asked !== group.share) {
-      throw new FieldError("share", `group "${name}" on ${hook.name} is ${group.share}; this trainer asked for ${asked}`, status.FAILED_PRECONDITION);
+      throw new FieldError(
+        "share",
+        `group "${name}" on ${hook.name} is ${group.share}; this trainer asked for ${asked}`,
+        status.FAILED_PRECONDITION,
+      );
     }
     group.members++;
     return group.shared ?? hook.pool.openCursor();
@@ -150,5 +165,7 @@ export class BatchServer {
 
 /** The first `elements` elements of `out` as the typed array toTensor expects for `dtype`. */
 function hostView(out: Buffer, dtype: DType, elements: number): HostArray {
-  return dtype === DType.FP32 ? new Float32Array(out.buffer, out.byteOffset, elements) : new Uint16Array(out.buffer, out.byteOffset, elements);
+  return dtype === DType.FP32
+    ? new Float32Array(out.buffer, out.byteOffset, elements)
+    : new Uint16Array(out.buffer, out.byteOffset, elements);
 }

@@ -11,7 +11,12 @@ import { RefillCoordinator } from "./refill.js";
 import { BatchServer } from "./serve.js";
 
 /** The gRPC face of a buffer. */
-export function bufferHandlers(buffer: ActivationBuffer, ingest: Ingest, batches: BatchServer, refill: RefillCoordinator | undefined): ServiceHandlers<typeof BufferService> {
+export function bufferHandlers(
+  buffer: ActivationBuffer,
+  ingest: Ingest,
+  batches: BatchServer,
+  refill: RefillCoordinator | undefined,
+): ServiceHandlers<typeof BufferService> {
   return {
     // Reading pauses while a chunk is handled, so a full pool holds the producer back through flow
     // control. Not `for await`: leaving it early destroys the call before its status can be sent.
@@ -71,13 +76,20 @@ export interface RunningBuffer {
 /** Allocates the pools, serves gRPC and, given a bus, runs the NATS handshake. */
 export async function startBuffer(options: StartBufferOptions): Promise<RunningBuffer> {
   const { config } = options;
-  const buffer = new ActivationBuffer({ runId: config.run.id, seed: config.run.seed, config: config.buffer, segmentBytes: options.segmentBytes });
+  const buffer = new ActivationBuffer({
+    runId: config.run.id,
+    seed: config.run.seed,
+    config: config.buffer,
+    segmentBytes: options.segmentBytes,
+  });
   const ingest = new Ingest(buffer);
   const batches = new BatchServer(buffer);
   const refill = options.bus ? new RefillCoordinator({ bus: options.bus, prefix: config.nats.subjectPrefix, buffer, ingest }) : undefined;
   let server: RunningServer;
   try {
-    server = await startServer(options.address ?? config.buffer.address, config.transport, [bind(BufferService, bufferHandlers(buffer, ingest, batches, refill))]);
+    server = await startServer(options.address ?? config.buffer.address, config.transport, [
+      bind(BufferService, bufferHandlers(buffer, ingest, batches, refill)),
+    ]);
   } catch (err) {
     buffer.close();
     throw err;

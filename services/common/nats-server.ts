@@ -43,7 +43,10 @@ export async function startNatsServer(options: { port?: number; binary?: string;
   void exited.then(() => process.off("exit", killOnExit));
   await new Promise<void>((resolve, reject) => {
     let log = "";
-    const timer = setTimeout(() => reject(new Error(`nats-server did not start within ${options.timeoutMs ?? 10000} ms:\n${log}`)), options.timeoutMs ?? 10000);
+    const timer = setTimeout(
+      () => reject(new Error(`nats-server did not start within ${options.timeoutMs ?? 10000} ms:\n${log}`)),
+      options.timeoutMs ?? 10000,
+    );
     child.stderr!.on("data", (d: Buffer) => {
       log += d.toString();
       if (log.includes("Server is ready")) {

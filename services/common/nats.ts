@@ -12,9 +12,20 @@ export interface Bus {
   /** Calls `handler` for each valid message until the returned subscription is drained. */
   subscribe<S extends z.ZodType>(subject: string, schema: S, handler: (message: z.output<S>, subject: string) => void): Subscription;
   /** Request/reply with a validated answer; rejects on timeout or invalid answer. */
-  request<Q extends z.ZodType, A extends z.ZodType>(subject: string, query: Q, message: z.input<Q>, answer: A, timeoutMs: number): Promise<z.output<A>>;
+  request<Q extends z.ZodType, A extends z.ZodType>(
+    subject: string,
+    query: Q,
+    message: z.input<Q>,
+    answer: A,
+    timeoutMs: number,
+  ): Promise<z.output<A>>;
   /** Answers requests on `subject`; a handler error is logged and no answer is sent. */
-  reply<Q extends z.ZodType, A extends z.ZodType>(subject: string, query: Q, answer: A, handler: (message: z.output<Q>) => z.input<A>): Subscription;
+  reply<Q extends z.ZodType, A extends z.ZodType>(
+    subject: string,
+    query: Q,
+    answer: A,
+    handler: (message: z.output<Q>) => z.input<A>,
+  ): Subscription;
   /** Flushes and closes; resolves when the connection is really closed. */
   close(): Promise<void>;
 }

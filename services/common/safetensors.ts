@@ -135,7 +135,7 @@ export function writeAtomic(path: string, chunks: readonly Uint8Array[]): void {
   const fd = openSync(tmp, "w");
   try {
     for (const chunk of chunks) {
-      for (let done = 0; done < chunk.byteLength; ) done += writeSync(fd, chunk, done, chunk.byteLength - done);
+      for (let done = 0; done < chunk.byteLength;) done += writeSync(fd, chunk, done, chunk.byteLength - done);
     }
     fsyncSync(fd);
   } catch (err) {

@@ -16,8 +16,15 @@ export interface RunningRole {
   stop(): Promise<void>;
 }
 
-export async function serviceMain(role: string, start: (config: RunConfig) => Promise<RunningRole>, attributes: (c: RunConfig) => Record<string, string> = () => ({})): Promise<never> {
-  const { values } = parseArgs({ options: { config: { type: "string" }, set: { type: "string", multiple: true, default: [] } }, strict: true });
+export async function serviceMain(
+  role: string,
+  start: (config: RunConfig) => Promise<RunningRole>,
+  attributes: (c: RunConfig) => Record<string, string> = () => ({}),
+): Promise<never> {
+  const { values } = parseArgs({
+    options: { config: { type: "string" }, set: { type: "string", multiple: true, default: [] } },
+    strict: true,
+  });
   let config: RunConfig;
   try {
     config = loadConfig({ file: values.config, env: process.env, sets: values.set });

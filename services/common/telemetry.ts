@@ -33,7 +33,9 @@ export function startTelemetry(options: TelemetryOptions): Telemetry {
   // them across awaits, so trace context still flows to peers that do export.
   const tracerProvider = new NodeTracerProvider({
     resource,
-    spanProcessors: base ? [new BatchSpanProcessor(new OTLPTraceExporter({ url: `${base}/v1/traces` }), { scheduledDelayMillis: 500 })] : [],
+    spanProcessors: base
+      ? [new BatchSpanProcessor(new OTLPTraceExporter({ url: `${base}/v1/traces` }), { scheduledDelayMillis: 500 })]
+      : [],
   });
   tracerProvider.register({ propagator: new W3CTraceContextPropagator() });
   if (!base) return { shutdown: () => tracerProvider.shutdown() };
@@ -55,7 +57,12 @@ export function startTelemetry(options: TelemetryOptions): Telemetry {
 }
 
 /** Runs `fn` inside a span that records an exception and error status if `fn` throws. */
-export async function inSpan<T>(tracer: Tracer, name: string, attributes: Record<string, string | number | boolean>, fn: (span: Span) => Promise<T>): Promise<T> {
+export async function inSpan<T>(
+  tracer: Tracer,
+  name: string,
+  attributes: Record<string, string | number | boolean>,
+  fn: (span: Span) => Promise<T>,
+): Promise<T> {
   return tracer.startActiveSpan(name, { attributes }, async (span) => {
     try {
       return await fn(span);
@@ -77,7 +84,9 @@ export function traceparentOf(span: Span): string {
 }
 
 /** Parses a traceparent carried in a message into a span context for a link; undefined if absent. */
-export function linkFrom(traceparent: string): { context: { traceId: string; spanId: string; traceFlags: number; isRemote: boolean } } | undefined {
+export function linkFrom(
+  traceparent: string,
+): { context: { traceId: string; spanId: string; traceFlags: number; isRemote: boolean } } | undefined {
   const m = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/.exec(traceparent);
   if (!m) return undefined;
   return { context: { traceId: m[1]!, spanId: m[2]!, traceFlags: parseInt(m[3]!, 16), isRemote: true } };

@@ -31,7 +31,7 @@ export type HostArray = Float32Array | Uint16Array;
 export function toTensor(array: HostArray, dtype: DType, shape: readonly number[]): Tensor {
   const expected = shape.reduce((a, b) => a * b, 1);
   if (array.length !== expected) throw new RangeError(`toTensor: ${array.length} elements for shape [${shape.join(", ")}]`);
-  if ((array instanceof Float32Array) !== (dtype === DType.FP32)) throw new TypeError(`toTensor: array type does not fit dtype ${dtype}`);
+  if (array instanceof Float32Array !== (dtype === DType.FP32)) throw new TypeError(`toTensor: array type does not fit dtype ${dtype}`);
   return create(TensorSchema, { dtype, shape: [...shape], data: new Uint8Array(array.buffer, array.byteOffset, array.byteLength) });
 }
 
@@ -67,7 +67,10 @@ export function checkTensor(tensor: Tensor | undefined, field: string, expect: T
   }
   const elements = tensor.shape.reduce((a, b) => a * b, 1);
   if (elements * size !== tensor.data.byteLength) {
-    throw new FieldError(`${field}.data`, `${tensor.data.byteLength} bytes, but shape [${tensor.shape.join(", ")}] x ${size} bytes = ${elements * size}`);
+    throw new FieldError(
+      `${field}.data`,
+      `${tensor.data.byteLength} bytes, but shape [${tensor.shape.join(", ")}] x ${size} bytes = ${elements * size}`,
+    );
   }
   if (expect.maxBytes !== undefined && tensor.data.byteLength > expect.maxBytes) {
     throw new FieldError(`${field}.data`, `${tensor.data.byteLength} bytes exceeds the limit of ${expect.maxBytes}`);

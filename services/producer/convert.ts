@@ -23,7 +23,8 @@ export function keptSpans(keep: Uint8Array): Spans {
  */
 export function gatherRows(output: HookOutput, spans: Spans, rows: number, dModel: number, dtype: DType): HostArray {
   const out: HostArray = dtype === DType.FP32 ? new Float32Array(rows * dModel) : new Uint16Array(rows * dModel);
-  const scratch = output.type === "float16" && dtype === DType.BF16 ? new Float32Array(dModel * Math.max(0, ...spans.map(([a, b]) => b - a))) : undefined;
+  const scratch =
+    output.type === "float16" && dtype === DType.BF16 ? new Float32Array(dModel * Math.max(0, ...spans.map(([a, b]) => b - a))) : undefined;
   let row = 0;
   for (const [start, end] of spans) {
     const n = (end - start) * dModel;

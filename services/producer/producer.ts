@@ -61,17 +61,26 @@ interface InFlight {
 function checkAgainstRun(config: RunConfig, tokenizer: TextTokenizer, session: ModelSession): void {
   const p = config.producer;
   if (session.vocabSize !== undefined && tokenizer.vocabSize > session.vocabSize) {
-    throw configError("producer.tokenizer", `${tokenizer.source} has ${tokenizer.vocabSize} ids but the model's vocabulary is ${session.vocabSize}`);
+    throw configError(
+      "producer.tokenizer",
+      `${tokenizer.source} has ${tokenizer.vocabSize} ids but the model's vocabulary is ${session.vocabSize}`,
+    );
   }
   p.hookPoints.forEach((hook, i) => {
     const pool = config.buffer.hookPoints.find((h) => h.name === hook);
     if (pool && pool.dModel !== session.dModel) {
-      throw configError(`producer.hookPoints.${i}`, `${hook} is ${session.dModel} wide in the model but its buffer pool has dModel ${pool.dModel}`);
+      throw configError(
+        `producer.hookPoints.${i}`,
+        `${hook} is ${session.dModel} wide in the model but its buffer pool has dModel ${pool.dModel}`,
+      );
     }
   });
   const chunkBytes = p.batchContexts * p.contextLength * session.dModel * DTYPE_BYTES[dtypeFromName(p.dtype)];
   if (chunkBytes > config.transport.maxMessageBytes - (1 << 20)) {
-    throw configError("producer.batchContexts", `a chunk of ${p.batchContexts} contexts x ${p.contextLength} tokens x ${session.dModel} is ${chunkBytes} bytes, over transport.maxMessageBytes`);
+    throw configError(
+      "producer.batchContexts",
+      `a chunk of ${p.batchContexts} contexts x ${p.contextLength} tokens x ${session.dModel} is ${chunkBytes} bytes, over transport.maxMessageBytes`,
+    );
   }
 }
 
@@ -92,13 +101,19 @@ export async function startProducer(config: RunConfig, options: ProducerOptions 
   const id = p.id || `producer-${p.shardIndex}`;
   const tokenizer = loadTokenizer(p.tokenizer);
   if (p.prependBos && tokenizer.bosId === undefined) {
-    throw configError("producer.prependBos", `${p.tokenizer} defines no BOS token (no bos_token in tokenizer_config.json); set producer.prependBos=false`);
+    throw configError(
+      "producer.prependBos",
+      `${p.tokenizer} defines no BOS token (no bos_token in tokenizer_config.json); set producer.prependBos=false`,
+    );
   }
   const files = resolveSources(p.dataset);
   const store = new PositionStore(p.stateFile || join(config.run.dir, `${id}.position.json`), fingerprint(config, files));
   const saved = p.resume ? store.load() : undefined;
   let delivered: Position = saved ?? freshPosition();
-  if (saved) log(`producer ${id}: resuming at file ${saved.cursor.fileIndex} byte ${saved.cursor.offset} (epoch ${saved.cursor.epoch}, ${saved.contexts} contexts done)`);
+  if (saved)
+    log(
+      `producer ${id}: resuming at file ${saved.cursor.fileIndex} byte ${saved.cursor.offset} (epoch ${saved.cursor.epoch}, ${saved.contexts} contexts done)`,
+    );
 
   let state = ServiceState.STARTING;
   const counters = { tokens: 0, rows: 0, bytes: 0 };
@@ -141,8 +156,15 @@ export async function startProducer(config: RunConfig, options: ProducerOptions 
     },
   };
 
-  const server: RunningServer = await startServer(options.address ?? p.address, config.transport, [bind(ProducerService, producerHandlers(control))]);
-  const gate = new DemandGate(subjects(config.nats.subjectPrefix, config.run.id), { producerId: id, hookPoints: p.hookPoints, address: server.address, chunkRows }, log, chunkRows / p.batchContexts);
+  const server: RunningServer = await startServer(options.address ?? p.address, config.transport, [
+    bind(ProducerService, producerHandlers(control)),
+  ]);
+  const gate = new DemandGate(
+    subjects(config.nats.subjectPrefix, config.run.id),
+    { producerId: id, hookPoints: p.hookPoints, address: server.address, chunkRows },
+    log,
+    chunkRows / p.batchContexts,
+  );
   let model: ModelSession | undefined;
   let bus: Bus;
   try {
@@ -199,7 +221,13 @@ export async function startProducer(config: RunConfig, options: ProducerOptions 
       files,
       read: { textSplit: p.textSplit, textField: p.textField, log },
       shard: { index: p.shardIndex, count: p.shardCount },
-      pack: { contextLength: p.contextLength, prependBos: p.prependBos, excludeBos: p.excludeBos, bosId: tokenizer.bosId, padId: tokenizer.padId },
+      pack: {
+        contextLength: p.contextLength,
+        prependBos: p.prependBos,
+        excludeBos: p.excludeBos,
+        bosId: tokenizer.bosId,
+        padId: tokenizer.padId,
+      },
       encode: tokenizer.encode,
       epochs: p.epochs,
     },
@@ -224,11 +252,19 @@ export async function startProducer(config: RunConfig, options: ProducerOptions 
         traceparent = traceparentOf(span);
         return model.run(batch.inputs);
       });
-      const arrays = await inSpan(tracer, "producer.convert", { tokens: batch.tokens, rows: batch.rows, hook_points: p.hookPoints.length }, async (span) => {
-        const out = p.hookPoints.map((hook) => gatherRows(outputs.get(hook)!, batch.spans, batch.rows, model.dModel, dtype));
-        span.setAttribute("bytes", out.reduce((n, a) => n + a.byteLength, 0));
-        return out;
-      });
+      const arrays = await inSpan(
+        tracer,
+        "producer.convert",
+        { tokens: batch.tokens, rows: batch.rows, hook_points: p.hookPoints.length },
+        async (span) => {
+          const out = p.hookPoints.map((hook) => gatherRows(outputs.get(hook)!, batch.spans, batch.rows, model.dModel, dtype));
+          span.setAttribute(
+            "bytes",
+            out.reduce((n, a) => n + a.byteLength, 0),
+          );
+          return out;
+        },
+      );
       const last = batch.contexts[batch.contexts.length - 1]!;
       const pass: InFlight = {
         position: { cursor: last.end, documentsDone: last.documentsDone, contexts: last.id + 1, exhausted: false, nextSequence: {} },
@@ -302,7 +338,8 @@ export async function startProducer(config: RunConfig, options: ProducerOptions 
       if (state !== ServiceState.STOPPED) state = ServiceState.DRAINING;
       gate.stop();
       await finished.catch(() => undefined);
-      if (!(await stream.flush(FLUSH_MS))) log(`producer ${id}: ${stream.inFlight} chunks unanswered after ${FLUSH_MS} ms; they will be produced again on resume`);
+      if (!(await stream.flush(FLUSH_MS)))
+        log(`producer ${id}: ${stream.inFlight} chunks unanswered after ${FLUSH_MS} ms; they will be produced again on resume`);
       save(true);
       await gate.leave();
       await stream.close();

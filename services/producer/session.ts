@@ -62,10 +62,19 @@ function providerOptions(provider: ExecutionProvider, threads: number): ort.Infe
   };
 }
 
-async function createSession(cut: ModelProto, modelDir: string, provider: ExecutionProvider, threads: number): Promise<ort.InferenceSession> {
+async function createSession(
+  cut: ModelProto,
+  modelDir: string,
+  provider: ExecutionProvider,
+  threads: number,
+): Promise<ort.InferenceSession> {
   const key = "producer.executionProvider";
   const known = ort.listSupportedBackends().map((b) => b.name);
-  if (!known.includes(provider)) throw configError(key, `${provider} is not available in this onnxruntime-node build (it has ${known.join(", ")}); set producer.executionProvider=cpu`);
+  if (!known.includes(provider))
+    throw configError(
+      key,
+      `${provider} is not available in this onnxruntime-node build (it has ${known.join(", ")}); set producer.executionProvider=cpu`,
+    );
   try {
     return await sessionFor(cut, modelDir, providerOptions(provider, threads));
   } catch (err) {
@@ -86,7 +95,10 @@ async function createSession(cut: ModelProto, modelDir: string, provider: Execut
  */
 export async function openModelSession(options: SessionOptions): Promise<ModelSession> {
   if (!existsSync(options.model)) {
-    throw configError("producer.model", `${options.model} does not exist; make the tiny test model with \`${MAKE_TINY_MODEL}\` or point producer.model at an ONNX export`);
+    throw configError(
+      "producer.model",
+      `${options.model} does not exist; make the tiny test model with \`${MAKE_TINY_MODEL}\` or point producer.model at an ONNX export`,
+    );
   }
   let full: ModelProto;
   try {
@@ -113,7 +125,11 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
     const out: Record<string, ort.Tensor> = {};
     for (const name of session.inputNames) {
       const data = all[name];
-      if (!data) throw configError("producer.model", `the model has an input "${name}"; a causal LM export takes input_ids, attention_mask and position_ids`);
+      if (!data)
+        throw configError(
+          "producer.model",
+          `the model has an input "${name}"; a causal LM export takes input_ids, attention_mask and position_ids`,
+        );
       out[name] = new ort.Tensor("int64", data, dims);
     }
     return out;
@@ -130,7 +146,13 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
   };
   let probe: Map<string, HookOutput>;
   try {
-    probe = await run({ batch: 1, length: 2, inputIds: new BigInt64Array([1n, 2n]), attentionMask: new BigInt64Array([1n, 1n]), positionIds: new BigInt64Array([0n, 1n]) });
+    probe = await run({
+      batch: 1,
+      length: 2,
+      inputIds: new BigInt64Array([1n, 2n]),
+      attentionMask: new BigInt64Array([1n, 1n]),
+      positionIds: new BigInt64Array([0n, 1n]),
+    });
   } catch (err) {
     await session.release();
     if (err instanceof ConfigError || options.provider === "cpu") throw err;

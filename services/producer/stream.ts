@@ -2,7 +2,13 @@ import { create } from "@bufbuild/protobuf";
 import { type ClientDuplexStream, type ServiceError, status } from "@grpc/grpc-js";
 import type { TransportConfig } from "../common/config/index.js";
 import { createClient, type ServiceClient } from "../common/grpc/adapter.js";
-import { type ActivationChunk, BufferService, type PushRequest, PushRequestSchema, type PushResponse } from "../gen/saeflow/buffer/v1/buffer_pb.js";
+import {
+  type ActivationChunk,
+  BufferService,
+  type PushRequest,
+  PushRequestSchema,
+  type PushResponse,
+} from "../gen/saeflow/buffer/v1/buffer_pb.js";
 
 export interface PushStreamOptions {
   address: string;
@@ -21,7 +27,13 @@ const MAX_BACKOFF_MS = 5000;
 /** How long one reconnect attempt waits for the channel to connect. */
 const CONNECT_MS = 1000;
 /** Stream statuses that re-sending cannot cure (wrong run, a contract mismatch): the producer stops. */
-const PERMANENT = new Set<number>([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION, status.UNIMPLEMENTED, status.PERMISSION_DENIED, status.UNAUTHENTICATED]);
+const PERMANENT = new Set<number>([
+  status.INVALID_ARGUMENT,
+  status.FAILED_PRECONDITION,
+  status.UNIMPLEMENTED,
+  status.PERMISSION_DENIED,
+  status.UNAUTHENTICATED,
+]);
 
 /**
  * The producer's side of BufferService.Push: one bidi stream carrying every hook point's chunks.
@@ -63,7 +75,12 @@ export class PushStream {
     const request = create(PushRequestSchema, { chunk });
     this.pending.push(request);
     if (this.call) this.writable = this.call.write(request);
-    await this.until(() => this.closing || this.fatal !== undefined || (this.pending.length < this.options.maxInFlight && (this.call === undefined || this.writable)));
+    await this.until(
+      () =>
+        this.closing ||
+        this.fatal !== undefined ||
+        (this.pending.length < this.options.maxInFlight && (this.call === undefined || this.writable)),
+    );
     if (this.fatal) throw this.fatal;
   }
 
@@ -128,7 +145,9 @@ export class PushStream {
       this.client.ready(CONNECT_MS).then(
         () => {
           if (this.closing) return;
-          this.options.log(`push: stream to ${this.options.address} is back after ${Date.now() - this.lostSince!} ms; re-sending ${this.pending.length} chunks`);
+          this.options.log(
+            `push: stream to ${this.options.address} is back after ${Date.now() - this.lostSince!} ms; re-sending ${this.pending.length} chunks`,
+          );
           this.lostSince = undefined;
           this.backoffMs = MIN_BACKOFF_MS;
           this.open();

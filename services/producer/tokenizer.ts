@@ -51,7 +51,8 @@ function readJson(path: string, key: string): unknown {
  */
 export function loadTokenizer(spec: string, key = "producer.tokenizer"): TextTokenizer {
   if (spec === BUILTIN_LLAMA3_1) return wrap(spec, fromPreTrained());
-  if (spec.startsWith("builtin:")) throw new ConfigError(`${key}: unknown builtin tokenizer "${spec}"; the builtin is ${BUILTIN_LLAMA3_1}`, [key]);
+  if (spec.startsWith("builtin:"))
+    throw new ConfigError(`${key}: unknown builtin tokenizer "${spec}"; the builtin is ${BUILTIN_LLAMA3_1}`, [key]);
   const file = existsSync(spec) && statSync(spec).isDirectory() ? join(spec, "tokenizer.json") : spec;
   if (!existsSync(file)) throw new ConfigError(`${key}: tokenizer file ${file} does not exist`, [key]);
   const configFile = join(dirname(file), "tokenizer_config.json");

@@ -25,7 +25,11 @@ await serviceMain(
       buffer.close();
       throw err;
     }
-    const trainer = new Trainer({ config, source: new GrpcBatchSource(buffer, config), log: (line) => process.stdout.write(`trainer: ${line}\n`) });
+    const trainer = new Trainer({
+      config,
+      source: new GrpcBatchSource(buffer, config),
+      log: (line) => process.stdout.write(`trainer: ${line}\n`),
+    });
     const server = await startServer(t.address, config.transport, [bind(TrainerService, trainerHandlers(trainer, t.hookPoint))]);
     void trainer.ready.then(() => server.health.set(Serving.SERVING));
     const finished = trainer.run();

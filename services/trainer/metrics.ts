@@ -73,7 +73,10 @@ export class Window {
   }
 
   /** Averages of the window, then a reset. */
-  take(): Pick<WindowMetrics, "mse" | "fvu" | "explained_variance" | "l0" | "aux_loss" | "penalty" | "prefix_loss" | "loss" | "grad_norm" | "k" | "learning_rate"> {
+  take(): Pick<
+    WindowMetrics,
+    "mse" | "fvu" | "explained_variance" | "l0" | "aux_loss" | "penalty" | "prefix_loss" | "loss" | "grad_norm" | "k" | "learning_rate"
+  > {
     const mse = this.sse / this.rows;
     const fvu = this.variance > 0 ? this.sse / this.variance : 0;
     const aux = this.aux / this.steps;
@@ -125,8 +128,14 @@ export class TrainerMeters {
   private readonly latest = new Map<string, WindowMetrics>();
   private readonly meter = metrics.getMeter("saeflow.trainer");
   private readonly tokens = this.meter.createCounter("saeflow.trainer.tokens", { description: "Tokens trained on, per SAE." });
-  private readonly wait = this.meter.createCounter("saeflow.trainer.batch_wait", { unit: "ms", description: "Time spent waiting for batches." });
-  private readonly stepDuration = this.meter.createHistogram("saeflow.trainer.step_duration", { unit: "ms", description: "Wall time of one step of the sweep." });
+  private readonly wait = this.meter.createCounter("saeflow.trainer.batch_wait", {
+    unit: "ms",
+    description: "Time spent waiting for batches.",
+  });
+  private readonly stepDuration = this.meter.createHistogram("saeflow.trainer.step_duration", {
+    unit: "ms",
+    description: "Wall time of one step of the sweep.",
+  });
 
   constructor() {
     for (const [key, name, description] of GAUGES) {

@@ -69,7 +69,13 @@ function select(spec: StepSpec, pre: Float64Array, rankNorm: Float64Array | unde
   const scoreOf = (i: number, v: number) => (rankNorm ? Math.max(v, 0) * rankNorm[i]! : v);
   if (spec.recipe === "topk") {
     for (let b = 0; b < B; b++) {
-      const row = Array.from({ length: n }, (_, i) => ({ row: b, latent: i, value: pre[b * n + i]!, score: scoreOf(i, pre[b * n + i]!), key: i }));
+      const row = Array.from({ length: n }, (_, i) => ({
+        row: b,
+        latent: i,
+        value: pre[b * n + i]!,
+        score: scoreOf(i, pre[b * n + i]!),
+        key: i,
+      }));
       out.push(...row.sort(byScore).slice(0, k));
     }
   } else if (spec.recipe === "batchtopk" || spec.recipe === "matryoshka") {
@@ -107,9 +113,22 @@ export function evaluate(spec: StepSpec, P: Params64, x: Float32Array, sc: StepS
   for (let i = 0; i < B * d; i++) mean[i % d]! += xNorm[i]! / B;
   const stats = new Float64Array(STAT_COUNT);
   stats[STAT.variance] = xNorm.reduce((a, v, i) => a + (v - mean[i % d]!) ** 2, 0);
-  const G: Params64 = { W_enc: new Float64Array(n * d), b_enc: new Float64Array(n), W_dec: new Float64Array(n * d), b_dec: new Float64Array(d) };
-  const fixed: Frozen = frozen ?? { err: new Float64Array(0), errVar: 0, W_dec: Float64Array.from(P.W_dec), b_dec: Float64Array.from(P.b_dec) };
-  const code = spec.recipe === "gated" ? gatedCode(spec, P, xNorm, xCent, enc, pre, decNorm, sc, fixed, G) : sparseCode(spec, P, xNorm, xCent, pre, decNorm, sc, G);
+  const G: Params64 = {
+    W_enc: new Float64Array(n * d),
+    b_enc: new Float64Array(n),
+    W_dec: new Float64Array(n * d),
+    b_dec: new Float64Array(d),
+  };
+  const fixed: Frozen = frozen ?? {
+    err: new Float64Array(0),
+    errVar: 0,
+    W_dec: Float64Array.from(P.W_dec),
+    b_dec: Float64Array.from(P.b_dec),
+  };
+  const code =
+    spec.recipe === "gated"
+      ? gatedCode(spec, P, xNorm, xCent, enc, pre, decNorm, sc, fixed, G)
+      : sparseCode(spec, P, xNorm, xCent, pre, decNorm, sc, G);
   stats[STAT.sse] = code.sse;
   stats[STAT.penalty] = code.penalty;
   stats[STAT.minAct] = code.minAct;
@@ -120,7 +139,10 @@ export function evaluate(spec: StepSpec, P: Params64, x: Float32Array, sc: StepS
     fixed.err = code.err;
     const errMean = new Float64Array(d);
     for (let i = 0; i < B * d; i++) errMean[i % d]! += code.err[i]! / B;
-    fixed.errVar = Math.max(code.err.reduce((a, v, i) => a + (v - errMean[i % d]!) ** 2, 0), 1e-30);
+    fixed.errVar = Math.max(
+      code.err.reduce((a, v, i) => a + (v - errMean[i % d]!) ** 2, 0),
+      1e-30,
+    );
   }
   let aux = code.aux;
   if (spec.auxK && rankedRecipe(spec.recipe) && sc.deadIdx.length > 0 && sc.auxScale > 0) {
@@ -170,7 +192,16 @@ interface CodeResult {
 }
 
 /** TopK, BatchTopK, Matryoshka and ReLU: their forward, and gradients into G. */
-function sparseCode(spec: StepSpec, P: Params64, xNorm: Float64Array, xCent: Float64Array, pre: Float64Array, decNorm: Float64Array, sc: StepScalars, G: Params64): CodeResult {
+function sparseCode(
+  spec: StepSpec,
+  P: Params64,
+  xNorm: Float64Array,
+  xCent: Float64Array,
+  pre: Float64Array,
+  decNorm: Float64Array,
+  sc: StepScalars,
+  G: Params64,
+): CodeResult {
   const { batchSize: B, dModel: d, width: n } = spec;
   const ranked = spec.recipe !== "relu";
   const entries = select(spec, pre, ranked && !spec.unitNormDecoder ? decNorm : undefined, sc.k);
@@ -302,7 +333,12 @@ export const toParams64 = (s: SaeState, recipe: StepSpec["recipe"] = "topk"): Pa
 export const clipFactor = (gradNorm: number, maxNorm: number): number => (maxNorm > 0 ? Math.min(1, maxNorm / (gradNorm + 1e-6)) : 1);
 
 /** One full step: gradients, clipping, Adam with bias correction, decoder renormalisation. */
-export function referenceStep(spec: StepSpec, state: SaeState, x: Float32Array, sc: StepScalars): { next: SaeState; evaluation: Evaluation } {
+export function referenceStep(
+  spec: StepSpec,
+  state: SaeState,
+  x: Float32Array,
+  sc: StepScalars,
+): { next: SaeState; evaluation: Evaluation } {
   const { dModel: d, width: n } = spec;
   const evaluation = evaluate(spec, toParams64(state, spec.recipe), x, sc);
   const clip = clipFactor(evaluation.stats[STAT.gradNorm]!, spec.gradClipNorm);

@@ -27,7 +27,13 @@ export function copyState(from: SaeState, to: SaeState, recipe: StepRecipe = "to
  * the encoder starts as the decoder's transpose (the same [n, d] matrix here), biases (and gated's
  * r_mag) at 0, b_dec at `bDec`, moments at 0.
  */
-export function initState(n: number, d: number, rng: Rng, bDec: Float32Array, opts: { decoderNorm?: number; recipe?: StepRecipe } = {}): SaeState {
+export function initState(
+  n: number,
+  d: number,
+  rng: Rng,
+  bDec: Float32Array,
+  opts: { decoderNorm?: number; recipe?: StepRecipe } = {},
+): SaeState {
   const s = allocState(n, d, opts.recipe);
   const target = opts.decoderNorm ?? 1;
   for (let i = 0; i < n; i++) {
@@ -73,7 +79,12 @@ export function normalisationScale(batches: readonly Float32Array[], d: number):
 }
 
 /** b_dec's starting point in normalised units: zeros, the mean row, or the geometric median (Weiszfeld). */
-export function initialBDec(batches: readonly Float32Array[], d: number, scale: number, method: "mean" | "geometric_median" | "zeros"): Float32Array {
+export function initialBDec(
+  batches: readonly Float32Array[],
+  d: number,
+  scale: number,
+  method: "mean" | "geometric_median" | "zeros",
+): Float32Array {
   const out = new Float32Array(d);
   if (method === "zeros") return out;
   const mean = new Float64Array(d);

@@ -31,7 +31,8 @@ export function trainerHandlers(trainer: Trainer, hookPoint: string): ServiceHan
       };
     },
     checkpoint: async () => {
-      if (!trainer.initialised) throw new FieldError("trainer", "no SAE is initialised yet; nothing to checkpoint", status.FAILED_PRECONDITION);
+      if (!trainer.initialised)
+        throw new FieldError("trainer", "no SAE is initialised yet; nothing to checkpoint", status.FAILED_PRECONDITION);
       const { paths, step } = await trainer.checkpointNow();
       return { paths, step: BigInt(step) };
     },

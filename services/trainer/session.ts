@@ -1,5 +1,16 @@
 import ort from "onnxruntime-node";
-import { buildStepGraph, nextName, type ParamName, paramsOf, penalisedRecipe, rankedRecipe, STAT_COUNT, stateOf, stateShape, type StepSpec } from "./graph/step.js";
+import {
+  buildStepGraph,
+  nextName,
+  type ParamName,
+  paramsOf,
+  penalisedRecipe,
+  rankedRecipe,
+  STAT_COUNT,
+  stateOf,
+  stateShape,
+  type StepSpec,
+} from "./graph/step.js";
 import type { StepScalars } from "./reference.js";
 import { allocState, type SaeState, stateTensor } from "./sae.js";
 
@@ -72,7 +83,9 @@ export class StepSession {
 
   private tensors(state: SaeState): Record<string, ort.Tensor> {
     const { width: n, dModel: d } = this.spec;
-    return Object.fromEntries(stateOf(this.spec.recipe).map((s) => [s, new ort.Tensor("float32", stateTensor(state, s), stateShape(s, n, d))]));
+    return Object.fromEntries(
+      stateOf(this.spec.recipe).map((s) => [s, new ort.Tensor("float32", stateTensor(state, s), stateShape(s, n, d))]),
+    );
   }
 
   /**
@@ -85,7 +98,12 @@ export class StepSession {
     this.scalars.scale.data[0] = sc.scale;
     this.scalars.lr_step.data[0] = sc.lr / (1 - beta1 ** sc.t);
     this.scalars.sqrt_bc2.data[0] = Math.sqrt(1 - beta2 ** sc.t);
-    const feeds: Record<string, ort.Tensor> = { x, scale: this.scalars.scale, lr_step: this.scalars.lr_step, sqrt_bc2: this.scalars.sqrt_bc2 };
+    const feeds: Record<string, ort.Tensor> = {
+      x,
+      scale: this.scalars.scale,
+      lr_step: this.scalars.lr_step,
+      sqrt_bc2: this.scalars.sqrt_bc2,
+    };
     if (penalisedRecipe(recipe)) {
       this.scalars.l1_coef.data[0] = sc.l1Coef;
       feeds.l1_coef = this.scalars.l1_coef;

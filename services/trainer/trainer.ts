@@ -158,7 +158,9 @@ export class Trainer {
     this.cfg = options.config.trainer;
     this.log = options.log ?? (() => undefined);
     this.exportAtEnd = this.cfg.exportOnFinish;
-    this.saes = this.cfg.saes.map((spec, i) => new SaeRun(spec, i, join(options.config.run.dir, spec.name), options.config.run.seed, this.cfg));
+    this.saes = this.cfg.saes.map(
+      (spec, i) => new SaeRun(spec, i, join(options.config.run.dir, spec.name), options.config.run.seed, this.cfg),
+    );
   }
 
   get state(): ServiceState {
@@ -186,7 +188,10 @@ export class Trainer {
    */
   async exportCheckpoints(): Promise<string[]> {
     if (!this.restore()) {
-      throw new ConfigError(`invalid config:\n  run.dir: ${this.runDir} holds no checkpoint of ${this.saes.map((s) => s.spec.name).join(", ")}`, ["run.dir"]);
+      throw new ConfigError(
+        `invalid config:\n  run.dir: ${this.runDir} holds no checkpoint of ${this.saes.map((s) => s.spec.name).join(", ")}`,
+        ["run.dir"],
+      );
     }
     return this.lock.run(() => this.exportAll());
   }
@@ -233,7 +238,8 @@ export class Trainer {
     const rows = first.map((b) => decodeFloats(b.data, dtypeFromName(b.dtype)));
     this.scale = this.cfg.normalizeActivations === "expected_average" ? normalisationScale(rows, d) : 1;
     const bDec = initialBDec(rows, d, this.scale, this.cfg.bDecInit);
-    for (const sae of this.saes) sae.state = initState(sae.spec.width, d, sae.rng, bDec, { decoderNorm: this.cfg.decoderInitNorm, recipe: sae.recipe });
+    for (const sae of this.saes)
+      sae.state = initState(sae.spec.width, d, sae.rng, bDec, { decoderNorm: this.cfg.decoderInitNorm, recipe: sae.recipe });
     return first;
   }
 
@@ -270,10 +276,15 @@ export class Trainer {
     const was = ckpt.meta.config as { sae?: SaeSpec; dModel?: number };
     const key = `trainer.saes.${sae.index}`;
     if (was.dModel !== undefined && was.dModel !== this.cfg.dModel) {
-      throw new ConfigError(`invalid config:\n  trainer.dModel: ${this.cfg.dModel}, but the checkpoint of ${sae.spec.name} was trained at ${was.dModel}`, ["trainer.dModel"]);
+      throw new ConfigError(
+        `invalid config:\n  trainer.dModel: ${this.cfg.dModel}, but the checkpoint of ${sae.spec.name} was trained at ${was.dModel}`,
+        ["trainer.dModel"],
+      );
     }
     if (was.sae && was.sae.recipe !== sae.spec.recipe) {
-      throw new ConfigError(`invalid config:\n  ${key}.recipe: ${sae.spec.recipe}, but its checkpoint was trained as ${was.sae.recipe}`, [`${key}.recipe`]);
+      throw new ConfigError(`invalid config:\n  ${key}.recipe: ${sae.spec.recipe}, but its checkpoint was trained as ${was.sae.recipe}`, [
+        `${key}.recipe`,
+      ]);
     }
   }
 
@@ -359,7 +370,9 @@ export class Trainer {
   private async nextBatch(): Promise<Batch | undefined> {
     const batch = await this.options.source.next();
     if (batch && batch.dModel !== this.cfg.dModel) {
-      throw new ConfigError(`invalid config:\n  trainer.dModel: ${this.cfg.dModel}, but batches have rows of width ${batch.dModel}`, ["trainer.dModel"]);
+      throw new ConfigError(`invalid config:\n  trainer.dModel: ${this.cfg.dModel}, but batches have rows of width ${batch.dModel}`, [
+        "trainer.dModel",
+      ]);
     }
     return batch;
   }
@@ -369,7 +382,10 @@ export class Trainer {
     if ((batch.dtype === "fp16") !== (this.input === "fp16")) throw new Error(`batch dtype changed mid-run to ${batch.dtype}`);
     const link = linkFrom(batch.traceparent);
     const links: Link[] = link ? [link] : [];
-    const span = tracer.startSpan("trainer.step", { attributes: { rows: batch.rows, step: this.stepsDone + 1, saes: this.saes.length }, links });
+    const span = tracer.startSpan("trainer.step", {
+      attributes: { rows: batch.rows, step: this.stepsDone + 1, saes: this.saes.length },
+      links,
+    });
     const began = performance.now();
     this.torn = true;
     try {
@@ -458,7 +474,13 @@ export class Trainer {
               scale: this.scale,
               thresholdEma: sae.thresholdEma,
               firedTokens: [sae.firing.current.tokens, sae.firing.previous.tokens],
-              config: { sae: sae.spec, dModel: this.cfg.dModel, hookPoint: this.cfg.hookPoint, batchSize: this.cfg.batchSize, adam: this.cfg.adam },
+              config: {
+                sae: sae.spec,
+                dModel: this.cfg.dModel,
+                hookPoint: this.cfg.hookPoint,
+                batchSize: this.cfg.batchSize,
+                adam: this.cfg.adam,
+              },
             },
             state: sae.current(),
             lastFired: sae.lastFired,
@@ -532,8 +554,15 @@ export class Trainer {
       if (!batch) break;
       this.keepForCalibration(batch, this.feed(batch));
     }
-    if (this.calibration.length === 0) throw new Error(`${sae.spec.name}: the JumpReLU conversion needs calibration batches and none were seen`);
-    const spec = { batchSize: this.cfg.batchSize, dModel: this.cfg.dModel, width: sae.spec.width, k: sae.spec.k, input: this.input ?? "fp32" };
+    if (this.calibration.length === 0)
+      throw new Error(`${sae.spec.name}: the JumpReLU conversion needs calibration batches and none were seen`);
+    const spec = {
+      batchSize: this.cfg.batchSize,
+      dModel: this.cfg.dModel,
+      width: sae.spec.width,
+      k: sae.spec.k,
+      input: this.input ?? "fp32",
+    };
     return jumpReluThresholds(spec, state, this.scale, this.calibration, this.cfg.threads);
   }
 

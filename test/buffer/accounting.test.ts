@@ -3,7 +3,18 @@ import { after, test } from "node:test";
 import { status } from "@grpc/grpc-js";
 import { type PushResponse, ShareMode } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
-import { attached, collectBatches, type Harness, HOOK, hookStatus, makeChunk, PushClient, rowsMatchIds, startHarness, TestProducer } from "./support.js";
+import {
+  attached,
+  collectBatches,
+  type Harness,
+  HOOK,
+  hookStatus,
+  makeChunk,
+  PushClient,
+  rowsMatchIds,
+  startHarness,
+  TestProducer,
+} from "./support.js";
 
 let h: Harness | undefined;
 const producers: TestProducer[] = [];
@@ -15,10 +26,15 @@ after(async () => {
 /** A producer outside NATS: pushes regardless of demand, held back by gRPC flow control alone. */
 async function rogue(push: PushClient, chunks: number): Promise<PushResponse[]> {
   const sends: Array<Promise<PushResponse>> = [];
-  for (let i = 0; i < chunks; i++) sends.push(push.send(makeChunk({ producerId: "rogue", producerNumber: 9, sequence: i, contexts: [i], rowsPerContext: 64 })));
+  for (let i = 0; i < chunks; i++)
+    sends.push(push.send(makeChunk({ producerId: "rogue", producerNumber: 9, sequence: i, contexts: [i], rowsPerContext: 64 })));
   sends.push(push.send(makeChunk({ producerId: "rogue", producerNumber: 9, sequence: 3, contexts: [3], rowsPerContext: 64 })));
-  sends.push(push.send(makeChunk({ producerId: "rogue", producerNumber: 9, sequence: chunks, contexts: [chunks], rowsPerContext: 64, poison: 7 })));
-  sends.push(push.send(makeChunk({ producerId: "rogue", producerNumber: 9, sequence: chunks + 1, contexts: [0], rowsPerContext: 64, dModel: 8 })));
+  sends.push(
+    push.send(makeChunk({ producerId: "rogue", producerNumber: 9, sequence: chunks, contexts: [chunks], rowsPerContext: 64, poison: 7 })),
+  );
+  sends.push(
+    push.send(makeChunk({ producerId: "rogue", producerNumber: 9, sequence: chunks + 1, contexts: [0], rowsPerContext: 64, dModel: 8 })),
+  );
   return Promise.all(sends);
 }
 
@@ -73,6 +89,10 @@ test("accounting reconciles after a run with several producers and trainers", as
   assert.equal(splitIds.length, accepted);
   assert.equal(new Set(splitIds).size, accepted, "the split group got every row once, between its two trainers");
   const probeIds = all!.flatMap((b) => b.rowIds.map(Number));
-  assert.deepEqual(probeIds.sort((a, b) => a - b), splitIds.sort((a, b) => a - b), "the fan-out probe got the same rows");
+  assert.deepEqual(
+    probeIds.sort((a, b) => a - b),
+    splitIds.sort((a, b) => a - b),
+    "the fan-out probe got the same rows",
+  );
   assert.ok([...s0!, ...s1!, ...all!].every((b) => rowsMatchIds(b)));
 });

@@ -52,7 +52,11 @@ test("grpcurl-style JSON calls reach Status, Pause, Resume and Drain; health say
   const grpcurl = new ReflectionClient(h.running.address);
   try {
     assert.ok((await grpcurl.list()).includes("saeflow.buffer.v1.BufferService"));
-    const status = (await grpcurl.call("saeflow.buffer.v1.BufferService", "Status", {})) as { state: string; runId: string; hookPoints: Array<Record<string, unknown>> };
+    const status = (await grpcurl.call("saeflow.buffer.v1.BufferService", "Status", {})) as {
+      state: string;
+      runId: string;
+      hookPoints: Array<Record<string, unknown>>;
+    };
     assert.equal(status.state, "SERVICE_STATE_RUNNING");
     assert.equal(status.runId, "test");
     assert.equal(status.hookPoints[0]!.hookPoint, HOOK);
@@ -72,7 +76,17 @@ test("main.ts serves from a config, and exits once drained", async () => {
   const port = await freePort();
   const child = spawn(
     process.execPath,
-    ["--import", "tsx", "services/buffer/main.ts", "--set", `nats.url=${nats.url}`, "--set", `buffer.address=127.0.0.1:${port}`, "--set", "buffer.capacityRows=256"],
+    [
+      "--import",
+      "tsx",
+      "services/buffer/main.ts",
+      "--set",
+      `nats.url=${nats.url}`,
+      "--set",
+      `buffer.address=127.0.0.1:${port}`,
+      "--set",
+      "buffer.capacityRows=256",
+    ],
     { stdio: ["ignore", "ignore", "pipe"] },
   );
   const exited = new Promise<number | null>((resolve) => child.once("exit", resolve));

@@ -12,7 +12,8 @@ afterEach(async () => {
   h = undefined;
 });
 
-const good = (sequence: number, context: number) => makeChunk({ producerId: "p", producerNumber: 0, sequence, contexts: [context], rowsPerContext: 64 });
+const good = (sequence: number, context: number) =>
+  makeChunk({ producerId: "p", producerNumber: 0, sequence, contexts: [context], rowsPerContext: 64 });
 
 test("bad chunks are rejected without losing accepted rows", async () => {
   h = await startHarness();
@@ -50,21 +51,30 @@ test("bad chunks are rejected without losing accepted rows", async () => {
     assert.equal(answer.rowsAccepted, 0);
   }
 
-  const poisoned = await push.send(makeChunk({ producerId: "p", producerNumber: 0, sequence: 1, contexts: [1], rowsPerContext: 64, poison: 5 }));
+  const poisoned = await push.send(
+    makeChunk({ producerId: "p", producerNumber: 0, sequence: 1, contexts: [1], rowsPerContext: 64, poison: 5 }),
+  );
   assert.equal(poisoned.code, status.INVALID_ARGUMENT);
   assert.equal(poisoned.message, "chunk.activations.data: row 5 holds NaN or Inf; the chunk was refused");
   assert.deepEqual([poisoned.rowsAccepted, poisoned.rowsDropped], [0, 64]);
 
   const again = await push.send(good(0, 0));
-  assert.deepEqual([again.code, again.rowsAccepted, again.rowsDropped], [status.OK, 0, 64], "a re-sent chunk is acknowledged, not counted twice");
+  assert.deepEqual(
+    [again.code, again.rowsAccepted, again.rowsDropped],
+    [status.OK, 0, 64],
+    "a re-sent chunk is acknowledged, not counted twice",
+  );
   const second = await push.send(good(2, 2));
   assert.deepEqual([second.code, second.rowsAccepted], [status.OK, 64], "the stream goes on after refusals");
 
-  await assert.rejects(push.send(makeChunk({ producerId: "p", producerNumber: 0, sequence: 3, contexts: [3], rowsPerContext: 64, runId: "other" })), (err: { code: number; details: string }) => {
-    assert.equal(err.code, status.FAILED_PRECONDITION);
-    assert.match(err.details, /^chunk\.run_id: "other" is not this buffer's run "test"$/);
-    return true;
-  });
+  await assert.rejects(
+    push.send(makeChunk({ producerId: "p", producerNumber: 0, sequence: 3, contexts: [3], rowsPerContext: 64, runId: "other" })),
+    (err: { code: number; details: string }) => {
+      assert.equal(err.code, status.FAILED_PRECONDITION);
+      assert.match(err.details, /^chunk\.run_id: "other" is not this buffer's run "test"$/);
+      return true;
+    },
+  );
 
   const s = await hookStatus(h);
   assert.equal(s.rowsIn, 128n);

@@ -113,7 +113,10 @@ test("with two epochs each row is read twice before its slot frees", () => {
     got.push(...ids.rowIds.map(Number));
   }
   assert.equal(got.length, 128);
-  assert.deepEqual(sorted(got), range(64).flatMap((i) => [i, i]));
+  assert.deepEqual(
+    sorted(got),
+    range(64).flatMap((i) => [i, i]),
+  );
   assert.equal(left, 64);
   assert.equal(p.held, 0);
 });

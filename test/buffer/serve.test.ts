@@ -26,7 +26,9 @@ test("two trainers in split mode never receive the same row within a fill", asyn
   h = await startHarness();
   const p = await producer(h, "p", 0);
   // 2 x 40 batches of 32 rows: 2560 rows, two and a half fills of the 1024-row pool.
-  const trainers = ["t0", "t1"].map((id) => collectBatches(h!.client, { trainerId: id, group: "g", share: ShareMode.SPLIT, batchSize: 32, maxBatches: 40n }));
+  const trainers = ["t0", "t1"].map((id) =>
+    collectBatches(h!.client, { trainerId: id, group: "g", share: ShareMode.SPLIT, batchSize: 32, maxBatches: 40n }),
+  );
   const producing = p.produce(48);
   const [a, b] = await Promise.all(trainers);
   await producing;
@@ -44,14 +46,22 @@ test("two trainers in split mode never receive the same row within a fill", asyn
 test("fan-out trainers each receive every row", async () => {
   h = await startHarness();
   const p = await producer(h, "p", 0);
-  const trainers = ["t0", "t1"].map((id) => collectBatches(h!.client, { trainerId: id, group: "sweep", share: ShareMode.FAN_OUT, batchSize: 100 }));
+  const trainers = ["t0", "t1"].map((id) =>
+    collectBatches(h!.client, { trainerId: id, group: "sweep", share: ShareMode.FAN_OUT, batchSize: 100 }),
+  );
   await attached(h, 2);
   await p.produce(16);
   await h.client.drain({});
   const [a, b] = await Promise.all(trainers);
   const all = Array.from({ length: 1024 }, (_, i) => i);
-  assert.deepEqual(rowIds(a!).sort((x, y) => x - y), all);
-  assert.deepEqual(rowIds(b!).sort((x, y) => x - y), all);
+  assert.deepEqual(
+    rowIds(a!).sort((x, y) => x - y),
+    all,
+  );
+  assert.deepEqual(
+    rowIds(b!).sort((x, y) => x - y),
+    all,
+  );
   assert.equal((await hookStatus(h)).rowsOut, 1024n, "a row sent to two fan-out trainers counts once");
 });
 
@@ -61,7 +71,11 @@ test("a group keeps the share mode it started with; bad requests name the field"
   split.on("error", () => undefined);
   await attached(h, 1);
   const refusals: Array<[Parameters<typeof collectBatches>[1], number, RegExp]> = [
-    [{ trainerId: "t1", group: "g", share: ShareMode.FAN_OUT, batchSize: 8 }, status.FAILED_PRECONDITION, /^share: group "g" on .* is split; this trainer asked for fan_out$/],
+    [
+      { trainerId: "t1", group: "g", share: ShareMode.FAN_OUT, batchSize: 8 },
+      status.FAILED_PRECONDITION,
+      /^share: group "g" on .* is split; this trainer asked for fan_out$/,
+    ],
     [{ trainerId: "t1", batchSize: 0 }, status.INVALID_ARGUMENT, /^batch_size: 0 is outside 1\.\.1024/],
     [{ trainerId: "t1", batchSize: 1025 }, status.INVALID_ARGUMENT, /^batch_size: 1025 is outside 1\.\.1024/],
     [{ trainerId: "", batchSize: 8 }, status.INVALID_ARGUMENT, /^trainer_id: empty$/],

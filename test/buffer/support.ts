@@ -151,9 +151,13 @@ export class PushClient {
 }
 
 /** Collects a Batches stream until it ends. */
-export async function collectBatches(client: ServiceClient<typeof BufferService>, request: MessageInitShape<typeof BatchesRequestSchema>): Promise<BatchesResponse[]> {
+export async function collectBatches(
+  client: ServiceClient<typeof BufferService>,
+  request: MessageInitShape<typeof BatchesRequestSchema>,
+): Promise<BatchesResponse[]> {
   const out: BatchesResponse[] = [];
-  for await (const batch of client.batches({ hookPoint: HOOK, includeIds: true, ...request }) as AsyncIterable<BatchesResponse>) out.push(batch);
+  for await (const batch of client.batches({ hookPoint: HOOK, includeIds: true, ...request }) as AsyncIterable<BatchesResponse>)
+    out.push(batch);
   return out;
 }
 
@@ -251,7 +255,15 @@ export class TestProducer {
   pushChunk(): Promise<PushResponse> {
     const contexts = Array.from({ length: this.contextsPerChunk }, () => this.nextContext++);
     this.sent += this.chunkRows;
-    return this.push!.send(makeChunk({ producerId: this.id, producerNumber: this.number, sequence: this.sequence++, contexts, rowsPerContext: this.rowsPerContext }));
+    return this.push!.send(
+      makeChunk({
+        producerId: this.id,
+        producerNumber: this.number,
+        sequence: this.sequence++,
+        contexts,
+        rowsPerContext: this.rowsPerContext,
+      }),
+    );
   }
 
   /** Resolves with the first Demand (the latest, or a later one) that satisfies `predicate`. */

@@ -42,7 +42,11 @@ test("push, shuffle, refill cycle and batch spans link producer to trainer; fill
     const named = (name: string) => finished.filter((s) => s.name === name);
     const pushes = named("buffer.push");
     assert.equal(pushes.length, 16);
-    assert.deepEqual(pushes.map((s) => s.parentSpanContext?.spanId).sort(), [...made].sort(), "each push span is a child of the producer span that made its chunk");
+    assert.deepEqual(
+      pushes.map((s) => s.parentSpanContext?.spanId).sort(),
+      [...made].sort(),
+      "each push span is a child of the producer span that made its chunk",
+    );
     assert.ok(pushes.every((s) => s.attributes.rows === 64 && s.attributes.bytes === 64 * 16 * 4));
     assert.ok(named("buffer.shuffle").every((s) => s.attributes.rows === 64));
     const [cycle] = named("buffer.refill_cycle");

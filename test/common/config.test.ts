@@ -30,7 +30,12 @@ describe("config loader", () => {
     writeFileSync(file, "run:\n  id: from-file\nbuffer:\n  capacityRows: 100\n  lowWatermark: 0.4\n");
     const c = loadConfig({
       file,
-      env: { SAEFLOW_BUFFER__CAPACITY_ROWS: "200", SAEFLOW_RUN__ID: "from-env", NATS_URL: "nats://10.0.0.1:4222", OTEL_EXPORTER_OTLP_ENDPOINT: "http://j:4318" },
+      env: {
+        SAEFLOW_BUFFER__CAPACITY_ROWS: "200",
+        SAEFLOW_RUN__ID: "from-env",
+        NATS_URL: "nats://10.0.0.1:4222",
+        OTEL_EXPORTER_OTLP_ENDPOINT: "http://j:4318",
+      },
       sets: ["run.id=from-flag"],
     });
     assert.equal(c.run.id, "from-flag");
@@ -53,23 +58,53 @@ describe("config loader", () => {
   });
 
   it("refuses unknown keys, wrong types, malformed files and malformed flags", () => {
-    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["buffer.capacityRowz=5"] })), ["buffer.capacityRowz"]);
-    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["buffer.dtype=fp64"] })), ["buffer.dtype"]);
-    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["nonsense"] })), ["--set"]);
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["buffer.capacityRowz=5"] })),
+      ["buffer.capacityRowz"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["buffer.dtype=fp64"] })),
+      ["buffer.dtype"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["nonsense"] })),
+      ["--set"],
+    );
     const bad = join(dir, "bad.yaml");
     writeFileSync(bad, "run: [unclosed\n");
-    assert.deepEqual(refusedKeys(() => loadConfig({ file: bad })), ["(file)"]);
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ file: bad })),
+      ["(file)"],
+    );
     writeFileSync(bad, "- a list\n");
-    assert.deepEqual(refusedKeys(() => loadConfig({ file: bad })), ["(root)"]);
-    assert.deepEqual(refusedKeys(() => loadConfig({ file: join(dir, "missing.yaml") })), ["(file)"]);
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ file: bad })),
+      ["(root)"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ file: join(dir, "missing.yaml") })),
+      ["(file)"],
+    );
   });
 });
 
 describe("config consistency across roles", () => {
   it("refuses a trainer or producer that does not match the buffer's pools, naming the key", () => {
-    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["trainer.hookPoint=blocks.0.hook_resid_post"] })), ["trainer.hookPoint"]);
-    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["trainer.dModel=128"] })), ["trainer.dModel"]);
-    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["producer.hookPoints=[blocks.1.hook_resid_post, blocks.0.hook_mlp_out]"] })), ["producer.hookPoints.1"]);
-    assert.deepEqual(refusedKeys(() => loadConfig({ sets: ["producer.dtype=bf16"] })), ["producer.dtype"]);
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["trainer.hookPoint=blocks.0.hook_resid_post"] })),
+      ["trainer.hookPoint"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["trainer.dModel=128"] })),
+      ["trainer.dModel"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["producer.hookPoints=[blocks.1.hook_resid_post, blocks.0.hook_mlp_out]"] })),
+      ["producer.hookPoints.1"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["producer.dtype=bf16"] })),
+      ["producer.dtype"],
+    );
   });
 });

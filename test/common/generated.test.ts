@@ -26,10 +26,16 @@ describe("generated code", () => {
     execFileSync(buf, ["build", "-o", "../services/gen/saeflow.binpb"], { cwd, env });
     const fresh = join(scratch, "services/gen");
     const committed = join(root, "services/gen");
-    const names = (dir: string) => listFiles(dir).map((f) => relative(dir, f)).sort();
+    const names = (dir: string) =>
+      listFiles(dir)
+        .map((f) => relative(dir, f))
+        .sort();
     assert.deepEqual(names(committed), names(fresh), "generated files differ in name; run: npm run gen");
     for (const name of names(fresh)) {
-      assert.ok(readFileSync(join(committed, name)).equals(readFileSync(join(fresh, name))), `services/gen/${name} is stale; run: npm run gen`);
+      assert.ok(
+        readFileSync(join(committed, name)).equals(readFileSync(join(fresh, name))),
+        `services/gen/${name} is stale; run: npm run gen`,
+      );
     }
   });
 });

@@ -35,7 +35,13 @@ describe("gRPC adapter", () => {
               const rows = checkTensor(req.chunk?.activations, "chunk.activations", { dtype: DType.FP32, shape: [undefined, D] }) / D;
               call.write(create(PushResponseSchema, { sequence: req.chunk!.sequence, rowsAccepted: rows }));
             } catch (err) {
-              call.write(create(PushResponseSchema, { sequence: req.chunk?.sequence ?? 0n, code: status.INVALID_ARGUMENT, message: (err as Error).message }));
+              call.write(
+                create(PushResponseSchema, {
+                  sequence: req.chunk?.sequence ?? 0n,
+                  code: status.INVALID_ARGUMENT,
+                  message: (err as Error).message,
+                }),
+              );
             }
           }
         },
@@ -69,20 +75,37 @@ describe("gRPC adapter", () => {
     const call = client.push();
     const answers: Array<{ code: number; message: string; rows: number }> = [];
     const done = new Promise<void>((resolve, reject) => {
-      call.on("data", (r: { code: number; message: string; rowsAccepted: number }) => answers.push({ code: r.code, message: r.message, rows: r.rowsAccepted }));
+      call.on("data", (r: { code: number; message: string; rowsAccepted: number }) =>
+        answers.push({ code: r.code, message: r.message, rows: r.rowsAccepted }),
+      );
       call.on("end", resolve);
       call.on("error", reject);
     });
-    call.write(create(BufferService.method.push.input, { chunk: { sequence: 0n, activations: toTensor(new Float32Array(3 * D), DType.FP32, [3, D]) } }));
-    call.write(create(BufferService.method.push.input, { chunk: { sequence: 1n, activations: toTensor(new Float32Array(3 * 8), DType.FP32, [3, 8]) } }));
-    call.write(create(BufferService.method.push.input, { chunk: { sequence: 2n, activations: toTensor(new Float32Array(2 * D), DType.FP32, [2, D]) } }));
+    call.write(
+      create(BufferService.method.push.input, {
+        chunk: { sequence: 0n, activations: toTensor(new Float32Array(3 * D), DType.FP32, [3, D]) },
+      }),
+    );
+    call.write(
+      create(BufferService.method.push.input, {
+        chunk: { sequence: 1n, activations: toTensor(new Float32Array(3 * 8), DType.FP32, [3, 8]) },
+      }),
+    );
+    call.write(
+      create(BufferService.method.push.input, {
+        chunk: { sequence: 2n, activations: toTensor(new Float32Array(2 * D), DType.FP32, [2, D]) },
+      }),
+    );
     call.end();
     await done;
-    assert.deepEqual(answers.map((a) => [a.code, a.rows]), [
-      [status.OK, 3],
-      [status.INVALID_ARGUMENT, 0],
-      [status.OK, 2],
-    ]);
+    assert.deepEqual(
+      answers.map((a) => [a.code, a.rows]),
+      [
+        [status.OK, 3],
+        [status.INVALID_ARGUMENT, 0],
+        [status.OK, 2],
+      ],
+    );
     assert.match(answers[1]!.message, /^chunk\.activations\.shape: dimension 1 is 8, expected 16/);
   });
 
@@ -113,7 +136,9 @@ describe("gRPC adapter", () => {
         const call = client.push();
         call.on("data", resolve);
         call.on("error", reject);
-        call.write(create(BufferService.method.push.input, { chunk: { activations: toTensor(new Float32Array(rows * D), DType.FP32, [rows, D]) } }));
+        call.write(
+          create(BufferService.method.push.input, { chunk: { activations: toTensor(new Float32Array(rows * D), DType.FP32, [rows, D]) } }),
+        );
       }),
       (err: { code: number }) => err.code === status.RESOURCE_EXHAUSTED,
     );
@@ -121,7 +146,10 @@ describe("gRPC adapter", () => {
   });
 
   it("answers a handler's unexpected error with INTERNAL and stays up", async () => {
-    await assert.rejects(client.pause({}), (err: { code: number; details: string }) => err.code === status.INTERNAL && err.details === "boom");
+    await assert.rejects(
+      client.pause({}),
+      (err: { code: number; details: string }) => err.code === status.INTERNAL && err.details === "boom",
+    );
     assert.equal((await client.status({})).runId, "r");
   });
 

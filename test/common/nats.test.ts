@@ -46,9 +46,20 @@ describe("NATS helper against a real nats-server", () => {
   });
 
   it("answers requests with validated replies", async () => {
-    const sub = b.reply(s.hello, MemberAnnounce, Demand, (m) => ({ cycle: 1, command: "refill" as const, grants: { [m.producerId]: 64 }, freeRows: { h: 64 } }));
+    const sub = b.reply(s.hello, MemberAnnounce, Demand, (m) => ({
+      cycle: 1,
+      command: "refill" as const,
+      grants: { [m.producerId]: 64 },
+      freeRows: { h: 64 },
+    }));
     await b.nc.flush();
-    const demand = await a.request(s.hello, MemberAnnounce, { producerId: "p1", hookPoints: ["h"], address: "", chunkRows: 8 }, Demand, 2000);
+    const demand = await a.request(
+      s.hello,
+      MemberAnnounce,
+      { producerId: "p1", hookPoints: ["h"], address: "", chunkRows: 8 },
+      Demand,
+      2000,
+    );
     assert.deepEqual(demand.grants, { p1: 64 });
     sub.unsubscribe();
   });

@@ -64,10 +64,10 @@ test("a server starts NOT_SERVING for '' and for the role's service, and names n
     return true;
   });
   const listed = await health.list({});
-  assert.deepEqual(
-    Object.fromEntries(Object.entries(listed.statuses).map(([k, v]) => [k, v.status])),
-    { "": Serving.NOT_SERVING, [ROLE]: Serving.NOT_SERVING },
-  );
+  assert.deepEqual(Object.fromEntries(Object.entries(listed.statuses).map(([k, v]) => [k, v.status])), {
+    "": Serving.NOT_SERVING,
+    [ROLE]: Serving.NOT_SERVING,
+  });
 });
 
 test("Watch sees NOT_SERVING turn to SERVING when the role becomes ready, on '' and on the role's name", async () => {

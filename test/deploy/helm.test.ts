@@ -34,7 +34,13 @@ before(() => {
 after(() => chart.close());
 
 function render(release: string, valueFiles: string[], sets: string[] = []): Rendered {
-  const args = ["template", release, chart.dir, ...valueFiles.flatMap((f) => ["-f", join(chart.dir, f)]), ...sets.flatMap((s) => ["--set", s])];
+  const args = [
+    "template",
+    release,
+    chart.dir,
+    ...valueFiles.flatMap((f) => ["-f", join(chart.dir, f)]),
+    ...sets.flatMap((s) => ["--set", s]),
+  ];
   const r = helm(args);
   assert.equal(r.code, 0, `helm ${args.join(" ")} failed:\n${r.stderr}`);
   const objects = parseManifests(r.stdout);
@@ -100,7 +106,10 @@ describe("rendered objects", () => {
     const external = render("rel", GPU_FILES);
     assert.ok(!external.objects.some((o) => o.metadata.name === "nats-standin"));
     for (const role of ROLES) {
-      assert.equal(loadConfig({ base: external.values.config, env: podEnv(external.container(role), 0) }).nats.url, "nats://nats.nats.svc:4222");
+      assert.equal(
+        loadConfig({ base: external.values.config, env: podEnv(external.container(role), 0) }).nats.url,
+        "nats://nats.nats.svc:4222",
+      );
     }
   });
 
@@ -123,7 +132,10 @@ describe("rendered objects", () => {
         if (role === "trainer") assert.deepEqual([cfg.trainer.id, cfg.trainer.bufferAddress], [`trainer-${i}`, bufferAddress]);
       }
     }
-    assert.deepEqual([r.job("producer").spec!.completions, r.job("trainer").spec!.completions, r.job("buffer").spec!.completions], [3, 2, 1]);
+    assert.deepEqual(
+      [r.job("producer").spec!.completions, r.job("trainer").spec!.completions, r.job("buffer").spec!.completions],
+      [3, 2, 1],
+    );
   });
 
   test("a config the role refuses (exit code 2) fails its Job at once; evictions do not count", () => {
@@ -169,15 +181,19 @@ describe("rendered objects", () => {
   });
 
   test("buffer memory follows every pool: rows x sum of widths x dtype bytes", () => {
-    const r = render("rel", [], [
-      "config.buffer.dtype=fp16",
-      "config.buffer.capacityRows=1000000",
-      "config.buffer.hookPoints[0].name=a",
-      "config.buffer.hookPoints[0].dModel=1024",
-      "config.buffer.hookPoints[1].name=b",
-      "config.buffer.hookPoints[1].dModel=2048",
-      "buffer.memoryOverheadMiB=100",
-    ]);
+    const r = render(
+      "rel",
+      [],
+      [
+        "config.buffer.dtype=fp16",
+        "config.buffer.capacityRows=1000000",
+        "config.buffer.hookPoints[0].name=a",
+        "config.buffer.hookPoints[0].dModel=1024",
+        "config.buffer.hookPoints[1].name=b",
+        "config.buffer.hookPoints[1].dModel=2048",
+        "buffer.memoryOverheadMiB=100",
+      ],
+    );
     // 1e6 x 3072 x 2 = 6,144,000,000 bytes = 5859.375 MiB, rounded up, + 100.
     assert.equal(r.container("buffer").resources?.requests?.memory, "5960Mi");
   });
@@ -210,7 +226,10 @@ describe("rendered objects", () => {
     for (const role of ROLES) {
       const c = r.container(role);
       assert.equal(c.env!.find((e) => e.name === "NODE_EXTRA_CA_CERTS")?.value, "/etc/saeflow/tls/ca.crt", role);
-      assert.ok(c.volumeMounts!.some((m) => m.name === "tls-ca" && m.mountPath === "/etc/saeflow/tls"), role);
+      assert.ok(
+        c.volumeMounts!.some((m) => m.name === "tls-ca" && m.mountPath === "/etc/saeflow/tls"),
+        role,
+      );
     }
   });
 
@@ -237,16 +256,36 @@ describe("bad values are refused with a message naming them", () => {
   const cases: Array<[string, string[], RegExp]> = [
     ["negative replicas", ["producer.replicas=-1"], /producer\.replicas: Must be greater than or equal to 1/],
     ["no trainer", ["trainer.replicas=0"], /trainer\.replicas: Must be greater than or equal to 1/],
-    ["an unknown dtype in config", ["config.buffer.dtype=fp8"], /config\.buffer\.dtype: config\.buffer\.dtype must be one of the following: "fp32", "fp16", "bf16"/],
+    [
+      "an unknown dtype in config",
+      ["config.buffer.dtype=fp8"],
+      /config\.buffer\.dtype: config\.buffer\.dtype must be one of the following: "fp32", "fp16", "bf16"/,
+    ],
     ["a misspelt config key", ["config.trainer.batchsize=10"], /config\.trainer: Additional property batchsize is not allowed/],
     ["a missing model volume", ["modelVolume=null"], /modelVolume is required/],
     ["a model volume with two sources", ["modelVolume.hostPath.path=/m"], /modelVolume: Must have at most 1 properties/],
     ["an unsized buffer", ["config.buffer.capacityRows=null"], /config\.buffer: capacityRows is required/],
     ["a bad quantity", ["persistence.size=lots"], /persistence\.size/],
-    ["a loopback NATS url without nats.deploy", ["nats.deploy=false", "config.nats.url=nats://127.0.0.1:4222"], /config\.nats\.url: "nats:\/\/127\.0\.0\.1:4222" cannot be reached from the pods/],
-    ["a model outside the model volume", ["config.producer.model=model.onnx"], /config\.producer\.model: "model\.onnx" must be a path under \/models/],
-    ["a dataset path without a dataset volume", ["config.producer.dataset[0]=/datasets/x.jsonl"], /config\.producer\.dataset\.0: "\/datasets\/x\.jsonl" must be builtin/],
-    ["the cuda provider without a GPU", ["config.producer.executionProvider=cuda"], /config\.producer\.executionProvider is cuda but producer\.gpu is 0/],
+    [
+      "a loopback NATS url without nats.deploy",
+      ["nats.deploy=false", "config.nats.url=nats://127.0.0.1:4222"],
+      /config\.nats\.url: "nats:\/\/127\.0\.0\.1:4222" cannot be reached from the pods/,
+    ],
+    [
+      "a model outside the model volume",
+      ["config.producer.model=model.onnx"],
+      /config\.producer\.model: "model\.onnx" must be a path under \/models/,
+    ],
+    [
+      "a dataset path without a dataset volume",
+      ["config.producer.dataset[0]=/datasets/x.jsonl"],
+      /config\.producer\.dataset\.0: "\/datasets\/x\.jsonl" must be builtin/,
+    ],
+    [
+      "the cuda provider without a GPU",
+      ["config.producer.executionProvider=cuda"],
+      /config\.producer\.executionProvider is cuda but producer\.gpu is 0/,
+    ],
   ];
   for (const [label, sets, message] of cases) {
     test(label, () => {

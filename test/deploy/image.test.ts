@@ -20,7 +20,8 @@ function sources(dir: string): string[] {
   );
 }
 
-const SPECIFIER = /(?:^|\s)(?:import|export)\s[^"';]*?from\s+["']([^"']+)["']|import\s*\(\s*["']([^"']+)["']\s*\)|^import\s+["']([^"']+)["']/gm;
+const SPECIFIER =
+  /(?:^|\s)(?:import|export)\s[^"';]*?from\s+["']([^"']+)["']|import\s*\(\s*["']([^"']+)["']\s*\)|^import\s+["']([^"']+)["']/gm;
 
 test("services/ imports only production dependencies, Node builtins and files inside services/", () => {
   const services = join(ROOT, "services");
@@ -40,7 +41,8 @@ test("services/ imports only production dependencies, Node builtins and files in
     }
   }
   assert.deepEqual(bad, []);
-  for (const core of ["@grpc/grpc-js", "@bufbuild/protobuf", "onnxruntime-node", "zod"]) assert.ok(used.has(core), `no import of ${core} was seen`);
+  for (const core of ["@grpc/grpc-js", "@bufbuild/protobuf", "onnxruntime-node", "zod"])
+    assert.ok(used.has(core), `no import of ${core} was seen`);
 });
 
 test("the Dockerfile's cpu and cuda targets run tsx as the non-root user the chart's pods require", () => {

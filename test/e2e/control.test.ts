@@ -42,12 +42,29 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
   };
 
   before(async () => {
-    const sets = ["run.id=control", `run.dir=${runDir}`, "launch.basePort=0", "launch.evaluate=false", "launch.report=false", "buffer.capacityRows=8192", "producer.batchContexts=8", "trainer.steps=100000", "trainer.batchSize=256", "trainer.checkpointEvery=0"];
-    up = spawn(process.execPath, ["--import", "tsx", "tools/cli/main.ts", "up", "deploy/configs/local.yaml", ...sets.flatMap((s) => ["--set", s])], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
+    const sets = [
+      "run.id=control",
+      `run.dir=${runDir}`,
+      "launch.basePort=0",
+      "launch.evaluate=false",
+      "launch.report=false",
+      "buffer.capacityRows=8192",
+      "producer.batchContexts=8",
+      "trainer.steps=100000",
+      "trainer.batchSize=256",
+      "trainer.checkpointEvery=0",
+    ];
+    up = spawn(
+      process.execPath,
+      ["--import", "tsx", "tools/cli/main.ts", "up", "deploy/configs/local.yaml", ...sets.flatMap((s) => ["--set", s])],
+      { cwd: root, stdio: ["ignore", "pipe", "pipe"] },
+    );
     up.stdout!.on("data", (d: Buffer) => (output += d.toString()));
     up.stderr!.on("data", (d: Buffer) => (output += d.toString()));
     exited = new Promise((r) => up.once("exit", (code) => r(code)));
-    services = await until("run.json", async () => (existsSync(join(runDir, "run.json")) ? (JSON.parse(readFileSync(join(runDir, "run.json"), "utf8")) as RunJson).services : undefined));
+    services = await until("run.json", async () =>
+      existsSync(join(runDir, "run.json")) ? (JSON.parse(readFileSync(join(runDir, "run.json"), "utf8")) as RunJson).services : undefined,
+    );
     // Training has begun once the trainer reports a step.
     await until("the first step", async () => {
       const st = (await reflect("trainer").call("saeflow.trainer.v1.TrainerService", "Status", {})) as { saes?: Array<{ step?: string }> };
@@ -67,7 +84,10 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
     ] as const) {
       const c = reflect(role);
       assert.ok((await c.list()).includes(service));
-      assert.deepEqual((await c.describe(service)).methods.map((m) => m.name), methods);
+      assert.deepEqual(
+        (await c.describe(service)).methods.map((m) => m.name),
+        methods,
+      );
     }
   });
 
@@ -92,11 +112,13 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
 
   it("prints one status table and stops the run with a checkpoint and an export", async () => {
     const { stdout } = await cli("status", runDir);
-    for (const word of ["buffer blocks.1.hook_resid_post", "producer-0", "trainer-0", "topk-k8", "topk-k16"]) assert.ok(stdout.includes(word), stdout);
+    for (const word of ["buffer blocks.1.hook_resid_post", "producer-0", "trainer-0", "topk-k8", "topk-k16"])
+      assert.ok(stdout.includes(word), stdout);
     await cli("stop", runDir);
     const code = await exited;
     assert.equal(code, 0, `a run stopped on request ends cleanly:\n${output}`);
-    for (const sae of ["topk-k8", "topk-k16"]) assert.ok(existsSync(join(runDir, sae, "sae_lens", "cfg.json")), `${sae} exported:\n${output}`);
+    for (const sae of ["topk-k8", "topk-k16"])
+      assert.ok(existsSync(join(runDir, sae, "sae_lens", "cfg.json")), `${sae} exported:\n${output}`);
     assert.ok(existsSync(join(runDir, "final-status.json")));
   });
 

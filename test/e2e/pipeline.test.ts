@@ -14,7 +14,9 @@ const STEPS = 40;
 const BATCH = 256;
 
 interface JsonStatus {
-  buffer: Array<{ status: { hookPoints: Array<{ rowsIn?: string; rowsOut?: string; unconsumedRows?: string; dropped?: Array<{ rows?: string }> }> } }>;
+  buffer: Array<{
+    status: { hookPoints: Array<{ rowsIn?: string; rowsOut?: string; unconsumedRows?: string; dropped?: Array<{ rows?: string }> }> };
+  }>;
   producers: Array<{ status: { rowsSent?: string } }>;
 }
 
@@ -40,11 +42,15 @@ describe("saeflow up, end to end", { timeout: 300_000 }, () => {
       "trainer.checkpointEvery=20",
       "trainer.saes=[{name: topk-k4, recipe: topk, width: 128, k: 4, lr: 0.004}, {name: relu, recipe: relu, width: 128, lr: 0.004, l1Coefficient: 0.5}]",
     ];
-    const child = spawn(process.execPath, ["--import", "tsx", "tools/cli/main.ts", "up", "deploy/configs/local.yaml", ...sets.flatMap((s) => ["--set", s])], {
-      cwd: root,
-      env: { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: endpoint },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
+    const child = spawn(
+      process.execPath,
+      ["--import", "tsx", "tools/cli/main.ts", "up", "deploy/configs/local.yaml", ...sets.flatMap((s) => ["--set", s])],
+      {
+        cwd: root,
+        env: { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: endpoint },
+        stdio: ["ignore", "pipe", "pipe"],
+      },
+    );
     child.stdout.on("data", (d: Buffer) => (output += d.toString()));
     child.stderr.on("data", (d: Buffer) => (output += d.toString()));
     exitCode = await new Promise<number | null>((r) => child.once("exit", (code) => r(code)));
@@ -60,7 +66,10 @@ describe("saeflow up, end to end", { timeout: 300_000 }, () => {
 
   it("lowers each SAE's loss", () => {
     for (const sae of ["topk-k4", "relu"]) {
-      const lines = readFileSync(join(runDir, sae, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as { step: number; mse: number });
+      const lines = readFileSync(join(runDir, sae, "metrics.jsonl"), "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l) as { step: number; mse: number });
       assert.equal(lines.at(-1)!.step, STEPS);
       assert.ok(lines.at(-1)!.mse < lines[0]!.mse * 0.8, `${sae}: mse ${lines[0]!.mse} -> ${lines.at(-1)!.mse}`);
     }
@@ -79,7 +88,12 @@ describe("saeflow up, end to end", { timeout: 300_000 }, () => {
     // is metrics.jsonl. With one fan-out trainer, rows served are the rows streamed to it.
     const streamed = n(hook.rowsOut);
     for (const sae of ["topk-k4", "relu"]) {
-      const last = JSON.parse(readFileSync(join(runDir, sae, "metrics.jsonl"), "utf8").trim().split("\n").at(-1)!) as { tokens: number };
+      const last = JSON.parse(
+        readFileSync(join(runDir, sae, "metrics.jsonl"), "utf8")
+          .trim()
+          .split("\n")
+          .at(-1)!,
+      ) as { tokens: number };
       assert.equal(last.tokens, STEPS * BATCH, `${sae} trained on every row of every step`);
       assert.ok(streamed >= last.tokens, `the trainer trained only on rows the buffer streamed to it (${streamed})`);
     }
@@ -92,7 +106,11 @@ describe("saeflow up, end to end", { timeout: 300_000 }, () => {
       assert.equal(loaded.cfg.d_sae, 128);
       assert.equal(loaded.cfg.hook_name, "blocks.1.hook_resid_post");
     }
-    const rows = JSON.parse(readFileSync(join(runDir, "eval.json"), "utf8")) as Array<{ sae: string; lm_loss_sae: number; kl_divergence: number }>;
+    const rows = JSON.parse(readFileSync(join(runDir, "eval.json"), "utf8")) as Array<{
+      sae: string;
+      lm_loss_sae: number;
+      kl_divergence: number;
+    }>;
     assert.deepEqual(rows.map((r) => r.sae).sort(), ["relu", "topk-k4"]);
     for (const r of rows) assert.ok(Number.isFinite(r.lm_loss_sae) && r.kl_divergence >= 0);
     const html = readFileSync(join(runDir, "report.html"), "utf8");
@@ -109,9 +127,18 @@ describe("saeflow up, end to end", { timeout: 300_000 }, () => {
       assert.ok(named(name).length > 0, `no ${name} span among ${[...new Set(spans.map((s) => s.name))].join(", ")}`);
     }
     const parentOf = (s: ReceivedSpan) => byId.get(s.parentSpanId);
-    assert.ok(named("producer.forward").some((s) => parentOf(s)?.name === "producer.produce"), "forward is a child of produce");
+    assert.ok(
+      named("producer.forward").some((s) => parentOf(s)?.name === "producer.produce"),
+      "forward is a child of produce",
+    );
     const linkedTo = (s: ReceivedSpan, name: string) => s.links.some((l) => byId.get(l.spanId)?.name === name);
-    assert.ok(named("buffer.refill_cycle").some((s) => linkedTo(s, "producer.forward")), "a refill cycle links the producer passes that filled it");
-    assert.ok(named("trainer.step").some((s) => linkedTo(s, "buffer.refill_cycle") || linkedTo(s, "buffer.batch")), "a train step links back into the buffer");
+    assert.ok(
+      named("buffer.refill_cycle").some((s) => linkedTo(s, "producer.forward")),
+      "a refill cycle links the producer passes that filled it",
+    );
+    assert.ok(
+      named("trainer.step").some((s) => linkedTo(s, "buffer.refill_cycle") || linkedTo(s, "buffer.batch")),
+      "a train step links back into the buffer",
+    );
   });
 });

@@ -32,7 +32,20 @@ describe("eval CLI and run evaluation", () => {
   test("prints a row per SAE and writes them as a JSON array to --out", async () => {
     const out = join(root, "eval.json");
     const zero = zeroSae(join(root, "zero"), HOOK, d);
-    const res = await cli(["--model", tiny.modelPath, "--sae", identity, "--sae", zero, "--contexts", "2", "--context-length", "16", "--out", out]);
+    const res = await cli([
+      "--model",
+      tiny.modelPath,
+      "--sae",
+      identity,
+      "--sae",
+      zero,
+      "--contexts",
+      "2",
+      "--context-length",
+      "16",
+      "--out",
+      out,
+    ]);
     assert.equal(res.code, 0, res.err);
     assert.match(res.out, /recovered/);
     assert.match(res.out, /2 SAE\(s\), 2 contexts of 16 tokens/);
@@ -84,7 +97,10 @@ describe("eval CLI and run evaluation", () => {
   test("the command itself exits 2 with the message on stderr", async () => {
     const missing = join(root, "gone");
     const run = promisify(execFile)(process.execPath, ["--import", "tsx", "tools/eval/main.ts", "--sae", missing], { cwd: repo });
-    await assert.rejects(run, (err: { code: number; stderr: string }) => err.code === 2 && err.stderr.includes(`--sae ${missing}: no such folder`));
+    await assert.rejects(
+      run,
+      (err: { code: number; stderr: string }) => err.code === 2 && err.stderr.includes(`--sae ${missing}: no such folder`),
+    );
   });
 
   test("evaluateRun finds the run's exports, skips an SAE without one, and writes eval.json named by SAE", async () => {

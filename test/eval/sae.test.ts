@@ -28,7 +28,16 @@ const fill = (s: SaeState) => {
 function writeGated(dir: string, n: number, d: number, fill: (s: SaeState) => void): string {
   const state = allocState(n, d, "gated");
   fill(state);
-  const info = { architecture: "gated" as const, k: 1, scale: 1, hookName: hook, modelName: "tiny-llama", contextSize: 32, prependBos: true, provenance: {} };
+  const info = {
+    architecture: "gated" as const,
+    k: 1,
+    scale: 1,
+    hookName: hook,
+    modelName: "tiny-llama",
+    contextSize: 32,
+    prependBos: true,
+    provenance: {},
+  };
   return exportSaeLens(dir, state, n, d, info);
 }
 
@@ -87,7 +96,12 @@ describe("SAE forward on an SAELens export", () => {
     const input = Float32Array.from({ length: rows * d }, () => rng.normal());
     for (const architecture of ["standard", "topk", "jumprelu", "gated"] as const) {
       const fillRandom = (s: SaeState) => {
-        const init = initState(n, d, rng, Float32Array.from({ length: d }, () => 0.1 * rng.normal()));
+        const init = initState(
+          n,
+          d,
+          rng,
+          Float32Array.from({ length: d }, () => 0.1 * rng.normal()),
+        );
         s.W_enc.set(init.W_enc.map((v) => v + 0.1 * rng.normal()));
         s.W_dec.set(init.W_dec);
         s.b_dec.set(init.b_dec);
@@ -120,7 +134,10 @@ describe("SAE forward on an SAELens export", () => {
 
   test("a folder that is not a usable export is refused with what is wrong", () => {
     mkdirSync(join(root, "empty"));
-    assert.throws(() => loadSae(join(root, "empty")), (err: Error) => err instanceof SaeFolderError && /no cfg\.json/.test(err.message));
+    assert.throws(
+      () => loadSae(join(root, "empty")),
+      (err: Error) => err instanceof SaeFolderError && /no cfg\.json/.test(err.message),
+    );
     assert.throws(
       () => loadSae(writeSae(join(root, "big-k"), { hook, n: 4, d: 2, architecture: "topk", k: 5, fill })),
       (err: Error) => err instanceof SaeFolderError && /k between 1 and d_sae \(4\), got 5/.test(err.message),

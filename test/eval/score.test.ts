@@ -60,7 +60,8 @@ describe("next-token scores", () => {
         assert.deepEqual(out[LSE]!.dims, [1, s]);
         const ours = out[LSE]!.data as Float32Array;
         const expected = rowLse(big, V);
-        for (let p = 0; p < s; p++) assert.ok(Math.abs(ours[p]! - expected[p]!) < 1e-4 * Math.abs(expected[p]!), `position ${p}: ${ours[p]} vs ${expected[p]}`);
+        for (let p = 0; p < s; p++)
+          assert.ok(Math.abs(ours[p]! - expected[p]!) < 1e-4 * Math.abs(expected[p]!), `position ${p}: ${ours[p]} vs ${expected[p]}`);
       } finally {
         await session.release();
       }

@@ -80,7 +80,8 @@ describe("splice evaluation on the tiny model", () => {
 
   test("the unchanged loss is the uncut model's next-token loss over non-BOS positions", async () => {
     const expected = await uncutLoss(tiny.modelPath, corpus.contexts, corpus.bosId!);
-    for (const row of rows) assert.ok(Math.abs(row.lm_loss_original - expected) < 1e-4, `${row.hook}: ${row.lm_loss_original} vs ${expected}`);
+    for (const row of rows)
+      assert.ok(Math.abs(row.lm_loss_original - expected) < 1e-4, `${row.hook}: ${row.lm_loss_original} vs ${expected}`);
   });
 
   test("the identity SAE recovers the whole loss: fraction 1, no loss increase, no KL, cosine 1", () => {
@@ -125,7 +126,8 @@ describe("splice evaluation on the tiny model", () => {
     const beyond = identitySae(join(root, "beyond"), "blocks.7.hook_resid_post", d);
     await assert.rejects(
       evaluateSplice({ modelPath: tiny.modelPath, saeDirs: [beyond], contexts }),
-      (err: Error) => err instanceof SaeFolderError && err.dir === beyond && /hook_name "blocks\.7\.hook_resid_post".*2 layers/.test(err.message),
+      (err: Error) =>
+        err instanceof SaeFolderError && err.dir === beyond && /hook_name "blocks\.7\.hook_resid_post".*2 layers/.test(err.message),
     );
     const narrow = writeSae(join(root, "narrow"), { hook: RESID, n: 8, d: 4 });
     await assert.rejects(

@@ -27,13 +27,23 @@ describe("hook points", () => {
   });
 
   it("refuses an unknown hook point, naming it", () => {
-    for (const name of ["blocks.0.hook_resid", "blocks.0.hook_foo", "layers.0.hook_resid_post", "blocks.x.hook_mlp_out", "blocks.0.hook_resid_post.x", ""]) {
+    for (const name of [
+      "blocks.0.hook_resid",
+      "blocks.0.hook_foo",
+      "layers.0.hook_resid_post",
+      "blocks.x.hook_mlp_out",
+      "blocks.0.hook_resid_post.x",
+      "",
+    ]) {
       refuses(() => parseHook(name), `"${name}"`);
     }
   });
 
   it("refuses a layer beyond the model, naming the hook point and the layer count", () => {
-    refuses(() => resolveHooks(graph, ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]), `"blocks.2.hook_resid_post": layer 2 is beyond the model, which has 2 layers`);
+    refuses(
+      () => resolveHooks(graph, ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]),
+      `"blocks.2.hook_resid_post": layer 2 is beyond the model, which has 2 layers`,
+    );
     refuses(() => truncateAtHooks(tiny.modelPath, ["blocks.7.hook_mlp_out"]), "blocks.7.hook_mlp_out");
     refuses(() => truncateAtHooks(tiny.modelPath, ["blocks.1.hook_nope"]), "blocks.1.hook_nope");
   });
@@ -44,7 +54,15 @@ describe("hook points", () => {
   });
 
   it("maps hook points onto the tensors of an optimum Llama export", () => {
-    const names = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"];
+    const names = [
+      "blocks.0.hook_resid_pre",
+      "blocks.0.hook_attn_out",
+      "blocks.0.hook_resid_mid",
+      "blocks.0.hook_mlp_out",
+      "blocks.0.hook_resid_post",
+      "blocks.1.hook_resid_pre",
+      "blocks.1.hook_resid_post",
+    ];
     const tensors = Object.fromEntries(resolveHooks(graph, names).map((h) => [h.name, h.tensor]));
     assert.deepEqual(tensors, {
       "blocks.0.hook_resid_pre": "/model/embed_tokens/Gather_output_0",
@@ -68,14 +86,29 @@ describe("hook points", () => {
         renamed.set(o, name);
         return name;
       });
-      const moved = { ...node, name: (node.name ?? "").replace(/\/Add(_1)?$/, "/Add_9$1"), input: (node.input ?? []).map(rename), output: outputs };
+      const moved = {
+        ...node,
+        name: (node.name ?? "").replace(/\/Add(_1)?$/, "/Add_9$1"),
+        input: (node.input ?? []).map(rename),
+        output: outputs,
+      };
       if (node.name !== "/model/layers.1/self_attn/o_proj/MatMul") return [moved];
-      const bias = { opType: "Add", name: "/model/layers.1/self_attn/o_proj/Add", input: [outputs[0]!, outputs[0]!], output: ["o_proj_with_bias"] };
+      const bias = {
+        opType: "Add",
+        name: "/model/layers.1/self_attn/o_proj/Add",
+        input: [outputs[0]!, outputs[0]!],
+        output: ["o_proj_with_bias"],
+      };
       renamed.set(node.output![0]!, "o_proj_with_bias");
       return [moved, bias];
     });
     const variant: GraphProto = { ...graph, node: nodes, output: graph.output!.map((o) => ({ ...o, name: rename(o.name ?? "") })) };
-    const tensors = Object.fromEntries(resolveHooks(variant, ["blocks.1.hook_attn_out", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]).map((h) => [h.name, h.tensor]));
+    const tensors = Object.fromEntries(
+      resolveHooks(variant, ["blocks.1.hook_attn_out", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]).map((h) => [
+        h.name,
+        h.tensor,
+      ]),
+    );
     assert.equal(tensors["blocks.1.hook_attn_out"], "o_proj_with_bias");
     assert.equal(tensors["blocks.1.hook_resid_pre"], renamed.get("/model/layers.0/Add_1_output_0"));
     assert.equal(tensors["blocks.1.hook_resid_post"], renamed.get("/model/layers.1/Add_1_output_0"));

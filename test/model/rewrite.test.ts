@@ -35,7 +35,10 @@ describe("model rewrites", () => {
   it("one truncated model feeds every hook point from one forward pass", async () => {
     const hooks = [last, 0].flatMap((l) => HOOK_KINDS.map((k) => `blocks.${l}.${k}`));
     const truncated = truncateAtHooks(original, hooks);
-    assert.deepEqual(truncated.graph!.output!.map((o) => o.name), hooks);
+    assert.deepEqual(
+      truncated.graph!.output!.map((o) => o.name),
+      hooks,
+    );
     const diffs = await checkTruncation(tiny.modelPath, truncated, hooks);
     assert.deepEqual(diffs, Object.fromEntries(hooks.map((h) => [h, 0])));
   });
@@ -44,9 +47,18 @@ describe("model rewrites", () => {
     const truncated = truncateAtHooks(original, ["blocks.0.hook_resid_post"]);
     const names = nodeNames(truncated);
     assert.ok(names.some((n) => n.startsWith("/model/layers.0/")));
-    assert.ok(!names.some((n) => n.startsWith("/model/layers.1/") || n.startsWith("/model/norm/") || n.startsWith("/lm_head/")), "later nodes remain");
-    assert.deepEqual(truncated.graph!.output!.map((o) => o.name), ["blocks.0.hook_resid_post"]);
-    assert.deepEqual(truncated.graph!.input!.map((i) => i.name), ["input_ids", "attention_mask", "position_ids"]);
+    assert.ok(
+      !names.some((n) => n.startsWith("/model/layers.1/") || n.startsWith("/model/norm/") || n.startsWith("/lm_head/")),
+      "later nodes remain",
+    );
+    assert.deepEqual(
+      truncated.graph!.output!.map((o) => o.name),
+      ["blocks.0.hook_resid_post"],
+    );
+    assert.deepEqual(
+      truncated.graph!.input!.map((i) => i.name),
+      ["input_ids", "attention_mask", "position_ids"],
+    );
     const kept = new Set(truncated.graph!.initializer!.map((t) => t.name));
     assert.ok(!kept.has("model.layers.1.input_layernorm.weight") && !kept.has("model.norm.weight"));
     // The lm_head table (vocab x d_model) is gone; only the embedding table remains of the large ones.
@@ -72,9 +84,15 @@ describe("model rewrites", () => {
   it("the suffix starts at the hook: earlier layers are gone and the hook tensor is an input", () => {
     const suffix = suffixFromHook(original, "blocks.1.hook_resid_pre");
     assert.ok(!nodeNames(suffix).some((n) => n.startsWith("/model/layers.0/") || n.startsWith("/model/embed_tokens/")));
-    assert.deepEqual(suffix.graph!.input!.map((i) => i.name), ["input_ids", "attention_mask", "position_ids", "blocks.1.hook_resid_pre"]);
+    assert.deepEqual(
+      suffix.graph!.input!.map((i) => i.name),
+      ["input_ids", "attention_mask", "position_ids", "blocks.1.hook_resid_pre"],
+    );
     assert.equal(suffix.graph!.input![3]!.type!.tensorType!.elemType, onnx.TensorProto.DataType.FLOAT);
-    assert.deepEqual(suffix.graph!.output!.map((o) => o.name), ["logits"]);
+    assert.deepEqual(
+      suffix.graph!.output!.map((o) => o.name),
+      ["logits"],
+    );
     const attn = suffixFromHook(original, "blocks.1.hook_attn_out", ["blocks.1.hook_resid_pre"]);
     assert.ok(!nodeNames(attn).some((n) => n.startsWith("/model/layers.0/") || n.startsWith("/model/layers.1/self_attn/")));
     assert.throws(() => suffixFromHook(original, "blocks.1.hook_resid_pre", ["blocks.0.hook_resid_post"]), /same tensor/);
@@ -83,7 +101,10 @@ describe("model rewrites", () => {
   it("zero ablation through the suffix changes the logits", async () => {
     const hook = "blocks.1.hook_mlp_out";
     const also = ["blocks.1.hook_resid_mid"];
-    const [head, tail] = await Promise.all([sessionFor(truncateAtHooks(original, [hook, ...also]), tiny.dir), sessionFor(suffixFromHook(original, hook, also), tiny.dir)]);
+    const [head, tail] = await Promise.all([
+      sessionFor(truncateAtHooks(original, [hook, ...also]), tiny.dir),
+      sessionFor(suffixFromHook(original, hook, also), tiny.dir),
+    ]);
     try {
       const feeds = sampleFeeds(head.inputNames, tiny.params.vocabSize, 1, 8);
       const cut = await head.run(feeds);
@@ -109,7 +130,10 @@ describe("model rewrites", () => {
         assert.equal(t.externalData!.find((e) => e.key === "location")?.value, "model.onnx_data");
       }
       assert.ok(encodeModel(truncated).byteLength < 100_000);
-      assert.deepEqual(await checkTruncation(ext.modelPath, truncated, hooks), { "blocks.0.hook_mlp_out": 0, "blocks.1.hook_resid_post": 0 });
+      assert.deepEqual(await checkTruncation(ext.modelPath, truncated, hooks), {
+        "blocks.0.hook_mlp_out": 0,
+        "blocks.1.hook_resid_post": 0,
+      });
 
       // Written beside the data file, it loads from its path too; elsewhere it is refused by name.
       const beside = join(ext.dir, "truncated.onnx");
@@ -130,13 +154,31 @@ describe("model rewrites", () => {
 
   it("rewrite CLI writes the model and checks it against the original", () => {
     const out = join(tiny.dir, "cli.onnx");
-    const run = (...args: string[]) => execFileSync("npx", ["tsx", "tools/model/rewrite.ts", "--model", tiny.modelPath, "--out", out, "--check", ...args], { cwd: root, encoding: "utf8" });
-    assert.match(run("--hooks", "blocks.0.hook_resid_post,blocks.1.hook_attn_out"), /blocks\.1\.hook_attn_out: max abs diff 0\n.*check passed/s);
-    assert.deepEqual(loadModel(out).graph!.output!.map((o) => o.name), ["blocks.0.hook_resid_post", "blocks.1.hook_attn_out"]);
+    const run = (...args: string[]) =>
+      execFileSync("npx", ["tsx", "tools/model/rewrite.ts", "--model", tiny.modelPath, "--out", out, "--check", ...args], {
+        cwd: root,
+        encoding: "utf8",
+      });
+    assert.match(
+      run("--hooks", "blocks.0.hook_resid_post,blocks.1.hook_attn_out"),
+      /blocks\.1\.hook_attn_out: max abs diff 0\n.*check passed/s,
+    );
+    assert.deepEqual(
+      loadModel(out).graph!.output!.map((o) => o.name),
+      ["blocks.0.hook_resid_post", "blocks.1.hook_attn_out"],
+    );
     assert.match(run("--suffix", "blocks.1.hook_resid_pre"), /logits through blocks\.1\.hook_resid_pre: max abs diff 0\n.*check passed/s);
-    assert.throws(() => execFileSync("npx", ["tsx", "tools/model/rewrite.ts", "--model", tiny.modelPath, "--out", out, "--hooks", "blocks.9.hook_resid_post"], { cwd: root, stdio: "pipe" }), (err: Error & { stderr?: Buffer }) => {
-      assert.match(String(err.stderr), /blocks\.9\.hook_resid_post/);
-      return true;
-    });
+    assert.throws(
+      () =>
+        execFileSync(
+          "npx",
+          ["tsx", "tools/model/rewrite.ts", "--model", tiny.modelPath, "--out", out, "--hooks", "blocks.9.hook_resid_post"],
+          { cwd: root, stdio: "pipe" },
+        ),
+      (err: Error & { stderr?: Buffer }) => {
+        assert.match(String(err.stderr), /blocks\.9\.hook_resid_post/);
+        return true;
+      },
+    );
   });
 });

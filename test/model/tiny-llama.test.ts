@@ -41,17 +41,34 @@ describe("tiny llama", () => {
     assert.deepEqual(session.inputNames, ["input_ids", "attention_mask", "position_ids"]);
     assert.deepEqual(session.outputNames, ["logits"]);
     const names = new Set(loadModel(tiny.modelPath).graph!.node!.map((n) => n.name));
-    for (const name of ["/model/embed_tokens/Gather", "/model/layers.0/self_attn/q_proj/MatMul", "/model/layers.1/self_attn/o_proj/MatMul", "/model/layers.0/Add", "/model/layers.0/Add_1", "/model/layers.1/mlp/down_proj/MatMul", "/model/norm/Mul_1", "/lm_head/MatMul"]) {
+    for (const name of [
+      "/model/embed_tokens/Gather",
+      "/model/layers.0/self_attn/q_proj/MatMul",
+      "/model/layers.1/self_attn/o_proj/MatMul",
+      "/model/layers.0/Add",
+      "/model/layers.0/Add_1",
+      "/model/layers.1/mlp/down_proj/MatMul",
+      "/model/norm/Mul_1",
+      "/lm_head/MatMul",
+    ]) {
       assert.ok(names.has(name), `missing node ${name}`);
     }
   });
 
   it("computes the same logits as the TypeScript Llama reference, padding included", async () => {
-    const out = await session.run(feedsFor([TOKENS, PADDED], [TOKENS.map(() => 1), PADDED_MASK], [TOKENS.map((_, i) => i), PADDED_POSITIONS]));
-    const rows = [referenceForward(tiny.params, weights, { ids: TOKENS }), referenceForward(tiny.params, weights, { ids: PADDED, mask: PADDED_MASK, positions: PADDED_POSITIONS })];
+    const out = await session.run(
+      feedsFor([TOKENS, PADDED], [TOKENS.map(() => 1), PADDED_MASK], [TOKENS.map((_, i) => i), PADDED_POSITIONS]),
+    );
+    const rows = [
+      referenceForward(tiny.params, weights, { ids: TOKENS }),
+      referenceForward(tiny.params, weights, { ids: PADDED, mask: PADDED_MASK, positions: PADDED_POSITIONS }),
+    ];
     rows.forEach((want, row) => {
       const got = rowOf(out.logits!, row);
-      assert.ok(maxDiff(got, want.logits) <= 1e-5 * maxAbs(want.logits), `row ${row}: max diff ${maxDiff(got, want.logits)} vs logits up to ${maxAbs(want.logits)}`);
+      assert.ok(
+        maxDiff(got, want.logits) <= 1e-5 * maxAbs(want.logits),
+        `row ${row}: max diff ${maxDiff(got, want.logits)} vs logits up to ${maxAbs(want.logits)}`,
+      );
     });
   });
 
@@ -108,7 +125,10 @@ describe("tiny llama", () => {
   });
 
   it("CLI reports an existing model instead of regenerating it", () => {
-    const out = execFileSync("npx", ["tsx", "tools/model/tiny-llama.ts", "--out", tiny.dir, "--seed", "0"], { cwd: root, encoding: "utf8" });
+    const out = execFileSync("npx", ["tsx", "tools/model/tiny-llama.ts", "--out", tiny.dir, "--seed", "0"], {
+      cwd: root,
+      encoding: "utf8",
+    });
     assert.match(out, /already at .*model\.onnx/);
   });
 });

@@ -8,10 +8,21 @@ import { shardContexts } from "../../services/producer/dataset/contexts.js";
 import { type Context, packContexts, type PackOptions } from "../../services/producer/dataset/pack.js";
 import { freshPosition, PositionStore } from "../../services/producer/dataset/position.js";
 import { shardDocuments } from "../../services/producer/dataset/shard.js";
-import { builtinCorpus, type Document, readDocuments, type ReadOptions, resolveSources, type SourceFile } from "../../services/producer/dataset/sources.js";
+import {
+  builtinCorpus,
+  type Document,
+  readDocuments,
+  type ReadOptions,
+  resolveSources,
+  type SourceFile,
+} from "../../services/producer/dataset/sources.js";
 import { paragraphs, writeDataset } from "./harness.js";
 
-const read = (split: ReadOptions["textSplit"] = "paragraph"): ReadOptions => ({ textSplit: split, textField: "text", log: () => undefined });
+const read = (split: ReadOptions["textSplit"] = "paragraph"): ReadOptions => ({
+  textSplit: split,
+  textField: "text",
+  log: () => undefined,
+});
 const START = { fileIndex: 0, offset: 0, documentIndex: 0 };
 
 async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
@@ -21,10 +32,21 @@ async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
 }
 
 /** A word-level stand-in tokenizer: ids are word lengths + 10, so tests can read the stream back. */
-const encode = (text: string): number[] => text.split(/\s+/).filter(Boolean).map((w) => w.length + 10);
+const encode = (text: string): number[] =>
+  text
+    .split(/\s+/)
+    .filter(Boolean)
+    .map((w) => w.length + 10);
 const BOS = 1;
 const PAD = 0;
-const pack = (over: Partial<PackOptions> = {}): PackOptions => ({ contextLength: 8, prependBos: true, excludeBos: true, bosId: BOS, padId: PAD, ...over });
+const pack = (over: Partial<PackOptions> = {}): PackOptions => ({
+  contextLength: 8,
+  prependBos: true,
+  excludeBos: true,
+  bosId: BOS,
+  padId: PAD,
+  ...over,
+});
 
 describe("dataset sources", () => {
   let root: string;
@@ -50,24 +72,39 @@ describe("dataset sources", () => {
     const dir = writeDataset(root, "jsonl", { "x.jsonl": lines.join("\n") });
     const logged: string[] = [];
     const docs = await collect(readDocuments(resolveSources([dir]), { ...read(), log: (l) => logged.push(l) }, START));
-    assert.deepEqual(docs.map((d) => [d.index, d.text]), [
-      [0, "alpha beta"],
-      [1, "gamma"],
-    ]);
+    assert.deepEqual(
+      docs.map((d) => [d.index, d.text]),
+      [
+        [0, "alpha beta"],
+        [1, "gamma"],
+      ],
+    );
     assert.equal(logged.length, 2);
     assert.match(logged[1]!, /no string field "text" \(producer\.textField\)/);
   });
 
   it("walks folders recursively in a sorted order and numbers documents across files", async () => {
-    const dir = writeDataset(root, "tree", { "b/z.md": "z1\n\nz2", "a.txt": "a1", "b/y.jsonl": '{"text":"y1"}', "skip.bin": "x", ".hidden.txt": "h" });
+    const dir = writeDataset(root, "tree", {
+      "b/z.md": "z1\n\nz2",
+      "a.txt": "a1",
+      "b/y.jsonl": '{"text":"y1"}',
+      "skip.bin": "x",
+      ".hidden.txt": "h",
+    });
     const files = resolveSources([dir]);
-    assert.deepEqual(files.map((f) => [f.path.slice(dir.length + 1), f.format]), [
-      ["a.txt", "text"],
-      ["b/y.jsonl", "jsonl"],
-      ["b/z.md", "text"],
-    ]);
+    assert.deepEqual(
+      files.map((f) => [f.path.slice(dir.length + 1), f.format]),
+      [
+        ["a.txt", "text"],
+        ["b/y.jsonl", "jsonl"],
+        ["b/z.md", "text"],
+      ],
+    );
     const docs = await collect(readDocuments(files, read(), START));
-    assert.deepEqual(docs.map((d) => `${d.index}:${d.fileIndex}:${d.text}`), ["0:0:a1", "1:1:y1", "2:2:z1", "3:2:z2"]);
+    assert.deepEqual(
+      docs.map((d) => `${d.index}:${d.fileIndex}:${d.text}`),
+      ["0:0:a1", "1:1:y1", "2:2:z1", "3:2:z2"],
+    );
   });
 
   it("names the dataset entry that does not exist", () => {
@@ -81,7 +118,10 @@ describe("dataset sources", () => {
     const corpus = builtinCorpus();
     assert.ok(corpus.length >= 10, `${corpus.length} files`);
     assert.ok(corpus.every((f) => f.toLowerCase().endsWith(".md") && !f.split("node_modules/")[1]!.includes("/node_modules/")));
-    assert.deepEqual([...corpus].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)), corpus);
+    assert.deepEqual(
+      [...corpus].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)),
+      corpus,
+    );
     assert.ok(corpus.some((f) => f.endsWith("node_modules/onnxruntime-node/README.md")));
   });
 });
@@ -90,15 +130,24 @@ describe("sharding", () => {
   it("N shards cover every document exactly once", async () => {
     const root = mkdtempSync(join(tmpdir(), "saeflow-shard-"));
     try {
-      const dir = writeDataset(root, "d", { "a.txt": paragraphs(17), "b.txt": paragraphs(12, 1), "c.jsonl": '{"text":"x"}\n{"text":"y"}\n' });
+      const dir = writeDataset(root, "d", {
+        "a.txt": paragraphs(17),
+        "b.txt": paragraphs(12, 1),
+        "c.jsonl": '{"text":"x"}\n{"text":"y"}\n',
+      });
       const files = resolveSources([dir]);
       const all = await collect(readDocuments(files, read(), START));
       for (const count of [1, 2, 3, 5]) {
         const seen = new Map<number, number>();
         for (let index = 0; index < count; index++) {
-          for (const doc of await collect(shardDocuments(readDocuments(files, read(), START), { index, count }))) seen.set(doc.index, (seen.get(doc.index) ?? 0) + 1);
+          for (const doc of await collect(shardDocuments(readDocuments(files, read(), START), { index, count })))
+            seen.set(doc.index, (seen.get(doc.index) ?? 0) + 1);
         }
-        assert.deepEqual([...seen.keys()].sort((a, b) => a - b), all.map((d) => d.index), `count ${count}`);
+        assert.deepEqual(
+          [...seen.keys()].sort((a, b) => a - b),
+          all.map((d) => d.index),
+          `count ${count}`,
+        );
         assert.ok([...seen.values()].every((n) => n === 1));
       }
     } finally {
@@ -132,7 +181,10 @@ describe("packing", () => {
     const sent = ctxs.flatMap((c) => c.tokens.filter((_, p) => c.keep[p]));
     assert.deepEqual(sent, texts.flatMap(encode), "every token once, in order");
     assert.equal(last.documentsDone, texts.length);
-    assert.deepEqual(ctxs.map((c) => c.id), ctxs.map((_, i) => i));
+    assert.deepEqual(
+      ctxs.map((c) => c.id),
+      ctxs.map((_, i) => i),
+    );
   });
 
   it("keeps BOS rows when asked and packs without a leading BOS", async () => {
@@ -152,9 +204,15 @@ describe("packing", () => {
         const shifted = async function* () {
           for await (const d of rest) yield { ...d, index: d.index + from.documentIndex };
         };
-        const resumed = await collect(packContexts(shifted(), encode, options, { cursor: from, contexts: ctx.id + 1, documentsDone: ctx.documentsDone }));
+        const resumed = await collect(
+          packContexts(shifted(), encode, options, { cursor: from, contexts: ctx.id + 1, documentsDone: ctx.documentsDone }),
+        );
         const strip = (cs: Context[]) => cs.map((c) => ({ ...c, end: { ...c.end, offset: 0 } }));
-        assert.deepEqual(strip(resumed), strip(whole.slice(i + 1)), `after context ${i} (L=${options.contextLength}, bos=${options.prependBos})`);
+        assert.deepEqual(
+          strip(resumed),
+          strip(whole.slice(i + 1)),
+          `after context ${i} (L=${options.contextLength}, bos=${options.prependBos})`,
+        );
       }
     }
   });
@@ -176,7 +234,10 @@ describe("position and epochs", () => {
       assert.deepEqual(loaded.nextSequence, { h: 3 });
       const resumed = await collect(shardContexts(source, loaded));
       assert.deepEqual(resumed, whole.slice(cut.id + 1));
-      assert.throws(() => new PositionStore(store.path, "fp-2").load(), (err: ConfigError) => err.keys[0] === "producer.stateFile");
+      assert.throws(
+        () => new PositionStore(store.path, "fp-2").load(),
+        (err: ConfigError) => err.keys[0] === "producer.stateFile",
+      );
     } finally {
       rmSync(root, { recursive: true, force: true });
     }

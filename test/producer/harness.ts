@@ -130,7 +130,15 @@ export class RecordingBuffer {
       const key = `${chunk.producerId}/${chunk.hookPoint}/${chunk.sequence}`;
       const rows = chunk.activations?.shape[0] ?? 0;
       const answer = (accepted: number, dropped: number) =>
-        void call.write(create(PushResponseSchema, { hookPoint: chunk.hookPoint, sequence: chunk.sequence, rowsAccepted: accepted, rowsDropped: dropped, freeRows: 1_000_000n }));
+        void call.write(
+          create(PushResponseSchema, {
+            hookPoint: chunk.hookPoint,
+            sequence: chunk.sequence,
+            rowsAccepted: accepted,
+            rowsDropped: dropped,
+            freeRows: 1_000_000n,
+          }),
+        );
       if (this.seen.has(key)) {
         this.duplicates.push(chunk);
         answer(0, rows);
@@ -258,7 +266,9 @@ export function paragraphs(n: number, seed = 0): string {
   const out: string[] = [];
   for (let i = 0; i < n; i++) {
     const w = (k: number) => words[(i * 7 + k * 5 + seed) % words.length]!;
-    out.push(`Document ${seed}-${i} speaks of the ${w(0)} and the ${w(1)}. It was written on a ${w(2)} day, near the ${w(3)}, and it ends here.`);
+    out.push(
+      `Document ${seed}-${i} speaks of the ${w(0)} and the ${w(1)}. It was written on a ${w(2)} day, near the ${w(3)}, and it ends here.`,
+    );
   }
   return out.join("\n\n") + "\n";
 }

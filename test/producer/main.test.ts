@@ -27,9 +27,13 @@ describe("producer main", () => {
     await world.demand.bus.nc.flush();
     await world.demand.grant({ "main-test": 1e12 });
 
-    const child = spawn(process.execPath, ["--import", "tsx", "services/producer/main.ts", "--config", file, "--set", "producer.id=main-test"], {
-      stdio: ["ignore", "ignore", "pipe"],
-    });
+    const child = spawn(
+      process.execPath,
+      ["--import", "tsx", "services/producer/main.ts", "--config", file, "--set", "producer.id=main-test"],
+      {
+        stdio: ["ignore", "ignore", "pipe"],
+      },
+    );
     let stderr = "";
     child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
     const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
@@ -44,9 +48,13 @@ describe("producer main", () => {
   });
 
   it("exits 2 naming the key on a bad config", async () => {
-    const child = spawn(process.execPath, ["--import", "tsx", "services/producer/main.ts", "--set", "producer.tokenizer=/nonexistent/tokenizer.json"], {
-      stdio: ["ignore", "ignore", "pipe"],
-    });
+    const child = spawn(
+      process.execPath,
+      ["--import", "tsx", "services/producer/main.ts", "--set", "producer.tokenizer=/nonexistent/tokenizer.json"],
+      {
+        stdio: ["ignore", "ignore", "pipe"],
+      },
+    );
     let stderr = "";
     child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
     const code = await new Promise<number | null>((resolve) => child.once("exit", (c) => resolve(c)));

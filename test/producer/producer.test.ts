@@ -49,31 +49,58 @@ describe("producer", () => {
   let data: string;
   before(async () => {
     world = await startWorld();
-    text = paragraphs(12) + "\nA closing paragraph, longer than the others, so that one document spans two contexts of sixteen tokens at least.\n";
+    text =
+      paragraphs(12) +
+      "\nA closing paragraph, longer than the others, so that one document spans two contexts of sixteen tokens at least.\n";
     data = writeDataset(world.dir, "fixed", { "doc.txt": text });
   });
   after(() => world.close());
 
   it("streams the activations of a direct ORT run of the same contexts, one forward pass for all hook points", async () => {
     await world.newBuffer();
-    const chunks = await runToEnd(world, { id: "exact", dataset: [data], hookPoints: HOOKS, contextLength: 16, batchContexts: 3, excludeBos: false });
+    const chunks = await runToEnd(world, {
+      id: "exact",
+      dataset: [data],
+      hookPoints: HOOKS,
+      contextLength: 16,
+      batchContexts: 3,
+      excludeBos: false,
+    });
     const byHook = HOOKS.map((h) => chunks.filter((c) => c.hookPoint === h));
     assert.deepEqual(seqs(byHook[0]!), seqs(byHook[1]!));
-    assert.deepEqual(seqs(byHook[0]!), byHook[0]!.map((_, i) => i), "sequences count from 0 per hook point");
+    assert.deepEqual(
+      seqs(byHook[0]!),
+      byHook[0]!.map((_, i) => i),
+      "sequences count from 0 per hook point",
+    );
 
     // The token stream is the text's paragraphs, cut into contexts of 16 that each start with BOS.
     const tokenizer = loadTokenizer("builtin:llama3_1");
-    const expected = text.split(/\n\s*\n/).filter((t) => t.trim()).flatMap((t) => tokenizer.encode(t.trim()));
+    const expected = text
+      .split(/\n\s*\n/)
+      .filter((t) => t.trim())
+      .flatMap((t) => tokenizer.encode(t.trim()));
     const first = byHook[0]!;
-    assert.deepEqual(first.flatMap((c) => c.tokenIds).filter((t) => t !== BOS), expected);
-    assert.ok(first.every((c) => c.tokenIds.every((t, r) => c.contextIds[r] === c.contextIds[r - 1] || t === BOS)), "each context starts with BOS");
+    assert.deepEqual(
+      first.flatMap((c) => c.tokenIds).filter((t) => t !== BOS),
+      expected,
+    );
+    assert.ok(
+      first.every((c) => c.tokenIds.every((t, r) => c.contextIds[r] === c.contextIds[r - 1] || t === BOS)),
+      "each context starts with BOS",
+    );
 
     // Rebuild each context from its rows and run it alone through ORT: same activations.
     const session = await openHookSession(world.model.modelPath, HOOKS);
     for (const [h, hook] of HOOKS.entries()) {
       const rows = byHook[h]!.flatMap((c) => {
         const values = fromTensor(c.activations!) as Float32Array;
-        return c.tokenIds.map((t, r) => ({ t, ctx: c.contextIds[r]!, doc: c.documentIds[r]!, v: values.subarray(r * D_MODEL, (r + 1) * D_MODEL) }));
+        return c.tokenIds.map((t, r) => ({
+          t,
+          ctx: c.contextIds[r]!,
+          doc: c.documentIds[r]!,
+          v: values.subarray(r * D_MODEL, (r + 1) * D_MODEL),
+        }));
       });
       const contexts = [...new Set(rows.map((r) => r.ctx))];
       for (const id of contexts) {
@@ -90,7 +117,10 @@ describe("producer", () => {
         mine.forEach((r, p) => {
           for (let k = 0; k < D_MODEL; k++) {
             const want = direct[p * D_MODEL + k]!;
-            assert.ok(Math.abs(r.v[k]! - want) <= 1e-5 * (1 + Math.abs(want)), `${hook} context ${id} position ${p}[${k}]: ${r.v[k]} vs ${want}`);
+            assert.ok(
+              Math.abs(r.v[k]! - want) <= 1e-5 * (1 + Math.abs(want)),
+              `${hook} context ${id} position ${p}[${k}]: ${r.v[k]} vs ${want}`,
+            );
           }
         });
       }
@@ -112,7 +142,10 @@ describe("producer", () => {
     ] as const) {
       await world.newBuffer();
       const chunks = await runToEnd(world, { ...base, id: dtype, dtype }, { dtype });
-      assert.ok(chunks.every((c) => !c.tokenIds.includes(BOS)), "no BOS row is sent");
+      assert.ok(
+        chunks.every((c) => !c.tokenIds.includes(BOS)),
+        "no BOS row is sent",
+      );
       const words = chunks.flatMap((c) => [...(fromTensor(c.activations!) as Uint16Array)]);
       assert.equal(words.length, keptRows.length * D_MODEL);
       keptRows.forEach((row, r) => row.forEach((x, k) => assert.equal(words[r * D_MODEL + k], convert(x), `${dtype} row ${r}[${k}]`)));
@@ -121,10 +154,20 @@ describe("producer", () => {
 
   it("two producers over one dataset cover each document exactly once", async () => {
     await world.newBuffer();
-    const two = writeDataset(world.dir, "two", { "a.txt": paragraphs(9, 3), "b.jsonl": [0, 1, 2, 3, 4].map((i) => JSON.stringify({ text: `Record ${i} of the second file.` })).join("\n") });
-    const docs = [...paragraphs(9, 3).split("\n\n").map((t) => t.trim()), ...[0, 1, 2, 3, 4].map((i) => `Record ${i} of the second file.`)];
+    const two = writeDataset(world.dir, "two", {
+      "a.txt": paragraphs(9, 3),
+      "b.jsonl": [0, 1, 2, 3, 4].map((i) => JSON.stringify({ text: `Record ${i} of the second file.` })).join("\n"),
+    });
+    const docs = [
+      ...paragraphs(9, 3)
+        .split("\n\n")
+        .map((t) => t.trim()),
+      ...[0, 1, 2, 3, 4].map((i) => `Record ${i} of the second file.`),
+    ];
     const common = { dataset: [two], hookPoints: [HOOKS[0]!], contextLength: 24, batchContexts: 2, shardCount: 2, epochs: 1 };
-    const producers = await Promise.all([0, 1].map((i) => startProducer(world.config({ ...common, id: `cover-${i}`, shardIndex: i }), quiet)));
+    const producers = await Promise.all(
+      [0, 1].map((i) => startProducer(world.config({ ...common, id: `cover-${i}`, shardIndex: i }), quiet)),
+    );
     await world.demand.grant({ "cover-0": 1e12, "cover-1": 1e12 });
     await Promise.all(producers.map((p) => p.finished));
     await Promise.all(producers.map((p) => p.stop()));
@@ -139,14 +182,20 @@ describe("producer", () => {
         tokensOf.set(d, [...(tokensOf.get(d) ?? []), c.tokenIds[r]!]);
       });
     }
-    assert.deepEqual([...owner.keys()].sort((a, b) => a - b), docs.map((_, i) => i));
+    assert.deepEqual(
+      [...owner.keys()].sort((a, b) => a - b),
+      docs.map((_, i) => i),
+    );
     docs.forEach((doc, i) => assert.deepEqual(tokensOf.get(i), tokenizer.encode(doc), `document ${i} once, whole`));
     assert.deepEqual(new Set(owner.values()), new Set(["cover-0", "cover-1"]));
   });
 
   it("produces only within its grant: whole passes first, then a smaller pass spends the credit left", async () => {
     await world.newBuffer();
-    const p = await startProducer(world.config({ id: "granted", dataset: ["builtin:corpus"], hookPoints: HOOKS, contextLength: 32, batchContexts: 2, epochs: 0 }), quiet);
+    const p = await startProducer(
+      world.config({ id: "granted", dataset: ["builtin:corpus"], hookPoints: HOOKS, contextLength: 32, batchContexts: 2, epochs: 0 }),
+      quiet,
+    );
     const perContext = 31; // a context of 32 with BOS left out: the most rows it can send
     const chunkRows = 2 * perContext;
     const grant = 3 * chunkRows - 10;
@@ -169,7 +218,14 @@ describe("producer", () => {
   it("pauses within one chunk on the buffer's pause, resumes on refill, and Status/Pause/Resume work over gRPC", async () => {
     const buffer: RecordingBuffer = await world.newBuffer();
     const p: RunningProducer = await startProducer(
-      world.config({ id: "pausing", dataset: ["builtin:corpus"], hookPoints: HOOKS, contextLength: 32, batchContexts: 2, maxInFlightChunks: 4 }),
+      world.config({
+        id: "pausing",
+        dataset: ["builtin:corpus"],
+        hookPoints: HOOKS,
+        contextLength: 32,
+        batchContexts: 2,
+        maxInFlightChunks: 4,
+      }),
       quiet,
     );
     const transport = world.config().transport;
@@ -191,7 +247,8 @@ describe("producer", () => {
     await poll(async () => (await control.status({})).pausedByBuffer, "the producer to hear the pause");
     buffer.release();
     await poll(async () => (await control.status({})).state === ServiceState.PAUSED, "the producer to park");
-    for (const hook of HOOKS) assert.ok(Math.max(...seqs(buffer.chunks(hook))) <= pausedAt + 1, `${hook}: at most the pass in flight after the pause`);
+    for (const hook of HOOKS)
+      assert.ok(Math.max(...seqs(buffer.chunks(hook))) <= pausedAt + 1, `${hook}: at most the pass in flight after the pause`);
     const status = await control.status({});
     assert.deepEqual(status.hookPoints, HOOKS);
     assert.equal(status.executionProvider, "cpu");
@@ -199,7 +256,11 @@ describe("producer", () => {
     // What grpcurl sees through server reflection.
     const grpcurl = new ReflectionClient(p.address);
     assert.ok((await grpcurl.list()).includes("saeflow.producer.v1.ProducerService"));
-    const json = (await grpcurl.call("saeflow.producer.v1.ProducerService", "Status", {})) as { producerId: string; state: string; position: { file: string } };
+    const json = (await grpcurl.call("saeflow.producer.v1.ProducerService", "Status", {})) as {
+      producerId: string;
+      state: string;
+      position: { file: string };
+    };
     assert.equal(json.producerId, "pausing");
     assert.equal(json.state, "SERVICE_STATE_PAUSED");
     assert.match(json.position.file, /\.md$/);
@@ -224,7 +285,11 @@ describe("producer", () => {
     await buffer.until(() => Math.max(...seqs(buffer.chunks(HOOKS[1]))) > parkedAt + 1, "chunks after Resume");
     await p.stop();
     const st = p.status();
-    assert.ok(Number(st.tokens) > 0 && Number(st.rowsSent) === rowsOf(buffer.chunks()) && Number(st.bytesSent) === buffer.chunks().reduce((n, c) => n + c.activations!.data.byteLength, 0));
+    assert.ok(
+      Number(st.tokens) > 0 &&
+        Number(st.rowsSent) === rowsOf(buffer.chunks()) &&
+        Number(st.bytesSent) === buffer.chunks().reduce((n, c) => n + c.activations!.data.byteLength, 0),
+    );
     assert.ok(st.tokensPerSecond > 0);
     assert.equal(st.state, ServiceState.STOPPED);
     assert.ok(st.position!.contexts > 0n && st.position!.file.endsWith(".md"));
@@ -237,7 +302,17 @@ describe("producer", () => {
     const joins: string[] = [];
     const sub = world.demand.bus.subscribe(world.demand.subjects.join, MemberAnnounce, (m) => joins.push(m.producerId));
     await world.demand.bus.nc.flush();
-    const p = await startProducer(world.config({ id: "crashy", dataset: ["builtin:corpus"], hookPoints: HOOKS, contextLength: 32, batchContexts: 2, maxInFlightChunks: 4 }), quiet);
+    const p = await startProducer(
+      world.config({
+        id: "crashy",
+        dataset: ["builtin:corpus"],
+        hookPoints: HOOKS,
+        contextLength: 32,
+        batchContexts: 2,
+        maxInFlightChunks: 4,
+      }),
+      quiet,
+    );
     first.onChunk = (c) => {
       if (c.sequence === 2n && c.hookPoint === HOOKS[0]) first.holding = true;
     };
@@ -252,7 +327,11 @@ describe("producer", () => {
     for (const hook of HOOKS) {
       const after = seqs(second.chunks(hook));
       assert.equal(after[0], 2, `${hook}: re-sending starts at the first unanswered chunk`);
-      assert.deepEqual(after, after.map((_, i) => i + 2), `${hook}: nothing answered is re-sent, nothing skipped`);
+      assert.deepEqual(
+        after,
+        after.map((_, i) => i + 2),
+        `${hook}: nothing answered is re-sent, nothing skipped`,
+      );
     }
     assert.equal(second.duplicates.length, 0);
     assert.ok(joins.filter((j) => j === "crashy").length >= 2, "joined again after reconnecting");
@@ -263,7 +342,10 @@ describe("producer", () => {
     const joins: string[] = [];
     const sub = world.demand.bus.subscribe(world.demand.subjects.join, MemberAnnounce, (m) => joins.push(m.producerId));
     await world.demand.bus.nc.flush();
-    const p = await startProducer(world.config({ id: "idle", dataset: ["builtin:corpus"], hookPoints: [HOOKS[0]!], contextLength: 32, batchContexts: 2 }), quiet);
+    const p = await startProducer(
+      world.config({ id: "idle", dataset: ["builtin:corpus"], hookPoints: [HOOKS[0]!], contextLength: 32, batchContexts: 2 }),
+      quiet,
+    );
     const chunkRows = 2 * 31;
     await world.demand.grant({ idle: 2 * chunkRows });
     await first.until(() => first.chunks().length === 2, "two passes");
@@ -283,7 +365,10 @@ describe("producer", () => {
   it("stops with the buffer's reason when the buffer refuses the stream for good", async () => {
     const buffer = await world.newBuffer();
     buffer.runId = "another-run";
-    const p = await startProducer(world.config({ id: "refused", dataset: [data], hookPoints: [HOOKS[0]!], contextLength: 16, batchContexts: 2 }), quiet);
+    const p = await startProducer(
+      world.config({ id: "refused", dataset: [data], hookPoints: [HOOKS[0]!], contextLength: 16, batchContexts: 2 }),
+      quiet,
+    );
     await world.demand.grant({ refused: 1e12 });
     await assert.rejects(p.finished, /refused the push stream: chunk\.run_id: "ptest" is not this buffer's run "another-run"/);
     await p.stop();
@@ -307,10 +392,23 @@ describe("producer", () => {
     await b.finished;
     await b.stop();
     const resumed = world.buffer.chunks().filter((c) => c.producerId === "resumer");
-    assert.deepEqual(seqs(resumed), resumed.map((_, i) => i), "sequences continue across the restart");
-    assert.deepEqual(resumed.flatMap((c) => c.tokenIds), whole.flatMap((c) => c.tokenIds));
-    assert.deepEqual(resumed.flatMap((c) => c.contextIds), whole.flatMap((c) => c.contextIds));
-    assert.deepEqual(resumed.flatMap((c) => c.documentIds), whole.flatMap((c) => c.documentIds));
+    assert.deepEqual(
+      seqs(resumed),
+      resumed.map((_, i) => i),
+      "sequences continue across the restart",
+    );
+    assert.deepEqual(
+      resumed.flatMap((c) => c.tokenIds),
+      whole.flatMap((c) => c.tokenIds),
+    );
+    assert.deepEqual(
+      resumed.flatMap((c) => c.contextIds),
+      whole.flatMap((c) => c.contextIds),
+    );
+    assert.deepEqual(
+      resumed.flatMap((c) => c.documentIds),
+      whole.flatMap((c) => c.documentIds),
+    );
     assert.equal(world.buffer.duplicates.length, 0);
   });
 
@@ -319,21 +417,32 @@ describe("producer", () => {
       [{ hookPoints: ["blocks.0.hook_resid_psot"] }, "producer.hookPoints", /unknown hook point "blocks\.0\.hook_resid_psot"/],
       [{ hookPoints: ["blocks.7.hook_resid_post"] }, "producer.hookPoints", /layer 7 is beyond the model, which has 2 layers/],
       [{ tokenizer: join(world.dir, "missing", "tokenizer.json") }, "producer.tokenizer", /missing\/tokenizer\.json does not exist/],
-      [{ model: join(world.dir, "nowhere.onnx") }, "producer.model", /does not exist; make the tiny test model with `npx tsx tools\/model\/tiny-llama\.ts/],
+      [
+        { model: join(world.dir, "nowhere.onnx") },
+        "producer.model",
+        /does not exist; make the tiny test model with `npx tsx tools\/model\/tiny-llama\.ts/,
+      ],
       [{ dataset: [join(world.dir, "nope")] }, "producer.dataset.0", /does not exist/],
-      [{ hookPoints: ["blocks.0.hook_resid_post"], _pool: 32 }, "producer.hookPoints.0", /is 64 wide in the model but its buffer pool has dModel 32/],
+      [
+        { hookPoints: ["blocks.0.hook_resid_post"], _pool: 32 },
+        "producer.hookPoints.0",
+        /is 64 wide in the model but its buffer pool has dModel 32/,
+      ],
       [{ batchContexts: 8192, contextLength: 1024 }, "producer.batchContexts", /over transport\.maxMessageBytes/],
     ];
     for (const [{ _pool, ...producer }, key, message] of cases) {
       // Pools for the producer's hook points, so that the config loads and the producer's own checks speak.
       const hooks = ((producer.hookPoints as string[] | undefined) ?? []).map((name) => ({ name, dModel: _pool ?? D_MODEL }));
       const buffer = { hookPoints: [...hooks, { name: "blocks.1.hook_resid_post", dModel: D_MODEL }] };
-      await assert.rejects(startProducer(world.config({ dataset: [data], ...producer }, buffer), quiet), (err: Error & { keys?: string[] }) => {
-        assert.ok(err.message.startsWith(`${key}: `), err.message);
-        assert.match(err.message, message);
-        assert.deepEqual(err.keys, [key]);
-        return true;
-      });
+      await assert.rejects(
+        startProducer(world.config({ dataset: [data], ...producer }, buffer), quiet),
+        (err: Error & { keys?: string[] }) => {
+          assert.ok(err.message.startsWith(`${key}: `), err.message);
+          assert.match(err.message, message);
+          assert.deepEqual(err.keys, [key]);
+          return true;
+        },
+      );
     }
   });
 });

@@ -8,10 +8,21 @@ describe("model session", () => {
   const model = tinyModel().modelPath;
 
   it("cuts the model after the hook points and runs them all in one pass on CPU with the configured threads", async () => {
-    const s = await openModelSession({ model, hookPoints: ["blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"], provider: "cpu", threads: 1 });
+    const s = await openModelSession({
+      model,
+      hookPoints: ["blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"],
+      provider: "cpu",
+      threads: 1,
+    });
     assert.equal(s.dModel, 64);
     assert.equal(s.vocabSize, 128256);
-    const out = await s.run({ batch: 1, length: 3, inputIds: new BigInt64Array([128000n, 9906n, 1917n]), attentionMask: new BigInt64Array(3).fill(1n), positionIds: new BigInt64Array([0n, 1n, 2n]) });
+    const out = await s.run({
+      batch: 1,
+      length: 3,
+      inputIds: new BigInt64Array([128000n, 9906n, 1917n]),
+      attentionMask: new BigInt64Array(3).fill(1n),
+      positionIds: new BigInt64Array([0n, 1n, 2n]),
+    });
     assert.deepEqual([...out.keys()], ["blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"]);
     for (const o of out.values()) assert.equal(o.data.length, 3 * 64);
     await s.release();
@@ -26,7 +37,12 @@ describe("model session", () => {
       } catch (err) {
         assert.ok(err instanceof ConfigError, String(err));
         assert.deepEqual(err.keys, ["producer.executionProvider"]);
-        assert.match(err.message, new RegExp(`^producer\\.executionProvider: ${provider} (could not be loaded|cannot run the model|is not available).*producer\\.executionProvider=cpu`));
+        assert.match(
+          err.message,
+          new RegExp(
+            `^producer\\.executionProvider: ${provider} (could not be loaded|cannot run the model|is not available).*producer\\.executionProvider=cpu`,
+          ),
+        );
       }
     }
   });

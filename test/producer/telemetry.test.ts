@@ -22,25 +22,35 @@ describe("producer telemetry", () => {
   it("records tokenize, forward, convert and push spans with tokens and bytes, and carries the forward span in each chunk", async () => {
     const data = writeDataset(world.dir, "t", { "a.txt": paragraphs(6) });
     const hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"];
-    const p = await startProducer(world.config({ id: "traced", dataset: [data], hookPoints: hooks, contextLength: 16, batchContexts: 2, epochs: 1, excludeBos: false }), { log: () => undefined });
+    const p = await startProducer(
+      world.config({ id: "traced", dataset: [data], hookPoints: hooks, contextLength: 16, batchContexts: 2, epochs: 1, excludeBos: false }),
+      { log: () => undefined },
+    );
     await world.demand.grant({ traced: 1e12 });
     await p.finished;
     await p.stop();
     const spans = exporter.getFinishedSpans();
     const named = (n: string) => spans.filter((s) => s.name === n);
     const chunks = world.buffer.chunks(hooks[0]);
-    for (const n of ["producer.produce", "producer.forward", "producer.convert", "producer.push"]) assert.equal(named(n).length, chunks.length, n);
+    for (const n of ["producer.produce", "producer.forward", "producer.convert", "producer.push"])
+      assert.equal(named(n).length, chunks.length, n);
     assert.ok(named("producer.tokenize").length >= chunks.length);
     const forward = named("producer.forward");
     const produce = named("producer.produce");
-    assert.ok(forward.every((s, i) => s.parentSpanContext?.spanId === produce[i]!.spanContext().spanId), "forward runs inside produce");
+    assert.ok(
+      forward.every((s, i) => s.parentSpanContext?.spanId === produce[i]!.spanContext().spanId),
+      "forward runs inside produce",
+    );
     assert.deepEqual(
       forward.map((s) => Number(s.attributes.tokens)),
       chunks.map((c) => c.tokenIds.length),
       "with BOS rows kept, every real token is a row",
     );
     const bytes = named("producer.push").map((s) => Number(s.attributes.bytes));
-    assert.deepEqual(bytes, chunks.map((c) => 2 * c.activations!.data.byteLength));
+    assert.deepEqual(
+      bytes,
+      chunks.map((c) => 2 * c.activations!.data.byteLength),
+    );
     assert.ok(named("producer.convert").every((s, i) => Number(s.attributes.bytes) === bytes[i]));
     for (const hook of hooks) {
       world.buffer.chunks(hook).forEach((c, i) => {

@@ -44,7 +44,11 @@ describe("tokenizer", () => {
 
   it("names producer.tokenizer when the file is missing or the builtin unknown", () => {
     for (const spec of ["/nonexistent/tokenizer.json", "builtin:gpt2"]) {
-      assert.throws(() => loadTokenizer(spec), (err: ConfigError) => err instanceof ConfigError && err.keys[0] === "producer.tokenizer" && err.message.startsWith("producer.tokenizer: "));
+      assert.throws(
+        () => loadTokenizer(spec),
+        (err: ConfigError) =>
+          err instanceof ConfigError && err.keys[0] === "producer.tokenizer" && err.message.startsWith("producer.tokenizer: "),
+      );
     }
   });
 });

@@ -1,7 +1,22 @@
-import { create, createFileRegistry, type DescMethod, type DescService, type FileRegistry, fromBinary, fromJson, type JsonValue, toBinary, toJson } from "@bufbuild/protobuf";
+import {
+  create,
+  createFileRegistry,
+  type DescMethod,
+  type DescService,
+  type FileRegistry,
+  fromBinary,
+  fromJson,
+  type JsonValue,
+  toBinary,
+  toJson,
+} from "@bufbuild/protobuf";
 import { type FileDescriptorProto, FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
-import { ServerReflection, type ServerReflectionRequest, ServerReflectionRequestSchema } from "../../services/gen/grpc/reflection/v1/reflection_pb.js";
+import {
+  ServerReflection,
+  type ServerReflectionRequest,
+  ServerReflectionRequestSchema,
+} from "../../services/gen/grpc/reflection/v1/reflection_pb.js";
 import type { ServerReflectionResponse } from "../../services/gen/grpc/reflection/v1/reflection_pb.js";
 import { createClient, type ServiceClient } from "../../services/common/grpc/adapter.js";
 import { RunConfigSchema } from "../../services/common/config/index.js";

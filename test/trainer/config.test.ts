@@ -63,12 +63,18 @@ describe("trainer config", () => {
   test("matryoshka prefixes must exist, increase, and lie between k and the width, naming the key", () => {
     const none = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4}]"] }));
     assert.deepEqual(none.keys, ["trainer.saes.0.prefixes"]);
-    const bad = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4, prefixes: [16, 8, 64]}]"] }));
+    const bad = refused(() =>
+      loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4, prefixes: [16, 8, 64]}]"] }),
+    );
     assert.match(bad.message, /prefixes must increase \(16 then 8\)/);
     assert.match(bad.message, /prefix 64 must be at least k \(4\) and below width \(64\)/);
     const other = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, recipe: batchtopk, width: 64, k: 4, prefixes: [16]}]"] }));
     assert.deepEqual(other.keys, ["trainer.saes.0.prefixes"]);
-    assert.equal(loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4, prefixes: [4, 16]}]"] }).trainer.saes[0]!.prefixes.length, 2);
+    assert.equal(
+      loadConfig({ sets: ["trainer.saes=[{name: a, recipe: matryoshka, width: 64, k: 4, prefixes: [4, 16]}]"] }).trainer.saes[0]!.prefixes
+        .length,
+      2,
+    );
   });
 
   test("a decoder init norm that unit-norm decoders would undo is refused naming trainer.decoderInitNorm", () => {
@@ -78,7 +84,9 @@ describe("trainer config", () => {
   });
 
   test("a dModel that differs from the buffer's pool in the same run config is refused naming trainer.dModel", () => {
-    const err = refused(() => loadConfig({ sets: ["buffer.hookPoints=[{name: blocks.1.hook_resid_post, dModel: 128}]", "trainer.dModel=64"] }));
+    const err = refused(() =>
+      loadConfig({ sets: ["buffer.hookPoints=[{name: blocks.1.hook_resid_post, dModel: 128}]", "trainer.dModel=64"] }),
+    );
     assert.deepEqual(err.keys, ["trainer.dModel"]);
   });
 

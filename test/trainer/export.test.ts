@@ -33,7 +33,10 @@ const trainedRecon = (x: Float32Array, s: typeof spec, state: ReturnType<typeof 
 
 function assertRecon(actual: Float32Array, expected: Float32Array, what: string): void {
   for (let i = 0; i < expected.length; i++) {
-    assert.ok(Math.abs(actual[i]! - expected[i]!) < 1e-4 * Math.max(1, Math.abs(expected[i]!)), `${what} recon[${i}] ${actual[i]} vs ${expected[i]}`);
+    assert.ok(
+      Math.abs(actual[i]! - expected[i]!) < 1e-4 * Math.max(1, Math.abs(expected[i]!)),
+      `${what} recon[${i}] ${actual[i]} vs ${expected[i]}`,
+    );
   }
 }
 
@@ -59,7 +62,10 @@ describe("SAELens export", () => {
       }
     }
     assert.deepEqual(Array.from(exp.tensors.b_enc!.data as Float32Array), Array.from(state.b_enc));
-    assert.deepEqual(Array.from(exp.tensors.b_dec!.data as Float32Array), Array.from(state.b_dec, (v) => Math.fround(v / scale)));
+    assert.deepEqual(
+      Array.from(exp.tensors.b_dec!.data as Float32Array),
+      Array.from(state.b_dec, (v) => Math.fround(v / scale)),
+    );
     assert.deepEqual(readdirSync(root), ["topk"], "no temporary folder is left behind");
     assert.equal(exp.cfg.architecture, "topk");
   });
@@ -94,7 +100,8 @@ describe("SAELens export", () => {
     const x = gaussianBatch(free.batchSize, d, "free", 3);
     const exp = loadSaeLens(exportSaeLens(join(root, "fold"), freeState, n, d, info({ foldDecoderNorm: true })));
     const wDec = exp.tensors.W_dec!.data as Float32Array;
-    for (let i = 0; i < n; i++) assert.ok(Math.abs(Math.hypot(...wDec.subarray(i * d, (i + 1) * d)) - 1 / scale) < 1e-6, `row ${i} has norm 1 (in raw units)`);
+    for (let i = 0; i < n; i++)
+      assert.ok(Math.abs(Math.hypot(...wDec.subarray(i * d, (i + 1) * d)) - 1 / scale) < 1e-6, `row ${i} has norm 1 (in raw units)`);
     assertRecon(saeLensForward(exp, x).recon, trainedRecon(x, free, freeState), "folded topk");
     const sae = loadSae(join(root, "fold"));
     assertRecon(saeForward(sae, x, free.batchSize).recon, trainedRecon(x, free, freeState), "tools/eval topk");
@@ -105,7 +112,13 @@ describe("SAELens export", () => {
       const gated = smallSpec({ recipe: "gated", batchSize: 16, width: 16, unitNormDecoder });
       const gatedState = busyState(gated, `gated-${unitNormDecoder}`);
       const x = gaussianBatch(gated.batchSize, d, "gated", 3);
-      const dir = exportSaeLens(join(root, `gated-${unitNormDecoder}`), gatedState, n, d, info({ architecture: "gated", foldDecoderNorm: !unitNormDecoder }));
+      const dir = exportSaeLens(
+        join(root, `gated-${unitNormDecoder}`),
+        gatedState,
+        n,
+        d,
+        info({ architecture: "gated", foldDecoderNorm: !unitNormDecoder }),
+      );
       const exp = loadSaeLens(dir);
       assert.equal(exp.cfg.architecture, "gated");
       assert.equal(exp.cfg.activation_fn_str, "relu");
@@ -123,7 +136,10 @@ describe("SAELens export", () => {
     const fired = Float64Array.from({ length: n }, (_, i) => (i % 4 === 0 ? 0 : i * 10));
     const exp = loadSaeLens(exportSaeLens(join(root, "sparsity"), state, n, d, info({ firing: { fired, tokens: 1000 } })));
     assert.ok(readdirSync(join(root, "sparsity")).includes(SPARSITY_FILE));
-    assert.deepEqual(Array.from(exp.sparsity!), Array.from(fired, (f) => Math.fround(Math.log10(f / 1000 + 1e-10))));
+    assert.deepEqual(
+      Array.from(exp.sparsity!),
+      Array.from(fired, (f) => Math.fround(Math.log10(f / 1000 + 1e-10))),
+    );
     assert.equal(exp.sparsity![0], Math.fround(-10), "a latent that never fired sits at log10(1e-10)");
     assert.equal(loadSaeLens(join(root, "topk")).sparsity, undefined, "no counts, no file");
   });

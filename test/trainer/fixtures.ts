@@ -40,7 +40,13 @@ export function gaussianBatch(rows: number, d: number, seed: string, scale = 1):
 export function busyState(spec: StepSpec, seed: string): SaeState {
   const { width: n, dModel: d } = spec;
   const rng = new Rng(11, seed);
-  const s = initState(n, d, rng, Float32Array.from({ length: d }, () => 0.1 * rng.normal()), { recipe: spec.recipe });
+  const s = initState(
+    n,
+    d,
+    rng,
+    Float32Array.from({ length: d }, () => 0.1 * rng.normal()),
+    { recipe: spec.recipe },
+  );
   for (let i = 0; i < s.W_enc.length; i++) s.W_enc[i]! += 0.2 * rng.normal();
   for (let i = 0; i < n; i++) s.b_enc[i] = 0.1 * rng.normal();
   if (!spec.unitNormDecoder) {
@@ -59,7 +65,15 @@ export interface SparseData {
   batches: Float32Array[]; // each [rows, d]
 }
 
-export function sparseData(opts: { d: number; features: number; active: number; rows: number; batches: number; seed: string; noise?: number }): SparseData {
+export function sparseData(opts: {
+  d: number;
+  features: number;
+  active: number;
+  rows: number;
+  batches: number;
+  seed: string;
+  noise?: number;
+}): SparseData {
   const { d, features, active, rows } = opts;
   const rng = new Rng(3, opts.seed);
   const directions = new Float32Array(features * d);
@@ -106,7 +120,16 @@ export function bestCosines(directions: Float32Array, wDec: Float32Array, d: num
 
 /** A run config for library tests: small, single-threaded, writing under `dir`. */
 export function testConfig(dir: string, trainer: Record<string, unknown>): RunConfig {
-  const t = { hookPoint: "blocks.1.hook_resid_post", dModel: 64, logEvery: 25, checkpointEvery: 0, lrWarmupSteps: 10, threads: 1, exportOnFinish: false, ...trainer };
+  const t = {
+    hookPoint: "blocks.1.hook_resid_post",
+    dModel: 64,
+    logEvery: 25,
+    checkpointEvery: 0,
+    lrWarmupSteps: 10,
+    threads: 1,
+    exportOnFinish: false,
+    ...trainer,
+  };
   return RunConfigSchema.parse({
     run: { dir, seed: 5 },
     buffer: { hookPoints: [{ name: t.hookPoint, dModel: t.dModel }] },
@@ -141,7 +164,10 @@ export function saeLensForward(exp: LoadedSaeLens, x: Float32Array): { codes: Fl
     }
     const keep = new Set<number>();
     if (arch === "topk") {
-      for (const i of Array.from(pre.keys()).sort((a, b) => pre[b]! - pre[a]!).slice(0, exp.cfg.k as number)) keep.add(i);
+      for (const i of Array.from(pre.keys())
+        .sort((a, b) => pre[b]! - pre[a]!)
+        .slice(0, exp.cfg.k as number))
+        keep.add(i);
     } else if (arch !== "gated") {
       for (let i = 0; i < n; i++) if (arch === "standard" || pre[i]! > t("threshold")[i]!) keep.add(i);
     }

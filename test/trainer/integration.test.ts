@@ -56,8 +56,14 @@ describe("trainer over gRPC", () => {
     const client = createClient(BufferService, buffer.address, base.transport);
     try {
       await checkBufferPool(client, config(join(root, "ok")));
-      await assert.rejects(checkBufferPool(client, config(join(root, "w"), { dModel: 64 })), (e: unknown) => e instanceof ConfigError && e.keys[0] === "trainer.dModel");
-      await assert.rejects(checkBufferPool(client, config(join(root, "h"), { hookPoint: "blocks.9.hook_mlp_out" })), (e: unknown) => e instanceof ConfigError && e.keys[0] === "trainer.hookPoint");
+      await assert.rejects(
+        checkBufferPool(client, config(join(root, "w"), { dModel: 64 })),
+        (e: unknown) => e instanceof ConfigError && e.keys[0] === "trainer.dModel",
+      );
+      await assert.rejects(
+        checkBufferPool(client, config(join(root, "h"), { hookPoint: "blocks.9.hook_mlp_out" })),
+        (e: unknown) => e instanceof ConfigError && e.keys[0] === "trainer.hookPoint",
+      );
     } finally {
       client.close();
     }
@@ -160,7 +166,17 @@ describe("trainer over gRPC", () => {
     );
     const child = spawn(
       process.execPath,
-      ["--import", "tsx", "services/trainer/main.ts", "--config", file, "--set", "trainer.logEvery=2", "--set", `telemetry.otlpEndpoint=${endpoint}`],
+      [
+        "--import",
+        "tsx",
+        "services/trainer/main.ts",
+        "--config",
+        file,
+        "--set",
+        "trainer.logEvery=2",
+        "--set",
+        `telemetry.otlpEndpoint=${endpoint}`,
+      ],
       { stdio: ["ignore", "pipe", "pipe"] },
     );
     let out = "";
@@ -197,7 +213,21 @@ describe("trainer over gRPC", () => {
     const child = spawn(
       process.execPath,
       // The file agrees with itself (the loader checks that); the live buffer serves width 32.
-      ["--import", "tsx", "services/trainer/main.ts", "--set", `trainer.bufferAddress=${buffer.address}`, "--set", `trainer.hookPoint=${HOOK}`, "--set", "trainer.dModel=48", "--set", `buffer.hookPoints=[{name: ${HOOK}, dModel: 48}]`, "--set", `producer.hookPoints=[${HOOK}]`],
+      [
+        "--import",
+        "tsx",
+        "services/trainer/main.ts",
+        "--set",
+        `trainer.bufferAddress=${buffer.address}`,
+        "--set",
+        `trainer.hookPoint=${HOOK}`,
+        "--set",
+        "trainer.dModel=48",
+        "--set",
+        `buffer.hookPoints=[{name: ${HOOK}, dModel: 48}]`,
+        "--set",
+        `producer.hookPoints=[${HOOK}]`,
+      ],
       { stdio: ["ignore", "pipe", "pipe"] },
     );
     let err = "";

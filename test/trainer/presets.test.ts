@@ -61,19 +61,26 @@ describe("tiny preset", () => {
     assert.equal(result.step, c.steps);
     const annealSteps = Math.floor(c.kAnnealFraction * c.steps);
     const lrOf = (peak: number, step: number) =>
-      learningRate({ peak, steps: c.steps, warmupSteps: c.lrWarmupSteps, decay: c.lrDecay, decayStart: c.lrDecayStart, endRatio: c.lrEndRatio }, step);
+      learningRate(
+        { peak, steps: c.steps, warmupSteps: c.lrWarmupSteps, decay: c.lrDecay, decayStart: c.lrDecayStart, endRatio: c.lrEndRatio },
+        step,
+      );
     for (const sae of c.saes) {
       const lines = readJsonl(join(root, sae.name, "metrics.jsonl"));
       assert.equal(lines.length, c.steps / c.logEvery);
       for (const line of lines) {
         // A line reports the k and learning rate of the step that ended its window.
         const step = (line.step as number) - 1;
-        if (sae.recipe !== "gated") assert.equal(line.k, activeK({ k: sae.k, kStart: sae.kStart, annealSteps }, step), `${sae.name} k at step ${step}`);
+        if (sae.recipe !== "gated")
+          assert.equal(line.k, activeK({ k: sae.k, kStart: sae.kStart, annealSteps }, step), `${sae.name} k at step ${step}`);
         assert.equal(line.learning_rate, lrOf(sae.lr, step), `${sae.name} learning rate at step ${step}`);
       }
       if (sae.recipe !== "gated") {
         // kStart 64, k 8 over 20 steps: steps 9 and 19 run at ceil(8 + 56 * 11/20) = 39 and ceil(8 + 56/20) = 11, then 8.
-        assert.deepEqual(lines.slice(0, 3).map((l) => l.k), [39, 11, 8]);
+        assert.deepEqual(
+          lines.slice(0, 3).map((l) => l.k),
+          [39, 11, 8],
+        );
         assert.ok((lines[0]!.l0 as number) > 30 && lines.at(-1)!.l0 === 8, "L0 follows k down");
       }
       // Annealing k down, and warming the L1 weight up, make the loss rise at first; once both settle it falls.
@@ -85,7 +92,10 @@ describe("tiny preset", () => {
     assert.ok(Math.abs(lastLr - 0.004 * (0.01 + 0.99 / 40)) < 1e-12, "the last step is one 40th of the cool-down above 1% of the peak");
 
     // Every export loads in SAELens' layout and in tools/eval, with unit decoder rows and sparsity.safetensors beside it.
-    assert.deepEqual(result.exports.map((dir) => loadSaeLens(dir).cfg.architecture), ["jumprelu", "jumprelu", "gated"]);
+    assert.deepEqual(
+      result.exports.map((dir) => loadSaeLens(dir).cfg.architecture),
+      ["jumprelu", "jumprelu", "gated"],
+    );
     const x = data.batches.at(-1)!;
     for (const dir of result.exports) {
       const exp = loadSaeLens(dir);
@@ -98,7 +108,9 @@ describe("tiny preset", () => {
       const reference = saeLensForward(exp, x);
       const ours = saeForward(loadSae(dir), x, c.batchSize);
       const ev = explainedVariance(x, ours.recon, c.dModel);
-      t.diagnostic(`${exp.cfg.architecture} ${dir}: explained variance ${ev.toFixed(3)}, L0 ${(ours.l0.reduce((a, v) => a + v, 0) / c.batchSize).toFixed(2)}`);
+      t.diagnostic(
+        `${exp.cfg.architecture} ${dir}: explained variance ${ev.toFixed(3)}, L0 ${(ours.l0.reduce((a, v) => a + v, 0) / c.batchSize).toFixed(2)}`,
+      );
       assert.ok(Math.abs(ev - explainedVariance(x, reference.recon, c.dModel)) < 1e-4, "tools/eval runs the export as SAELens does");
       assert.ok(ev > 0.5);
     }

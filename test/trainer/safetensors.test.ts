@@ -3,7 +3,13 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "n
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
-import { decodeSafetensors, encodeSafetensors, readSafetensors, type SafeTensor, writeSafetensors } from "../../services/common/safetensors.js";
+import {
+  decodeSafetensors,
+  encodeSafetensors,
+  readSafetensors,
+  type SafeTensor,
+  writeSafetensors,
+} from "../../services/common/safetensors.js";
 
 const concat = (chunks: Uint8Array[]) => Buffer.concat(chunks.map((c) => Buffer.from(c.buffer, c.byteOffset, c.byteLength)));
 
@@ -39,7 +45,10 @@ describe("safetensors", () => {
     for (const [name, t] of Object.entries(tensors)) {
       assert.equal(back.tensors[name]!.dtype, t.dtype);
       assert.deepEqual(back.tensors[name]!.shape, t.shape);
-      assert.deepEqual(Array.from(back.tensors[name]!.data as ArrayLike<number | bigint>), Array.from(t.data as ArrayLike<number | bigint>));
+      assert.deepEqual(
+        Array.from(back.tensors[name]!.data as ArrayLike<number | bigint>),
+        Array.from(t.data as ArrayLike<number | bigint>),
+      );
     }
   });
 

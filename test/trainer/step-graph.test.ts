@@ -27,12 +27,24 @@ const CASES: Array<{ name: string; spec: StepSpec; sc: StepScalars }> = [
   { name: "topk ranked by activation x decoder norm + AuxK", spec: smallSpec({ auxK: true, unitNormDecoder: false }), sc: scalars(auxK) },
   { name: "topk, k fed (annealing)", spec: smallSpec({ auxK: true, annealK: true, k: 6 }), sc: scalars({ ...auxK, k: 4 }) },
   { name: "topk, k fed, ranked by decoder norm", spec: smallSpec({ annealK: true, k: 6, unitNormDecoder: false }), sc: scalars({ k: 5 }) },
-  { name: "batchtopk + AuxK", spec: smallSpec({ recipe: "batchtopk", auxK: true }), sc: scalars({ deadIdx: [0, 3, 7], auxK: 2, auxScale: 0.25 }) },
+  {
+    name: "batchtopk + AuxK",
+    spec: smallSpec({ recipe: "batchtopk", auxK: true }),
+    sc: scalars({ deadIdx: [0, 3, 7], auxK: 2, auxScale: 0.25 }),
+  },
   { name: "batchtopk ranked by decoder norm", spec: smallSpec({ recipe: "batchtopk", unitNormDecoder: false }), sc: scalars() },
   { name: "batchtopk, k fed (annealing)", spec: smallSpec({ recipe: "batchtopk", annealK: true, k: 7 }), sc: scalars({ k: 5 }) },
   { name: "matryoshka + AuxK", spec: smallSpec({ recipe: "matryoshka", prefixes: [4, 10], auxK: true }), sc: scalars(auxK) },
-  { name: "matryoshka ranked by decoder norm", spec: smallSpec({ recipe: "matryoshka", prefixes: [3, 6, 12], unitNormDecoder: false }), sc: scalars() },
-  { name: "matryoshka, k fed (annealing)", spec: smallSpec({ recipe: "matryoshka", prefixes: [5, 9], annealK: true, k: 8, unitNormDecoder: false }), sc: scalars({ k: 6 }) },
+  {
+    name: "matryoshka ranked by decoder norm",
+    spec: smallSpec({ recipe: "matryoshka", prefixes: [3, 6, 12], unitNormDecoder: false }),
+    sc: scalars(),
+  },
+  {
+    name: "matryoshka, k fed (annealing)",
+    spec: smallSpec({ recipe: "matryoshka", prefixes: [5, 9], annealK: true, k: 8, unitNormDecoder: false }),
+    sc: scalars({ k: 6 }),
+  },
   { name: "relu + L1", spec: smallSpec({ recipe: "relu", unitNormDecoder: false }), sc: scalars() },
   { name: "gated", spec: smallSpec({ recipe: "gated" }), sc: scalars({ l1Coef: 0.2 }) },
   { name: "gated, free decoder norms", spec: smallSpec({ recipe: "gated", unitNormDecoder: false }), sc: scalars({ l1Coef: 0.2 }) },
@@ -92,7 +104,13 @@ describe("ONNX step graph", () => {
       const clip = clipFactor(expected.stats[STAT.gradNorm]!, spec.gradClipNorm);
       const session = await StepSession.create({ ...spec, gradOutputs: true }, state, 1);
       const out = await session.run(new ort.Tensor("float32", x, [spec.batchSize, spec.dModel]), sc);
-      for (const p of paramsOf(spec.recipe)) assertClose(out.grads![p]!, expected.grads[p]!.map((v) => v * clip), 1e-5, `grad ${p}`);
+      for (const p of paramsOf(spec.recipe))
+        assertClose(
+          out.grads![p]!,
+          expected.grads[p]!.map((v) => v * clip),
+          1e-5,
+          `grad ${p}`,
+        );
       assertClose(out.stats, expected.stats, 1e-5, "stats");
       assert.deepEqual(Array.from(out.fires), Array.from(expected.fires));
       await session.release();
@@ -166,7 +184,10 @@ describe("ONNX step graph", () => {
       assert.ok(gradNorm > 10 * clip, `the raw gradient norm ${gradNorm} is well above the clip level`);
       assert.ok(Math.abs(norm(Object.values(a.grads!)) - clip) < 1e-4 * clip, "the clipped gradient has norm = clip");
       const b = await free.run(x, scalars({ t, scale: 1 }));
-      assert.ok(Math.abs(norm(Object.values(b.grads!)) - b.stats[STAT.gradNorm]!) < 1e-4 * gradNorm, "unclipped, Adam sees the raw gradient");
+      assert.ok(
+        Math.abs(norm(Object.values(b.grads!)) - b.stats[STAT.gradNorm]!) < 1e-4 * gradNorm,
+        "unclipped, Adam sees the raw gradient",
+      );
       const moments = (s: StepSession) => norm(paramsOf("topk").map((p) => stateTensor(s.state, `m_${p}`)));
       // m_t = sum_s (1-b1) b1^(t-s) g_s, so |m_t| <= (1 - b1^t) clip.
       assert.ok(moments(clipped) <= (1 - 0.9 ** t) * clip * (1 + 1e-5), `|m_${t}| ${moments(clipped)}`);

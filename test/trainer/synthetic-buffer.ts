@@ -39,7 +39,8 @@ export async function startSyntheticBuffer(opts: {
         let at = 0;
         for (let seq = 0n; !call.cancelled; seq++) {
           const batch = new Float32Array(req.batchSize * dModel);
-          for (let r = 0; r < req.batchSize; r++, at = (at + 1) % total) batch.set(opts.rows.subarray(at * dModel, (at + 1) * dModel), r * dModel);
+          for (let r = 0; r < req.batchSize; r++, at = (at + 1) % total)
+            batch.set(opts.rows.subarray(at * dModel, (at + 1) * dModel), r * dModel);
           const msg = create(BatchesResponseSchema, {
             activations: toTensor(encodeFloats(batch, opts.dtype), opts.dtype, [req.batchSize, dModel]),
             sequence: seq,

@@ -43,7 +43,18 @@ describe("training on planted sparse directions", () => {
     assert.equal(result.step, 300);
     const lines = readJsonl(join(dir, "topk", "metrics.jsonl"));
     assert.equal(lines.length, 12);
-    for (const key of ["mse", "fvu", "explained_variance", "l0", "dead_fraction", "tokens", "tokens_per_second", "wait_ms", "loss", "learning_rate"]) {
+    for (const key of [
+      "mse",
+      "fvu",
+      "explained_variance",
+      "l0",
+      "dead_fraction",
+      "tokens",
+      "tokens_per_second",
+      "wait_ms",
+      "loss",
+      "learning_rate",
+    ]) {
       assert.equal(typeof lines[0]![key], "number", key);
     }
     assert.ok((lines.at(-1)!.loss as number) < 0.2 * (lines[0]!.loss as number), "loss falls by 5x");
@@ -56,7 +67,11 @@ describe("training on planted sparse directions", () => {
 
   test("BatchTopK recovers them too and exports its running threshold as a SAELens JumpReLU", async (t) => {
     const dir = runDir();
-    const { result } = await train(dir, { steps: 300, exportOnFinish: true, saes: [{ name: "btk", recipe: "batchtopk", width: 96, k: 3, lr: 0.01 }] }, batches);
+    const { result } = await train(
+      dir,
+      { steps: 300, exportOnFinish: true, saes: [{ name: "btk", recipe: "batchtopk", width: 96, k: 3, lr: 0.01 }] },
+      batches,
+    );
     const cos = bestCosines(data.directions, finalState(dir, "btk", 96, 300).state.W_dec, D);
     assert.ok(cos.filter((c) => c > 0.9).length >= 0.8 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
     const exp = loadSaeLens(result.exports[0]!);
@@ -73,7 +88,11 @@ describe("training on planted sparse directions", () => {
 
   test("ReLU + L1: sparsity rises and most directions are found", async (t) => {
     const dir = runDir();
-    await train(dir, { steps: 600, saes: [{ name: "relu", recipe: "relu", width: 96, lr: 0.003, l1Coefficient: 2, l1WarmupSteps: 50 }] }, batches);
+    await train(
+      dir,
+      { steps: 600, saes: [{ name: "relu", recipe: "relu", width: 96, lr: 0.003, l1Coefficient: 2, l1WarmupSteps: 50 }] },
+      batches,
+    );
     const lines = readJsonl(join(dir, "relu", "metrics.jsonl"));
     assert.ok((lines.at(-1)!.l0 as number) < 0.5 * (lines[0]!.l0 as number), "L1 drives L0 down");
     assert.ok((lines.at(-1)!.penalty as number) > 0);
@@ -86,7 +105,12 @@ describe("training on planted sparse directions", () => {
     const dir = runDir();
     const { result } = await train(
       dir,
-      { steps: 300, exportOnFinish: true, jumprelu: { calibrationTokens: 2048 }, saes: [{ name: "jump", recipe: "jumprelu", width: 96, k: 3, lr: 0.01 }] },
+      {
+        steps: 300,
+        exportOnFinish: true,
+        jumprelu: { calibrationTokens: 2048 },
+        saes: [{ name: "jump", recipe: "jumprelu", width: 96, k: 3, lr: 0.01 }],
+      },
       batches,
     );
     const exp = loadSaeLens(result.exports[0]!);
@@ -106,14 +130,21 @@ describe("Gated and Matryoshka-BatchTopK on planted sparse directions", () => {
     const dir = runDir();
     const { result } = await train(
       dir,
-      { steps: 300, exportOnFinish: true, saes: [{ name: "gated", recipe: "gated", width: 96, lr: 0.01, l1Coefficient: 5, l1WarmupSteps: 50 }] },
+      {
+        steps: 300,
+        exportOnFinish: true,
+        saes: [{ name: "gated", recipe: "gated", width: 96, lr: 0.01, l1Coefficient: 5, l1WarmupSteps: 50 }],
+      },
       batches,
     );
     const lines = readJsonl(join(dir, "gated", "metrics.jsonl"));
     const [first, last] = [lines[0]!, lines.at(-1)!];
     assert.ok((last.mse as number) < 0.2 * (first.mse as number), "the reconstruction error falls by 5x");
     assert.ok((last.loss as number) < 0.6 * (first.loss as number), "so does the whole loss");
-    assert.ok((last.aux_loss as number) > 0 && (last.penalty as number) > 0, "the gate's auxiliary reconstruction and sparsity terms are live");
+    assert.ok(
+      (last.aux_loss as number) > 0 && (last.penalty as number) > 0,
+      "the gate's auxiliary reconstruction and sparsity terms are live",
+    );
     assert.ok((last.l0 as number) < 5, `L0 ${last.l0}`);
     const cos = bestCosines(data.directions, finalState(dir, "gated", 96, 300, "gated").state.W_dec, D);
     const exp = loadSaeLens(result.exports[0]!);
@@ -121,7 +152,9 @@ describe("Gated and Matryoshka-BatchTopK on planted sparse directions", () => {
     const x = data.batches[599]!;
     const ev = explainedVariance(x, saeLensForward(exp, x).recon, D);
     const evEval = explainedVariance(x, saeForward(loadSae(result.exports[0]!), x, ROWS).recon, D);
-    t.diagnostic(`recovered ${cos.filter((c) => c > 0.9).length}/48, L0 ${first.l0} -> ${last.l0}, export explained variance ${ev} (tools/eval ${evEval})`);
+    t.diagnostic(
+      `recovered ${cos.filter((c) => c > 0.9).length}/48, L0 ${first.l0} -> ${last.l0}, export explained variance ${ev} (tools/eval ${evEval})`,
+    );
     assert.ok(cos.filter((c) => c > 0.9).length >= 0.8 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
     assert.ok(ev > 0.9 && Math.abs(evEval - ev) < 1e-4);
   });
@@ -189,11 +222,29 @@ describe("AuxK", () => {
     const scale = normalisationScale(data.batches.slice(0, 4), D);
     const state = initState(width, D, new Rng(1, "aux"), new Float32Array(D));
     for (const i of planted) for (let j = 0; j < D; j++) state.W_enc[i * D + j]! *= 1e-3;
-    const spec = { name: "sae", recipe: "topk" as const, width, k: 3, lr: 0.01, l1Coefficient: 0, l1WarmupSteps: 0, auxKCoefficient, kAux: 16 };
+    const spec = {
+      name: "sae",
+      recipe: "topk" as const,
+      width,
+      k: 3,
+      lr: 0.01,
+      l1Coefficient: 0,
+      l1WarmupSteps: 0,
+      auxKCoefficient,
+      kAux: 16,
+    };
     saveCheckpoint(
       join(dir, "sae", "checkpoints"),
       {
-        meta: { step: 0, tokens: 0, rng: new Rng(1, "aux").state, scale, thresholdEma: 0, firedTokens: [0, 0], config: { sae: spec, dModel: D } },
+        meta: {
+          step: 0,
+          tokens: 0,
+          rng: new Rng(1, "aux").state,
+          scale,
+          thresholdEma: 0,
+          firedTokens: [0, 0],
+          config: { sae: spec, dModel: D },
+        },
         state,
         lastFired: new Float64Array(width),
         fired: [new Float64Array(width), new Float64Array(width)],
@@ -249,16 +300,27 @@ describe("checkpoints", () => {
       rmSync(checkpointPath(dir, 70));
     }
     await train(split, settings, batches.slice(40, 120));
-    const saes = [["a", 96, "topk"], ["b", 64, "batchtopk"], ["c", 64, "gated"], ["d", 64, "matryoshka"]] as const;
+    const saes = [
+      ["a", 96, "topk"],
+      ["b", 64, "batchtopk"],
+      ["c", 64, "gated"],
+      ["d", 64, "matryoshka"],
+    ] as const;
     for (const [sae, width, recipe] of saes) {
       const x = finalState(whole, sae, width, 120, recipe);
       const y = finalState(split, sae, width, 120, recipe);
       for (const s of stateOf(recipe)) {
         const [a, b] = [stateTensor(x.state, s), stateTensor(y.state, s)];
-        assert.ok(Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength)), `${sae} ${s} differs`);
+        assert.ok(
+          Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength)),
+          `${sae} ${s} differs`,
+        );
       }
       assert.deepEqual(Array.from(y.lastFired), Array.from(x.lastFired));
-      assert.deepEqual(y.fired.map((f) => Array.from(f)), x.fired.map((f) => Array.from(f)));
+      assert.deepEqual(
+        y.fired.map((f) => Array.from(f)),
+        x.fired.map((f) => Array.from(f)),
+      );
       assert.deepEqual(y.meta, x.meta);
     }
   });
@@ -279,7 +341,9 @@ describe("checkpoints", () => {
 describe("a sweep", () => {
   test("several SAEs train on one fp16 stream, each with its own metrics, checkpoints and export", async () => {
     const dir = runDir();
-    const fp16 = data.batches.slice(0, 60).map((x) => ({ data: Uint16Array.from(x, fp32ToFp16), dtype: "fp16" as const, rows: ROWS, dModel: D, traceparent: "" }));
+    const fp16 = data.batches
+      .slice(0, 60)
+      .map((x) => ({ data: Uint16Array.from(x, fp32ToFp16), dtype: "fp16" as const, rows: ROWS, dModel: D, traceparent: "" }));
     const saes = [
       { name: "k3", recipe: "topk", width: 96, k: 3, lr: 0.01 },
       { name: "k6-wide", recipe: "topk", width: 128, k: 6, lr: 0.005 },

@@ -8,7 +8,12 @@ import { type RunningBuffer, startBuffer } from "../../services/buffer/service.j
 import { loadConfig, RunConfigSchema } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { toTensor } from "../../services/common/tensor-codec.js";
-import { type BatchesResponse, BufferService, type PushResponse, PushRequestSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import {
+  type BatchesResponse,
+  BufferService,
+  type PushResponse,
+  PushRequestSchema,
+} from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
 import { gbPerSecond, line, round } from "./stats.js";
 
@@ -38,7 +43,14 @@ const HOOK = "blocks.1.hook_resid_post";
 
 /** A run config with one pool of `capacity` rows of `dModel` fp32 on the default hook point. */
 function benchConfig(dModel: number, capacity: number) {
-  return loadConfig({ sets: ["run.id=bench", `buffer.hookPoints=[{name: ${HOOK}, dModel: ${dModel}}]`, `buffer.capacityRows=${capacity}`, `trainer.dModel=${dModel}`] });
+  return loadConfig({
+    sets: [
+      "run.id=bench",
+      `buffer.hookPoints=[{name: ${HOOK}, dModel: ${dModel}}]`,
+      `buffer.capacityRows=${capacity}`,
+      `trainer.dModel=${dModel}`,
+    ],
+  });
 }
 
 async function gather(dModel: number, capacity: number): Promise<{ gatherGbps: number; memcpyGbps: number }> {
@@ -119,7 +131,11 @@ async function produce(address: string, dModel: number, rows: number): Promise<v
     while (i - answered >= IN_FLIGHT) await new Promise<void>((r) => (wake = r));
     // A fresh message per chunk: grpc-js may hold a written message unserialised for a while.
     const contextIds = new Array<number>(CHUNK).fill(i);
-    call.write(create(PushRequestSchema, { chunk: { runId: "bench", hookPoint: HOOK, producerId: "bench", sequence: BigInt(i), activations, contextIds } }));
+    call.write(
+      create(PushRequestSchema, {
+        chunk: { runId: "bench", hookPoint: HOOK, producerId: "bench", sequence: BigInt(i), activations, contextIds },
+      }),
+    );
   }
   await done;
   call.end();
@@ -133,7 +149,8 @@ async function grpcEndToEnd(peer: Peer, dModel: number, rows: number): Promise<n
   const t0 = performance.now();
   const trainer = (async () => {
     let got = 0;
-    for await (const b of client.batches({ hookPoint: HOOK, trainerId: "bench", batchSize: BATCH }) as AsyncIterable<BatchesResponse>) got += b.activations!.shape[0]!;
+    for await (const b of client.batches({ hookPoint: HOOK, trainerId: "bench", batchSize: BATCH }) as AsyncIterable<BatchesResponse>)
+      got += b.activations!.shape[0]!;
     return got;
   })();
   // Another host name, another HTTP/2 connection, as a producer in its own process has: grpc-js
@@ -188,7 +205,9 @@ async function startPeer(): Promise<Peer> {
   const child = fork(fileURLToPath(import.meta.url), [], { execArgv: ["--import", "tsx"], env: { ...process.env, [PEER_FLAG]: "1" } });
   const answers: Array<(m: unknown) => void> = [];
   child.on("message", (m) => answers.shift()?.(m));
-  const exited = new Promise<never>((_, reject) => child.once("exit", (code) => reject(new Error(`buffer bench peer exited with ${code}`))));
+  const exited = new Promise<never>((_, reject) =>
+    child.once("exit", (code) => reject(new Error(`buffer bench peer exited with ${code}`))),
+  );
   exited.catch(() => undefined);
   const next = () => Promise.race([new Promise<unknown>((resolve) => answers.push(resolve)), exited]);
   const tcpPort = (await next()) as number;

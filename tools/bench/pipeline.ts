@@ -25,7 +25,17 @@ const STEPS = 600;
 function benchConfig(runDir: string, sets: string[] = []): RunConfig {
   return loadConfig({
     file: join(root, "deploy/configs/local.yaml"),
-    sets: [`run.dir=${runDir}`, "run.id=bench", "launch.basePort=0", "launch.evaluate=false", "launch.report=false", `trainer.steps=${STEPS}`, "trainer.checkpointEvery=0", "trainer.exportOnFinish=false", ...sets],
+    sets: [
+      `run.dir=${runDir}`,
+      "run.id=bench",
+      "launch.basePort=0",
+      "launch.evaluate=false",
+      "launch.report=false",
+      `trainer.steps=${STEPS}`,
+      "trainer.checkpointEvery=0",
+      "trainer.exportOnFinish=false",
+      ...sets,
+    ],
   });
 }
 
@@ -42,11 +52,21 @@ async function pipeline(): Promise<{ tokensPerS: number; waitFraction: number; h
     const config = benchConfig(runDir);
     const result = await up(root, config);
     if (!result.completed) throw new Error(`pipeline run did not complete: ${JSON.stringify(result.exits)}`);
-    const lines = readFileSync(join(runDir, config.trainer.saes[0]!.name, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as MetricsLine);
+    const lines = readFileSync(join(runDir, config.trainer.saes[0]!.name, "metrics.jsonl"), "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as MetricsLine);
     const last = lines.at(-1)!;
     const waited = lines.reduce((a, l) => a + l.wait_ms, 0);
-    const records = readFileSync(join(runDir, "pipeline.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as PipelineRecord);
-    return { tokensPerS: last.tokens / last.elapsed_s, waitFraction: waited / (last.elapsed_s * 1000), holdFraction: records.at(-1)!.bufferHoldFraction };
+    const records = readFileSync(join(runDir, "pipeline.jsonl"), "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as PipelineRecord);
+    return {
+      tokensPerS: last.tokens / last.elapsed_s,
+      waitFraction: waited / (last.elapsed_s * 1000),
+      holdFraction: records.at(-1)!.bufferHoldFraction,
+    };
   } finally {
     rmSync(runDir, { recursive: true, force: true });
   }
@@ -62,7 +82,10 @@ async function producerAlone(): Promise<number> {
     writeFileSync(configFile, stringify(config));
     const buffer = spawnRole(root, runDir, "buffer", "buffer", config.buffer.address, configFile, [`buffer.address=127.0.0.1:0`]);
     const [bufferAddress] = await waitForLine(buffer.log, /serving (\S+) for run/);
-    const producer = spawnRole(root, runDir, "producer", "producer-0", "", configFile, [`producer.bufferAddress=${bufferAddress}`, "producer.address=127.0.0.1:0"]);
+    const producer = spawnRole(root, runDir, "producer", "producer-0", "", configFile, [
+      `producer.bufferAddress=${bufferAddress}`,
+      "producer.address=127.0.0.1:0",
+    ]);
     const [address] = await waitForLine(producer.log, /serving control on (\S+),/);
     const client = createClient(ProducerService, address!, config.transport);
     const sample = async () => {

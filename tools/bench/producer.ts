@@ -131,7 +131,10 @@ export async function run(): Promise<Record<string, number>> {
   const model = makeTinyLlama({ out: ".cache/tiny-llama" });
   const tokenizer = loadTokenizer("builtin:llama3_1");
   const nats = await startNatsServer();
-  const peer = fork(fileURLToPath(import.meta.url), [PEER_FLAG], { execArgv: ["--import", "tsx"], cwd: dirname(fileURLToPath(new URL("../../package.json", import.meta.url))) });
+  const peer = fork(fileURLToPath(import.meta.url), [PEER_FLAG], {
+    execArgv: ["--import", "tsx"],
+    cwd: dirname(fileURLToPath(new URL("../../package.json", import.meta.url))),
+  });
   const { address } = await new Promise<{ address: string }>((resolve) => peer.once("message", (m) => resolve(m as { address: string })));
   const bus = await connectBus({ url: nats.url, name: "bench-buffer", log: () => undefined });
   const figures: Record<string, number> = {};
@@ -146,7 +149,15 @@ export async function run(): Promise<Record<string, number>> {
         run: { id: runId, dir: runDir },
         nats: { url: nats.url },
         buffer: { hookPoints: [{ name: HOOK, dModel: model.params.dModel }] },
-        producer: { model: model.modelPath, bufferAddress: address, address: "127.0.0.1:0", hookPoints: [HOOK], contextLength, batchContexts, resume: false },
+        producer: {
+          model: model.modelPath,
+          bufferAddress: address,
+          address: "127.0.0.1:0",
+          hookPoints: [HOOK],
+          contextLength,
+          batchContexts,
+          resume: false,
+        },
       },
     });
     const producer = await startProducer(config, { log: () => undefined });
@@ -171,7 +182,10 @@ export async function run(): Promise<Record<string, number>> {
 
     const ratios = producerTps.map((t, i) => bareTps[i]! / t);
     const key = `ctx${contextLength}`;
-    line(`producer, context ${contextLength} x ${batchContexts}`, median(producerTps) / 1000, "k tokens/s", { label: "bare ORT", value: median(bareTps) / 1000 });
+    line(`producer, context ${contextLength} x ${batchContexts}`, median(producerTps) / 1000, "k tokens/s", {
+      label: "bare ORT",
+      value: median(bareTps) / 1000,
+    });
     line(`  activation bytes/s (fp32, d_model ${model.params.dModel})`, median(producerBps) / 1e6, "MB/s");
     figures[`${key}_tokens_per_s`] = round(median(producerTps), 0);
     figures[`${key}_activation_mb_per_s`] = round(median(producerBps) / 1e6, 2);

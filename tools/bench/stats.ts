@@ -18,6 +18,8 @@ export const gbPerSecond = (bytes: number, ms: number): number => bytes / GB / (
 export const round = (x: number, digits = 3): number => Number(x.toFixed(digits));
 
 export function line(label: string, value: number, unit: string, reference?: { label: string; value: number }): void {
-  const ref = reference ? `   vs ${reference.label} ${reference.value.toFixed(3)} ${unit}   ratio ${(value / reference.value).toFixed(3)}` : "";
+  const ref = reference
+    ? `   vs ${reference.label} ${reference.value.toFixed(3)} ${unit}   ratio ${(value / reference.value).toFixed(3)}`
+    : "";
   process.stdout.write(`${label.padEnd(44)} ${value.toFixed(3).padStart(10)} ${unit}${ref}\n`);
 }

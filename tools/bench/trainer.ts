@@ -27,7 +27,12 @@ const SIZES = [
 /** The recipes beyond TopK, at the first size; their steps are dense or near it, so fewer repeats. */
 const RECIPES: Array<{ name: string; spec: Partial<StepSpec>; torch: boolean; label: string }> = [
   { name: "batchtopk", spec: { recipe: "batchtopk" }, torch: true, label: "BatchTopK" },
-  { name: "matryoshka", spec: { recipe: "matryoshka", prefixes: [1024, 4096] }, torch: true, label: "Matryoshka-BatchTopK, prefixes 1024, 4096" },
+  {
+    name: "matryoshka",
+    spec: { recipe: "matryoshka", prefixes: [1024, 4096] },
+    torch: true,
+    label: "Matryoshka-BatchTopK, prefixes 1024, 4096",
+  },
   { name: "gated", spec: { recipe: "gated" }, torch: true, label: "Gated" },
   { name: "topk_anneal", spec: { recipe: "topk", annealK: true, k: 512 }, torch: false, label: "TopK while k anneals (dense, k=512 fed)" },
 ];
@@ -185,7 +190,15 @@ async function gemmSession(d: number, n: number, x: ort.Tensor): Promise<{ run: 
   g.output(g.gemm(xs, w, { bias: b, transB: true }, "pre"), "pre", F32, [B, n]);
   const session = await ort.InferenceSession.create(g.build(), sessionOptions(THREADS));
   const rng = new Rng(0, "w");
-  const feeds = { x, W_enc: new ort.Tensor("float32", Float32Array.from({ length: n * d }, () => rng.normal()), [n, d]), b_enc: new ort.Tensor("float32", new Float32Array(n), [n]) };
+  const feeds = {
+    x,
+    W_enc: new ort.Tensor(
+      "float32",
+      Float32Array.from({ length: n * d }, () => rng.normal()),
+      [n, d],
+    ),
+    b_enc: new ort.Tensor("float32", new Float32Array(n), [n]),
+  };
   const pre = new ort.Tensor("float32", new Float32Array(B * n), [B, n]);
   return { run: async () => void (await session.run(feeds, { pre })), release: () => session.release() };
 }
@@ -202,7 +215,11 @@ const tok = (ms: number) => (B / ms) * 1000;
 
 /** An ONNX step session of `spec` over fresh weights, and a function running one step. */
 async function stepSession(spec: StepSpec, k: number): Promise<{ session: StepSession; step: (x: ort.Tensor) => Promise<unknown> }> {
-  const session = await StepSession.create(spec, initState(spec.width, spec.dModel, new Rng(0, "bench"), new Float32Array(spec.dModel), { recipe: spec.recipe }), THREADS);
+  const session = await StepSession.create(
+    spec,
+    initState(spec.width, spec.dModel, new Rng(0, "bench"), new Float32Array(spec.dModel), { recipe: spec.recipe }),
+    THREADS,
+  );
   let t = 0;
   const sc = (): StepScalars => ({ scale: 1, lr: 1e-4, t: ++t, l1Coef: 1, k, deadIdx: [], auxK: 0, auxScale: 0 });
   return { session, step: (x) => session.run(x, sc()) };
@@ -225,11 +242,26 @@ export async function run(): Promise<Record<string, number>> {
   const figures: Record<string, number> = {};
   const torch = TorchStep.start();
   if (typeof torch === "string") process.stdout.write(`(b) PyTorch reference ${torch}\n`);
-  const base = { batchSize: B, annealK: false, prefixes: [], input: "fp32", beta1: 0.9, beta2: 0.999, eps: 1e-8, unitNormDecoder: true, auxK: false, gradClipNorm: 0 } as const;
+  const base = {
+    batchSize: B,
+    annealK: false,
+    prefixes: [],
+    input: "fp32",
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    unitNormDecoder: true,
+    auxK: false,
+    gradClipNorm: 0,
+  } as const;
   try {
     for (const [size, { d, n, k }] of SIZES.entries()) {
       const rng = new Rng(0, "x");
-      const x = new ort.Tensor("float32", Float32Array.from({ length: B * d }, () => rng.normal()), [B, d]);
+      const x = new ort.Tensor(
+        "float32",
+        Float32Array.from({ length: B * d }, () => rng.normal()),
+        [B, d],
+      );
       const topk = await stepSession({ ...base, recipe: "topk", dModel: d, width: n, k }, k);
       const gemm = await gemmSession(d, n, x);
       if (typeof torch !== "string") await torch.init("topk", d, n, k);
@@ -261,7 +293,11 @@ export async function run(): Promise<Record<string, number>> {
         const ours = await stepSession(spec, spec.k);
         const withTorch = recipe.torch && typeof torch !== "string";
         if (withTorch) await torch.init(spec.recipe, d, n, k, spec.prefixes);
-        const [oursMs, theirsMs] = await medians([() => ours.step(x), ...(withTorch ? [() => torch.stepMs()] : [])], RECIPE_WARMUP, RECIPE_REPEATS);
+        const [oursMs, theirsMs] = await medians(
+          [() => ours.step(x), ...(withTorch ? [() => torch.stepMs()] : [])],
+          RECIPE_WARMUP,
+          RECIPE_REPEATS,
+        );
         await ours.session.release();
         const rk = `${key}_${recipe.name}`;
         line(`  onnxruntime ${recipe.label}`, tok(oursMs!), "tok/s", { label: "TopK step", value: tok(stepMs!) });

@@ -29,7 +29,9 @@ const grpc = await startServer("127.0.0.1:0", transport, [
     },
     batches: async (req, call) => {
       const rows = req.batchSize;
-      const batch = create(BatchesResponseSchema, { activations: toTensor(new Float32Array(rows * D_MODEL).fill(1), DType.FP32, [rows, D_MODEL]) });
+      const batch = create(BatchesResponseSchema, {
+        activations: toTensor(new Float32Array(rows * D_MODEL).fill(1), DType.FP32, [rows, D_MODEL]),
+      });
       for (let i = 0n; i < req.maxBatches && !call.cancelled; i++) {
         batch.sequence = i;
         if (!call.write(batch)) await new Promise((r) => call.once("drain", r));

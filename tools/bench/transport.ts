@@ -21,7 +21,12 @@ async function grpcUpload(address: string, chunkMiB: number, count: number): Pro
   const client = createClient(BufferService, address, transport);
   const rows = (chunkMiB * MIB) / (D_MODEL * 4);
   const req = create(PushRequestSchema, {
-    chunk: { runId: "bench", hookPoint: "h", producerId: "p", activations: toTensor(new Float32Array(rows * D_MODEL).fill(1), DType.FP32, [rows, D_MODEL]) },
+    chunk: {
+      runId: "bench",
+      hookPoint: "h",
+      producerId: "p",
+      activations: toTensor(new Float32Array(rows * D_MODEL).fill(1), DType.FP32, [rows, D_MODEL]),
+    },
   });
   const call = client.push();
   let acked = 0;

@@ -15,9 +15,18 @@ export async function exportRun(config: RunConfig, trainerDirs: string[], log: (
   const out: string[] = [];
   for (const dir of trainerDirs) {
     const client = needsBatches ? createClient(BufferService, config.buffer.address, config.transport) : undefined;
-    const reachable = client ? await client.ready(2000).then(() => true, () => false) : false;
-    if (needsBatches && !reachable) log(`the run's buffer at ${config.buffer.address} does not answer: a JumpReLU SAE cannot be calibrated without it`);
-    const source: BatchSource = client && reachable ? new GrpcBatchSource(client, { ...config, trainer: { ...config.trainer, id: "saeflow-export", group: "saeflow-export" } }) : new ArrayBatchSource([]);
+    const reachable = client
+      ? await client.ready(2000).then(
+          () => true,
+          () => false,
+        )
+      : false;
+    if (needsBatches && !reachable)
+      log(`the run's buffer at ${config.buffer.address} does not answer: a JumpReLU SAE cannot be calibrated without it`);
+    const source: BatchSource =
+      client && reachable
+        ? new GrpcBatchSource(client, { ...config, trainer: { ...config.trainer, id: "saeflow-export", group: "saeflow-export" } })
+        : new ArrayBatchSource([]);
     try {
       const trainer = new Trainer({ config: { ...config, run: { ...config.run, dir: resolve(dir) } }, source, log });
       out.push(...(await trainer.exportCheckpoints()));

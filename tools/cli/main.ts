@@ -44,7 +44,11 @@ async function main(argv: string[]): Promise<number> {
       if (result.completed && config.launch.evaluate) {
         process.stderr.write("saeflow: evaluating each SAE spliced into the model\n");
         for (const dir of result.trainerDirs) {
-          const rows = await evaluateRun(dir, { ...config, run: { ...config.run, dir } }, { root, log: (l) => process.stderr.write(`saeflow: ${l}\n`) });
+          const rows = await evaluateRun(
+            dir,
+            { ...config, run: { ...config.run, dir } },
+            { root, log: (l) => process.stderr.write(`saeflow: ${l}\n`) },
+          );
           process.stderr.write(`${evalTable(rows)}\n`);
         }
       }

@@ -16,7 +16,15 @@ export interface RoleProcess {
   exited: Promise<number>;
 }
 
-export function spawnRole(root: string, runDir: string, role: RoleProcess["role"], id: string, address: string, configFile: string, sets: string[]): RoleProcess {
+export function spawnRole(
+  root: string,
+  runDir: string,
+  role: RoleProcess["role"],
+  id: string,
+  address: string,
+  configFile: string,
+  sets: string[],
+): RoleProcess {
   const logs = join(runDir, "logs");
   mkdirSync(logs, { recursive: true });
   const log = join(logs, `${id}.log`);

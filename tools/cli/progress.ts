@@ -95,7 +95,10 @@ export class ProgressLine {
     if (!this.tty) {
       if (r.t - this.lastPlain < 10_000 && r.step < r.steps) return;
       this.lastPlain = r.t;
-      const line = Object.entries({ value: r.step, total: r.steps, ...payload }).reduce((text, [k, v]) => text.replace(`{${k}}`, String(v)), FORMAT);
+      const line = Object.entries({ value: r.step, total: r.steps, ...payload }).reduce(
+        (text, [k, v]) => text.replace(`{${k}}`, String(v)),
+        FORMAT,
+      );
       process.stderr.write(`${line}\n`);
       return;
     }

@@ -2,9 +2,21 @@ import { RunConfigSchema } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { type Message, toJson } from "@bufbuild/protobuf";
 import type { GenMessage } from "@bufbuild/protobuf/codegenv2";
-import { BufferService, type StatusResponse as BufferStatus, StatusResponseSchema as BufferStatusSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
-import { ProducerService, type StatusResponse as ProducerStatus, StatusResponseSchema as ProducerStatusSchema } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
-import { TrainerService, type StatusResponse as TrainerStatus, StatusResponseSchema as TrainerStatusSchema } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
+import {
+  BufferService,
+  type StatusResponse as BufferStatus,
+  StatusResponseSchema as BufferStatusSchema,
+} from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import {
+  ProducerService,
+  type StatusResponse as ProducerStatus,
+  StatusResponseSchema as ProducerStatusSchema,
+} from "../../services/gen/saeflow/producer/v1/producer_pb.js";
+import {
+  TrainerService,
+  type StatusResponse as TrainerStatus,
+  StatusResponseSchema as TrainerStatusSchema,
+} from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
 import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
 import type { RunFile } from "./run-file.js";
 
@@ -38,8 +50,14 @@ export async function collectStatus(run: Pick<RunFile, "services">, timeoutMs = 
     }
   });
   const results = await Promise.all(calls);
-  const pick = <T>(role: string) => results.filter((x) => x.s.role === role).map((x) => ({ id: x.s.id, ...(x.r as { status?: T; error?: string }) }));
-  return { at: Date.now(), buffer: pick<BufferStatus>("buffer"), producers: pick<ProducerStatus>("producer"), trainers: pick<TrainerStatus>("trainer") };
+  const pick = <T>(role: string) =>
+    results.filter((x) => x.s.role === role).map((x) => ({ id: x.s.id, ...(x.r as { status?: T; error?: string }) }));
+  return {
+    at: Date.now(),
+    buffer: pick<BufferStatus>("buffer"),
+    producers: pick<ProducerStatus>("producer"),
+    trainers: pick<TrainerStatus>("trainer"),
+  };
 }
 
 /** The statuses as protobuf JSON (what grpcurl prints), for files and `saeflow status --json`. */
@@ -54,7 +72,7 @@ export function statusJson(st: RunStatus): Record<string, unknown> {
   };
 }
 
-const stateName = (s: ServiceState | undefined) => (s === undefined ? "-" : ServiceState[s]?.toLowerCase() ?? "?");
+const stateName = (s: ServiceState | undefined) => (s === undefined ? "-" : (ServiceState[s]?.toLowerCase() ?? "?"));
 const fmt = (x: number, digits = 3) => (Number.isFinite(x) ? x.toPrecision(digits) : "-");
 
 /** The table `saeflow status` prints: one row per service, and one per SAE. */

@@ -34,7 +34,13 @@ export interface UpResult {
 export const DEFAULT_TINY_MODEL = ".cache/tiny-llama/model.onnx";
 const log = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
 
-async function waitServing(address: string, service: string, transport: RunConfig["transport"], exited: Promise<number>, timeoutMs: number): Promise<void> {
+async function waitServing(
+  address: string,
+  service: string,
+  transport: RunConfig["transport"],
+  exited: Promise<number>,
+  timeoutMs: number,
+): Promise<void> {
   const health = createClient(Health, address, transport);
   const until = Date.now() + timeoutMs;
   let dead = false;
@@ -115,7 +121,11 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
       const address = `127.0.0.1:${rest[launch.producers + i]}`;
       // Several trainers train the same sweep names, so each gets its own folder.
       const own = launch.trainers > 1 ? [`run.dir=${resolve(runDir, `trainer-${i}`)}`] : [];
-      const t = spawnRole(root, runDir, "trainer", `trainer-${i}`, address, configFile, [`trainer.id=trainer-${i}`, `trainer.address=${address}`, ...own]);
+      const t = spawnRole(root, runDir, "trainer", `trainer-${i}`, address, configFile, [
+        `trainer.id=trainer-${i}`,
+        `trainer.address=${address}`,
+        ...own,
+      ]);
       trainers.push(t);
       procs.push(t);
     }
@@ -126,7 +136,9 @@ export async function up(root: string, config: RunConfig): Promise<UpResult> {
       startedAt: new Date(startedAt).toISOString(),
       services: procs.map((p) => ({ id: p.id, role: p.role, address: p.address, pid: p.child.pid ?? -1, log: p.log })),
     });
-    log(`run ${config.run.id}: ${launch.producers} producer(s), buffer ${bufferAddress}, ${launch.trainers} trainer(s); logs in ${resolve(runDir, "logs")}`);
+    log(
+      `run ${config.run.id}: ${launch.producers} producer(s), buffer ${bufferAddress}, ${launch.trainers} trainer(s); logs in ${resolve(runDir, "logs")}`,
+    );
 
     let stopping = false;
     const stopTraining = (why: string) => {

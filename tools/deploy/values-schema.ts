@@ -34,8 +34,16 @@ const placement = {
   podAnnotations: z.record(z.string(), z.string()).describe("Extra annotations on the pods."),
   env: z.array(k8sObject).describe("Extra container env vars, e.g. SAEFLOW_PRODUCER__THREADS to override one config key for this role."),
   terminationGracePeriodSeconds: z.number().int().min(0).describe("Time a pod gets after SIGTERM to finish what it accepted."),
-  startupSeconds: z.number().int().min(10).describe("How long the pod may stay NOT_SERVING at start (model load, pool allocation) before it is replaced."),
-  backoffLimit: z.number().int().min(0).describe("Failed pods of this role's Job before the Job, and so the run, fails; a bad config (exit code 2) fails it at once."),
+  startupSeconds: z
+    .number()
+    .int()
+    .min(10)
+    .describe("How long the pod may stay NOT_SERVING at start (model load, pool allocation) before it is replaced."),
+  backoffLimit: z
+    .number()
+    .int()
+    .min(0)
+    .describe("Failed pods of this role's Job before the Job, and so the run, fails; a bad config (exit code 2) fails it at once."),
 };
 const port = z.number().int().min(1).max(65535).describe("gRPC port of the role (health, reflection, control RPCs).");
 const replicas = z.number().int().min(1);
@@ -58,7 +66,11 @@ export const ChartValues = z
       .object({
         port,
         cpu: quantity.describe("CPU request of the buffer."),
-        memoryOverheadMiB: z.number().int().min(0).describe("Memory on top of the pools (Node runtime, chunks and batches in flight); the pools' size comes from config.buffer."),
+        memoryOverheadMiB: z
+          .number()
+          .int()
+          .min(0)
+          .describe("Memory on top of the pools (Node runtime, chunks and batches in flight); the pools' size comes from config.buffer."),
         ...placement,
       })
       .strict(),
@@ -82,24 +94,44 @@ export const ChartValues = z
       .strict(),
     persistence: z
       .object({
-        enabled: z.boolean().describe("Keep run.dir (checkpoints, exports, metrics) on a volume claim; off uses an emptyDir that dies with the pod."),
+        enabled: z
+          .boolean()
+          .describe("Keep run.dir (checkpoints, exports, metrics) on a volume claim; off uses an emptyDir that dies with the pod."),
         existingClaim: z.string().describe("Use this claim instead of creating one."),
         size: quantity.describe("Size of the created claim."),
         storageClass: z.string().describe("Storage class of the created claim; empty uses the cluster default."),
-        accessModes: z.array(z.enum(["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"])).min(1).describe("Access modes of the created claim; ReadWriteMany when roles on several nodes mount it."),
-        mountPath: z.string().regex(/^\/[^\s]*$/, "expected an absolute path").describe("Where run.dir's volume is mounted; run.dir becomes <mountPath>/<run.id>."),
-        roles: z.array(z.enum(["buffer", "producer", "trainer"])).describe("Roles that mount the claim; the others write run.dir to an emptyDir."),
+        accessModes: z
+          .array(z.enum(["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]))
+          .min(1)
+          .describe("Access modes of the created claim; ReadWriteMany when roles on several nodes mount it."),
+        mountPath: z
+          .string()
+          .regex(/^\/[^\s]*$/, "expected an absolute path")
+          .describe("Where run.dir's volume is mounted; run.dir becomes <mountPath>/<run.id>."),
+        roles: z
+          .array(z.enum(["buffer", "producer", "trainer"]))
+          .describe("Roles that mount the claim; the others write run.dir to an emptyDir."),
       })
       .strict(),
     modelVolume: volumeSource.describe("Volume source holding the ONNX model and tokenizer, mounted read-only at /models on producers."),
-    datasetVolume: k8sObject.meta({ maxProperties: 1 }).describe("Volume source holding the text dataset, mounted read-only at /datasets on producers; {} for none."),
+    datasetVolume: k8sObject
+      .meta({ maxProperties: 1 })
+      .describe("Volume source holding the text dataset, mounted read-only at /datasets on producers; {} for none."),
     nats: z
-      .object({ deploy: z.boolean().describe("Deploy NATS with the official chart (run `helm dependency update` first); false uses config.nats.url.") })
+      .object({
+        deploy: z
+          .boolean()
+          .describe("Deploy NATS with the official chart (run `helm dependency update` first); false uses config.nats.url."),
+      })
       .loose()
       .describe("deploy, plus values passed to the NATS chart."),
     tls: z
       .object({
-        caSecret: z.string().describe("Secret holding a CA bundle that NATS (tls://) and OTLP (https://) servers are verified against; empty trusts the system CAs."),
+        caSecret: z
+          .string()
+          .describe(
+            "Secret holding a CA bundle that NATS (tls://) and OTLP (https://) servers are verified against; empty trusts the system CAs.",
+          ),
         caKey: z.string().min(1).describe("Key of the CA bundle in caSecret."),
       })
       .strict(),

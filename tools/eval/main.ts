@@ -45,7 +45,10 @@ export interface Io {
 }
 
 /** The CLI; returns the exit code (2: bad command line, 1: evaluation failed). */
-export async function runCli(argv: string[], io: Io = { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) }): Promise<number> {
+export async function runCli(
+  argv: string[],
+  io: Io = { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) },
+): Promise<number> {
   try {
     const { values } = parseArgs({
       args: argv,
@@ -70,7 +73,8 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
     for (const dir of values.sae) {
       if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new UsageError(`--sae ${dir}: no such folder`);
     }
-    if (!existsSync(values.model)) throw new UsageError(`--model ${values.model}: no such file (make the tiny model with \`${MAKE_TINY_MODEL}\`)`);
+    if (!existsSync(values.model))
+      throw new UsageError(`--model ${values.model}: no such file (make the tiny model with \`${MAKE_TINY_MODEL}\`)`);
     const count = positiveInt("contexts", values.contexts);
     const contextLength = positiveInt("context-length", values["context-length"]);
     if (contextLength < 2) throw new UsageError(`--context-length: at least 2 tokens, got ${contextLength}`);
@@ -79,9 +83,13 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
     if (!provider) throw new UsageError(`--provider: expected one of ${PROVIDERS.join(", ")}, got "${values.provider}"`);
 
     const corpus = { ...defaults, dataset: values.dataset, tokenizer: values.tokenizer, contextLength };
-    const { contexts, bosId } = await corpusContexts(corpus, count, { log: (line) => io.err(`${line}\n`), keys: { tokenizer: "--tokenizer", dataset: "--dataset" } });
+    const { contexts, bosId } = await corpusContexts(corpus, count, {
+      log: (line) => io.err(`${line}\n`),
+      keys: { tokenizer: "--tokenizer", dataset: "--dataset" },
+    });
     if (contexts.length === 0) throw new UsageError(`--dataset: holds no full context of ${contextLength} tokens`);
-    if (contexts.length < count) io.err(`eval: the dataset holds only ${contexts.length} full contexts of ${contextLength} tokens; using those\n`);
+    if (contexts.length < count)
+      io.err(`eval: the dataset holds only ${contexts.length} full contexts of ${contextLength} tokens; using those\n`);
     const started = performance.now();
     const rows = await evaluateSplice({
       modelPath: values.model,

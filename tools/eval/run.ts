@@ -38,7 +38,9 @@ export function evalTable(rows: readonly SpliceResult[]): string {
     String(r.tokens),
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)));
-  return [head, ...body].map((row) => row.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join("  ")).join("\n");
+  return [head, ...body]
+    .map((row) => row.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join("  "))
+    .join("\n");
 }
 
 /** Writes the rows to `path` as a JSON array, replacing any earlier file whole. */
@@ -57,7 +59,8 @@ export async function evaluateRun(runDir: string, config: RunConfig, options: Ev
   const p = config.producer;
   const names = config.trainer.saes.map((s) => s.name).filter((name) => existsSync(join(exportDir(runDir, name), CFG_FILE)));
   const missing = config.trainer.saes.filter((s) => !names.includes(s.name)).map((s) => s.name);
-  if (names.length === 0) throw new Error(`no SAE of the run has an export in ${runDir} (expected ${exportDir(runDir, "<sae name>")}/${CFG_FILE})`);
+  if (names.length === 0)
+    throw new Error(`no SAE of the run has an export in ${runDir} (expected ${exportDir(runDir, "<sae name>")}/${CFG_FILE})`);
   if (missing.length) log(`eval: no export for ${missing.join(", ")}; evaluating the others`);
   const fromRoot = (path: string) => (path.startsWith("builtin:") ? path : resolve(root, path));
   const { contexts, bosId } = await corpusContexts(

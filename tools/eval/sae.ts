@@ -71,7 +71,8 @@ const positiveInt = (v: unknown): v is number => typeof v === "number" && Number
 /** Reads and checks an export folder; every problem names the file and key at fault. */
 export function loadSae(dir: string): Sae {
   for (const file of [CFG_FILE, WEIGHTS_FILE]) {
-    if (!existsSync(join(dir, file))) throw new SaeFolderError(dir, `no ${file} here; an SAELens export folder holds ${CFG_FILE} and ${WEIGHTS_FILE}`);
+    if (!existsSync(join(dir, file)))
+      throw new SaeFolderError(dir, `no ${file} here; an SAELens export folder holds ${CFG_FILE} and ${WEIGHTS_FILE}`);
   }
   let loaded: ReturnType<typeof loadSaeLens>;
   try {
@@ -84,14 +85,20 @@ export function loadSae(dir: string): Sae {
   const n = cfg.d_sae;
   if (!positiveInt(d) || !positiveInt(n)) throw new SaeFolderError(dir, `${CFG_FILE}: d_in and d_sae must be positive integers`);
   const architecture = String(cfg.architecture ?? "standard");
-  if (!ARCHITECTURES.includes(architecture)) throw new SaeFolderError(dir, `${CFG_FILE}: architecture "${architecture}" is not one of ${ARCHITECTURES.join(", ")}`);
+  if (!ARCHITECTURES.includes(architecture))
+    throw new SaeFolderError(dir, `${CFG_FILE}: architecture "${architecture}" is not one of ${ARCHITECTURES.join(", ")}`);
   if (typeof cfg.hook_name !== "string" || !cfg.hook_name) throw new SaeFolderError(dir, `${CFG_FILE}: no hook_name`);
   // A normalisation the cfg still asks for would need a dataset statistic the folder does not hold.
   const norm = cfg.normalize_activations ?? "none";
-  if (norm !== "none") throw new SaeFolderError(dir, `${CFG_FILE}: normalize_activations is "${String(norm)}"; only exports with it folded into the weights ("none") are read`);
+  if (norm !== "none")
+    throw new SaeFolderError(
+      dir,
+      `${CFG_FILE}: normalize_activations is "${String(norm)}"; only exports with it folded into the weights ("none") are read`,
+    );
   const kwargs = (cfg.activation_fn_kwargs ?? {}) as Record<string, unknown>;
   const k = cfg.k ?? kwargs.k;
-  if (architecture === "topk" && (!positiveInt(k) || k > n)) throw new SaeFolderError(dir, `${CFG_FILE}: topk needs k between 1 and d_sae (${n}), got ${String(k)}`);
+  if (architecture === "topk" && (!positiveInt(k) || k > n))
+    throw new SaeFolderError(dir, `${CFG_FILE}: topk needs k between 1 and d_sae (${n}), got ${String(k)}`);
   return {
     dir,
     hookName: cfg.hook_name,

@@ -1,4 +1,12 @@
-import { AttributeType, DataType, int, type ModelProto, type NodeProto, type TensorProto, tensorValueInfo } from "../../services/producer/model/onnx.js";
+import {
+  AttributeType,
+  DataType,
+  int,
+  type ModelProto,
+  type NodeProto,
+  type TensorProto,
+  tensorValueInfo,
+} from "../../services/producer/model/onnx.js";
 
 /**
  * Next-token scores of a model's logits: cross-entropy and KL divergence per position. The wide
@@ -23,16 +31,30 @@ export function withLogSumExp(model: ModelProto): ModelProto {
   const axes = `${LSE}/axes`;
   const axesInput = opset >= 18;
   const nodes: NodeProto[] = [
-    { opType: "Cast", name: "/saeflow/Cast", input: ["logits"], output: [float], attribute: [{ name: "to", type: AttributeType.INT, i: DataType.FLOAT }] },
+    {
+      opType: "Cast",
+      name: "/saeflow/Cast",
+      input: ["logits"],
+      output: [float],
+      attribute: [{ name: "to", type: AttributeType.INT, i: DataType.FLOAT }],
+    },
     {
       opType: "ReduceLogSumExp",
       name: "/saeflow/ReduceLogSumExp",
       input: axesInput ? [float, axes] : [float],
       output: [LSE],
-      attribute: [{ name: "keepdims", type: AttributeType.INT, i: 0 }, ...(axesInput ? [] : [{ name: "axes", type: AttributeType.INTS, ints: [-1] }])],
+      attribute: [
+        { name: "keepdims", type: AttributeType.INT, i: 0 },
+        ...(axesInput ? [] : [{ name: "axes", type: AttributeType.INTS, ints: [-1] }]),
+      ],
     },
   ];
-  const axesTensor: TensorProto = { name: axes, dims: [1], dataType: DataType.INT64, rawData: new Uint8Array(BigInt64Array.of(-1n).buffer) };
+  const axesTensor: TensorProto = {
+    name: axes,
+    dims: [1],
+    dataType: DataType.INT64,
+    rawData: new Uint8Array(BigInt64Array.of(-1n).buffer),
+  };
   return {
     ...model,
     graph: {

@@ -95,7 +95,9 @@ function floatsOf(t: ort.Tensor, what: string): Float32Array {
 }
 
 const tensorLike = (values: Float32Array, like: ort.Tensor): ort.Tensor =>
-  like.type === "float16" ? new ort.Tensor("float16", encodeFloats(values, DType.FP16) as Uint16Array, like.dims) : new ort.Tensor("float32", values, like.dims);
+  like.type === "float16"
+    ? new ort.Tensor("float16", encodeFloats(values, DType.FP16) as Uint16Array, like.dims)
+    : new ort.Tensor("float32", values, like.dims);
 
 /** Running sums of one SAE over the contexts. */
 class SaeTally {
@@ -233,7 +235,11 @@ export async function evaluateSplice(options: SpliceOptions): Promise<SpliceResu
       const feeds: Record<string, ort.Tensor> = {
         input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), dims),
         attention_mask: new ort.Tensor("int64", new BigInt64Array(s).fill(1n), dims),
-        position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: s }, (_, i) => BigInt(i)), dims),
+        position_ids: new ort.Tensor(
+          "int64",
+          BigInt64Array.from({ length: s }, (_, i) => BigInt(i)),
+          dims,
+        ),
       };
       const inputsOf = (session: ort.InferenceSession, extra: Record<string, ort.Tensor>) =>
         Object.fromEntries(session.inputNames.map((name) => [name, extra[name] ?? feeds[name]!]));
@@ -247,7 +253,8 @@ export async function evaluateSplice(options: SpliceOptions): Promise<SpliceResu
         const x = floatsOf(hookTensor, group.hook);
         const d = hookTensor.dims[2]!;
         for (const { sae } of group.tallies) {
-          if (sae.dIn !== d) throw new SaeFolderError(sae.dir, `cfg.json d_in is ${sae.dIn} but ${group.hook} is ${d} wide in ${modelPath}`);
+          if (sae.dIn !== d)
+            throw new SaeFolderError(sae.dir, `cfg.json d_in is ${sae.dIn} but ${group.hook} is ${d} wide in ${modelPath}`);
         }
         const residual = Object.fromEntries(group.residual.map((name) => [name, acts[name]!]));
         const scoreWith = async (values: Float32Array): Promise<Scored> => {

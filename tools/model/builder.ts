@@ -1,4 +1,12 @@
-import { type AttributeProto, AttributeType, DataType, type GraphProto, type NodeProto, type TensorProto, type ValueInfoProto } from "../../services/producer/model/onnx.js";
+import {
+  type AttributeProto,
+  AttributeType,
+  DataType,
+  type GraphProto,
+  type NodeProto,
+  type TensorProto,
+  type ValueInfoProto,
+} from "../../services/producer/model/onnx.js";
 
 /**
  * A small ONNX graph builder that names nodes the way torch.onnx does: `<scope>/<Op>`, then
@@ -8,7 +16,12 @@ import { type AttributeProto, AttributeType, DataType, type GraphProto, type Nod
 
 const bytes = (a: Float32Array | BigInt64Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
-export const floatTensor = (dims: readonly number[], data: Float32Array, name?: string): TensorProto => ({ name, dims: [...dims], dataType: DataType.FLOAT, rawData: bytes(data) });
+export const floatTensor = (dims: readonly number[], data: Float32Array, name?: string): TensorProto => ({
+  name,
+  dims: [...dims],
+  dataType: DataType.FLOAT,
+  rawData: bytes(data),
+});
 
 export const int64Tensor = (dims: readonly number[], values: readonly number[]): TensorProto => ({
   dims: [...dims],

@@ -22,7 +22,13 @@ export function vocabSize(model: ModelProto): number {
 }
 
 /** Feeds for the model's inputs (input_ids, attention_mask, position_ids) for `batch` rows of `seq` tokens. */
-export function sampleFeeds(inputNames: readonly string[], vocab: number, batch: number, seq: number, seed = 1): Record<string, ort.Tensor> {
+export function sampleFeeds(
+  inputNames: readonly string[],
+  vocab: number,
+  batch: number,
+  seq: number,
+  seed = 1,
+): Record<string, ort.Tensor> {
   const uniform = mulberry32(seed);
   const ids = BigInt64Array.from({ length: batch * seq }, () => BigInt(Math.floor(uniform() * vocab)));
   // Row 1 (if any) is left-padded by a quarter of its length, positions counting from its first token.
@@ -72,11 +78,22 @@ export interface CheckOptions {
 }
 
 /** Max abs difference per hook between the truncated model's outputs and the original's tensors. */
-export async function checkTruncation(modelPath: string, truncated: ModelProto, hooks: readonly string[], options: CheckOptions = {}): Promise<Record<string, number>> {
+export async function checkTruncation(
+  modelPath: string,
+  truncated: ModelProto,
+  hooks: readonly string[],
+  options: CheckOptions = {},
+): Promise<Record<string, number>> {
   const original = loadModel(modelPath);
   const resolved = resolveHooks(original.graph ?? {}, hooks);
   const dir = dirname(modelPath);
-  const full = await sessionFor(withOutputs(original, resolved.map((h) => h.tensor)), dir);
+  const full = await sessionFor(
+    withOutputs(
+      original,
+      resolved.map((h) => h.tensor),
+    ),
+    dir,
+  );
   const cut = await sessionFor(truncated, dir);
   try {
     const feeds = sampleFeeds(full.inputNames, vocabSize(original), options.batch ?? 2, options.seq ?? 16);

@@ -37,8 +37,16 @@ export function buildLlamaModel(p: LlamaParams, w: LlamaWeights): ModelProto {
   // for the residual stream to read as a real export does.
   const rmsNorm = (scope: string, x: string, weightName: string, weight: Float32Array) => {
     const input = g.op(scope, "Cast", [x], [attr.int("to", DataType.FLOAT)]);
-    const variance = g.op(scope, "ReduceMean", [g.op(scope, "Pow", [input, g.scalar(scope, 2)])], [attr.ints("axes", [-1]), attr.int("keepdims", 1)]);
-    const rsqrt = g.op(scope, "Div", [g.scalar(scope, 1), g.op(scope, "Sqrt", [g.op(scope, "Add", [variance, g.scalar(scope, p.rmsEps)])])]);
+    const variance = g.op(
+      scope,
+      "ReduceMean",
+      [g.op(scope, "Pow", [input, g.scalar(scope, 2)])],
+      [attr.ints("axes", [-1]), attr.int("keepdims", 1)],
+    );
+    const rsqrt = g.op(scope, "Div", [
+      g.scalar(scope, 1),
+      g.op(scope, "Sqrt", [g.op(scope, "Add", [variance, g.scalar(scope, p.rmsEps)])]),
+    ]);
     const normed = g.op(scope, "Cast", [g.op(scope, "Mul", [input, rsqrt])], [attr.int("to", DataType.FLOAT)]);
     return { input, output: g.op(scope, "Mul", [g.initializer(weightName, [d], weight), normed]) };
   };
@@ -62,7 +70,10 @@ export function buildLlamaModel(p: LlamaParams, w: LlamaWeights): ModelProto {
   const cos = g.op(r, "Cos", [emb]);
   const sin = g.op(r, "Sin", [emb]);
 
-  let residual = g.op("/model/embed_tokens", "Gather", [g.initializer("model.embed_tokens.weight", [p.vocabSize, d], w.embed), "input_ids"]);
+  let residual = g.op("/model/embed_tokens", "Gather", [
+    g.initializer("model.embed_tokens.weight", [p.vocabSize, d], w.embed),
+    "input_ids",
+  ]);
 
   w.layers.forEach((lw, l) => {
     const scope = `/model/layers.${l}`;
@@ -70,7 +81,8 @@ export function buildLlamaModel(p: LlamaParams, w: LlamaWeights): ModelProto {
     const norm1 = rmsNorm(`${scope}/input_layernorm`, residual, `model.layers.${l}.input_layernorm.weight`, lw.inputNorm);
     const x = norm1.output;
     // [batch, seq, heads*hd] -> [batch, heads, seq, hd]
-    const split = (t: string, heads: number) => g.op(a, "Transpose", [g.op(a, "Reshape", [t, g.ints(a, [0, 0, heads, hd])])], [attr.ints("perm", [0, 2, 1, 3])]);
+    const split = (t: string, heads: number) =>
+      g.op(a, "Transpose", [g.op(a, "Reshape", [t, g.ints(a, [0, 0, heads, hd])])], [attr.ints("perm", [0, 2, 1, 3])]);
     const cos4 = g.op(a, "Unsqueeze", [cos, g.ints(a, [1])]);
     const sin4 = g.op(a, "Unsqueeze", [sin, g.ints(a, [1])]);
     // q * cos + rotate_half(q) * sin, rotate_half(q) = cat(-q[..., hd/2:], q[..., :hd/2])
@@ -90,9 +102,15 @@ export function buildLlamaModel(p: LlamaParams, w: LlamaWeights): ModelProto {
     const q = rope(split(linear(`${a}/q_proj`, x, lw.q, p.heads * hd, d), p.heads));
     const k = repeat(rope(split(linear(`${a}/k_proj`, x, lw.k, p.kvHeads * hd, d), p.kvHeads)));
     const v = repeat(split(linear(`${a}/v_proj`, x, lw.v, p.kvHeads * hd, d), p.kvHeads));
-    const scores = g.op(a, "Mul", [g.op(a, "MatMul", [q, g.op(a, "Transpose", [k], [attr.ints("perm", [0, 1, 3, 2])])]), g.scalar(a, 1 / Math.sqrt(hd))]);
+    const scores = g.op(a, "Mul", [
+      g.op(a, "MatMul", [q, g.op(a, "Transpose", [k], [attr.ints("perm", [0, 1, 3, 2])])]),
+      g.scalar(a, 1 / Math.sqrt(hd)),
+    ]);
     const probs = g.op(a, "Softmax", [g.op(a, "Add", [scores, mask])], [attr.int("axis", -1)]);
-    const merged = g.op(a, "Reshape", [g.op(a, "Transpose", [g.op(a, "MatMul", [probs, v])], [attr.ints("perm", [0, 2, 1, 3])]), g.ints(a, [0, 0, p.heads * hd])]);
+    const merged = g.op(a, "Reshape", [
+      g.op(a, "Transpose", [g.op(a, "MatMul", [probs, v])], [attr.ints("perm", [0, 2, 1, 3])]),
+      g.ints(a, [0, 0, p.heads * hd]),
+    ]);
     const attnOut = linear(`${a}/o_proj`, merged, lw.o, d, p.heads * hd);
     const mid = g.op(scope, "Add", [norm1.input, attnOut]);
 
@@ -113,6 +131,10 @@ export function buildLlamaModel(p: LlamaParams, w: LlamaWeights): ModelProto {
     irVersion: 8,
     producerName: "saeflow tools/model/tiny-llama.ts",
     opsetImport: [{ domain: "", version: 14 }],
-    graph: g.graph("main_graph", [ids("input_ids"), ids("attention_mask"), ids("position_ids")], [valueInfo("logits", DataType.FLOAT, ["batch_size", "sequence_length", p.vocabSize])]),
+    graph: g.graph(
+      "main_graph",
+      [ids("input_ids"), ids("attention_mask"), ids("position_ids")],
+      [valueInfo("logits", DataType.FLOAT, ["batch_size", "sequence_length", p.vocabSize])],
+    ),
   };
 }

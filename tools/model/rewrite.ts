@@ -18,7 +18,11 @@ import { saveModel } from "./save.js";
  * tensors (or, for --suffix, the logits of prefix → suffix) are identical.
  */
 
-const list = (raw: string | undefined): string[] => (raw ?? "").split(",").map((s) => s.trim()).filter(Boolean);
+const list = (raw: string | undefined): string[] =>
+  (raw ?? "")
+    .split(",")
+    .map((s) => s.trim())
+    .filter(Boolean);
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
@@ -30,7 +34,8 @@ async function main(): Promise<void> {
       check: { type: "boolean", default: false },
     },
   });
-  if (!values.model || !values.out) throw new Error("usage: rewrite.ts --model IN (--hooks a,b | --suffix HOOK [--hooks c]) --out OUT [--check]");
+  if (!values.model || !values.out)
+    throw new Error("usage: rewrite.ts --model IN (--hooks a,b | --suffix HOOK [--hooks c]) --out OUT [--check]");
   const modelPath = values.model;
   const original = loadModel(modelPath);
   const hooks = list(values.hooks);
@@ -43,7 +48,8 @@ async function main(): Promise<void> {
   if (cut === undefined) {
     const diffs = await checkTruncation(modelPath, rewritten, hooks);
     for (const [hook, diff] of Object.entries(diffs)) console.log(`  ${hook}: max abs diff ${diff}`);
-    if (Object.values(diffs).some((d) => d !== 0)) throw new Error("check failed: the rewritten model's tensors differ from the original's");
+    if (Object.values(diffs).some((d) => d !== 0))
+      throw new Error("check failed: the rewritten model's tensors differ from the original's");
   } else {
     const diff = await checkSuffix(modelPath, truncateAtHooks(original, [cut, ...hooks]), rewritten);
     console.log(`  logits through ${cut}: max abs diff ${diff}`);

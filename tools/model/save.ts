@@ -13,7 +13,9 @@ const EXTERNAL = onnx.TensorProto.DataLocation.EXTERNAL;
 /** Writes `model` to `path`; `sourceDir` is the folder of the file it was read from. */
 export function saveModel(model: ModelProto, path: string, sourceDir: string = dirname(path)): void {
   if (hasExternalData(model) && resolve(dirname(path)) !== resolve(sourceDir)) {
-    throw new Error(`${path}: the model keeps its weights in external data in ${sourceDir}; write it into that folder, since onnxruntime refuses external data outside the model's folder`);
+    throw new Error(
+      `${path}: the model keeps its weights in external data in ${sourceDir}; write it into that folder, since onnxruntime refuses external data outside the model's folder`,
+    );
   }
   writeFileSync(path, encodeModel(model));
 }
@@ -37,7 +39,12 @@ export function saveWithExternalData(model: ModelProto, path: string): string {
       offset = Math.ceil(offset / ALIGN) * ALIGN;
       writeSync(fd, raw, 0, raw.byteLength, offset);
       const entry = (key: string, value: string) => ({ key, value });
-      const moved = { ...t, rawData: null, dataLocation: EXTERNAL, externalData: [entry("location", dataName), entry("offset", String(offset)), entry("length", String(raw.byteLength))] };
+      const moved = {
+        ...t,
+        rawData: null,
+        dataLocation: EXTERNAL,
+        externalData: [entry("location", dataName), entry("offset", String(offset)), entry("length", String(raw.byteLength))],
+      };
       offset += raw.byteLength;
       return moved;
     });

@@ -90,7 +90,9 @@ const FLAGS = {
 
 function main(): void {
   const numeric: Record<string, { type: "string" }> = Object.fromEntries(Object.keys(FLAGS).map((flag) => [flag, { type: "string" }]));
-  const { values } = parseArgs({ options: { out: { type: "string", default: ".cache/tiny-llama" }, "external-data": { type: "boolean", default: false }, ...numeric } });
+  const { values } = parseArgs({
+    options: { out: { type: "string", default: ".cache/tiny-llama" }, "external-data": { type: "boolean", default: false }, ...numeric },
+  });
   const overrides: Partial<LlamaParams> = {};
   for (const [flag, key] of Object.entries(FLAGS)) {
     const raw: unknown = (values as Record<string, unknown>)[flag];

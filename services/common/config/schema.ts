@@ -27,15 +27,32 @@ export const RunConfigSchema = z
     const known = [...pools.keys()].join(", ");
     const pool = pools.get(c.trainer.hookPoint);
     if (pool === undefined) {
-      ctx.addIssue({ code: "custom", path: ["trainer", "hookPoint"], message: `"${c.trainer.hookPoint}" has no pool in buffer.hookPoints (${known})` });
+      ctx.addIssue({
+        code: "custom",
+        path: ["trainer", "hookPoint"],
+        message: `"${c.trainer.hookPoint}" has no pool in buffer.hookPoints (${known})`,
+      });
     } else if (pool !== c.trainer.dModel) {
-      ctx.addIssue({ code: "custom", path: ["trainer", "dModel"], message: `${c.trainer.dModel} differs from the buffer pool's dModel ${pool} for ${c.trainer.hookPoint}` });
+      ctx.addIssue({
+        code: "custom",
+        path: ["trainer", "dModel"],
+        message: `${c.trainer.dModel} differs from the buffer pool's dModel ${pool} for ${c.trainer.hookPoint}`,
+      });
     }
     c.producer.hookPoints.forEach((h, i) => {
-      if (!pools.has(h)) ctx.addIssue({ code: "custom", path: ["producer", "hookPoints", i], message: `"${h}" has no pool in buffer.hookPoints (${known})` });
+      if (!pools.has(h))
+        ctx.addIssue({
+          code: "custom",
+          path: ["producer", "hookPoints", i],
+          message: `"${h}" has no pool in buffer.hookPoints (${known})`,
+        });
     });
     if (c.producer.dtype !== c.buffer.dtype) {
-      ctx.addIssue({ code: "custom", path: ["producer", "dtype"], message: `${c.producer.dtype} differs from buffer.dtype ${c.buffer.dtype}` });
+      ctx.addIssue({
+        code: "custom",
+        path: ["producer", "dtype"],
+        message: `${c.producer.dtype} differs from buffer.dtype ${c.buffer.dtype}`,
+      });
     }
   });
 

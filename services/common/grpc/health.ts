@@ -1,7 +1,12 @@
 import { create } from "@bufbuild/protobuf";
 import { status } from "@grpc/grpc-js";
 import { FieldError } from "../errors.js";
-import { Health, type HealthCheckResponse, HealthCheckResponse_ServingStatus as Serving, HealthCheckResponseSchema } from "../../gen/grpc/health/v1/health_pb.js";
+import {
+  Health,
+  type HealthCheckResponse,
+  HealthCheckResponse_ServingStatus as Serving,
+  HealthCheckResponseSchema,
+} from "../../gen/grpc/health/v1/health_pb.js";
 import type { ServiceHandlers } from "./adapter.js";
 
 export { Serving };

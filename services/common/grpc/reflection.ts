@@ -69,7 +69,9 @@ function answer(services: string[], req: Request) {
   const idx = index();
   const error = (errorMessage: string) => ({ case: "errorResponse" as const, value: { errorCode: NOT_FOUND, errorMessage } });
   const files = (name: string | undefined, what: string) =>
-    name ? { case: "fileDescriptorResponse" as const, value: { fileDescriptorProto: withDependencies(idx, name) } } : error(`${what} not found`);
+    name
+      ? { case: "fileDescriptorResponse" as const, value: { fileDescriptorProto: withDependencies(idx, name) } }
+      : error(`${what} not found`);
   const r = req.messageRequest;
   switch (r.case) {
     case "listServices":
@@ -95,7 +97,10 @@ export function addReflection(server: Server, services: string[]): void {
     serviceDefinition(v1.ServerReflection),
     serviceImplementation(v1.ServerReflection, {
       serverReflectionInfo: async (call) => {
-        for await (const req of call) call.write(create(v1.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }));
+        for await (const req of call)
+          call.write(
+            create(v1.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }),
+          );
       },
     }),
   );
@@ -103,7 +108,14 @@ export function addReflection(server: Server, services: string[]): void {
     serviceDefinition(v1alpha.ServerReflection),
     serviceImplementation(v1alpha.ServerReflection, {
       serverReflectionInfo: async (call) => {
-        for await (const req of call) call.write(create(v1alpha.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }));
+        for await (const req of call)
+          call.write(
+            create(v1alpha.ServerReflectionResponseSchema, {
+              validHost: req.host,
+              originalRequest: req,
+              messageResponse: answer(listed, req),
+            }),
+          );
       },
     }),
   );

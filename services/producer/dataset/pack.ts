@@ -84,7 +84,13 @@ export async function* packContexts(
       continue;
     }
     const first = doc.index === state.cursor.documentIndex ? state.cursor.tokenOffset : 0;
-    const at = (tokenOffset: number): Cursor => ({ epoch: state.cursor.epoch, fileIndex: doc.fileIndex, offset: doc.offset, documentIndex: doc.index, tokenOffset });
+    const at = (tokenOffset: number): Cursor => ({
+      epoch: state.cursor.epoch,
+      fileIndex: doc.fileIndex,
+      offset: doc.offset,
+      documentIndex: doc.index,
+      tokenOffset,
+    });
     for (let t = first; t < ids.length; t++) {
       if (!ctx) {
         ctx = open(doc.index);

@@ -85,7 +85,10 @@ export function resolveSources(entries: string[], key = "producer.dataset"): Sou
     const where = `${key}.${i}`;
     if (entry === BUILTIN_CORPUS) {
       const corpus = builtinCorpus();
-      if (!corpus.length) throw new ConfigError(`${where}: ${BUILTIN_CORPUS} found no .md files under ${join(repoRoot, "node_modules")}; run npm ci`, [where]);
+      if (!corpus.length)
+        throw new ConfigError(`${where}: ${BUILTIN_CORPUS} found no .md files under ${join(repoRoot, "node_modules")}; run npm ci`, [
+          where,
+        ]);
       files.push(...corpus.map((path) => ({ path, format: "text" as const })));
       return;
     }

@@ -43,7 +43,10 @@ export function checkHooks(names: readonly string[], layers: number): HookPoint[
   return names.map((name) => {
     const hook = parseHook(name);
     if (hook.layer >= layers) {
-      throw new FieldError(FIELD, `hook point "${name}": layer ${hook.layer} is beyond the model, which has ${layers} layers (0..${layers - 1})`);
+      throw new FieldError(
+        FIELD,
+        `hook point "${name}": layer ${hook.layer} is beyond the model, which has ${layers} layers (0..${layers - 1})`,
+      );
     }
     if (seen.has(name)) throw new FieldError(FIELD, `hook point "${name}" is listed twice`);
     seen.add(name);
@@ -60,7 +63,8 @@ function layerScopes(graph: GraphProto): string[] {
   }
   const layers = scopes.size;
   for (let l = 0; l < layers; l++) {
-    if (!scopes.has(l)) throw new Error(`the graph's layer scopes are not numbered 0..${layers - 1} (layer ${l} missing); is it a Llama-family export?`);
+    if (!scopes.has(l))
+      throw new Error(`the graph's layer scopes are not numbered 0..${layers - 1} (layer ${l} missing); is it a Llama-family export?`);
   }
   return [...Array(layers).keys()].map((l) => scopes.get(l)!);
 }
@@ -78,7 +82,9 @@ function scopeExit(index: GraphIndex, scope: string, hook: string): string {
     }
   }
   if (exits.size !== 1) {
-    throw new Error(`hook point "${hook}": expected one tensor leaving the nodes named "${scope}*", found ${exits.size}; is it a Llama-family export?`);
+    throw new Error(
+      `hook point "${hook}": expected one tensor leaving the nodes named "${scope}*", found ${exits.size}; is it a Llama-family export?`,
+    );
   }
   return [...exits][0]!;
 }
@@ -87,7 +93,8 @@ function scopeExit(index: GraphIndex, scope: string, hook: string): string {
 function residualAdd(index: GraphIndex, branch: string, hook: string): { sum: string; residual: string } {
   const adds = (index.consumers.get(branch) ?? []).map((i) => index.nodes[i]!).filter((n) => n.opType === "Add");
   const add = adds[0];
-  if (adds.length !== 1 || !add) throw new Error(`hook point "${hook}": expected one residual Add reading "${branch}", found ${adds.length}`);
+  if (adds.length !== 1 || !add)
+    throw new Error(`hook point "${hook}": expected one residual Add reading "${branch}", found ${adds.length}`);
   const inputs = add.input ?? [];
   const residual = inputs[0] === branch ? inputs[1] : inputs[0];
   return { sum: add.output![0]!, residual: residual! };

@@ -22,7 +22,8 @@ export const AttributeType = onnx.AttributeProto.AttributeType;
 interface LongLike {
   toNumber(): number;
 }
-export const int = (v: number | LongLike | null | undefined): number => (v === null || v === undefined ? 0 : typeof v === "number" ? v : v.toNumber());
+export const int = (v: number | LongLike | null | undefined): number =>
+  v === null || v === undefined ? 0 : typeof v === "number" ? v : v.toNumber();
 
 export function loadModel(path: string): ModelProto {
   return onnx.ModelProto.decode(readFileSync(path));
@@ -95,7 +96,8 @@ export function nodesNeeded(index: GraphIndex, targets: Iterable<string>, cuts: 
     seen.add(name);
     const at = index.producer.get(name);
     if (at === undefined) {
-      if (!index.inputs.has(name) && !index.initializers.has(name)) throw new Error(`tensor "${name}" is made by no node, input or initializer`);
+      if (!index.inputs.has(name) && !index.initializers.has(name))
+        throw new Error(`tensor "${name}" is made by no node, input or initializer`);
       continue;
     }
     if (needed.has(at)) continue;

@@ -9,9 +9,16 @@ import { truncateAtHooks } from "./truncate.js";
  * external data relative to that path; one handed over as bytes is told the folder through this
  * session config entry.
  */
-export function sessionFor(model: ModelProto, modelDir: string, options: ort.InferenceSession.SessionOptions = {}): Promise<ort.InferenceSession> {
+export function sessionFor(
+  model: ModelProto,
+  modelDir: string,
+  options: ort.InferenceSession.SessionOptions = {},
+): Promise<ort.InferenceSession> {
   const extra = (options.extra ?? {}) as Record<string, unknown>;
-  const session = { ...(extra.session as Record<string, unknown> | undefined), model_external_initializers_file_folder_path: resolve(modelDir) };
+  const session = {
+    ...(extra.session as Record<string, unknown> | undefined),
+    model_external_initializers_file_folder_path: resolve(modelDir),
+  };
   return ort.InferenceSession.create(encodeModel(model), { ...options, extra: { ...extra, session } });
 }
 
@@ -20,6 +27,10 @@ export function sessionFor(model: ModelProto, modelDir: string, options: ort.Inf
  * (input_ids, attention_mask, position_ids) and returns one output per hook point, named by the
  * hook, so one run feeds them all.
  */
-export function openHookSession(modelPath: string, hookNames: readonly string[], options: ort.InferenceSession.SessionOptions = {}): Promise<ort.InferenceSession> {
+export function openHookSession(
+  modelPath: string,
+  hookNames: readonly string[],
+  options: ort.InferenceSession.SessionOptions = {},
+): Promise<ort.InferenceSession> {
   return sessionFor(truncateAtHooks(modelPath, hookNames), dirname(modelPath), options);
 }

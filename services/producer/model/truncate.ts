@@ -28,7 +28,13 @@ function renamed(node: NodeProto, names: ReadonlyMap<string, string>): NodeProto
 }
 
 /** The graph made of `keep` (node indices) with tensors renamed, initializers and value_info pruned to what it uses. */
-function subgraph(graph: GraphProto, index: GraphIndex, keep: number[], names: ReadonlyMap<string, string>, extraNodes: NodeProto[] = []): GraphProto {
+function subgraph(
+  graph: GraphProto,
+  index: GraphIndex,
+  keep: number[],
+  names: ReadonlyMap<string, string>,
+  extraNodes: NodeProto[] = [],
+): GraphProto {
   const node = [...keep.map((i) => renamed(index.nodes[i]!, names)), ...extraNodes];
   const used = new Set(node.flatMap((n) => [...(n.input ?? []), ...(n.output ?? [])]));
   return {
@@ -53,7 +59,10 @@ export function truncateAtHooks(source: string | ModelProto, hookNames: readonly
   const graph = model.graph ?? {};
   const hooks = resolveHooks(graph, hookNames);
   const index = indexGraph(graph);
-  const keep = nodesNeeded(index, hooks.map((h) => h.tensor));
+  const keep = nodesNeeded(
+    index,
+    hooks.map((h) => h.tensor),
+  );
   const names = new Map<string, string>();
   const aliases: NodeProto[] = [];
   for (const hook of hooks) {

@@ -150,7 +150,9 @@ export class GraphBuilder {
 
   /** Sum over `axes` (all axes when empty); keepdims off. */
   reduceSum(a: string, axes: readonly number[], hint?: string): string {
-    return axes.length ? this.op("ReduceSum", [a, this.constI(axes)], { keepdims: 0 }, hint) : this.op("ReduceSum", [a], { keepdims: 0 }, hint);
+    return axes.length
+      ? this.op("ReduceSum", [a, this.constI(axes)], { keepdims: 0 }, hint)
+      : this.op("ReduceSum", [a], { keepdims: 0 }, hint);
   }
 
   reduceSumSquare(a: string, axes: readonly number[], hint?: string): string {
@@ -173,13 +175,24 @@ export class GraphBuilder {
   zeros(dims: readonly number[], hint = "zeros"): string {
     const value = { name: "value", type: onnx.AttributeProto.AttributeType.TENSOR, t: { dataType: F32, dims: [1], floatData: [0] } };
     const out = this.fresh(hint);
-    this.nodes.push({ opType: "ConstantOfShape", name: this.fresh(`n_${hint}`), input: [this.constI(dims)], output: [out], attribute: [value] });
+    this.nodes.push({
+      opType: "ConstantOfShape",
+      name: this.fresh(`n_${hint}`),
+      input: [this.constI(dims)],
+      output: [out],
+      attribute: [value],
+    });
     return out;
   }
 
   /** Concatenates scalars into a 1-D vector (for small stats outputs). */
   stack(scalars: readonly string[], hint = "stack"): string {
-    return this.op("Concat", scalars.map((s) => this.reshape(s, [1])), { axis: 0 }, hint);
+    return this.op(
+      "Concat",
+      scalars.map((s) => this.reshape(s, [1])),
+      { axis: 0 },
+      hint,
+    );
   }
 
   /** The serialized model. */

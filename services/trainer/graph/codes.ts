@@ -177,7 +177,12 @@ export function maskedCode(g: GraphBuilder, s: CodeInputs, opts: { batch: boolea
   const decOf = groups.map(({ start, end }) => (groups.length > 1 ? g.slice(s.W_dec, 0, start, end) : s.W_dec)); // [size_g, d]
   const recon =
     groups.length > 1
-      ? g.op("Concat", groups.map((_, i) => g.unsqueeze(g.matmul(actsOf[i]!, decOf[i]!), [0])), { axis: 0 }, "recon") // [G, B, d]
+      ? g.op(
+          "Concat",
+          groups.map((_, i) => g.unsqueeze(g.matmul(actsOf[i]!, decOf[i]!), [0])),
+          { axis: 0 },
+          "recon",
+        ) // [G, B, d]
       : g.matmul(acts, s.W_dec, "recon"); // [B,n]@[n,d] -> [B, d]
   const minAct = opts.batch
     ? g.op("ReduceMin", [g.where(g.greater(active, g.constF(0)), score, g.constF(3.0e38))], { keepdims: 0 }, "min_act") // [] in score units

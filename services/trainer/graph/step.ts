@@ -108,7 +108,16 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
   const pre = gated ? g.add(enc, s.b_enc, "pre") : g.gemm(xCent, s.W_enc, { bias: s.b_enc, transB: true }, "pre"); // [B,d]@[d,n] -> [B, n], the one dense GEMM
   const rankByNorm = ranked && !spec.unitNormDecoder;
   const decNormKeep = rankByNorm || penalisedRecipe(recipe) ? g.reduceL2Keep(s.W_dec, 1, "dec_norm") : ""; // [n, 1]
-  const inputs: CodeInputs = { B, d, n, k, pre, W_dec: s.W_dec, rankNorm: rankByNorm ? g.reshape(decNormKeep, [n]) : "", prefixes: spec.prefixes };
+  const inputs: CodeInputs = {
+    B,
+    d,
+    n,
+    k,
+    pre,
+    W_dec: s.W_dec,
+    rankNorm: rankByNorm ? g.reshape(decNormKeep, [n]) : "",
+    prefixes: spec.prefixes,
+  };
   const code = codeOf(g, spec, inputs, { kIn, l1Coef, decNormKeep, enc, xNorm, s });
 
   // Reconstruction loss: one, or one per nested prefix (G of them), summed.
@@ -153,7 +162,10 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
   const gradOf = Object.fromEntries(params.map((p) => [p, raw[p]!])) as Record<ParamName, string>;
 
   // Global gradient norm, and clipping to it as torch.nn.utils.clip_grad_norm_ does.
-  const gradNorm = g.sqrt(params.map((p) => g.reduceSumSquare(gradOf[p], [])).reduce((a, b) => g.add(a, b)), "grad_norm"); // []
+  const gradNorm = g.sqrt(
+    params.map((p) => g.reduceSumSquare(gradOf[p], [])).reduce((a, b) => g.add(a, b)),
+    "grad_norm",
+  ); // []
   if (spec.gradClipNorm > 0) {
     const factor = g.op("Min", [g.constF(1), g.div(g.constF(spec.gradClipNorm), g.add(gradNorm, g.constF(1e-6)))], {}, "clip_factor"); // []
     for (const p of params) gradOf[p] = g.mul(gradOf[p], factor, `clipped_${p}`);

@@ -4,8 +4,19 @@ import { z } from "zod";
 export const LaunchSection = z
   .object({
     producers: z.number().int().positive().default(1).describe("Producer processes; each takes one shard of the dataset."),
-    trainers: z.number().int().positive().default(1).describe("Trainer processes; each trains the configured sweep (ids trainer-0, trainer-1, ...)."),
-    basePort: z.number().int().min(0).max(65000).default(0).describe("First gRPC port (buffer, producers, trainers in order); 0 picks free ports."),
+    trainers: z
+      .number()
+      .int()
+      .positive()
+      .default(1)
+      .describe("Trainer processes; each trains the configured sweep (ids trainer-0, trainer-1, ...)."),
+    basePort: z
+      .number()
+      .int()
+      .min(0)
+      .max(65000)
+      .default(0)
+      .describe("First gRPC port (buffer, producers, trainers in order); 0 picks free ports."),
     statusEveryMs: z.number().int().positive().default(1000).describe("How often the progress line and pipeline.jsonl are refreshed."),
     evaluate: z.boolean().default(true).describe("After training, measure each SAE's spliced LM loss (delta and fraction recovered)."),
     evalContexts: z.number().int().positive().default(16).describe("Contexts of the corpus used for the splice evaluation."),

@@ -4,14 +4,29 @@ import { Address, DTypeName } from "./dtype.js";
 /** The activation producer: tokenizer, ONNX LM, hook points, dataset. */
 export const ProducerSection = z
   .object({
-    id: z.string().regex(/^[A-Za-z0-9._-]*$/).default("").describe("Producer id (NATS member name, chunk producer_id); empty means producer-<shardIndex>."),
+    id: z
+      .string()
+      .regex(/^[A-Za-z0-9._-]*$/)
+      .default("")
+      .describe("Producer id (NATS member name, chunk producer_id); empty means producer-<shardIndex>."),
     address: Address.default("127.0.0.1:50061").describe("Where the producer serves its control RPCs."),
     bufferAddress: Address.default("127.0.0.1:50051").describe("The buffer to push to."),
     model: z.string().min(1).default(".cache/tiny-llama/model.onnx").describe("ONNX causal LM (optimum export layout)."),
-    tokenizer: z.string().min(1).default("builtin:llama3_1").describe("tokenizer.json path (or its folder, with tokenizer_config.json beside it), or builtin:llama3_1."),
-    dataset: z.array(z.string().min(1)).min(1).default(["builtin:corpus"]).describe("Text/JSONL files or folders, or builtin:corpus (English .md docs of the installed npm dependencies)."),
+    tokenizer: z
+      .string()
+      .min(1)
+      .default("builtin:llama3_1")
+      .describe("tokenizer.json path (or its folder, with tokenizer_config.json beside it), or builtin:llama3_1."),
+    dataset: z
+      .array(z.string().min(1))
+      .min(1)
+      .default(["builtin:corpus"])
+      .describe("Text/JSONL files or folders, or builtin:corpus (English .md docs of the installed npm dependencies)."),
     textField: z.string().min(1).default("text").describe("Field holding the text in JSONL records."),
-    textSplit: z.enum(["line", "paragraph", "file"]).default("paragraph").describe("What one document of a plain-text file is: a line, a blank-line-separated paragraph, or the whole file."),
+    textSplit: z
+      .enum(["line", "paragraph", "file"])
+      .default("paragraph")
+      .describe("What one document of a plain-text file is: a line, a blank-line-separated paragraph, or the whole file."),
     epochs: z.number().int().min(0).default(0).describe("Passes over this producer's shard; 0 repeats until stopped."),
     hookPoints: z.array(z.string().min(1)).min(1).default(["blocks.1.hook_resid_post"]).describe("Hook points fed by each forward pass."),
     contextLength: z.number().int().min(2).default(128).describe("Tokens per packed context."),
@@ -21,7 +36,12 @@ export const ProducerSection = z
     dtype: DTypeName.default("fp32").describe("Dtype sent; must equal the buffer's."),
     executionProvider: z.enum(["cpu", "cuda", "webgpu"]).default("cpu").describe("onnxruntime execution provider."),
     threads: z.number().int().min(0).default(0).describe("Intra-op threads; 0 lets onnxruntime choose."),
-    maxInFlightChunks: z.number().int().positive().default(8).describe("Chunks sent but not yet acknowledged, kept for resend; production waits at this many."),
+    maxInFlightChunks: z
+      .number()
+      .int()
+      .positive()
+      .default(8)
+      .describe("Chunks sent but not yet acknowledged, kept for resend; production waits at this many."),
     shardIndex: z.number().int().min(0).default(0).describe("This producer's shard of the documents."),
     shardCount: z.number().int().positive().default(1).describe("Number of producers sharing the dataset."),
     stateFile: z.string().default("").describe("Where the dataset position is saved; empty means <run.dir>/<producer id>.position.json."),

@@ -4,7 +4,10 @@ import { Address } from "./dtype.js";
 /** One SAE of a sweep. */
 export const SaeSpec = z
   .object({
-    name: z.string().regex(/^[A-Za-z0-9._-]+$/).describe("Folder name of this SAE in the run."),
+    name: z
+      .string()
+      .regex(/^[A-Za-z0-9._-]+$/)
+      .describe("Folder name of this SAE in the run."),
     recipe: z
       .enum(["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"])
       .default("topk")
@@ -18,15 +21,23 @@ export const SaeSpec = z
       .int()
       .min(0)
       .default(0)
-      .describe("k at step 0, falling linearly to k over trainer.kAnnealFraction of the steps (Llama Scope's k annealing); 0 trains at k throughout."),
+      .describe(
+        "k at step 0, falling linearly to k over trainer.kAnnealFraction of the steps (Llama Scope's k annealing); 0 trains at k throughout.",
+      ),
     prefixes: z
       .array(z.number().int().positive())
       .default([])
-      .describe("matryoshka: nested prefix sizes, increasing, at least k and below width; each prefix and the whole dictionary reconstruct x, losses summed."),
+      .describe(
+        "matryoshka: nested prefix sizes, increasing, at least k and below width; each prefix and the whole dictionary reconstruct x, losses summed.",
+      ),
     lr: z.number().positive().default(2e-4).describe("Peak Adam learning rate."),
     l1Coefficient: z.number().min(0).default(5).describe("relu, gated: weight of the decoder-norm-weighted L1 penalty."),
     l1WarmupSteps: z.number().int().min(0).default(0).describe("relu, gated: steps over which the L1 weight ramps up from 0."),
-    auxKCoefficient: z.number().min(0).default(1 / 32).describe("AuxK loss weight (topk, jumprelu, batchtopk, matryoshka); 0 turns AuxK off."),
+    auxKCoefficient: z
+      .number()
+      .min(0)
+      .default(1 / 32)
+      .describe("AuxK loss weight (topk, jumprelu, batchtopk, matryoshka); 0 turns AuxK off."),
     kAux: z.number().int().min(0).default(0).describe("Dead latents AuxK uses per token; 0 means dModel / 2."),
   })
   .strict();
@@ -63,14 +74,30 @@ export const TrainerSection = z
     dModel: z.number().int().positive().default(64).describe("Activation width; must match the buffer's pool."),
     batchSize: z.number().int().positive().default(1024).describe("Rows per step."),
     steps: z.number().int().positive().default(1000).describe("Optimiser steps."),
-    saes: z.array(SaeSpec).min(1).prefault([{ name: "topk-k32", recipe: "topk", width: 1024, k: 32, lr: 2e-4 }]).describe("The sweep."),
+    saes: z
+      .array(SaeSpec)
+      .min(1)
+      .prefault([{ name: "topk-k32", recipe: "topk", width: 1024, k: 32, lr: 2e-4 }])
+      .describe("The sweep."),
     adam: AdamSection.prefault({}).describe("Adam hyper-parameters, shared by the sweep."),
     lrWarmupSteps: z.number().int().min(0).default(100).describe("Steps of linear learning-rate warm-up from 0."),
-    lrDecay: z.enum(["none", "linear", "cosine"]).default("linear").describe("Learning-rate decay toward lrEndRatio x peak from lrDecayStart to the last step."),
+    lrDecay: z
+      .enum(["none", "linear", "cosine"])
+      .default("linear")
+      .describe("Learning-rate decay toward lrEndRatio x peak from lrDecayStart to the last step."),
     lrDecayStart: z.number().min(0).max(1).default(0.8).describe("Fraction of `steps` after which the decay begins."),
-    lrEndRatio: z.number().min(0).lt(1).default(0).describe("Where the decay ends, as a fraction of the peak learning rate (Llama Scope: 0.01)."),
+    lrEndRatio: z
+      .number()
+      .min(0)
+      .lt(1)
+      .default(0)
+      .describe("Where the decay ends, as a fraction of the peak learning rate (Llama Scope: 0.01)."),
     kAnnealFraction: z.number().gt(0).max(1).default(0.1).describe("Fraction of `steps` over which k falls from saes[].kStart to k."),
-    gradClipNorm: z.number().min(0).default(0).describe("Scale each SAE's gradients so their global norm is at most this before Adam; 0 does not clip."),
+    gradClipNorm: z
+      .number()
+      .min(0)
+      .default(0)
+      .describe("Scale each SAE's gradients so their global norm is at most this before Adam; 0 does not clip."),
     decoderInitNorm: z
       .number()
       .positive()
@@ -85,9 +112,16 @@ export const TrainerSection = z
     unitNormDecoder: z
       .boolean()
       .default(true)
-      .describe("Rescale decoder rows to unit norm after every step; off, norms train freely and TopK ranks latents by activation x decoder norm (Llama Scope)."),
+      .describe(
+        "Rescale decoder rows to unit norm after every step; off, norms train freely and TopK ranks latents by activation x decoder norm (Llama Scope).",
+      ),
     deadWindowTokens: z.number().int().positive().default(10_000_000).describe("A latent that has not fired for this many tokens is dead."),
-    thresholdEmaRate: z.number().gt(0).max(1).default(0.01).describe("batchtopk, matryoshka: rate of the running minimum-activation threshold used at inference."),
+    thresholdEmaRate: z
+      .number()
+      .gt(0)
+      .max(1)
+      .default(0.01)
+      .describe("batchtopk, matryoshka: rate of the running minimum-activation threshold used at inference."),
     sparsityWindowTokens: z
       .number()
       .int()
@@ -96,8 +130,18 @@ export const TrainerSection = z
       .describe("Tokens over which sparsity.safetensors counts firings (SAELens' default window: 2000 steps of 4096 tokens)."),
     jumprelu: JumpReluSection.prefault({}).describe("TopK to JumpReLU conversion."),
     logEvery: z.number().int().positive().default(10).describe("Steps between metric lines."),
-    checkpointEvery: z.number().int().min(0).default(500).describe("Steps between checkpoints; 0 checkpoints only at the end and on request."),
-    keepCheckpoints: z.number().int().min(2).default(2).describe("Checkpoints kept per SAE; at least 2, so a sweep can always resume at a step every SAE holds."),
+    checkpointEvery: z
+      .number()
+      .int()
+      .min(0)
+      .default(500)
+      .describe("Steps between checkpoints; 0 checkpoints only at the end and on request."),
+    keepCheckpoints: z
+      .number()
+      .int()
+      .min(2)
+      .default(2)
+      .describe("Checkpoints kept per SAE; at least 2, so a sweep can always resume at a step every SAE holds."),
     resume: z.boolean().default(true).describe("Continue from the newest checkpoint in the run folder when one exists."),
     exportOnFinish: z.boolean().default(true).describe("Write the SAELens export when training ends."),
     modelName: z.string().default("").describe("model_name in the exported cfg.json; empty takes the producer model's folder name."),
@@ -114,7 +158,8 @@ export const TrainerSection = z
       if (ranked && sae.k > sae.width) issue("k", `k (${sae.k}) exceeds width (${sae.width})`);
       if (sae.kAux > sae.width) issue("kAux", `kAux (${sae.kAux}) exceeds width (${sae.width})`);
       if (sae.kStart > 0 && !ranked) issue("kStart", `${sae.recipe} keeps no top k to anneal; leave kStart at 0`);
-      else if (sae.kStart > 0 && (sae.kStart < sae.k || sae.kStart > sae.width)) issue("kStart", `kStart (${sae.kStart}) must lie between k (${sae.k}) and width (${sae.width})`);
+      else if (sae.kStart > 0 && (sae.kStart < sae.k || sae.kStart > sae.width))
+        issue("kStart", `kStart (${sae.kStart}) must lie between k (${sae.k}) and width (${sae.width})`);
       if (sae.recipe === "matryoshka") {
         if (sae.prefixes.length === 0) issue("prefixes", "matryoshka needs at least one prefix below width");
         sae.prefixes.forEach((p, j) => {
@@ -126,6 +171,10 @@ export const TrainerSection = z
       }
     });
     if (t.unitNormDecoder && t.decoderInitNorm !== 1) {
-      ctx.addIssue({ code: "custom", path: ["decoderInitNorm"], message: `${t.decoderInitNorm} would be renormalised to 1 after the first step; set unitNormDecoder=false to train free norms` });
+      ctx.addIssue({
+        code: "custom",
+        path: ["decoderInitNorm"],
+        message: `${t.decoderInitNorm} would be renormalised to 1 after the first step; set unitNormDecoder=false to train free norms`,
+      });
     }
   });
