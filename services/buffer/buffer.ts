@@ -1,190 +1,69 @@
-import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { BufferConfig } from "../common/config/index.js";
-import { dtypeFromName } from "../common/tensor-codec.js";
-import type { StatusResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
-import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
-import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
-import { DROP_REASONS } from "./accounting.js";
-import { HookPoint } from "./hook-point.js";
-import { Instruments } from "./instruments.js";
-import { seedFor } from "./shuffle.js";
+import { create } from "@bufbuild/protobuf";
+import type { RunConfig } from "../common/config/index.js";
+import { Serving } from "../common/grpc/health.js";
+import { bind, startServer } from "../common/grpc/server.js";
+import { type Bus, connectBus } from "../common/nats.js";
+import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js";
+import { BufferService, type StatusResponse, StatusResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
+import { ActivationBuffer } from "./activation-buffer.js";
+import { Ingest } from "./ingest.js";
+import { RefillCoordinator } from "./refill.js";
+import { BatchServer } from "./serve.js";
+import { bufferHandlers } from "./service.js";
 
-/** What the NATS side listens to. Calls are synchronous and frequent: coalesce. */
-export interface BufferObserver {
-  /** Rows went in or out, a refill cycle started or ended, or the state changed. */
-  changed(): void;
-  /** `rows` rows of a chunk from `producerId` passed the checks (duplicates excluded). */
-  received(producerId: string, hookPoint: string, rows: number): void;
-  stateChanged(state: ServiceState, previous: ServiceState): void;
-}
-
-export interface BufferOptions {
-  runId: string;
-  /** Run seed; each hook point's shuffle derives its own from it. */
-  seed: number;
-  config: BufferConfig;
-  /** Largest single pool allocation (tests use small ones to cover segmented pools). */
+export interface BufferDeps extends Omit<RoleDeps, "bus"> {
+  /** null runs without NATS: producers are then held back by gRPC flow control alone (benches). */
+  bus?: Bus | null;
+  /** Largest single pool allocation, see PoolOptions (tests use small ones to cover segmented pools). */
   segmentBytes?: number;
 }
 
+export interface RunningBuffer extends Role<StatusResponse> {
+  /** The pools, for in-process callers (tests, benches). */
+  readonly buffer: ActivationBuffer;
+}
+
 /**
- * The activation buffer, usable in-process: one HookPoint per configured hook point, allocated
- * here once, and the lifecycle (running, paused, draining, stopped). The gRPC handlers (service.ts)
- * and the NATS side (refill.ts) both work through it.
+ * Starts a buffer: allocates every pool once, serves Push, Batches and the control RPCs, and runs
+ * the NATS refill handshake. Finishes once drained empty; stop() ends streams and leaves at once.
  */
-export class ActivationBuffer {
-  readonly runId: string;
-  readonly config: BufferConfig;
-  readonly dtype: DType;
-  readonly hooks = new Map<string, HookPoint>();
-  readonly instruments: Instruments;
-  /** Settles once the buffer is stopped: drained, or closed. */
-  readonly stopped: Promise<void>;
-  private markStopped!: () => void;
-  private currentState = ServiceState.STARTING;
-  private observer: BufferObserver | undefined;
-  private nextRowId = 0;
-  private readonly producerIndex = new Map<string, number>();
-
-  constructor(options: BufferOptions) {
-    this.stopped = new Promise<void>((resolve) => (this.markStopped = resolve));
-    this.runId = options.runId;
-    this.config = options.config;
-    this.dtype = dtypeFromName(options.config.dtype);
-    this.instruments = new Instruments(() => [...this.hooks.values()].map((h) => [h.name, h.pool.held / h.pool.capacity]));
-    for (const { name, dModel } of options.config.hookPoints) {
-      this.hooks.set(
-        name,
-        new HookPoint({
-          name,
-          dModel,
-          dtype: this.dtype,
-          capacity: options.config.capacityRows,
-          lowWatermark: options.config.lowWatermark,
-          mixFloor: options.config.mixFloor,
-          epochs: options.config.epochsPerFill,
-          seed: seedFor(options.seed, `buffer/${name}`),
-          instruments: this.instruments,
-          onChange: () => this.changed(),
-          segmentBytes: options.segmentBytes,
-        }),
-      );
-    }
-    this.currentState = ServiceState.RUNNING;
+export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Promise<RunningBuffer> {
+  const log = deps.log ?? stderrLog;
+  const ownBus = deps.bus === undefined ? await connectBus({ url: config.nats.url, name: `buffer-${config.run.id}`, log }) : undefined;
+  const bus = deps.bus ?? ownBus;
+  const buffer = new ActivationBuffer({
+    runId: config.run.id,
+    seed: config.run.seed,
+    config: config.buffer,
+    segmentBytes: deps.segmentBytes,
+  });
+  const ingest = new Ingest(buffer);
+  const refill = bus ? new RefillCoordinator({ bus, prefix: config.nats.subjectPrefix, buffer, ingest }) : undefined;
+  const status = (): StatusResponse => create(StatusResponseSchema, buffer.status(refill?.producers() ?? []));
+  let server;
+  try {
+    const handlers = bufferHandlers(buffer, ingest, new BatchServer(buffer), status);
+    server = await startServer(deps.address ?? config.buffer.address, config.transport, [bind(BufferService, handlers)]);
+  } catch (err) {
+    buffer.close();
+    await ownBus?.drain();
+    throw err;
   }
+  refill?.start();
+  server.health.set(Serving.SERVING);
+  const mib = (buffer.bytes / 2 ** 20).toFixed(0);
+  log(
+    `serving ${server.address} for run ${config.run.id}: ${buffer.hooks.size} pool(s) of ${config.buffer.capacityRows} rows, ${mib} MiB allocated`,
+  );
 
-  get state(): ServiceState {
-    return this.currentState;
-  }
-
-  /** Pool bytes allocated, all hook points together. */
-  get bytes(): number {
-    return [...this.hooks.values()].reduce((sum, h) => sum + h.pool.bytes, 0);
-  }
-
-  /** Whether pushes are refused: draining or stopped. */
-  get closedToPushes(): boolean {
-    return this.currentState === ServiceState.DRAINING || this.currentState === ServiceState.STOPPED;
-  }
-
-  setObserver(observer: BufferObserver | undefined): void {
-    this.observer = observer;
-  }
-
-  received(producerId: string, hookPoint: string, rows: number): void {
-    this.observer?.received(producerId, hookPoint, rows);
-  }
-
-  /** The producer's index times 2^32, so a (producer, context id) pair is one exact double. */
-  contextBase(producerId: string): number {
-    let index = this.producerIndex.get(producerId);
-    if (index === undefined) {
-      index = this.producerIndex.size;
-      this.producerIndex.set(producerId, index);
-    }
-    return index * 4294967296;
-  }
-
-  /** Reserves `rows` buffer-wide row ids and returns the first. */
-  claimRowIds(rows: number): number {
-    const first = this.nextRowId;
-    this.nextRowId += rows;
-    return first;
-  }
-
-  pause(): ServiceState {
-    if (this.currentState === ServiceState.RUNNING) this.setState(ServiceState.PAUSED);
-    return this.currentState;
-  }
-
-  resume(): ServiceState {
-    if (this.currentState === ServiceState.PAUSED) this.setState(ServiceState.RUNNING);
-    return this.currentState;
-  }
-
-  /** Stops accepting pushes; streams get what is held, then end. Stopped once every pool is empty. */
-  drain(): ServiceState {
-    if (this.currentState === ServiceState.RUNNING || this.currentState === ServiceState.PAUSED) this.setState(ServiceState.DRAINING);
-    this.changed();
-    return this.currentState;
-  }
-
-  /** Ends every stream and span; the pools stay readable for a last Status. */
-  close(): void {
-    if (this.currentState !== ServiceState.STOPPED) this.setState(ServiceState.STOPPED);
-    for (const h of this.hooks.values()) h.close();
-    this.instruments.close();
-  }
-
-  status(producers: readonly string[]): MessageInitShape<typeof StatusResponseSchema> {
-    return {
-      state: this.currentState,
-      runId: this.runId,
-      producers: [...producers],
-      hookPoints: [...this.hooks.values()].map((h) => ({
-        hookPoint: h.name,
-        dModel: h.pool.dModel,
-        capacityRows: BigInt(h.pool.capacity),
-        unconsumedRows: BigInt(h.pool.held),
-        fillFraction: h.pool.held / h.pool.capacity,
-        rowsIn: BigInt(h.accounting.rowsIn),
-        rowsOut: BigInt(h.accounting.rowsOut),
-        dropped: DROP_REASONS.filter((r) => h.accounting.dropped[r] > 0).map((reason) => ({
-          reason,
-          rows: BigInt(h.accounting.dropped[reason]),
-        })),
-        refillCycles: BigInt(h.cycle),
-        trainerWaitMs: h.waitMs,
-        meanDistinctContexts: h.meanDistinctContexts,
-        trainers: [...h.streams].map((s) => ({
-          trainerId: s.trainerId,
-          group: s.group,
-          batches: BigInt(s.batches),
-          rows: BigInt(s.rows),
-          waitMs: s.waitMs,
-        })),
-        refilling: h.refilling,
-      })),
-    };
-  }
-
-  private changed(): void {
-    if (this.currentState === ServiceState.DRAINING && [...this.hooks.values()].every((h) => h.pool.held === 0)) {
-      this.setState(ServiceState.STOPPED);
-    }
-    this.observer?.changed();
-  }
-
-  private setState(state: ServiceState): void {
-    const previous = this.currentState;
-    this.currentState = state;
-    if (state === ServiceState.STOPPED) this.markStopped();
-    // Waiting pushes and streams re-check the state.
-    for (const h of this.hooks.values()) {
-      h.rowsAdded.notify();
-      h.spaceFreed.notify();
-    }
-    this.observer?.stateChanged(state, previous);
-    this.observer?.changed();
-  }
+  let stopping: Promise<void> | undefined;
+  const stop = () =>
+    (stopping ??= (async () => {
+      server.health.set(Serving.NOT_SERVING);
+      refill?.close();
+      buffer.close();
+      await server.close(2000);
+      await ownBus?.drain();
+    })());
+  return { address: server.address, buffer, finished: outcome(buffer.closed()), status, stop };
 }

@@ -4,7 +4,7 @@ import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
 import { Accounting } from "./accounting.js";
 import type { Instruments } from "./instruments.js";
 import { type ChunkRows, type Cursor, type Gathered, type GatheredIds, Pool } from "./pool.js";
-import { Signal } from "./signal.js";
+import { Signal } from "../common/signal.js";
 
 export interface HookPointOptions {
   name: string;

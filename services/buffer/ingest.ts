@@ -5,7 +5,7 @@ import { FieldError } from "../common/errors.js";
 import { inSpan, linkFrom } from "../common/telemetry.js";
 import { checkTensor, fromTensor, rowIsFinite } from "../common/tensor-codec.js";
 import type { ActivationChunk, PushRequest, PushResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
-import type { ActivationBuffer } from "./buffer.js";
+import type { ActivationBuffer } from "./activation-buffer.js";
 import type { DropReason } from "./accounting.js";
 import type { HookPoint } from "./hook-point.js";
 import type { ChunkRows } from "./pool.js";

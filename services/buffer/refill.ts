@@ -2,7 +2,7 @@ import type { Subscription } from "@nats-io/transport-node";
 import { Demand, HEARTBEAT_MS, MEMBER_TIMEOUT_MS, MemberAnnounce, RunState, type Subjects, subjects } from "../common/coordination.js";
 import type { Bus } from "../common/nats.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
-import type { ActivationBuffer, BufferObserver } from "./buffer.js";
+import type { ActivationBuffer, BufferObserver } from "./activation-buffer.js";
 import type { HookPoint } from "./hook-point.js";
 import type { Ingest } from "./ingest.js";
 

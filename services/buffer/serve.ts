@@ -6,7 +6,7 @@ import { type HostArray, toTensor } from "../common/tensor-codec.js";
 import { type BatchesRequest, type BatchesResponse, BatchesResponseSchema, ShareMode } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import { DType } from "../gen/saeflow/v1/tensor_pb.js";
-import type { ActivationBuffer } from "./buffer.js";
+import type { ActivationBuffer } from "./activation-buffer.js";
 import type { HookPoint, StreamStats } from "./hook-point.js";
 import type { Cursor, GatheredIds } from "./pool.js";
 
@@ -19,32 +19,22 @@ interface Group {
   shared: Cursor | undefined;
 }
 
-/** Where a stream's batches go: grpc-js' call.write, whose callback fires once the message is serialised and sent on. */
-export interface BatchSink {
-  write(message: BatchesResponse, done: () => void): void;
-}
-
-/**
- * Batches written and not yet serialised. A stream gathers into its own preallocated buffers and
- * reuses one only after grpc-js has serialised the message that viewed it; two let the next gather
- * overlap the previous send.
- */
-const PIPELINE = 2;
-
 const WAIT = -1;
 
 /**
  * The serve side: each trainer stream reads a cursor of its hook point's pool, gathering random
- * minibatches into preallocated buffers. Fan-out trainers each get a cursor (every row); trainers of
- * a split group share one (disjoint rows). Distinct groups never compete for rows.
+ * minibatches into one preallocated buffer per stream (the adapter resumes the stream only once
+ * the last batch is serialised, so the buffer is free again). Fan-out trainers each get a cursor
+ * (every row); trainers of a split group share one (disjoint rows). Distinct groups never compete
+ * for rows.
  */
 export class BatchServer {
   private readonly groups = new Map<HookPoint, Map<string, Group>>();
 
   constructor(private readonly buffer: ActivationBuffer) {}
 
-  /** Streams batches until max_batches are sent, the buffer drains or stops, or `abort` fires. */
-  async serve(request: BatchesRequest, sink: BatchSink, abort: AbortSignal): Promise<void> {
+  /** Batches until max_batches are sent, the buffer drains or stops, or `signal` aborts. */
+  async *serve(request: BatchesRequest, signal: AbortSignal): AsyncGenerator<BatchesResponse> {
     const hook = this.buffer.hooks.get(request.hookPoint);
     if (!hook) {
       throw new FieldError(
@@ -53,26 +43,23 @@ export class BatchServer {
       );
     }
     const { capacity, rowBytes, dModel } = hook.pool;
-    if (request.batchSize < 1 || request.batchSize > capacity)
+    if (request.batchSize < 1 || request.batchSize > capacity) {
       throw new FieldError("batch_size", `${request.batchSize} is outside 1..${capacity} (the pool capacity)`);
+    }
     if (!request.trainerId) throw new FieldError("trainer_id", "empty");
     const group = request.group || "default";
     const cursor = this.attach(hook, group, request.share);
     const stats: StreamStats = { trainerId: request.trainerId, group, batches: 0, rows: 0, waitMs: 0 };
     hook.streams.add(stats);
-    const aborted = new Promise<false>((resolve) => abort.addEventListener("abort", () => resolve(false), { once: true }));
     try {
-      const outs = Array.from({ length: PIPELINE }, () => Buffer.from(new ArrayBuffer(request.batchSize * rowBytes)));
-      const sent: Array<Promise<true> | undefined> = new Array<Promise<true> | undefined>(PIPELINE);
+      const out = Buffer.from(new ArrayBuffer(request.batchSize * rowBytes));
       const attributes = { hook_point: hook.name, trainer_id: request.trainerId, group };
       for (let sequence = 0; request.maxBatches === 0n || sequence < request.maxBatches; sequence++) {
-        const k = sequence % PIPELINE;
-        if (sent[k] && !(await Promise.race([sent[k], aborted]))) return;
         const started = performance.now();
         let rows = this.ready(hook, cursor, request.batchSize);
         while (rows === WAIT) {
-          await hook.rowsAdded.wait(abort);
-          rows = abort.aborted ? 0 : this.ready(hook, cursor, request.batchSize);
+          await hook.rowsAdded.wait(signal);
+          rows = signal.aborted ? 0 : this.ready(hook, cursor, request.batchSize);
         }
         if (rows === 0) return;
         // No await from here to take(): the rows counted ready are still unread (a split group shares the cursor).
@@ -81,19 +68,9 @@ export class BatchServer {
         hook.recordWait(waitMs);
         const span = this.buffer.instruments.tracer.startSpan("buffer.batch", { attributes });
         const ids: GatheredIds | undefined = request.includeIds ? { rowIds: [], tokenIds: [], contextIds: [] } : undefined;
-        const batch = hook.take(cursor, rows, outs[k]!, ids);
+        const batch = hook.take(cursor, rows, out, ids);
         const link = linkFrom(batch.traceparent);
         if (link) span.addLink(link);
-        const message = create(BatchesResponseSchema, {
-          activations: toTensor(hostView(outs[k]!, this.buffer.dtype, rows * dModel), this.buffer.dtype, [rows, dModel]),
-          sequence: BigInt(sequence),
-          fillCycle: BigInt(batch.cycle),
-          distinctContexts: batch.distinctContexts,
-          waitMs,
-          traceparent: batch.traceparent,
-          ...ids,
-        });
-        sent[k] = new Promise<true>((resolve) => sink.write(message, () => resolve(true)));
         stats.batches++;
         stats.rows += rows;
         span.setAttributes({
@@ -105,6 +82,15 @@ export class BatchServer {
           fill_cycle: batch.cycle,
         });
         span.end();
+        yield create(BatchesResponseSchema, {
+          activations: toTensor(hostView(out, this.buffer.dtype, rows * dModel), this.buffer.dtype, [rows, dModel]),
+          sequence: BigInt(sequence),
+          fillCycle: BigInt(batch.cycle),
+          distinctContexts: batch.distinctContexts,
+          waitMs,
+          traceparent: batch.traceparent,
+          ...ids,
+        });
       }
     } finally {
       hook.streams.delete(stats);

@@ -1,4 +1,4 @@
-import { connect, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { connect, type Subscription } from "@nats-io/transport-node";
 import type { z } from "zod";
 
 /**
@@ -7,7 +7,6 @@ import type { z } from "zod";
  * bad message is logged and dropped, never thrown into the role.
  */
 export interface Bus {
-  readonly nc: NatsConnection;
   publish<S extends z.ZodType>(subject: string, schema: S, message: z.input<S>): void;
   /** Calls `handler` for each valid message until the returned subscription is drained. */
   subscribe<S extends z.ZodType>(subject: string, schema: S, handler: (message: z.output<S>, subject: string) => void): Subscription;
@@ -26,8 +25,12 @@ export interface Bus {
     answer: A,
     handler: (message: z.output<Q>) => z.input<A>,
   ): Subscription;
-  /** Flushes and closes; resolves when the connection is really closed. */
-  close(): Promise<void>;
+  /** Resolves once the server has seen everything published so far; false when it cannot be reached. */
+  flush(): Promise<boolean>;
+  /** True once drain() finished or the connection was lost for good. */
+  isClosed(): boolean;
+  /** Flushes what is published, ends subscriptions and closes; resolves once really closed, never rejects. */
+  drain(): Promise<void>;
 }
 
 export interface BusOptions {
@@ -37,6 +40,8 @@ export interface BusOptions {
   /** How long the first connect may take. */
   connectTimeoutMs?: number;
   log?: (line: string) => void;
+  /** Told when the connection to the server is lost and when it is back (the client reconnects on its own). */
+  onConnection?: (up: boolean) => void;
 }
 
 export async function connectBus(options: BusOptions): Promise<Bus> {
@@ -48,6 +53,20 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
     reconnectTimeWait: 250,
     timeout: options.connectTimeoutMs ?? 5000,
   });
+  void (async () => {
+    let lostAt = 0;
+    for await (const st of nc.status()) {
+      if (st.type === "disconnect" && !lostAt) {
+        lostAt = Date.now();
+        log(`nats: lost the connection to ${options.url}; reconnecting`);
+        options.onConnection?.(false);
+      } else if (st.type === "reconnect") {
+        log(`nats: reconnected to ${options.url} after ${Date.now() - lostAt} ms`);
+        lostAt = 0;
+        options.onConnection?.(true);
+      }
+    }
+  })();
   const encode = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
   const decode = <S extends z.ZodType>(schema: S, data: Uint8Array, subject: string): z.output<S> | undefined => {
     let json: unknown;
@@ -65,7 +84,6 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
     return parsed.data;
   };
   return {
-    nc,
     publish: (subject, schema, message) => nc.publish(subject, encode(schema.parse(message))),
     subscribe: (subject, schema, handler) =>
       nc.subscribe(subject, {
@@ -94,13 +112,21 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
           }
         },
       }),
-    close: async () => {
+    flush: () =>
+      nc.isClosed()
+        ? Promise.resolve(false)
+        : nc.flush().then(
+            () => true,
+            () => false,
+          ),
+    isClosed: () => nc.isClosed(),
+    drain: async () => {
       if (nc.isClosed()) return;
       try {
         await nc.drain();
       } catch {
         // The server is already gone (a run shutting down in any order): nothing left to flush.
-        await nc.close();
+        await nc.close().catch(() => undefined);
       }
     },
   };

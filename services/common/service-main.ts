@@ -1,35 +1,29 @@
 import { parseArgs } from "node:util";
 import { ConfigError, loadConfig, type RunConfig } from "./config/index.js";
+import type { Role, RoleDeps } from "./role.js";
 import { startTelemetry } from "./telemetry.js";
 
 /**
- * The process entry every role shares: `tsx services/<role>/main.ts --config FILE [--set k=v ...]`.
+ * The process entry of every role: `tsx services/<role>/main.ts --config FILE [--set k=v ...]`.
  * Loads and validates the config (exit 2 naming the bad key), installs telemetry, starts the role,
- * and on SIGINT/SIGTERM or when the role finishes stops it and flushes telemetry before exiting.
+ * and on SIGINT/SIGTERM or when the role finishes stops it and flushes telemetry before exiting:
+ * 0 when the role finished its work, 1 when an error ended it.
  */
-export interface RunningRole {
-  /** Human-readable line printed once started. */
-  banner: string;
-  /** Settles when the role has finished its work by itself (rejects on failure). */
-  finished: Promise<void>;
-  /** Stops the role cleanly; resolves when it is really stopped. */
-  stop(): Promise<void>;
-}
-
 export async function serviceMain(
   role: string,
-  start: (config: RunConfig) => Promise<RunningRole>,
+  start: (config: RunConfig, deps: RoleDeps) => Promise<Role<unknown>>,
   attributes: (c: RunConfig) => Record<string, string> = () => ({}),
 ): Promise<never> {
-  const { values } = parseArgs({
-    options: { config: { type: "string" }, set: { type: "string", multiple: true, default: [] } },
-    strict: true,
-  });
+  const log = (line: string) => void process.stderr.write(`${role}: ${line}\n`);
   let config: RunConfig;
   try {
+    const { values } = parseArgs({
+      options: { config: { type: "string" }, set: { type: "string", multiple: true, default: [] } },
+      strict: true,
+    });
     config = loadConfig({ file: values.config, env: process.env, sets: values.set });
   } catch (err) {
-    process.stderr.write(`${role}: ${(err as Error).message}\n`);
+    log((err as Error).message);
     process.exit(2);
   }
   const telemetry = startTelemetry({
@@ -38,27 +32,20 @@ export async function serviceMain(
     metricsIntervalMs: config.telemetry.metricsIntervalMs,
     attributes: { "saeflow.run_id": config.run.id, ...attributes(config) },
   });
-  let running: RunningRole;
+  let running: Role<unknown>;
   try {
-    running = await start(config);
+    running = await start(config, { log });
   } catch (err) {
-    process.stderr.write(`${role}: ${err instanceof ConfigError ? err.message : ((err as Error).stack ?? String(err))}\n`);
+    log(err instanceof ConfigError ? err.message : ((err as Error).stack ?? String(err)));
     await telemetry.shutdown();
     process.exit(err instanceof ConfigError ? 2 : 1);
   }
-  process.stderr.write(`${role}: ${running.banner}\n`);
-  let code = 0;
-  const signalled = new Promise<void>((resolve) => {
-    for (const signal of ["SIGINT", "SIGTERM"] as const) process.once(signal, () => resolve());
+  const signalled = new Promise<undefined>((resolve) => {
+    for (const signal of ["SIGINT", "SIGTERM"] as const) process.once(signal, () => resolve(undefined));
   });
-  await Promise.race([
-    signalled,
-    running.finished.catch((err: unknown) => {
-      process.stderr.write(`${role}: ${(err as Error).stack ?? String(err)}\n`);
-      code = 1;
-    }),
-  ]);
+  const failure = await Promise.race([signalled, running.finished]);
+  if (failure) log(failure instanceof ConfigError ? failure.message : (failure.stack ?? failure.message));
   await running.stop();
   await telemetry.shutdown();
-  process.exit(code);
+  process.exit(failure ? (failure instanceof ConfigError ? 2 : 1) : 0);
 }

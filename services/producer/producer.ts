@@ -49,7 +49,7 @@ const SAVE_EVERY_MS = 1000;
 const RATE_WINDOW_MS = 10_000;
 
 const tracer = trace.getTracer("saeflow.producer");
-const configError = (key: string, message: string) => new ConfigError(`${key}: ${message}`, [key]);
+const configError = (key: string, message: string) => ConfigError.at(key, message);
 
 /** A forward pass whose chunks are out: the position it completes and the answers it still awaits. */
 interface InFlight {

@@ -45,7 +45,7 @@ export interface SessionOptions {
 /** The command that makes the default model, quoted where the model is missing. */
 export const MAKE_TINY_MODEL = "npx tsx tools/model/tiny-llama.ts --out .cache/tiny-llama --seed 0";
 
-const configError = (key: string, message: string) => new ConfigError(`${key}: ${message}`, [key]);
+const configError = (key: string, message: string) => ConfigError.at(key, message);
 
 function readVocabSize(model: string): number | undefined {
   const config = join(dirname(model), "config.json");
@@ -110,7 +110,7 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
   try {
     cut = truncateAtHooks(full, options.hookPoints);
   } catch (err) {
-    if (err instanceof FieldError) throw configError(`producer.${err.field}`, err.message.slice(err.field.length + 2));
+    if (err instanceof FieldError) throw configError(`producer.${err.field}`, err.rawMessage);
     throw configError("producer.model", (err as Error).message);
   }
   const session = await createSession(cut, dirname(options.model), options.provider, options.threads);

@@ -40,7 +40,7 @@ function readJson(path: string, key: string): unknown {
   try {
     return JSON.parse(readFileSync(path, "utf8"));
   } catch (err) {
-    throw new ConfigError(`${key}: cannot read ${path}: ${(err as Error).message}`, [key]);
+    throw ConfigError.at(key, `cannot read ${path}: ${(err as Error).message}`);
   }
 }
 
@@ -52,15 +52,15 @@ function readJson(path: string, key: string): unknown {
 export function loadTokenizer(spec: string, key = "producer.tokenizer"): TextTokenizer {
   if (spec === BUILTIN_LLAMA3_1) return wrap(spec, fromPreTrained());
   if (spec.startsWith("builtin:"))
-    throw new ConfigError(`${key}: unknown builtin tokenizer "${spec}"; the builtin is ${BUILTIN_LLAMA3_1}`, [key]);
+    throw ConfigError.at(key, `unknown builtin tokenizer "${spec}"; the builtin is ${BUILTIN_LLAMA3_1}`);
   const file = existsSync(spec) && statSync(spec).isDirectory() ? join(spec, "tokenizer.json") : spec;
-  if (!existsSync(file)) throw new ConfigError(`${key}: tokenizer file ${file} does not exist`, [key]);
+  if (!existsSync(file)) throw ConfigError.at(key, `tokenizer file ${file} does not exist`);
   const configFile = join(dirname(file), "tokenizer_config.json");
   const tokenizerJSON = readJson(file, key) as Partial<NSTokenizerJSON.Root>;
   const tokenizerConfig = (existsSync(configFile) ? readJson(configFile, key) : {}) as Partial<NSTokenizerConfig.Root>;
   try {
     return wrap(spec, TokenizerLoader.fromPreTrained({ tokenizerJSON, tokenizerConfig }));
   } catch (err) {
-    throw new ConfigError(`${key}: ${file} is not a usable tokenizer.json: ${(err as Error).message}`, [key]);
+    throw ConfigError.at(key, `${file} is not a usable tokenizer.json: ${(err as Error).message}`);
   }
 }

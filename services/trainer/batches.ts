@@ -52,16 +52,10 @@ export async function checkBufferPool(client: BufferClient, config: RunConfig): 
   const pool = status.hookPoints.find((h) => h.hookPoint === t.hookPoint);
   if (!pool) {
     const served = status.hookPoints.map((h) => h.hookPoint).join(", ") || "none";
-    throw new ConfigError(
-      `invalid config:\n  trainer.hookPoint: the buffer at ${t.bufferAddress} has no pool "${t.hookPoint}" (it serves ${served})`,
-      ["trainer.hookPoint"],
-    );
+    throw ConfigError.at("trainer.hookPoint", `the buffer at ${t.bufferAddress} has no pool "${t.hookPoint}" (it serves ${served})`);
   }
   if (pool.dModel !== t.dModel) {
-    throw new ConfigError(
-      `invalid config:\n  trainer.dModel: ${t.dModel}, but the buffer's pool "${t.hookPoint}" holds rows of width ${pool.dModel}`,
-      ["trainer.dModel"],
-    );
+    throw ConfigError.at("trainer.dModel", `${t.dModel}, but the buffer's pool "${t.hookPoint}" holds rows of width ${pool.dModel}`);
   }
 }
 
@@ -107,9 +101,7 @@ export class GrpcBatchSource implements BatchSource {
     const tensor = msg.activations!;
     const [rows, width] = tensor.shape as [number, number];
     if (width !== t.dModel) {
-      throw new ConfigError(`invalid config:\n  trainer.dModel: ${t.dModel}, but the buffer sent rows of width ${width}`, [
-        "trainer.dModel",
-      ]);
+      throw ConfigError.at("trainer.dModel", `${t.dModel}, but the buffer sent rows of width ${width}`);
     }
     if (rows !== t.batchSize) throw new Error(`the buffer sent a batch of ${rows} rows; trainer.batchSize is ${t.batchSize}`);
     return { data: fromTensor(tensor), dtype: dtypeName(tensor.dtype), rows, dModel: width, traceparent: msg.traceparent };

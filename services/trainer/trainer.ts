@@ -188,10 +188,7 @@ export class Trainer {
    */
   async exportCheckpoints(): Promise<string[]> {
     if (!this.restore()) {
-      throw new ConfigError(
-        `invalid config:\n  run.dir: ${this.runDir} holds no checkpoint of ${this.saes.map((s) => s.spec.name).join(", ")}`,
-        ["run.dir"],
-      );
+      throw ConfigError.at("run.dir", `${this.runDir} holds no checkpoint of ${this.saes.map((s) => s.spec.name).join(", ")}`);
     }
     return this.lock.run(() => this.exportAll());
   }
@@ -251,10 +248,7 @@ export class Trainer {
     const step = common.at(-1);
     if (step === undefined) {
       const missing = this.saes.filter((_, i) => held[i]!.length === 0).map((s) => s.spec.name);
-      throw new ConfigError(
-        `invalid config:\n  trainer.resume: the SAEs of the sweep hold no checkpoint at a common step${missing.length ? ` (${missing.join(", ")} hold none)` : ""}; remove their checkpoints or set trainer.resume=false`,
-        ["trainer.resume"],
-      );
+      throw ConfigError.at("trainer.resume", `the SAEs of the sweep hold no checkpoint at a common step${missing.length ? ` (${missing.join(", ")} hold none)` : ""}; remove their checkpoints or set trainer.resume=false`);
     }
     for (const sae of this.saes) {
       const ckpt = loadCheckpoint(checkpointPath(sae.checkpointDir, step), sae.recipe, sae.spec.width, this.cfg.dModel);
@@ -276,15 +270,10 @@ export class Trainer {
     const was = ckpt.meta.config as { sae?: SaeSpec; dModel?: number };
     const key = `trainer.saes.${sae.index}`;
     if (was.dModel !== undefined && was.dModel !== this.cfg.dModel) {
-      throw new ConfigError(
-        `invalid config:\n  trainer.dModel: ${this.cfg.dModel}, but the checkpoint of ${sae.spec.name} was trained at ${was.dModel}`,
-        ["trainer.dModel"],
-      );
+      throw ConfigError.at("trainer.dModel", `${this.cfg.dModel}, but the checkpoint of ${sae.spec.name} was trained at ${was.dModel}`);
     }
     if (was.sae && was.sae.recipe !== sae.spec.recipe) {
-      throw new ConfigError(`invalid config:\n  ${key}.recipe: ${sae.spec.recipe}, but its checkpoint was trained as ${was.sae.recipe}`, [
-        `${key}.recipe`,
-      ]);
+      throw ConfigError.at(`${key}.recipe`, `${sae.spec.recipe}, but its checkpoint was trained as ${was.sae.recipe}`);
     }
   }
 
@@ -370,9 +359,7 @@ export class Trainer {
   private async nextBatch(): Promise<Batch | undefined> {
     const batch = await this.options.source.next();
     if (batch && batch.dModel !== this.cfg.dModel) {
-      throw new ConfigError(`invalid config:\n  trainer.dModel: ${this.cfg.dModel}, but batches have rows of width ${batch.dModel}`, [
-        "trainer.dModel",
-      ]);
+      throw ConfigError.at("trainer.dModel", `${this.cfg.dModel}, but batches have rows of width ${batch.dModel}`);
     }
     return batch;
   }

@@ -4,7 +4,7 @@ import { afterEach, test } from "node:test";
 import { RunConfigSchema } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { Serving } from "../../services/common/grpc/health.js";
-import { freePort, startNatsServer } from "../../services/common/nats-server.js";
+import { freePort, startNatsServer } from "../../tools/cli/nats-server.js";
 import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
 import { BufferService, type BatchesResponse } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";

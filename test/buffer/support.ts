@@ -5,9 +5,9 @@ import { loadConfig, type RunConfig } from "../../services/common/config/index.j
 import { Demand, HEARTBEAT_MS, MemberAnnounce, subjects, type Subjects } from "../../services/common/coordination.js";
 import { createClient, type ServiceClient } from "../../services/common/grpc/adapter.js";
 import { type Bus, connectBus } from "../../services/common/nats.js";
-import { type NatsServer, startNatsServer } from "../../services/common/nats-server.js";
+import { type NatsServer, startNatsServer } from "../../tools/cli/nats-server.js";
 import { fromTensor, toTensor } from "../../services/common/tensor-codec.js";
-import { type RunningBuffer, startBuffer } from "../../services/buffer/service.js";
+import { type RunningBuffer, startBuffer } from "../../services/buffer/buffer.js";
 import {
   type BatchesRequestSchema,
   type BatchesResponse,
@@ -50,7 +50,7 @@ export async function startHarness(sets: string[] = []): Promise<Harness> {
       ],
     });
     const bus = await connectBus({ url: nats.url, name: "buffer" });
-    const running = await startBuffer({ config, bus, address: "127.0.0.1:0" });
+    const running = await startBuffer(config, { bus, address: "127.0.0.1:0", log: () => undefined });
     const client = createClient(BufferService, running.address, config.transport);
     return {
       config,
@@ -60,8 +60,8 @@ export async function startHarness(sets: string[] = []): Promise<Harness> {
       subjects: subjects(config.nats.subjectPrefix, config.run.id),
       close: async () => {
         client.close();
-        await running.close(100);
-        await bus.close();
+        await running.stop();
+        await bus.drain();
         await nats.stop();
       },
     };
@@ -226,7 +226,7 @@ export class TestProducer {
     if (!bus) return;
     await this.push?.end();
     bus.publish(this.harness.subjects.leave, MemberAnnounce, this.announce);
-    await bus.close();
+    await bus.drain();
   }
 
   /** Pushes chunks while the credit covers a whole one; returns the rows sent. */

@@ -29,27 +29,25 @@ describe("gRPC adapter", () => {
     telemetry = startTelemetry({ serviceName: "grpc-test", endpoint: "", metricsIntervalMs: 1000 });
     server = await startServer("127.0.0.1:0", transport, [
       bind(BufferService, {
-        push: async (call) => {
-          for await (const req of call) {
+        push: async function* (requests) {
+          for await (const req of requests) {
             try {
               const rows = checkTensor(req.chunk?.activations, "chunk.activations", { dtype: DType.FP32, shape: [undefined, D] }) / D;
-              call.write(create(PushResponseSchema, { sequence: req.chunk!.sequence, rowsAccepted: rows }));
+              yield create(PushResponseSchema, { sequence: req.chunk!.sequence, rowsAccepted: rows });
             } catch (err) {
-              call.write(
-                create(PushResponseSchema, {
-                  sequence: req.chunk?.sequence ?? 0n,
-                  code: status.INVALID_ARGUMENT,
-                  message: (err as Error).message,
-                }),
-              );
+              yield create(PushResponseSchema, {
+                sequence: req.chunk?.sequence ?? 0n,
+                code: status.INVALID_ARGUMENT,
+                message: (err as Error).message,
+              });
             }
           }
         },
-        batches: async (req, call) => {
+        batches: async function* (req) {
           if (req.batchSize === 0) throw new FieldError("batch_size", "must be at least 1");
           for (let i = 0n; i < req.maxBatches; i++) {
             const values = new Float32Array(req.batchSize * D).fill(Number(i));
-            call.write(create(BatchesResponseSchema, { sequence: i, activations: toTensor(values, DType.FP32, [req.batchSize, D]) }));
+            yield create(BatchesResponseSchema, { sequence: i, activations: toTensor(values, DType.FP32, [req.batchSize, D]) });
           }
         },
         status: async () => {

@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
+import { connect } from "@nats-io/transport-node";
 import { z } from "zod";
 import { Demand, MemberAnnounce, subjects } from "../../services/common/coordination.js";
 import { type Bus, connectBus } from "../../services/common/nats.js";
-import { type NatsServer, startNatsServer } from "../../services/common/nats-server.js";
+import { type NatsServer, startNatsServer } from "../../tools/cli/nats-server.js";
 
 const nextMessage = <T>(subscribe: (resolve: (m: T) => void) => void): Promise<T> => new Promise(subscribe);
 
@@ -20,20 +21,24 @@ describe("NATS helper against a real nats-server", () => {
     b = await connectBus({ url: server.url, name: "b", log: (l) => logs.push(l) });
   });
   after(async () => {
-    await a.close();
-    await b.close();
+    await a.drain();
+    await b.drain();
     await server.stop();
   });
 
   it("delivers valid messages and drops invalid ones with a logged reason", async () => {
     const got: Demand[] = [];
     const sub = b.subscribe(s.demand, Demand, (m) => got.push(m));
-    await b.nc.flush();
-    a.nc.publish(s.demand, new TextEncoder().encode('{"cycle": -1, "command": "refill", "grants": {}, "freeRows": {}}'));
-    a.nc.publish(s.demand, new TextEncoder().encode("not json"));
+    await b.flush();
+    // A peer that does not go through the helper: raw bytes on the subject.
+    const raw = await connect({ servers: server.url });
+    raw.publish(s.demand, new TextEncoder().encode('{"cycle": -1, "command": "refill", "grants": {}, "freeRows": {}}'));
+    raw.publish(s.demand, new TextEncoder().encode("not json"));
+    await raw.flush();
     a.publish(s.demand, Demand, { cycle: 3, command: "pause", grants: { p0: 128 }, freeRows: { h: 0 } });
-    await a.nc.flush();
-    await b.nc.flush();
+    assert.ok(await a.flush());
+    await raw.drain();
+    await b.flush();
     await new Promise((r) => setTimeout(r, 50));
     sub.unsubscribe();
     assert.deepEqual(got, [{ cycle: 3, command: "pause", grants: { p0: 128 }, freeRows: { h: 0 } }]);
@@ -52,7 +57,7 @@ describe("NATS helper against a real nats-server", () => {
       grants: { [m.producerId]: 64 },
       freeRows: { h: 64 },
     }));
-    await b.nc.flush();
+    await b.flush();
     const demand = await a.request(
       s.hello,
       MemberAnnounce,
@@ -66,24 +71,34 @@ describe("NATS helper against a real nats-server", () => {
 
   it("reconnects after the server restarts", async () => {
     const port = server.port;
-    const bus = await connectBus({ url: server.url, name: "restarter", log: () => undefined });
-    const reconnected = nextMessage<void>((resolve) => {
-      void (async () => {
-        for await (const st of bus.nc.status()) if (st.type === "reconnect") return resolve();
-      })();
+    const events: boolean[] = [];
+    let reconnectedNow!: () => void;
+    const reconnected = new Promise<void>((resolve) => (reconnectedNow = resolve));
+    const lines: string[] = [];
+    const bus = await connectBus({
+      url: server.url,
+      name: "restarter",
+      log: (l) => lines.push(l),
+      onConnection: (up) => {
+        events.push(up);
+        if (up) reconnectedNow();
+      },
     });
     await server.stop();
     server = await startNatsServer({ port });
     await reconnected;
     const Ping = z.object({ n: z.number() });
     const got = nextMessage<number>((resolve) => bus.subscribe("ping", Ping, (m) => resolve(m.n)));
-    await bus.nc.flush();
+    await bus.flush();
     const other = await connectBus({ url: server.url, name: "other" });
     other.publish("ping", Ping, { n: 7 });
-    await other.nc.flush();
+    await other.flush();
     assert.equal(await got, 7);
-    await other.close();
-    await bus.close();
+    assert.deepEqual(events, [false, true], "told of the loss, then of the return");
+    assert.ok(lines.some((l) => l.includes("lost the connection")) && lines.some((l) => l.includes("reconnected")));
+    await other.drain();
+    await bus.drain();
+    assert.equal(bus.isClosed(), true);
     // a and b reconnected too; the after hook closes them.
   });
 });

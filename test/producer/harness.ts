@@ -8,7 +8,7 @@ import { Demand, MemberAnnounce, type Subjects, subjects } from "../../services/
 import { FieldError } from "../../services/common/errors.js";
 import { bind, type RunningServer, startServer } from "../../services/common/grpc/server.js";
 import { type Bus, connectBus } from "../../services/common/nats.js";
-import { type NatsServer, startNatsServer } from "../../services/common/nats-server.js";
+import { type NatsServer, startNatsServer } from "../../tools/cli/nats-server.js";
 import {
   type ActivationChunk,
   BufferService,

@@ -2,9 +2,9 @@ import { create } from "@bufbuild/protobuf";
 import { fork } from "node:child_process";
 import { connect, createServer, type Socket } from "node:net";
 import { fileURLToPath } from "node:url";
-import { ActivationBuffer } from "../../services/buffer/buffer.js";
+import { ActivationBuffer } from "../../services/buffer/activation-buffer.js";
 import type { ChunkRows } from "../../services/buffer/pool.js";
-import { type RunningBuffer, startBuffer } from "../../services/buffer/service.js";
+import { type RunningBuffer, startBuffer } from "../../services/buffer/buffer.js";
 import { loadConfig, RunConfigSchema } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { toTensor } from "../../services/common/tensor-codec.js";
@@ -254,13 +254,13 @@ async function peerMain(): Promise<void> {
   process.send!(typeof address === "object" && address ? address.port : 0);
   process.on("message", async (m: { kind: string; dModel: number; capacity: number }) => {
     if (m.kind === "buffer") {
-      running = await startBuffer({ config: benchConfig(m.dModel, m.capacity), address: "127.0.0.1:0" });
+      running = await startBuffer(benchConfig(m.dModel, m.capacity), { address: "127.0.0.1:0", bus: null, log: () => undefined });
       process.send!(running.address);
     } else if (m.kind === "close") {
-      await running?.close(100);
+      await running?.stop();
       process.send!("closed");
     } else {
-      await running?.close(100);
+      await running?.stop();
       process.exit(0);
     }
   });

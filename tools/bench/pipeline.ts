@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { stringify } from "yaml";
 import { loadConfig, type RunConfig } from "../../services/common/config/index.js";
-import { startNatsServer } from "../../services/common/nats-server.js";
+import { startNatsServer } from "../cli/nats-server.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
 import { ArrayBatchSource, type Batch } from "../../services/trainer/batches.js";

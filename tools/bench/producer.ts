@@ -6,7 +6,7 @@ import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import ort from "onnxruntime-node";
 import { loadConfig } from "../../services/common/config/index.js";
-import { startNatsServer } from "../../services/common/nats-server.js";
+import { startNatsServer } from "../cli/nats-server.js";
 import { type Bus, connectBus } from "../../services/common/nats.js";
 import { Demand, subjects } from "../../services/common/coordination.js";
 import { bind, startServer } from "../../services/common/grpc/server.js";

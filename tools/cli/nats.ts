@@ -1,7 +1,7 @@
 import { execFileSync } from "node:child_process";
 import { mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
-import { findNatsServer, type NatsServer, startNatsServer } from "../../services/common/nats-server.js";
+import { findNatsServer, type NatsServer, startNatsServer } from "./nats-server.js";
 
 /**
  * NATS without a set-up step: NATS_URL when given; else nats-server from PATH (or /usr/sbin); else

@@ -4,7 +4,7 @@ import { stringify } from "yaml";
 import type { RunConfig } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { Serving } from "../../services/common/grpc/health.js";
-import { freePort } from "../../services/common/nats-server.js";
+import { freePort } from "./nats-server.js";
 import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";

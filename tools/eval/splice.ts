@@ -203,7 +203,7 @@ export async function evaluateSplice(options: SpliceOptions): Promise<SpliceResu
     try {
       resolveHooks(graph, [sae.hookName, ...residualInputs(sae.hookName)]);
     } catch (err) {
-      const detail = err instanceof FieldError ? err.message.slice(err.field.length + 2) : (err as Error).message;
+      const detail = err instanceof FieldError ? err.rawMessage : (err as Error).message;
       throw new SaeFolderError(sae.dir, `cfg.json hook_name "${sae.hookName}" is not a hook point of ${modelPath}: ${detail}`);
     }
   }

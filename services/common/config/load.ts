@@ -1,18 +1,10 @@
 import { readFileSync } from "node:fs";
 import { parse as parseYaml } from "yaml";
 import type { z } from "zod";
+import { ConfigError, type ConfigIssue } from "./error.js";
 import { type RunConfig, RunConfigSchema } from "./schema.js";
 
-/** A config that does not validate; `message` names every bad key with where its value came from. */
-export class ConfigError extends Error {
-  constructor(
-    message: string,
-    readonly keys: string[],
-  ) {
-    super(message);
-    this.name = "ConfigError";
-  }
-}
+export { ConfigError, type ConfigIssue };
 
 export interface LoadOptions {
   /** YAML file; absent means defaults only. */
@@ -26,21 +18,57 @@ export interface LoadOptions {
 }
 
 type Tree = Record<string, unknown>;
+type Node = Tree | unknown[];
 const isTree = (v: unknown): v is Tree => typeof v === "object" && v !== null && !Array.isArray(v);
+const isIndex = (key: string): boolean => /^(0|[1-9]\d*)$/.test(key);
 
-function setPath(tree: Tree, path: string[], value: unknown): void {
-  let node = tree;
-  for (const key of path.slice(0, -1)) {
-    const next = node[key];
-    if (!isTree(next)) node[key] = {};
-    node = node[key] as Tree;
-  }
-  node[path[path.length - 1]!] = value;
+/** Every default, so a path into a list the file never wrote (trainer.saes.0.k) starts from the default list. */
+let defaultsCache: Tree | undefined;
+function defaults(): Tree {
+  defaultsCache ??= RunConfigSchema.parse({}) as unknown as Tree;
+  return defaultsCache;
+}
+
+function defaultAt(path: string[]): unknown {
+  let node: unknown = defaults();
+  for (const key of path) node = isTree(node) || Array.isArray(node) ? (node as Record<string, unknown>)[key] : undefined;
+  return node === undefined ? undefined : structuredClone(node);
+}
+
+/**
+ * Sets `path` in `tree`. A numeric segment addresses an element of a list (the file's, or the
+ * default list when the file has none); one past the end appends, further is refused.
+ */
+function setPath(tree: Tree, path: string[], value: unknown, source: string): void {
+  let node: Node = tree;
+  path.forEach((key, depth) => {
+    const last = depth === path.length - 1;
+    const where = path.slice(0, depth + 1).join(".");
+    if (Array.isArray(node)) {
+      if (!isIndex(key)) throw ConfigError.at(where, `${path.slice(0, depth).join(".")} is a list; address its elements by index`, source);
+      const index = Number(key);
+      if (index > node.length) throw ConfigError.at(where, `index ${index} is past the end of a list of ${node.length}`, source);
+      if (last) node[index] = value;
+      else node = node[index] = childOf(node[index], path[depth + 1]!, path.slice(0, depth + 1));
+      return;
+    }
+    const tree: Tree = node;
+    if (last) tree[key] = value;
+    else node = tree[key] = childOf(tree[key], path[depth + 1]!, path.slice(0, depth + 1));
+  });
+}
+
+/** The node to descend into at `at`: what is there, else the default there, else a fresh list or mapping. */
+function childOf(existing: unknown, nextKey: string, at: string[]): Node {
+  if (isTree(existing) || Array.isArray(existing)) return existing;
+  const fallback = defaultAt(at);
+  if (isTree(fallback) || Array.isArray(fallback)) return fallback;
+  return isIndex(nextKey) ? [] : {};
 }
 
 const camel = (snake: string): string => snake.toLowerCase().replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
 
-/** SAEFLOW_BUFFER__CAPACITY_ROWS=1024 sets buffer.capacityRows: `__` separates levels. */
+/** SAEFLOW_BUFFER__CAPACITY_ROWS=1024 sets buffer.capacityRows, SAEFLOW_TRAINER__SAES__0__K=4 one SAE's k: `__` separates levels. */
 function envOverrides(env: NodeJS.ProcessEnv): Array<[string[], string, string]> {
   const out: Array<[string[], string, string]> = [];
   for (const [name, value] of Object.entries(env)) {
@@ -64,17 +92,52 @@ function parseScalar(raw: string): unknown {
   }
 }
 
-function describeIssues(issues: z.core.$ZodIssue[], sources: Map<string, string>): ConfigError {
-  const keys: string[] = [];
-  const lines = issues.map((issue) => {
+/** Where the value at `key` came from: the most specific env or --set override, else the file when it holds the key. */
+function sourceOf(key: string, sources: Map<string, string>, file: FileSource | undefined): string | undefined {
+  for (let k = key; k; k = k.includes(".") ? k.slice(0, k.lastIndexOf(".")) : "") {
+    const s = sources.get(k);
+    if (s) return s;
+  }
+  let node: unknown = file?.doc;
+  for (const part of key.split(".")) node = isTree(node) || Array.isArray(node) ? (node as Record<string, unknown>)[part] : undefined;
+  return node === undefined ? undefined : file?.path;
+}
+
+interface FileSource {
+  path: string;
+  doc: Tree;
+}
+
+function describeIssues(issues: z.core.$ZodIssue[], sources: Map<string, string>, file: FileSource | undefined): ConfigError {
+  const out: ConfigIssue[] = [];
+  for (const issue of issues) {
     const key = issue.path.map(String).join(".") || "(root)";
-    const unknown = issue.code === "unrecognized_keys" ? issue.keys.map((k) => (key === "(root)" ? k : `${key}.${k}`)) : [];
-    keys.push(...(unknown.length ? unknown : [key]));
-    const from = sources.get(key);
-    const named = unknown.length ? `${unknown.join(", ")}: unknown key` : `${key}: ${issue.message}`;
-    return `  ${named}${from ? ` (from ${from})` : ""}`;
-  });
-  return new ConfigError(`invalid config:\n${lines.join("\n")}`, keys);
+    const source = sourceOf(key, sources, file);
+    if (issue.code === "unrecognized_keys") {
+      for (const k of issue.keys)
+        out.push({ key: key === "(root)" ? k : `${key}.${k}`, message: "unknown key", ...(source ? { source } : {}) });
+    } else {
+      out.push({ key, message: issue.message, ...(source ? { source } : {}) });
+    }
+  }
+  return new ConfigError(out);
+}
+
+function readFile(file: string): Tree {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw ConfigError.at("(file)", `cannot read config file ${file}: ${(err as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(text) ?? {};
+  } catch (err) {
+    throw ConfigError.at("(file)", `config file ${file} is not valid YAML: ${(err as Error).message}`);
+  }
+  if (!isTree(doc)) throw ConfigError.at("(root)", `config file ${file} must hold a mapping at the top`);
+  return doc;
 }
 
 /** Loads the run config: defaults < YAML file < environment < --set flags, validated once. */
@@ -82,37 +145,23 @@ export function loadConfig(options: LoadOptions = {}): RunConfig {
   let tree: Tree = {};
   const sources = new Map<string, string>();
   if (options.base !== undefined) {
-    if (!isTree(options.base)) throw new ConfigError("invalid config: the document must be a mapping", ["(root)"]);
+    if (!isTree(options.base)) throw ConfigError.at("(root)", "the document must be a mapping");
     tree = structuredClone(options.base);
   }
-  if (options.file) {
-    let text: string;
-    try {
-      text = readFileSync(options.file, "utf8");
-    } catch (err) {
-      throw new ConfigError(`cannot read config file ${options.file}: ${(err as Error).message}`, ["(file)"]);
-    }
-    let doc: unknown;
-    try {
-      doc = parseYaml(text) ?? {};
-    } catch (err) {
-      throw new ConfigError(`config file ${options.file} is not valid YAML: ${(err as Error).message}`, ["(file)"]);
-    }
-    if (!isTree(doc)) throw new ConfigError(`config file ${options.file} must hold a mapping at the top`, ["(root)"]);
-    tree = { ...tree, ...doc };
-  }
+  const file = options.file ? { path: options.file, doc: readFile(options.file) } : undefined;
+  if (file) tree = { ...tree, ...structuredClone(file.doc) };
   for (const [path, raw, source] of envOverrides(options.env ?? {})) {
-    setPath(tree, path, parseScalar(raw));
+    setPath(tree, path, parseScalar(raw), source);
     sources.set(path.join("."), source);
   }
   for (const set of options.sets ?? []) {
     const eq = set.indexOf("=");
-    if (eq <= 0) throw new ConfigError(`--set ${set}: expected key.path=value`, ["--set"]);
+    if (eq <= 0) throw ConfigError.at("--set", `"${set}" is not key.path=value`);
     const key = set.slice(0, eq);
-    setPath(tree, key.split("."), parseScalar(set.slice(eq + 1)));
+    setPath(tree, key.split("."), parseScalar(set.slice(eq + 1)), `--set ${key}`);
     sources.set(key, `--set ${key}`);
   }
   const parsed = RunConfigSchema.safeParse(tree);
-  if (!parsed.success) throw describeIssues(parsed.error.issues, sources);
+  if (!parsed.success) throw describeIssues(parsed.error.issues, sources, file);
   return parsed.data;
 }

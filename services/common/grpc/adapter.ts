@@ -9,6 +9,7 @@ import {
   type handleClientStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
+  type sendUnaryData,
   Client,
   credentials,
   Metadata,
@@ -21,6 +22,7 @@ import {
   status,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
+import type { EventEmitter } from "node:events";
 import { context, propagation } from "@opentelemetry/api";
 import type { TransportConfig } from "../config/index.js";
 import { FieldError } from "../errors.js";
@@ -43,14 +45,31 @@ type In<M extends MethodShape> = MessageShape<M["input"]>;
 type Out<M extends MethodShape> = MessageShape<M["output"]>;
 type OutInit<M extends MethodShape> = MessageInitShape<M["output"]>;
 
-/** Server-side handler for one method; throw a FieldError to answer with its status. */
+/**
+ * What a handler gets besides its input. `signal` aborts when the peer cancels, the deadline passes
+ * or the call is over, so anything the handler awaits can stop with it.
+ */
+export interface HandlerContext {
+  readonly signal: AbortSignal;
+  readonly metadata: Metadata;
+  /** The peer's address, for logs. */
+  readonly peer: string;
+}
+
+/**
+ * Server-side handler for one method, in the connect-es style: streams are async iterables both
+ * ways; throw a FieldError to answer with its status. The adapter reads the next request only when
+ * the handler asks for it and resumes an output iterable only once its last message was handed to
+ * HTTP/2 (serialised), so a handler may reuse a message's memory after its yield returns and a
+ * slow peer holds the handler back through flow control.
+ */
 export type Handler<M extends MethodShape> = M["methodKind"] extends "unary"
-  ? (request: In<M>, call: ServerUnaryCall<In<M>, Out<M>>) => Promise<OutInit<M>>
+  ? (request: In<M>, ctx: HandlerContext) => Promise<OutInit<M>>
   : M["methodKind"] extends "server_streaming"
-    ? (request: In<M>, call: ServerWritableStream<In<M>, Out<M>>) => Promise<void>
+    ? (request: In<M>, ctx: HandlerContext) => AsyncIterable<OutInit<M>>
     : M["methodKind"] extends "client_streaming"
-      ? (call: ServerReadableStream<In<M>, Out<M>>) => Promise<OutInit<M>>
-      : (call: ServerDuplexStream<In<M>, Out<M>>) => Promise<void>;
+      ? (requests: AsyncIterable<In<M>>, ctx: HandlerContext) => Promise<OutInit<M>>
+      : (requests: AsyncIterable<In<M>>, ctx: HandlerContext) => AsyncIterable<OutInit<M>>;
 
 export type ServiceHandlers<S extends DescService> = { [K in keyof ShapeOf<S>]: Handler<ShapeOf<S>[K]> };
 
@@ -111,56 +130,111 @@ function withCallContext<T>(metadata: Metadata, fn: () => T): T {
   return context.with(propagation.extract(context.active(), metadata, metadataGetter), fn);
 }
 
+type AnyServerCall = ServerUnaryCall<unknown, unknown> | ServerReadableStream<unknown, unknown> | ServerWritableStream<unknown, unknown>;
+type OutputCall = ServerWritableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>;
+
+/** The handler's context: its signal aborts on cancel, on the deadline, and once the call is over. */
+function handlerContext(call: AnyServerCall): { ctx: HandlerContext; done: () => void } {
+  const controller = new AbortController();
+  const abort = (why: string) => {
+    if (!controller.signal.aborted) controller.abort(new Error(why));
+  };
+  (call as EventEmitter).once("cancelled", () => abort("the call was cancelled"));
+  const deadline = call.getDeadline();
+  const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
+  // setTimeout fires at once past 2^31 - 1 ms; a deadline that far off is no deadline.
+  const timer = ms < 2 ** 31 - 1 ? setTimeout(() => abort("the deadline passed"), Math.max(0, ms)) : undefined;
+  return {
+    ctx: { signal: controller.signal, metadata: call.metadata, peer: call.getPeer() },
+    done: () => {
+      clearTimeout(timer);
+      abort("the call is over");
+    },
+  };
+}
+
 /**
- * `for await` over a Readable destroys it when the loop ends, and a destroyed grpc-js server stream
- * never sends its status: the peer would wait forever. Iterate without destroying instead.
+ * The requests of a client or bidi stream, one at a time. Not the Readable's own `for await`: leaving
+ * that loop destroys the call, and a destroyed grpc-js call never sends its status.
  */
-function keepOpenAfterIteration(call: ServerReadableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>): void {
-  call[Symbol.asyncIterator] = () => call.iterator({ destroyOnReturn: false });
+function requestsOf(call: ServerReadableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>): AsyncIterable<unknown> {
+  return { [Symbol.asyncIterator]: () => call.iterator({ destroyOnReturn: false }) };
+}
+
+/** Writes one message; resolves true once grpc-js has serialised it and handed it to HTTP/2, false if the call ended first. */
+function write(call: OutputCall, message: unknown, signal: AbortSignal): Promise<boolean> {
+  return new Promise((resolve) => {
+    if (signal.aborted || call.destroyed) return resolve(false);
+    const onAbort = () => resolve(false);
+    signal.addEventListener("abort", onAbort, { once: true });
+    call.write(message, () => {
+      signal.removeEventListener("abort", onAbort);
+      resolve(true);
+    });
+  });
+}
+
+/** Sends every message of `out`, then the status: OK when it ends, the error's status when it throws. */
+async function pump(call: OutputCall, out: AsyncIterable<unknown>, asMessage: (v: unknown) => unknown, signal: AbortSignal): Promise<void> {
+  try {
+    for await (const value of out) {
+      if (!(await write(call, asMessage(value), signal))) return;
+    }
+    if (!call.destroyed && !signal.aborted) call.end();
+  } catch (err) {
+    // grpc-js sends a stream's status from its own 'error' listener; destroy() would skip it and leave the peer waiting.
+    if (!call.cancelled && !call.destroyed) call.emit("error", Object.assign(new Error(), toServiceError(err)) as ServiceError);
+  }
 }
 
 /** grpc-js implementation object for typed handlers: errors become statuses, never crashes. */
 export function serviceImplementation<S extends DescService>(service: S, handlers: ServiceHandlers<S>): UntypedServiceImplementation {
   const impl: UntypedServiceImplementation = {};
-  const table = handlers as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
+  const table = handlers as unknown as Record<string, (input: unknown, ctx: HandlerContext) => Promise<unknown> | AsyncIterable<unknown>>;
   for (const method of service.methods) {
     const handler = table[method.localName];
     if (!handler) throw new Error(`${service.typeName}: no handler for ${method.name}`);
     const output = method.output;
     const asMessage = (value: unknown) => (isMessage(value, output) ? value : create(output, value as MessageInitShape<DescMessage>));
+    const call = <T>(c: AnyServerCall, input: unknown) => {
+      const { ctx, done } = handlerContext(c);
+      return { result: withCallContext(c.metadata, () => handler(input, ctx)) as T, done, signal: ctx.signal };
+    };
     switch (method.methodKind) {
       case "unary":
-        impl[method.localName] = ((call, callback) => {
-          withCallContext(call.metadata, () => handler(call.request, call)).then(
-            (res) => callback(null, asMessage(res)),
-            (err: unknown) => callback(toServiceError(err) as ServiceError),
-          );
-        }) satisfies handleUnaryCall<unknown, unknown>;
-        break;
       case "client_streaming":
-        impl[method.localName] = ((call, callback) => {
-          keepOpenAfterIteration(call);
-          withCallContext(call.metadata, () => handler(call)).then(
-            (res) => callback(null, asMessage(res)),
-            (err: unknown) => callback(toServiceError(err) as ServiceError),
-          );
-        }) satisfies handleClientStreamingCall<unknown, unknown>;
+        impl[method.localName] = ((
+          c: ServerUnaryCall<unknown, unknown> | ServerReadableStream<unknown, unknown>,
+          callback: sendUnaryData<unknown>,
+        ) => {
+          const input =
+            method.methodKind === "unary"
+              ? (c as ServerUnaryCall<unknown, unknown>).request
+              : requestsOf(c as ServerReadableStream<unknown, unknown>);
+          const { result, done } = call<Promise<unknown>>(c, input);
+          Promise.resolve(result)
+            .then(
+              (res) => callback(null, asMessage(res)),
+              (err: unknown) => callback(toServiceError(err) as ServiceError),
+            )
+            .finally(done);
+        }) satisfies handleUnaryCall<unknown, unknown> & handleClientStreamingCall<unknown, unknown>;
         break;
       case "server_streaming":
       case "bidi_streaming":
-        impl[method.localName] = ((call: ServerWritableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>) => {
-          const bidi = method.methodKind === "bidi_streaming";
-          if (bidi) keepOpenAfterIteration(call as ServerDuplexStream<unknown, unknown>);
-          const args = bidi ? [call] : [(call as ServerWritableStream<unknown, unknown>).request, call];
-          withCallContext(call.metadata, () => handler(...args)).then(
-            () => {
-              if (!call.destroyed) call.end();
-            },
-            (err: unknown) => {
-              // grpc-js sends a stream's status from its own 'error' listener; destroy() would skip it and leave the peer waiting.
-              if (!call.cancelled && !call.destroyed) call.emit("error", Object.assign(new Error(), toServiceError(err)) as ServiceError);
-            },
-          );
+        impl[method.localName] = ((c: OutputCall) => {
+          const input =
+            method.methodKind === "server_streaming"
+              ? (c as ServerWritableStream<unknown, unknown>).request
+              : requestsOf(c as ServerDuplexStream<unknown, unknown>);
+          let started: { result: AsyncIterable<unknown>; done: () => void; signal: AbortSignal };
+          try {
+            started = call<AsyncIterable<unknown>>(c, input);
+          } catch (err) {
+            c.emit("error", Object.assign(new Error(), toServiceError(err)) as ServiceError);
+            return;
+          }
+          void withCallContext(c.metadata, () => pump(c, started.result, asMessage, started.signal)).finally(started.done);
         }) satisfies handleServerStreamingCall<unknown, unknown> & handleBidiStreamingCall<unknown, unknown>;
         break;
     }

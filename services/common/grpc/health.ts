@@ -1,12 +1,7 @@
-import { create } from "@bufbuild/protobuf";
 import { status } from "@grpc/grpc-js";
 import { FieldError } from "../errors.js";
-import {
-  Health,
-  type HealthCheckResponse,
-  HealthCheckResponse_ServingStatus as Serving,
-  HealthCheckResponseSchema,
-} from "../../gen/grpc/health/v1/health_pb.js";
+import { Health, HealthCheckResponse_ServingStatus as Serving } from "../../gen/grpc/health/v1/health_pb.js";
+import { Signal } from "../signal.js";
 import type { ServiceHandlers } from "./adapter.js";
 
 export { Serving };
@@ -17,7 +12,8 @@ export { Serving };
  */
 export class HealthState {
   private readonly statuses = new Map<string, Serving>();
-  private readonly watchers = new Set<(service: string, s: Serving) => void>();
+  private readonly changed = new Signal();
+  private closed = false;
 
   constructor(services: string[]) {
     for (const s of ["", ...services]) this.statuses.set(s, Serving.NOT_SERVING);
@@ -26,10 +22,8 @@ export class HealthState {
   /** Sets the status of `service`, or of every registered service when omitted. */
   set(serving: Serving, service?: string): void {
     const targets = service === undefined ? [...this.statuses.keys()] : [service];
-    for (const t of targets) {
-      this.statuses.set(t, serving);
-      for (const w of this.watchers) w(t, serving);
-    }
+    for (const t of targets) this.statuses.set(t, serving);
+    this.changed.notify();
   }
 
   get(service: string): Serving | undefined {
@@ -37,33 +31,32 @@ export class HealthState {
   }
 
   handlers(): ServiceHandlers<typeof Health> {
-    const reply = (s: Serving): HealthCheckResponse => create(HealthCheckResponseSchema, { status: s });
+    const statusOf = (service: string) => this.statuses.get(service) ?? Serving.SERVICE_UNKNOWN;
+    const self = this;
     return {
       check: async (req) => {
         const s = this.statuses.get(req.service);
         if (s === undefined) throw new FieldError("service", `unknown service "${req.service}"`, status.NOT_FOUND);
         return { status: s };
       },
-      watch: (req, call) =>
-        new Promise<void>((resolve) => {
-          call.write(reply(this.statuses.get(req.service) ?? Serving.SERVICE_UNKNOWN));
-          const watcher = (service: string, s: Serving) => {
-            if (service === req.service) call.write(reply(s));
-          };
-          this.watchers.add(watcher);
-          call.on("cancelled", () => {
-            this.watchers.delete(watcher);
-            resolve();
-          });
-        }),
+      // The current status, then each change, until the watcher leaves or the server closes.
+      watch: async function* (req, ctx) {
+        let last: Serving | undefined;
+        while (!self.closed && !ctx.signal.aborted) {
+          const s = statusOf(req.service);
+          if (s !== last) yield { status: (last = s) };
+          await self.changed.wait(ctx.signal);
+        }
+      },
       list: async () => ({
         statuses: Object.fromEntries([...this.statuses].map(([k, v]) => [k, { status: v }])),
       }),
     };
   }
 
-  /** Ends every Watch stream (on shutdown) by dropping watchers; the server's shutdown closes calls. */
+  /** Ends every Watch stream (on shutdown). */
   close(): void {
-    this.watchers.clear();
+    this.closed = true;
+    this.changed.notify();
   }
 }

@@ -96,26 +96,28 @@ export function addReflection(server: Server, services: string[]): void {
   server.addService(
     serviceDefinition(v1.ServerReflection),
     serviceImplementation(v1.ServerReflection, {
-      serverReflectionInfo: async (call) => {
-        for await (const req of call)
-          call.write(
-            create(v1.ServerReflectionResponseSchema, { validHost: req.host, originalRequest: req, messageResponse: answer(listed, req) }),
-          );
+      serverReflectionInfo: async function* (requests) {
+        for await (const req of requests) {
+          yield create(v1.ServerReflectionResponseSchema, {
+            validHost: req.host,
+            originalRequest: req,
+            messageResponse: answer(listed, req),
+          });
+        }
       },
     }),
   );
   server.addService(
     serviceDefinition(v1alpha.ServerReflection),
     serviceImplementation(v1alpha.ServerReflection, {
-      serverReflectionInfo: async (call) => {
-        for await (const req of call)
-          call.write(
-            create(v1alpha.ServerReflectionResponseSchema, {
-              validHost: req.host,
-              originalRequest: req,
-              messageResponse: answer(listed, req),
-            }),
-          );
+      serverReflectionInfo: async function* (requests) {
+        for await (const req of requests) {
+          yield create(v1alpha.ServerReflectionResponseSchema, {
+            validHost: req.host,
+            originalRequest: req,
+            messageResponse: answer(listed, req),
+          });
+        }
       },
     }),
   );

@@ -54,13 +54,10 @@ export class PositionStore {
     try {
       parsed = StateFile.parse(JSON.parse(readFileSync(this.path, "utf8")));
     } catch (err) {
-      throw new ConfigError(`${key}: ${this.path} is not a producer position file: ${(err as Error).message}`, [key]);
+      throw ConfigError.at(key, `${this.path} is not a producer position file: ${(err as Error).message}`);
     }
     if (parsed.fingerprint !== this.fingerprint) {
-      throw new ConfigError(
-        `${key}: ${this.path} was saved for another dataset, shard, tokenizer or packing (${parsed.fingerprint} vs ${this.fingerprint}); delete it or set producer.resume=false`,
-        [key],
-      );
+      throw ConfigError.at(key, `${this.path} was saved for another dataset, shard, tokenizer or packing (${parsed.fingerprint} vs ${this.fingerprint}); delete it or set producer.resume=false`);
     }
     return parsed.position;
   }

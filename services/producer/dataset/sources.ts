@@ -86,18 +86,16 @@ export function resolveSources(entries: string[], key = "producer.dataset"): Sou
     if (entry === BUILTIN_CORPUS) {
       const corpus = builtinCorpus();
       if (!corpus.length)
-        throw new ConfigError(`${where}: ${BUILTIN_CORPUS} found no .md files under ${join(repoRoot, "node_modules")}; run npm ci`, [
-          where,
-        ]);
+        throw ConfigError.at(where, `${BUILTIN_CORPUS} found no .md files under ${join(repoRoot, "node_modules")}; run npm ci`);
       files.push(...corpus.map((path) => ({ path, format: "text" as const })));
       return;
     }
-    if (!existsSync(entry)) throw new ConfigError(`${where}: ${entry} does not exist`, [where]);
+    if (!existsSync(entry)) throw ConfigError.at(where, `${entry} does not exist`);
     if (statSync(entry).isDirectory()) {
       const found: string[] = [];
       walk(entry, found, () => false);
       const usable = found.filter((f) => formatOf(f)).sort(byCodeUnits);
-      if (!usable.length) throw new ConfigError(`${where}: folder ${entry} holds no .txt, .md, .jsonl or .ndjson files`, [where]);
+      if (!usable.length) throw ConfigError.at(where, `folder ${entry} holds no .txt, .md, .jsonl or .ndjson files`);
       files.push(...usable.map((path) => ({ path, format: formatOf(path)! })));
       return;
     }

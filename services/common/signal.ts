@@ -1,11 +1,12 @@
 /**
- * A wake-up for async loops waiting on pool state (rows added, space freed, state changed). Waiters
- * re-check their condition after each wake, and check-then-wait happens in one synchronous turn, so
- * no notify is lost.
+ * The one wake-up for async code waiting on state that changes elsewhere (rows added, a grant, a
+ * resume). Waiters re-check their condition after each wake, and a check followed by wait() runs in
+ * one synchronous turn, so no notify is lost between them.
  */
 export class Signal {
   private waiters: Array<() => void> = [];
 
+  /** Wakes every current waiter. */
   notify(): void {
     const waiters = this.waiters;
     this.waiters = [];
@@ -31,5 +32,11 @@ export class Signal {
       abort?.addEventListener("abort", onAbort, { once: true });
       if (timeoutMs !== undefined) timer = setTimeout(onAbort, timeoutMs);
     });
+  }
+
+  /** Resolves true once `ready()` holds (checked now and after every notify), false if `abort` fires first. */
+  async until(ready: () => boolean, abort?: AbortSignal): Promise<boolean> {
+    while (!ready()) if (!(await this.wait(abort))) return ready();
+    return true;
   }
 }

@@ -1,0 +1,194 @@
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { BufferConfig } from "../common/config/index.js";
+import { dtypeFromName } from "../common/tensor-codec.js";
+import type { StatusResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
+import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
+import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
+import { DROP_REASONS } from "./accounting.js";
+import { HookPoint } from "./hook-point.js";
+import { Instruments } from "./instruments.js";
+import { seedFor } from "./shuffle.js";
+
+/** What the NATS side listens to. Calls are synchronous and frequent: coalesce. */
+export interface BufferObserver {
+  /** Rows went in or out, a refill cycle started or ended, or the state changed. */
+  changed(): void;
+  /** `rows` rows of a chunk from `producerId` passed the checks (duplicates excluded). */
+  received(producerId: string, hookPoint: string, rows: number): void;
+  stateChanged(state: ServiceState, previous: ServiceState): void;
+}
+
+export interface BufferOptions {
+  runId: string;
+  /** Run seed; each hook point's shuffle derives its own from it. */
+  seed: number;
+  config: BufferConfig;
+  /** Largest single pool allocation (tests use small ones to cover segmented pools). */
+  segmentBytes?: number;
+}
+
+/**
+ * The activation buffer, usable in-process: one HookPoint per configured hook point, allocated
+ * here once, and the lifecycle (running, paused, draining, stopped). The gRPC handlers (service.ts)
+ * and the NATS side (refill.ts) both work through it.
+ */
+export class ActivationBuffer {
+  readonly runId: string;
+  readonly config: BufferConfig;
+  readonly dtype: DType;
+  readonly hooks = new Map<string, HookPoint>();
+  readonly instruments: Instruments;
+  private readonly stopped: Promise<void>;
+  private markStopped!: () => void;
+  private currentState = ServiceState.STARTING;
+  private observer: BufferObserver | undefined;
+  private nextRowId = 0;
+  private readonly producerIndex = new Map<string, number>();
+
+  constructor(options: BufferOptions) {
+    this.stopped = new Promise<void>((resolve) => (this.markStopped = resolve));
+    this.runId = options.runId;
+    this.config = options.config;
+    this.dtype = dtypeFromName(options.config.dtype);
+    this.instruments = new Instruments(() => [...this.hooks.values()].map((h) => [h.name, h.pool.held / h.pool.capacity]));
+    for (const { name, dModel } of options.config.hookPoints) {
+      this.hooks.set(
+        name,
+        new HookPoint({
+          name,
+          dModel,
+          dtype: this.dtype,
+          capacity: options.config.capacityRows,
+          lowWatermark: options.config.lowWatermark,
+          mixFloor: options.config.mixFloor,
+          epochs: options.config.epochsPerFill,
+          seed: seedFor(options.seed, `buffer/${name}`),
+          instruments: this.instruments,
+          onChange: () => this.changed(),
+          segmentBytes: options.segmentBytes,
+        }),
+      );
+    }
+    this.currentState = ServiceState.RUNNING;
+  }
+
+  /** Resolves once the buffer is stopped: drained empty, or closed. Never rejects. */
+  closed(): Promise<void> {
+    return this.stopped;
+  }
+
+  get state(): ServiceState {
+    return this.currentState;
+  }
+
+  /** Pool bytes allocated, all hook points together. */
+  get bytes(): number {
+    return [...this.hooks.values()].reduce((sum, h) => sum + h.pool.bytes, 0);
+  }
+
+  /** Whether pushes are refused: draining or stopped. */
+  get closedToPushes(): boolean {
+    return this.currentState === ServiceState.DRAINING || this.currentState === ServiceState.STOPPED;
+  }
+
+  setObserver(observer: BufferObserver | undefined): void {
+    this.observer = observer;
+  }
+
+  received(producerId: string, hookPoint: string, rows: number): void {
+    this.observer?.received(producerId, hookPoint, rows);
+  }
+
+  /** The producer's index times 2^32, so a (producer, context id) pair is one exact double. */
+  contextBase(producerId: string): number {
+    let index = this.producerIndex.get(producerId);
+    if (index === undefined) {
+      index = this.producerIndex.size;
+      this.producerIndex.set(producerId, index);
+    }
+    return index * 4294967296;
+  }
+
+  /** Reserves `rows` buffer-wide row ids and returns the first. */
+  claimRowIds(rows: number): number {
+    const first = this.nextRowId;
+    this.nextRowId += rows;
+    return first;
+  }
+
+  pause(): ServiceState {
+    if (this.currentState === ServiceState.RUNNING) this.setState(ServiceState.PAUSED);
+    return this.currentState;
+  }
+
+  resume(): ServiceState {
+    if (this.currentState === ServiceState.PAUSED) this.setState(ServiceState.RUNNING);
+    return this.currentState;
+  }
+
+  /** Stops accepting pushes; streams get what is held, then end. Stopped once every pool is empty. */
+  drain(): ServiceState {
+    if (this.currentState === ServiceState.RUNNING || this.currentState === ServiceState.PAUSED) this.setState(ServiceState.DRAINING);
+    this.changed();
+    return this.currentState;
+  }
+
+  /** Ends every stream and span; the pools stay readable for a last Status. */
+  close(): void {
+    if (this.currentState !== ServiceState.STOPPED) this.setState(ServiceState.STOPPED);
+    for (const h of this.hooks.values()) h.close();
+    this.instruments.close();
+  }
+
+  status(producers: readonly string[]): MessageInitShape<typeof StatusResponseSchema> {
+    return {
+      state: this.currentState,
+      runId: this.runId,
+      producers: [...producers],
+      hookPoints: [...this.hooks.values()].map((h) => ({
+        hookPoint: h.name,
+        dModel: h.pool.dModel,
+        capacityRows: BigInt(h.pool.capacity),
+        unconsumedRows: BigInt(h.pool.held),
+        fillFraction: h.pool.held / h.pool.capacity,
+        rowsIn: BigInt(h.accounting.rowsIn),
+        rowsOut: BigInt(h.accounting.rowsOut),
+        dropped: DROP_REASONS.filter((r) => h.accounting.dropped[r] > 0).map((reason) => ({
+          reason,
+          rows: BigInt(h.accounting.dropped[reason]),
+        })),
+        refillCycles: BigInt(h.cycle),
+        trainerWaitMs: h.waitMs,
+        meanDistinctContexts: h.meanDistinctContexts,
+        trainers: [...h.streams].map((s) => ({
+          trainerId: s.trainerId,
+          group: s.group,
+          batches: BigInt(s.batches),
+          rows: BigInt(s.rows),
+          waitMs: s.waitMs,
+        })),
+        refilling: h.refilling,
+      })),
+    };
+  }
+
+  private changed(): void {
+    if (this.currentState === ServiceState.DRAINING && [...this.hooks.values()].every((h) => h.pool.held === 0)) {
+      this.setState(ServiceState.STOPPED);
+    }
+    this.observer?.changed();
+  }
+
+  private setState(state: ServiceState): void {
+    const previous = this.currentState;
+    this.currentState = state;
+    if (state === ServiceState.STOPPED) this.markStopped();
+    // Waiting pushes and streams re-check the state.
+    for (const h of this.hooks.values()) {
+      h.rowsAdded.notify();
+      h.spaceFreed.notify();
+    }
+    this.observer?.stateChanged(state, previous);
+    this.observer?.changed();
+  }
+}
