@@ -43,7 +43,7 @@ const KEPT_CYCLES = 64;
 /**
  * One hook point: its pool, its ledger and its refill cycle. A cycle starts when the held rows fall
  * to the low watermark (refill asked) and ends when the pool is full (pause); serving starts once
- * the pool was first full, as in the seed, so the first batches are not drawn from a few contexts.
+ * the pool was first full, as Llama Scope (He et al., 2024) does, so the first batches are not drawn from a few contexts.
  */
 export class HookPoint {
   readonly name: string;

@@ -1,20 +1,21 @@
 import { DTYPE_BYTES } from "../common/tensor-codec.js";
 import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
-import { insertRandom, Rng } from "./shuffle.js";
+import { Rng } from "./shuffle.js";
 
 /**
- * The preallocated pool of one hook point: `capacity` rows of `dModel` elements in the wire dtype,
- * plus a ring `order` of slot indices. Ring positions count up forever (held in doubles, exact to
- * 2^53); position p lives at order[p % capacity].
+ * The preallocated pool of one hook point: `capacity` rows of `dModel` elements in the wire dtype.
+ * Ring positions count up forever (held in doubles, exact to 2^53); position p lives in slot
+ * p % capacity, bytes and ids alike.
  *
  *   head (slowest cursor)      fastest cursor               tail                head + capacity
  *    | read by some consumers  |  read by none yet          |  free slots        |
  *
  * Rows in [head, tail) are held. A consumer (a split group, or one fan-out trainer) is a cursor that
  * reads the ring forward, so it gets each row once; a row leaves when the slowest cursor has passed
- * it `epochs` times. Positions outside [head, tail) hold the free slots, so the slot for a new row
- * is order[tail % capacity]: no free list. New rows join at a random position ahead of every cursor
- * (insertRandom), which keeps the unread order a uniform shuffle: indices move, bytes never do.
+ * it `epochs` times. The shuffle happens as rows arrive: a new row takes a uniform position among
+ * the unread ones ahead of every cursor and the row that held it moves to the tail (one step of the
+ * inside-out Fisher–Yates shuffle), so the unread rows are always in uniformly random order and a
+ * minibatch is the next run of slots: one or two memcpys, not a gather of scattered rows.
  */
 export class Cursor {
   constructor(public pos: number) {}
@@ -70,9 +71,8 @@ export class Pool {
   readonly dtype: DType;
   readonly rowBytes: number;
   private readonly epochs: number;
-  /** A view of each slot's row, made once: copying through it allocates nothing per row. */
-  private readonly rows: Uint8Array[];
-  private readonly order: Uint32Array;
+  private readonly perSegment: number;
+  private readonly segments: Uint8Array[] = [];
   private readonly passes: Uint8Array;
   private readonly rowIds: Float64Array;
   private readonly tokenIds: Uint32Array;
@@ -82,6 +82,7 @@ export class Pool {
   /** Scratch for counting distinct contexts of a batch without allocating. */
   private readonly keys: Float64Array;
   private readonly rng: Rng;
+  private scratch: Uint8Array | undefined;
   private readonly cursors = new Set<Cursor>();
   private head = 0;
   private tail = 0;
@@ -93,16 +94,11 @@ export class Pool {
     this.dtype = dtype;
     this.rowBytes = dModel * DTYPE_BYTES[dtype];
     this.epochs = options.epochs;
-    const perSegment = Math.floor((options.segmentBytes ?? DEFAULT_SEGMENT_BYTES) / this.rowBytes);
-    if (perSegment < 1) throw new RangeError(`a row of ${this.rowBytes} bytes exceeds the segment size`);
-    this.rows = new Array<Uint8Array>(capacity);
-    for (let first = 0; first < capacity; first += perSegment) {
-      const count = Math.min(perSegment, capacity - first);
-      const segment = new Uint8Array(count * this.rowBytes);
-      for (let i = 0; i < count; i++) this.rows[first + i] = segment.subarray(i * this.rowBytes, (i + 1) * this.rowBytes);
+    this.perSegment = Math.min(capacity, Math.floor((options.segmentBytes ?? DEFAULT_SEGMENT_BYTES) / this.rowBytes));
+    if (this.perSegment < 1) throw new RangeError(`a row of ${this.rowBytes} bytes exceeds the segment size`);
+    for (let first = 0; first < capacity; first += this.perSegment) {
+      this.segments.push(new Uint8Array(Math.min(this.perSegment, capacity - first) * this.rowBytes));
     }
-    this.order = new Uint32Array(capacity);
-    for (let i = 0; i < capacity; i++) this.order[i] = i;
     this.passes = new Uint8Array(capacity);
     this.rowIds = new Float64Array(capacity);
     this.tokenIds = new Uint32Array(capacity);
@@ -150,14 +146,15 @@ export class Pool {
     return this.release();
   }
 
-  /** Copies rows [from, from + count) of a chunk into free slots and shuffles them into the unread order. */
+  /** Copies rows [from, from + count) of a chunk into free slots, each at a uniform unread position. */
   append(chunk: ChunkRows, from: number, count: number): void {
     if (count > this.free) throw new RangeError(`append of ${count} rows with ${this.free} free`);
-    const { rowBytes, capacity, order } = this;
+    const { rowBytes } = this;
     const first = this.frontier();
+    const source = new Uint8Array(chunk.data.buffer, chunk.data.byteOffset, chunk.data.byteLength);
     for (let r = from; r < from + count; r++) {
-      const slot = order[this.tail % capacity]!;
-      chunk.data.copy(this.rows[slot]!, 0, r * rowBytes, (r + 1) * rowBytes);
+      const slot = this.placeNext(first);
+      this.segmentOf(slot).set(source.subarray(r * rowBytes, (r + 1) * rowBytes), this.offsetOf(slot));
       const context = chunk.contextIds[r]!;
       this.rowIds[slot] = chunk.firstRowId + r;
       this.tokenIds[slot] = chunk.tokenIds.length ? chunk.tokenIds[r]! : 0;
@@ -165,8 +162,6 @@ export class Pool {
       this.contextKeys[slot] = chunk.contextBase + context;
       this.cycles[slot] = chunk.cycle;
       this.passes[slot] = 0;
-      insertRandom(order, first, this.tail, this.rng);
-      this.tail++;
     }
   }
 
@@ -176,20 +171,26 @@ export class Pool {
    */
   take(cursor: Cursor, rows: number, out: Buffer, ids?: GatheredIds): Gathered {
     if (rows > this.unread(cursor)) throw new RangeError(`take of ${rows} rows with ${this.unread(cursor)} unread`);
-    const { rowBytes, capacity, order, keys } = this;
-    let at = cursor.pos % capacity;
+    const { rowBytes, capacity, keys } = this;
     let newestCycle = 0;
-    for (let i = 0; i < rows; i++) {
-      const slot = order[at]!;
-      out.set(this.rows[slot]!, i * rowBytes);
-      keys[i] = this.contextKeys[slot]!;
-      if (this.cycles[slot]! > newestCycle) newestCycle = this.cycles[slot]!;
-      if (ids) {
-        ids.rowIds.push(BigInt(this.rowIds[slot]!));
-        ids.tokenIds.push(this.tokenIds[slot]!);
-        ids.contextIds.push(this.contextIds[slot]!);
+    for (let i = 0, at = cursor.pos % capacity; i < rows;) {
+      // The longest run of slots that is contiguous in one segment.
+      const segmentEnd = (Math.floor(at / this.perSegment) + 1) * this.perSegment;
+      const run = Math.min(rows - i, Math.min(capacity, segmentEnd) - at);
+      const offset = this.offsetOf(at);
+      out.set(this.segmentOf(at).subarray(offset, offset + run * rowBytes), i * rowBytes);
+      for (let j = 0; j < run; j++) {
+        const slot = at + j;
+        keys[i + j] = this.contextKeys[slot]!;
+        if (this.cycles[slot]! > newestCycle) newestCycle = this.cycles[slot]!;
+        if (ids) {
+          ids.rowIds.push(BigInt(this.rowIds[slot]!));
+          ids.tokenIds.push(this.tokenIds[slot]!);
+          ids.contextIds.push(this.contextIds[slot]!);
+        }
       }
-      if (++at === capacity) at = 0;
+      i += run;
+      at = (at + run) % capacity;
     }
     cursor.pos += rows;
     return { rows, distinctContexts: countDistinct(keys.subarray(0, rows)), newestCycle };
@@ -204,26 +205,76 @@ export class Pool {
     if (this.cursors.size === 0) return 0;
     let slowest = this.tail;
     for (const c of this.cursors) if (c.pos < slowest) slowest = c.pos;
-    const { capacity, order, passes } = this;
+    const { capacity, passes } = this;
     let left = 0;
     const first = this.frontier();
     while (this.head < slowest) {
-      const at = this.head % capacity;
-      const slot = order[at]!;
+      const from = this.head % capacity;
       this.head++;
-      if (passes[slot]! + 1 < this.epochs) {
-        passes[slot]!++;
-        // The slot moves from the old head position to the tail; the free slot there takes its place.
-        const end = this.tail % capacity;
-        order[at] = order[end]!;
-        order[end] = slot;
-        insertRandom(order, first, this.tail, this.rng);
-        this.tail++;
+      if (passes[from]! + 1 < this.epochs) {
+        // Back into the unread rows, at a uniform position among them. When the pool was full, the
+        // slot it leaves is the tail slot itself, so the row and the one it displaces swap.
+        const tailSlot = this.tail % capacity;
+        const to = this.pick(first) % capacity;
+        if (from === tailSlot) {
+          if (to !== tailSlot) this.swap(to, tailSlot);
+        } else {
+          if (to !== tailSlot) this.move(to, tailSlot);
+          this.move(from, to);
+        }
+        passes[to]!++;
       } else {
         left++;
       }
     }
     return left;
+  }
+
+  /** Opens the tail position and returns a uniform position in [first, tail] for the row that takes it. */
+  private pick(first: number): number {
+    const tail = this.tail++;
+    return first + this.rng.below(tail - first + 1);
+  }
+
+  /** The slot the next new row goes to; the row that held it moves to the tail slot. */
+  private placeNext(first: number): number {
+    const tailSlot = this.tail % this.capacity;
+    const slot = this.pick(first) % this.capacity;
+    if (slot !== tailSlot) this.move(slot, tailSlot);
+    return slot;
+  }
+
+  /** Exchanges two rows, bytes and ids. */
+  private swap(a: number, b: number): void {
+    const scratch = (this.scratch ??= new Uint8Array(this.rowBytes));
+    const offset = this.offsetOf(a);
+    scratch.set(this.segmentOf(a).subarray(offset, offset + this.rowBytes));
+    const ids = [this.rowIds[a]!, this.tokenIds[a]!, this.contextIds[a]!, this.contextKeys[a]!, this.cycles[a]!, this.passes[a]!] as const;
+    this.move(b, a);
+    this.segmentOf(b).set(scratch, this.offsetOf(b));
+    [this.rowIds[b], this.tokenIds[b], this.contextIds[b], this.contextKeys[b], this.cycles[b], this.passes[b]] = ids;
+  }
+
+  /** Copies the row in slot `from`, bytes and ids, into slot `to`. */
+  private move(from: number, to: number): void {
+    const { rowBytes } = this;
+    const source = this.segmentOf(from);
+    const offset = this.offsetOf(from);
+    this.segmentOf(to).set(source.subarray(offset, offset + rowBytes), this.offsetOf(to));
+    this.rowIds[to] = this.rowIds[from]!;
+    this.tokenIds[to] = this.tokenIds[from]!;
+    this.contextIds[to] = this.contextIds[from]!;
+    this.contextKeys[to] = this.contextKeys[from]!;
+    this.cycles[to] = this.cycles[from]!;
+    this.passes[to] = this.passes[from]!;
+  }
+
+  private segmentOf(slot: number): Uint8Array {
+    return this.segments[Math.floor(slot / this.perSegment)]!;
+  }
+
+  private offsetOf(slot: number): number {
+    return (slot % this.perSegment) * this.rowBytes;
   }
 
   /** Position of the most advanced cursor, or the head when there is none. */

@@ -52,18 +52,3 @@ export function seedFor(base: number, name: string): number {
   for (let i = 0; i < name.length; i++) h = Math.imul(h ^ name.charCodeAt(i), 0x01000193) >>> 0;
   return h;
 }
-
-/**
- * One step of the inside-out Fisher–Yates shuffle on a ring of `order.length` entries: the entry at
- * position `last` swaps with a uniform position in [first, last]. If [first, last) was a uniform
- * permutation, [first, last] is one too, so rows can join the unserved order one at a time and the
- * order stays fully shuffled without ever reshuffling the whole pool.
- */
-export function insertRandom(order: Uint32Array, first: number, last: number, rng: Rng): void {
-  const size = order.length;
-  const i = (first + rng.below(last - first + 1)) % size;
-  const j = last % size;
-  const t = order[i]!;
-  order[i] = order[j]!;
-  order[j] = t;
-}

@@ -46,7 +46,10 @@ export type MemberAnnounce = z.infer<typeof MemberAnnounce>;
  * count against it, and producers together never overshoot the pools by more than a chunk each.
  */
 export const Demand = z.object({
-  /** Refill cycle counter (how many times the low watermark was reached). */
+  /**
+   * Refill cycles begun so far, summed over the buffer's hook points: a pool begins one each time it
+   * falls to its low watermark, and its first fill (from empty) is its cycle 1 (docs/nats.md).
+   */
   cycle: z.number().int().min(0),
   command: z.enum(["refill", "pause"]),
   grants: z.record(z.string(), z.number().int().min(0)),

@@ -1,4 +1,4 @@
-import { connect, type Subscription } from "@nats-io/transport-node";
+import { connect, type Msg, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import type { z } from "zod";
 
 /**
@@ -53,46 +53,19 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
     reconnectTimeWait: 250,
     timeout: options.connectTimeoutMs ?? 5000,
   });
-  void (async () => {
-    let lostAt = 0;
-    for await (const st of nc.status()) {
-      if (st.type === "disconnect" && !lostAt) {
-        lostAt = Date.now();
-        log(`nats: lost the connection to ${options.url}; reconnecting`);
-        options.onConnection?.(false);
-      } else if (st.type === "reconnect") {
-        log(`nats: reconnected to ${options.url} after ${Date.now() - lostAt} ms`);
-        lostAt = 0;
-        options.onConnection?.(true);
-      }
-    }
-  })();
-  const encode = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
-  const decode = <S extends z.ZodType>(schema: S, data: Uint8Array, subject: string): z.output<S> | undefined => {
-    let json: unknown;
-    try {
-      json = JSON.parse(new TextDecoder().decode(data));
-    } catch {
-      log(`nats: dropped non-JSON message on ${subject}`);
-      return undefined;
-    }
-    const parsed = schema.safeParse(json);
-    if (!parsed.success) {
-      log(`nats: dropped invalid message on ${subject}: ${parsed.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ")}`);
-      return undefined;
-    }
-    return parsed.data;
-  };
+  void reportConnection(nc, options.url, log, options.onConnection);
+  const decode = decoder(log);
+  const listen = <S extends z.ZodType>(subject: string, schema: S, onValue: (value: z.output<S>, msg: Msg) => void): Subscription =>
+    nc.subscribe(subject, {
+      callback: (err, msg) => {
+        if (err) return log(`nats: subscription ${subject}: ${err.message}`);
+        const value = decode(schema, msg.data, msg.subject);
+        if (value !== undefined) onValue(value, msg);
+      },
+    });
   return {
     publish: (subject, schema, message) => nc.publish(subject, encode(schema.parse(message))),
-    subscribe: (subject, schema, handler) =>
-      nc.subscribe(subject, {
-        callback: (err, msg) => {
-          if (err) return log(`nats: subscription ${subject}: ${err.message}`);
-          const value = decode(schema, msg.data, msg.subject);
-          if (value !== undefined) handler(value, msg.subject);
-        },
-      }),
+    subscribe: (subject, schema, handler) => listen(subject, schema, (value, msg) => handler(value, msg.subject)),
     request: async (subject, query, message, answer, timeoutMs) => {
       const msg = await nc.request(subject, encode(query.parse(message)), { timeout: timeoutMs });
       const value = decode(answer, msg.data, subject);
@@ -100,17 +73,12 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
       return value;
     },
     reply: (subject, query, answer, handler) =>
-      nc.subscribe(subject, {
-        callback: (err, msg) => {
-          if (err) return log(`nats: subscription ${subject}: ${err.message}`);
-          const value = decode(query, msg.data, msg.subject);
-          if (value === undefined) return;
-          try {
-            msg.respond(encode(answer.parse(handler(value))));
-          } catch (e) {
-            log(`nats: handler for ${subject} failed: ${(e as Error).message}`);
-          }
-        },
+      listen(subject, query, (value, msg) => {
+        try {
+          msg.respond(encode(answer.parse(handler(value))));
+        } catch (e) {
+          log(`nats: handler for ${subject} failed: ${(e as Error).message}`);
+        }
       }),
     flush: () =>
       nc.isClosed()
@@ -130,4 +98,41 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
       }
     },
   };
+}
+
+const encode = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
+
+/** JSON + zod decoding that logs and drops what a peer got wrong instead of throwing into the role. */
+function decoder(log: (line: string) => void) {
+  return <S extends z.ZodType>(schema: S, data: Uint8Array, subject: string): z.output<S> | undefined => {
+    let json: unknown;
+    try {
+      json = JSON.parse(new TextDecoder().decode(data));
+    } catch {
+      log(`nats: dropped non-JSON message on ${subject}`);
+      return undefined;
+    }
+    const parsed = schema.safeParse(json);
+    if (!parsed.success) {
+      log(`nats: dropped invalid message on ${subject}: ${parsed.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ")}`);
+      return undefined;
+    }
+    return parsed.data;
+  };
+}
+
+/** Says when the connection is lost and when it is back; the client reconnects by itself. */
+async function reportConnection(nc: NatsConnection, url: string, log: (line: string) => void, onConnection?: (up: boolean) => void) {
+  let lostAt = 0;
+  for await (const st of nc.status()) {
+    if (st.type === "disconnect" && !lostAt) {
+      lostAt = Date.now();
+      log(`nats: lost the connection to ${url}; reconnecting`);
+      onConnection?.(false);
+    } else if (st.type === "reconnect") {
+      log(`nats: reconnected to ${url} after ${Date.now() - lostAt} ms`);
+      lostAt = 0;
+      onConnection?.(true);
+    }
+  }
 }

@@ -1,6 +1,7 @@
 import type { Subscription } from "@nats-io/transport-node";
 import { Demand, HEARTBEAT_MS, MemberAnnounce, RunState, type Subjects } from "../common/coordination.js";
 import type { Bus } from "../common/nats.js";
+import { Signal } from "../common/signal.js";
 
 const HELLO_TIMEOUT_MS = 2000;
 
@@ -25,30 +26,37 @@ export class DemandGate {
   private rowsSent = 0;
   private subs: Subscription[] = [];
   private heartbeat: NodeJS.Timeout | undefined;
-  private waiters: Array<() => void> = [];
+  private readonly changed = new Signal();
   private bus: Bus | undefined;
+  /** Who this producer is to the run; its address is known once it serves. */
+  private me: MemberAnnounce | undefined;
 
   constructor(
     private readonly subjects: Subjects,
-    private readonly me: MemberAnnounce,
+    private readonly member: Omit<MemberAnnounce, "address">,
     private readonly log: (line: string) => void,
     /** Upper bound on one context's rows per hook point; chunkRows is a whole pass of them. */
-    private readonly rowsPerContext: number = me.chunkRows,
+    private readonly rowsPerContext: number = member.chunkRows,
   ) {}
 
-  /** Joins the run: listens for demand and run state, announces itself, asks the buffer for the current Demand. */
-  async join(bus: Bus): Promise<void> {
+  /**
+   * Joins the run as the producer whose control server is at `address`: listens for demand and run
+   * state, announces itself, asks the buffer for the current Demand.
+   */
+  async join(bus: Bus, address: string): Promise<void> {
+    const me: MemberAnnounce = { ...this.member, address };
     this.bus = bus;
+    this.me = me;
     this.subs.push(
       bus.subscribe(this.subjects.demand, Demand, (d) => this.apply(d)),
       bus.subscribe(this.subjects.runState, RunState, (s) => {
         this.runState = s.state;
         if (s.state !== "running") this.log(`demand: run is ${s.state}${s.reason ? ` (${s.reason})` : ""}; stopping`);
-        this.notify();
+        this.changed.notify();
       }),
     );
-    this.heartbeat = setInterval(() => bus.publish(this.subjects.heartbeat, MemberAnnounce, this.me), HEARTBEAT_MS);
-    await this.announce(bus);
+    this.heartbeat = setInterval(() => bus.publish(this.subjects.heartbeat, MemberAnnounce, me), HEARTBEAT_MS);
+    await this.announce(bus, me);
   }
 
   /**
@@ -60,7 +68,7 @@ export class DemandGate {
   async rejoin(rowsResent: number): Promise<void> {
     this.rowsSent = rowsResent;
     this.demand = undefined;
-    if (this.bus) await this.announce(this.bus);
+    if (this.bus && this.me) await this.announce(this.bus, this.me);
   }
 
   /** Rows per hook point just sent. */
@@ -70,7 +78,7 @@ export class DemandGate {
 
   setOperatorPaused(paused: boolean): void {
     this.operatorPaused = paused;
-    this.notify();
+    this.changed.notify();
   }
 
   get pausedByOperator(): boolean {
@@ -84,8 +92,8 @@ export class DemandGate {
 
   /** Contexts the next pass may take within the grant (0 when none fits), at most a chunk's worth. */
   get contextsAllowed(): number {
-    const grant = this.demand?.grants[this.me.producerId] ?? 0;
-    const perChunk = Math.floor(this.me.chunkRows / this.rowsPerContext);
+    const grant = this.demand?.grants[this.member.producerId] ?? 0;
+    const perChunk = Math.floor(this.member.chunkRows / this.rowsPerContext);
     return Math.max(0, Math.min(perChunk, Math.floor((grant - this.rowsSent) / this.rowsPerContext)));
   }
 
@@ -96,35 +104,33 @@ export class DemandGate {
 
   /** Resolves "produce" when a pass may start, "stop" when the run ends or the producer stops. */
   async wait(): Promise<Go> {
-    for (;;) {
-      if (this.stopped || this.runState !== "running") return "stop";
-      if (this.open) return "produce";
-      await new Promise<void>((resolve) => this.waiters.push(resolve));
-    }
+    const ending = () => this.stopped || this.runState !== "running";
+    await this.changed.until(() => ending() || this.open);
+    return ending() ? "stop" : "produce";
   }
 
   /** Wakes the loop for good (shutdown). */
   stop(): void {
     this.stopped = true;
-    this.notify();
+    this.changed.notify();
   }
 
-  /** Announces leaving and stops listening; resolves once the leave is flushed to the server. */
-  async leave(): Promise<void> {
+  /** Stops the loop, announces leaving and stops listening; resolves once the leave is flushed to the server. */
+  async drain(): Promise<void> {
     this.stop();
     clearInterval(this.heartbeat);
     for (const s of this.subs) s.unsubscribe();
     this.subs = [];
-    if (!this.bus || this.bus.nc.isClosed()) return;
+    if (!this.bus || !this.me || this.bus.isClosed()) return;
     this.bus.publish(this.subjects.leave, MemberAnnounce, this.me);
     // Best effort: without NATS the buffer notices the silence after MEMBER_TIMEOUT_MS instead.
-    await this.bus.nc.flush().catch(() => undefined);
+    await this.bus.flush();
   }
 
-  private async announce(bus: Bus): Promise<void> {
-    bus.publish(this.subjects.join, MemberAnnounce, this.me);
+  private async announce(bus: Bus, me: MemberAnnounce): Promise<void> {
+    bus.publish(this.subjects.join, MemberAnnounce, me);
     try {
-      this.apply(await bus.request(this.subjects.hello, MemberAnnounce, this.me, Demand, HELLO_TIMEOUT_MS));
+      this.apply(await bus.request(this.subjects.hello, MemberAnnounce, me, Demand, HELLO_TIMEOUT_MS));
     } catch (err) {
       // No buffer yet: it will learn of this producer from its heartbeat and include it in the next Demand.
       this.log(`demand: no answer to hello (${(err as Error).message}); waiting for the buffer's demand`);
@@ -133,12 +139,6 @@ export class DemandGate {
 
   private apply(d: Demand): void {
     this.demand = d;
-    this.notify();
-  }
-
-  private notify(): void {
-    const waiting = this.waiters;
-    this.waiters = [];
-    for (const w of waiting) w();
+    this.changed.notify();
   }
 }

@@ -6,15 +6,6 @@ import { startProducer } from "./producer.js";
  * shard is done, the run stops, or SIGINT/SIGTERM; then it finishes the chunk in flight, waits for
  * the buffer's answers, saves its position and leaves the run.
  */
-await serviceMain(
-  "producer",
-  async (config) => {
-    const producer = await startProducer(config);
-    return {
-      banner: `${producer.id} serving control on ${producer.address}, pushing ${config.producer.hookPoints.join(", ")} to ${config.producer.bufferAddress}`,
-      finished: producer.finished,
-      stop: () => producer.stop(),
-    };
-  },
-  (config) => ({ "saeflow.shard": `${config.producer.shardIndex}/${config.producer.shardCount}` }),
-);
+await serviceMain("producer", startProducer, (config) => ({
+  "saeflow.shard": `${config.producer.shardIndex}/${config.producer.shardCount}`,
+}));

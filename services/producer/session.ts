@@ -1,13 +1,14 @@
 import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import ort from "onnxruntime-node";
-import { ConfigError, type ProducerConfig } from "../common/config/index.js";
+import { ConfigError } from "../common/config/index.js";
 import { FieldError } from "../common/errors.js";
-import { loadModel, type ModelProto } from "./model/onnx.js";
-import { sessionFor } from "./model/session.js";
+import { type ExecutionProvider, openOrtSession, ortSessionOptions } from "../common/ort.js";
+import { encodeModel, loadModel, type ModelProto } from "./model/onnx.js";
+import { withModelFolder } from "./model/session.js";
 import { truncateAtHooks } from "./model/truncate.js";
 
-export type ExecutionProvider = ProducerConfig["executionProvider"];
+export type { ExecutionProvider } from "../common/ort.js";
 
 /** One forward pass's inputs: b contexts of s tokens, row-major. */
 export interface ForwardInputs {
@@ -31,7 +32,8 @@ export interface ModelSession {
   /** Vocabulary size from the config.json beside the model, when there is one. */
   readonly vocabSize: number | undefined;
   run(inputs: ForwardInputs): Promise<Map<string, HookOutput>>;
-  release(): Promise<void>;
+  /** Releases the onnxruntime session (and its device memory). */
+  close(): Promise<void>;
 }
 
 export interface SessionOptions {
@@ -45,8 +47,6 @@ export interface SessionOptions {
 /** The command that makes the default model, quoted where the model is missing. */
 export const MAKE_TINY_MODEL = "npx tsx tools/model/tiny-llama.ts --out .cache/tiny-llama --seed 0";
 
-const configError = (key: string, message: string) => ConfigError.at(key, message);
-
 function readVocabSize(model: string): number | undefined {
   const config = join(dirname(model), "config.json");
   if (!existsSync(config)) return undefined;
@@ -54,48 +54,10 @@ function readVocabSize(model: string): number | undefined {
   return typeof value === "number" ? value : undefined;
 }
 
-function providerOptions(provider: ExecutionProvider, threads: number): ort.InferenceSession.SessionOptions {
-  return {
-    executionProviders: [provider],
-    graphOptimizationLevel: "all",
-    ...(threads > 0 ? { intraOpNumThreads: threads } : {}),
-  };
-}
-
-async function createSession(
-  cut: ModelProto,
-  modelDir: string,
-  provider: ExecutionProvider,
-  threads: number,
-): Promise<ort.InferenceSession> {
-  const key = "producer.executionProvider";
-  const known = ort.listSupportedBackends().map((b) => b.name);
-  if (!known.includes(provider))
-    throw configError(
-      key,
-      `${provider} is not available in this onnxruntime-node build (it has ${known.join(", ")}); set producer.executionProvider=cpu`,
-    );
-  try {
-    return await sessionFor(cut, modelDir, providerOptions(provider, threads));
-  } catch (err) {
-    const msg = (err as Error).message;
-    if (provider === "cpu") throw new Error(`onnxruntime cannot load the model: ${msg}`, { cause: err });
-    const hint =
-      provider === "cuda"
-        ? "onnxruntime-node fetches its CUDA provider only when asked at install time: `ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node` on a machine with CUDA 12 and cuDNN 9; or set producer.executionProvider=cpu"
-        : "WebGPU needs a GPU adapter reachable through Vulkan (libvulkan.so.1 and a GPU driver); or set producer.executionProvider=cpu";
-    throw configError(key, `${provider} could not be loaded: ${msg.split("\n")[0]} (${hint})`);
-  }
-}
-
-/**
- * Opens the model for a producer: checks the hook points against it, cuts it after the last one
- * (so one forward pass computes every hook tensor and nothing beyond), and runs a two-token pass
- * at once, so a provider that cannot run the graph fails at start, not on the first batch.
- */
-export async function openModelSession(options: SessionOptions): Promise<ModelSession> {
+/** The model at options.model cut after its last hook point, each failure naming the key at fault. */
+function cutModel(options: SessionOptions): ModelProto {
   if (!existsSync(options.model)) {
-    throw configError(
+    throw ConfigError.at(
       "producer.model",
       `${options.model} does not exist; make the tiny test model with \`${MAKE_TINY_MODEL}\` or point producer.model at an ONNX export`,
     );
@@ -104,17 +66,18 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
   try {
     full = loadModel(options.model);
   } catch (err) {
-    throw configError("producer.model", `${options.model} is not an ONNX model: ${(err as Error).message}`);
+    throw ConfigError.at("producer.model", `${options.model} is not an ONNX model: ${(err as Error).message}`);
   }
-  let cut: ModelProto;
   try {
-    cut = truncateAtHooks(full, options.hookPoints);
+    return truncateAtHooks(full, options.hookPoints);
   } catch (err) {
-    if (err instanceof FieldError) throw configError(`producer.${err.field}`, err.rawMessage);
-    throw configError("producer.model", (err as Error).message);
+    if (err instanceof FieldError) throw ConfigError.at(`producer.${err.field}`, err.rawMessage);
+    throw ConfigError.at("producer.model", (err as Error).message);
   }
-  const session = await createSession(cut, dirname(options.model), options.provider, options.threads);
-  const outputs = [...options.hookPoints];
+}
+
+/** Runs one forward pass of `session`, feeding the inputs it names and fetching the hook tensors `outputs`. */
+function forwardPass(session: ort.InferenceSession, outputs: readonly string[]) {
   const feeds = (inputs: ForwardInputs): Record<string, ort.Tensor> => {
     const dims = [inputs.batch, inputs.length];
     const all: Record<string, BigInt64Array> = {
@@ -126,7 +89,7 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
     for (const name of session.inputNames) {
       const data = all[name];
       if (!data)
-        throw configError(
+        throw ConfigError.at(
           "producer.model",
           `the model has an input "${name}"; a causal LM export takes input_ids, attention_mask and position_ids`,
         );
@@ -134,8 +97,8 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
     }
     return out;
   };
-  const run = async (inputs: ForwardInputs): Promise<Map<string, HookOutput>> => {
-    const result = await session.run(feeds(inputs), outputs);
+  return async (inputs: ForwardInputs): Promise<Map<string, HookOutput>> => {
+    const result = await session.run(feeds(inputs), [...outputs]);
     const map = new Map<string, HookOutput>();
     for (const name of outputs) {
       const t = result[name]!;
@@ -144,6 +107,22 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
     }
     return map;
   };
+}
+
+/**
+ * Opens the model for a producer: checks the hook points against it, cuts it after the last one
+ * (so one forward pass computes every hook tensor and nothing beyond), and runs a two-token pass
+ * at once, so a provider that cannot run the graph fails at start, not on the first batch.
+ */
+export async function openModelSession(options: SessionOptions): Promise<ModelSession> {
+  const cut = cutModel(options);
+  const session = await openOrtSession(
+    encodeModel(cut),
+    withModelFolder(ortSessionOptions({ provider: options.provider, threads: options.threads }), dirname(options.model)),
+    options.provider,
+    "producer.executionProvider",
+  );
+  const run = forwardPass(session, options.hookPoints);
   let probe: Map<string, HookOutput>;
   try {
     probe = await run({
@@ -156,13 +135,16 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
   } catch (err) {
     await session.release();
     if (err instanceof ConfigError || options.provider === "cpu") throw err;
-    throw configError("producer.executionProvider", `${options.provider} cannot run the model: ${(err as Error).message.split("\n")[0]}`);
+    throw ConfigError.at(
+      "producer.executionProvider",
+      `${options.provider} cannot run the model: ${(err as Error).message.split("\n")[0]}`,
+    );
   }
-  const first = probe.get(outputs[0]!)!;
+  const first = probe.get(options.hookPoints[0]!)!;
   return {
     dModel: first.data.length / 2,
     vocabSize: readVocabSize(options.model),
     run,
-    release: () => session.release(),
+    close: () => session.release(),
   };
 }

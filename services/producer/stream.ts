@@ -2,6 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { type ClientDuplexStream, type ServiceError, status } from "@grpc/grpc-js";
 import type { TransportConfig } from "../common/config/index.js";
 import { createClient, type ServiceClient } from "../common/grpc/adapter.js";
+import { Signal } from "../common/signal.js";
 import {
   type ActivationChunk,
   BufferService,
@@ -26,6 +27,8 @@ const MIN_BACKOFF_MS = 100;
 const MAX_BACKOFF_MS = 5000;
 /** How long one reconnect attempt waits for the channel to connect. */
 const CONNECT_MS = 1000;
+/** How long drain() lets the buffer close its side of the stream before cutting it. */
+const END_GRACE_MS = 2000;
 /** Stream statuses that re-sending cannot cure (wrong run, a contract mismatch): the producer stops. */
 const PERMANENT = new Set<number>([
   status.INVALID_ARGUMENT,
@@ -52,8 +55,9 @@ export class PushStream {
   private lostSince: number | undefined;
   private backoffMs = MIN_BACKOFF_MS;
   private retry: NodeJS.Timeout | undefined;
-  private waiters: Array<() => void> = [];
+  private readonly changed = new Signal();
   private fatal: Error | undefined;
+  private draining: Promise<boolean> | undefined;
 
   constructor(private readonly options: PushStreamOptions) {
     this.client = createClient(BufferService, options.address, options.transport);
@@ -71,11 +75,11 @@ export class PushStream {
    */
   async send(chunk: ActivationChunk): Promise<void> {
     if (this.fatal) throw this.fatal;
-    if (this.closing) throw new Error("push stream is closed");
+    if (this.closing || this.draining) throw new Error("push stream is closed");
     const request = create(PushRequestSchema, { chunk });
     this.pending.push(request);
     if (this.call) this.writable = this.call.write(request);
-    await this.until(
+    await this.changed.until(
       () =>
         this.closing ||
         this.fatal !== undefined ||
@@ -84,22 +88,34 @@ export class PushStream {
     if (this.fatal) throw this.fatal;
   }
 
-  /** Resolves true once every sent chunk is answered, false if `timeoutMs` passes first. */
-  async flush(timeoutMs: number): Promise<boolean> {
-    let timer: NodeJS.Timeout | undefined;
-    const timedOut = new Promise<boolean>((resolve) => {
-      timer = setTimeout(() => resolve(false), timeoutMs);
-    });
-    const done = this.until(() => this.pending.length === 0 || this.fatal !== undefined).then(() => this.pending.length === 0);
-    const result = await Promise.race([done, timedOut]);
-    clearTimeout(timer);
-    return result;
+  /**
+   * Stops taking chunks, waits up to `timeoutMs` for the buffer to answer every chunk sent, then ends
+   * the stream and closes the channel. Resolves true when every chunk was answered (nothing is lost).
+   */
+  drain(timeoutMs: number): Promise<boolean> {
+    return (this.draining ??= (async () => {
+      await this.changed.until(() => this.pending.length === 0 || this.fatal !== undefined, AbortSignal.timeout(timeoutMs));
+      const answered = this.pending.length === 0;
+      this.closing = true;
+      clearTimeout(this.retry);
+      await this.end(END_GRACE_MS);
+      this.client.close();
+      return answered;
+    })());
   }
 
-  /** Ends the stream (after flush, nothing is lost) and closes the channel; a buffer that does not close its side within `graceMs` is cut off. */
-  async close(graceMs = 2000): Promise<void> {
+  /** Cuts the stream and closes the channel at once; chunks not yet answered stay unanswered. */
+  async close(): Promise<void> {
     this.closing = true;
     clearTimeout(this.retry);
+    this.call?.cancel();
+    this.call = undefined;
+    this.changed.notify();
+    this.client.close();
+  }
+
+  /** Ends the stream and waits for the buffer's status; a buffer that does not close its side within `graceMs` is cut off. */
+  private async end(graceMs: number): Promise<void> {
     const call = this.call;
     if (call) {
       await new Promise<void>((resolve) => {
@@ -114,8 +130,7 @@ export class PushStream {
       });
     }
     this.call = undefined;
-    this.notify();
-    this.client.close();
+    this.changed.notify();
   }
 
   private open(): void {
@@ -125,13 +140,13 @@ export class PushStream {
     call.on("data", (res: PushResponse) => this.answer(res));
     call.on("drain", () => {
       this.writable = true;
-      this.notify();
+      this.changed.notify();
     });
     call.on("error", (err: ServiceError) => {
       if (PERMANENT.has(err.code) && !this.closing) {
         this.fatal = new Error(`the buffer at ${this.options.address} refused the push stream: ${err.details || err.message}`);
         this.call = undefined;
-        return this.notify();
+        return this.changed.notify();
       }
       this.lost(call, err.message);
     });
@@ -166,11 +181,11 @@ export class PushStream {
     if (this.call !== call) return;
     this.call = undefined;
     call.removeAllListeners("data");
-    if (this.closing) return this.notify();
+    if (this.closing) return this.changed.notify();
     this.lostSince = Date.now();
     this.options.log(`push: stream to ${this.options.address} lost (${why}); reconnecting, ${this.pending.length} chunks to re-send`);
     this.reconnect();
-    this.notify();
+    this.changed.notify();
   }
 
   private answer(res: PushResponse): void {
@@ -179,23 +194,6 @@ export class PushStream {
     const [request] = this.pending.splice(at, 1);
     if (res.code !== 0) this.options.log(`push: buffer refused ${res.hookPoint} #${res.sequence} (code ${res.code}): ${res.message}`);
     this.options.onAnswer(request!.chunk!, res);
-    this.notify();
-  }
-
-  private until(ready: () => boolean): Promise<void> {
-    if (ready()) return Promise.resolve();
-    return new Promise((resolve) => {
-      const check = () => {
-        if (ready()) resolve();
-        else this.waiters.push(check);
-      };
-      this.waiters.push(check);
-    });
-  }
-
-  private notify(): void {
-    const waiting = this.waiters;
-    this.waiters = [];
-    for (const w of waiting) w();
+    this.changed.notify();
   }
 }

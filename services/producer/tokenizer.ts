@@ -51,8 +51,7 @@ function readJson(path: string, key: string): unknown {
  */
 export function loadTokenizer(spec: string, key = "producer.tokenizer"): TextTokenizer {
   if (spec === BUILTIN_LLAMA3_1) return wrap(spec, fromPreTrained());
-  if (spec.startsWith("builtin:"))
-    throw ConfigError.at(key, `unknown builtin tokenizer "${spec}"; the builtin is ${BUILTIN_LLAMA3_1}`);
+  if (spec.startsWith("builtin:")) throw ConfigError.at(key, `unknown builtin tokenizer "${spec}"; the builtin is ${BUILTIN_LLAMA3_1}`);
   const file = existsSync(spec) && statSync(spec).isDirectory() ? join(spec, "tokenizer.json") : spec;
   if (!existsSync(file)) throw ConfigError.at(key, `tokenizer file ${file} does not exist`);
   const configFile = join(dirname(file), "tokenizer_config.json");

@@ -1,9 +1,10 @@
 import type { ClientReadableStream } from "@grpc/grpc-js";
 import { status as grpcStatus } from "@grpc/grpc-js";
+import ort from "onnxruntime-node";
 import { ConfigError, type RunConfig } from "../common/config/index.js";
 import type { DTypeName } from "../common/config/sections/dtype.js";
 import type { ServiceClient } from "../common/grpc/adapter.js";
-import { checkTensor, dtypeName, fromTensor } from "../common/tensor-codec.js";
+import { checkTensor, decodeFloats, dtypeFromName, dtypeName, fromTensor } from "../common/tensor-codec.js";
 import { type BatchesResponse, BufferService, ShareMode } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 
 /** One minibatch of activations, [rows, dModel], in the wire dtype (fp16 and bf16 as raw words). */
@@ -14,6 +15,17 @@ export interface Batch {
   dModel: number;
   /** W3C traceparent of the buffer span the rows came from, for a span link. */
   traceparent: string;
+}
+
+/**
+ * The batch as the graphs' x input: fp16 and fp32 wrap the batch's memory; bf16 is widened to fp32
+ * (onnxruntime-node takes no bf16), into `bf16Rows` when given, which the next call then reuses.
+ */
+export function batchTensor(batch: Batch, bf16Rows?: Float32Array): ort.Tensor {
+  const dims = [batch.rows, batch.dModel];
+  if (batch.dtype === "fp16") return new ort.Tensor("float16", batch.data as Uint16Array, dims);
+  if (batch.dtype === "fp32") return new ort.Tensor("float32", batch.data as Float32Array, dims);
+  return new ort.Tensor("float32", decodeFloats(batch.data, dtypeFromName("bf16"), bf16Rows), dims);
 }
 
 /** Where the trainer's batches come from. */

@@ -1,5 +1,6 @@
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
+import type { SaeLensArchitecture } from "../common/config/recipes.js";
 import { readSafetensors, type SafeTensor, syncDir, writeAtomic, writeSafetensors } from "../common/safetensors.js";
 import { type FiringCounts, logSparsity } from "./firing.js";
 import type { SaeState } from "./sae.js";
@@ -18,7 +19,7 @@ export const CFG_FILE = "cfg.json";
 export const WEIGHTS_FILE = "sae_weights.safetensors";
 export const SPARSITY_FILE = "sparsity.safetensors";
 
-export type SaeLensArchitecture = "standard" | "topk" | "jumprelu" | "gated";
+export type { SaeLensArchitecture };
 
 export interface ExportInfo {
   architecture: SaeLensArchitecture;

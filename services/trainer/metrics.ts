@@ -155,3 +155,104 @@ export class TrainerMeters {
     this.latest.set(m.sae, m);
   }
 }
+
+/** The progress line of one SAE's window. */
+const progressLine = (m: WindowMetrics, steps: number): string =>
+  `${m.sae} step ${m.step}/${steps} loss ${m.loss.toPrecision(4)} mse ${m.mse.toPrecision(4)} ev ${m.explained_variance.toFixed(3)} ` +
+  `l0 ${m.l0.toFixed(1)} dead ${(100 * m.dead_fraction).toFixed(1)}% ${Math.round(m.tokens_per_second)} tok/s`;
+
+/**
+ * The logging windows of a sweep: each SAE's sums, the clock and batch waits they share, and where a
+ * closed window goes (the SAE's metrics.jsonl, the Status RPC's latest record, the meters, a
+ * progress line).
+ */
+export class MetricWindows {
+  private readonly windows: Window[];
+  private readonly files: MetricsFile[];
+  private readonly latestOf: Array<WindowMetrics | undefined>;
+  private readonly meters = new TrainerMeters();
+  private startedAt = 0;
+  private windowStartedAt = 0;
+  private windowRows = 0;
+  private windowWaitMs = 0;
+  private totalWaitMs = 0;
+
+  constructor(
+    private readonly saes: ReadonlyArray<{ name: string; metricsPath: string }>,
+    private readonly steps: number,
+    private readonly log: (line: string) => void,
+  ) {
+    this.windows = saes.map(() => new Window());
+    this.files = saes.map((s) => new MetricsFile(s.metricsPath));
+    this.latestOf = saes.map(() => undefined);
+  }
+
+  /** Training begins: the run's clock and its first window start now. */
+  start(): void {
+    this.startedAt = this.windowStartedAt = performance.now();
+  }
+
+  /** One SAE's step: its stats and firings, and the k and learning rate it was taken with. */
+  add(sae: number, stats: Float32Array, fires: Float32Array, rows: number, step: { k: number; lr: number }): void {
+    this.windows[sae]!.add(stats, fires, rows, step);
+  }
+
+  /** The sweep's step is done: how long it took, its rows, and how long it waited for its batch. */
+  stepped(durationMs: number, rows: number, waitedMs: number): void {
+    this.windowRows += rows;
+    this.windowWaitMs += waitedMs;
+    this.totalWaitMs += waitedMs;
+    this.meters.step(
+      durationMs,
+      rows,
+      waitedMs,
+      this.saes.map((s) => s.name),
+    );
+  }
+
+  /** Some SAE has steps not yet logged. */
+  get pending(): boolean {
+    return this.windows.some((w) => !w.empty);
+  }
+
+  /** Closes the window at `at`: every SAE with steps in it gets its averages written, metered and logged. */
+  take(at: { step: number; tokens: number }, deadFraction: (sae: number) => number): void {
+    const now = performance.now();
+    const seconds = (now - this.windowStartedAt) / 1000;
+    this.windows.forEach((window, i) => {
+      if (window.empty) return;
+      const m: WindowMetrics = {
+        sae: this.saes[i]!.name,
+        step: at.step,
+        tokens: at.tokens,
+        ...window.take(),
+        dead_fraction: deadFraction(i),
+        tokens_per_second: seconds > 0 ? this.windowRows / seconds : 0,
+        wait_ms: this.windowWaitMs,
+        elapsed_s: (now - this.startedAt) / 1000,
+      };
+      this.latestOf[i] = m;
+      this.files[i]!.append(m);
+      this.meters.window(m);
+      this.log(progressLine(m, this.steps));
+    });
+    this.windowRows = 0;
+    this.windowWaitMs = 0;
+    this.windowStartedAt = now;
+  }
+
+  /** The SAE's last logged window, if any. */
+  latest(sae: number): WindowMetrics | undefined {
+    return this.latestOf[sae];
+  }
+
+  /** Milliseconds the run has waited for batches. */
+  get waitMs(): number {
+    return this.totalWaitMs;
+  }
+
+  /** Milliseconds since training began; 0 before. */
+  get wallMs(): number {
+    return this.startedAt ? performance.now() - this.startedAt : 0;
+  }
+}

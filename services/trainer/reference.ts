@@ -1,4 +1,5 @@
-import { type CoreParam, type GatedParam, paramsOf, rankedRecipe, STAT, STAT_COUNT, type StepSpec } from "./graph/step.js";
+import { STEP_RECIPES } from "../common/config/recipes.js";
+import { type CoreParam, type GatedParam, paramsOf, STAT, STAT_COUNT, type StepSpec } from "./graph/step.js";
 import { type SaeState, stateTensor } from "./sae.js";
 
 /**
@@ -67,7 +68,8 @@ function select(spec: StepSpec, pre: Float64Array, rankNorm: Float64Array | unde
   const { batchSize: B, width: n } = spec;
   const out: Entry[] = [];
   const scoreOf = (i: number, v: number) => (rankNorm ? Math.max(v, 0) * rankNorm[i]! : v);
-  if (spec.recipe === "topk") {
+  const { keeps } = STEP_RECIPES[spec.recipe];
+  if (keeps === "token-top-k") {
     for (let b = 0; b < B; b++) {
       const row = Array.from({ length: n }, (_, i) => ({
         row: b,
@@ -78,7 +80,7 @@ function select(spec: StepSpec, pre: Float64Array, rankNorm: Float64Array | unde
       }));
       out.push(...row.sort(byScore).slice(0, k));
     }
-  } else if (spec.recipe === "batchtopk" || spec.recipe === "matryoshka") {
+  } else if (keeps === "batch-top-k") {
     const flat = Array.from({ length: B * n }, (_, i) => {
       const value = Math.max(pre[i]!, 0);
       return { row: Math.floor(i / n), latent: i % n, value, score: rankNorm ? value * rankNorm[i % n]! : value, key: i };
@@ -125,10 +127,9 @@ export function evaluate(spec: StepSpec, P: Params64, x: Float32Array, sc: StepS
     W_dec: Float64Array.from(P.W_dec),
     b_dec: Float64Array.from(P.b_dec),
   };
-  const code =
-    spec.recipe === "gated"
-      ? gatedCode(spec, P, xNorm, xCent, enc, pre, decNorm, sc, fixed, G)
-      : sparseCode(spec, P, xNorm, xCent, pre, decNorm, sc, G);
+  const code = STEP_RECIPES[spec.recipe].magnitudePath
+    ? gatedCode(spec, P, xNorm, xCent, enc, pre, decNorm, sc, fixed, G)
+    : sparseCode(spec, P, xNorm, xCent, pre, decNorm, sc, G);
   stats[STAT.sse] = code.sse;
   stats[STAT.penalty] = code.penalty;
   stats[STAT.minAct] = code.minAct;
@@ -145,7 +146,7 @@ export function evaluate(spec: StepSpec, P: Params64, x: Float32Array, sc: StepS
     );
   }
   let aux = code.aux;
-  if (spec.auxK && rankedRecipe(spec.recipe) && sc.deadIdx.length > 0 && sc.auxScale > 0) {
+  if (spec.auxK && STEP_RECIPES[spec.recipe].ranked && sc.deadIdx.length > 0 && sc.auxScale > 0) {
     const weight = sc.auxScale / fixed.errVar;
     for (let b = 0; b < B; b++) {
       const kept = sc.deadIdx
@@ -203,7 +204,7 @@ function sparseCode(
   G: Params64,
 ): CodeResult {
   const { batchSize: B, dModel: d, width: n } = spec;
-  const ranked = spec.recipe !== "relu";
+  const { ranked, penalised, batchThreshold } = STEP_RECIPES[spec.recipe];
   const entries = select(spec, pre, ranked && !spec.unitNormDecoder ? decNorm : undefined, sc.k);
   const groups = spec.prefixes.length + 1;
   const groupOf = (i: number) => spec.prefixes.filter((p) => p <= i).length;
@@ -216,7 +217,7 @@ function sparseCode(
     if (e.value > 0) {
       fires[e.latent]! += 1;
       actsSum[e.latent]! += e.value;
-      if ((spec.recipe === "batchtopk" || spec.recipe === "matryoshka") && (minAct === 0 || e.score < minAct)) minAct = e.score;
+      if (batchThreshold && (minAct === 0 || e.score < minAct)) minAct = e.score;
     }
   }
   // Prefix g reconstructs with groups 0..g.
@@ -230,7 +231,7 @@ function sparseCode(
   const err = errs.at(-1)!;
   const sse = sumSq(err);
   const prefix = errs.slice(0, -1).reduce((a, e) => a + sumSq(e), 0);
-  const l1 = spec.recipe === "relu" ? sc.l1Coef / B : 0;
+  const l1 = penalised ? sc.l1Coef / B : 0;
   const penalty = actsSum.reduce((a, s, i) => a + s * decNorm[i]!, 0) * l1;
 
   // dL/d(group g's part) sums the errors of every prefix that holds group g.

@@ -1,16 +1,7 @@
 import ort from "onnxruntime-node";
-import {
-  buildStepGraph,
-  nextName,
-  type ParamName,
-  paramsOf,
-  penalisedRecipe,
-  rankedRecipe,
-  STAT_COUNT,
-  stateOf,
-  stateShape,
-  type StepSpec,
-} from "./graph/step.js";
+import { STEP_RECIPES } from "../common/config/recipes.js";
+import { ortSessionOptions } from "../common/ort.js";
+import { buildStepGraph, nextName, type ParamName, paramsOf, STAT_COUNT, stateOf, stateShape, type StepSpec } from "./graph/step.js";
 import type { StepScalars } from "./reference.js";
 import { allocState, type SaeState, stateTensor } from "./sae.js";
 
@@ -20,17 +11,6 @@ export interface StepOutputs {
   fires: Float32Array;
   /** The gradients Adam was given (after clipping); only when the graph was built with gradOutputs. */
   grads?: Partial<Record<ParamName, Float32Array>>;
-}
-
-export function sessionOptions(threads: number): ort.InferenceSession.SessionOptions {
-  return {
-    intraOpNumThreads: threads,
-    interOpNumThreads: 1,
-    executionMode: "sequential",
-    graphOptimizationLevel: "all",
-    // Warnings (e.g. initializers the optimiser folded away) are noise in a training log.
-    logSeverityLevel: 3,
-  };
 }
 
 const scalar = () => new ort.Tensor("float32", new Float32Array(1), []);
@@ -72,7 +52,7 @@ export class StepSession {
 
   /** Builds the step graph for `spec` and opens a session on it; `state` becomes the current state. */
   static async create(spec: StepSpec, state: SaeState, threads: number): Promise<StepSession> {
-    const session = await ort.InferenceSession.create(buildStepGraph(spec), sessionOptions(threads));
+    const session = await ort.InferenceSession.create(buildStepGraph(spec), ortSessionOptions({ threads }));
     return new StepSession(session, spec, state);
   }
 
@@ -95,6 +75,7 @@ export class StepSession {
    */
   async run(x: ort.Tensor, sc: StepScalars): Promise<StepOutputs> {
     const { beta1, beta2, recipe } = this.spec;
+    const { penalised, ranked } = STEP_RECIPES[recipe];
     this.scalars.scale.data[0] = sc.scale;
     this.scalars.lr_step.data[0] = sc.lr / (1 - beta1 ** sc.t);
     this.scalars.sqrt_bc2.data[0] = Math.sqrt(1 - beta2 ** sc.t);
@@ -104,11 +85,11 @@ export class StepSession {
       lr_step: this.scalars.lr_step,
       sqrt_bc2: this.scalars.sqrt_bc2,
     };
-    if (penalisedRecipe(recipe)) {
+    if (penalised) {
       this.scalars.l1_coef.data[0] = sc.l1Coef;
       feeds.l1_coef = this.scalars.l1_coef;
     }
-    if (rankedRecipe(recipe)) {
+    if (ranked) {
       if (this.spec.annealK) {
         if (!(sc.k >= 1 && sc.k <= this.spec.k)) throw new Error(`k ${sc.k} is outside this step graph's range 1..${this.spec.k}`);
         this.k.data[0] = BigInt(sc.k);
@@ -117,7 +98,7 @@ export class StepSession {
         throw new Error(`k ${sc.k} fed to a step graph built for k ${this.spec.k}`);
       }
     }
-    if (rankedRecipe(recipe) && this.spec.auxK) {
+    if (ranked && this.spec.auxK) {
       const live = sc.deadIdx.length > 0 && sc.auxScale > 0;
       const ids = live ? BigInt64Array.from(sc.deadIdx, (i) => BigInt(i)) : new BigInt64Array(1);
       feeds.dead_idx = new ort.Tensor("int64", ids, [ids.length]);
@@ -135,7 +116,8 @@ export class StepSession {
     return this.outputs;
   }
 
-  async release(): Promise<void> {
+  /** Lets go of the onnxruntime session; the current state stays readable. */
+  async close(): Promise<void> {
     await this.session.release();
   }
 }

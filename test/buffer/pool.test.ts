@@ -156,3 +156,28 @@ test("the seeded generator is uniform enough and reproducible", () => {
   }
   for (const c of counts) assert.ok(Math.abs(c - 10000) < 600, `bucket count ${c}`);
 });
+
+test("the served order is a uniform permutation: every row is equally likely at every position", () => {
+  const n = 8;
+  const trials = 8000;
+  const counts = Array.from({ length: n }, () => new Array<number>(n).fill(0));
+  for (let seed = 0; seed < trials; seed++) {
+    const p = new Pool({ capacity: n, dModel: WIDTH, dtype: DType.FP32, epochs: 1, seed });
+    p.append(chunk(0, n, 0), 0, n);
+    const cursor = p.openCursor();
+    take(p, cursor, n).forEach((row, position) => counts[row]![position]!++);
+  }
+  // Each cell expects trials / n = 1000; a 4-sigma band (sigma ~ 29.6) catches a biased shuffle.
+  for (const row of counts) for (const c of row) assert.ok(Math.abs(c - trials / n) < 120, `cell count ${c}`);
+});
+
+test("with two epochs a full pool serves every row twice, whole, however its slots wrap", () => {
+  const p = pool(48, { epochs: 2, segmentBytes: 16 * WIDTH * 4 });
+  fill(p, 0, 3, 16);
+  assert.equal(p.free, 0);
+  const cursor = p.openCursor();
+  const got: number[] = [];
+  while (p.unread(cursor) > 0) got.push(...take(p, cursor, Math.min(12, p.unread(cursor))));
+  assert.deepEqual(sorted(got), sorted([...range(48), ...range(48)]));
+  assert.equal(p.held, 0);
+});

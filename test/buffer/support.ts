@@ -148,6 +148,11 @@ export class PushClient {
     this.call.end();
     await this.ended;
   }
+
+  /** Cuts the stream: chunks not answered yet are rejected. */
+  cancel(): void {
+    this.call.cancel();
+  }
 }
 
 /** Collects a Batches stream until it ends. */

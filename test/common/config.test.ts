@@ -88,6 +88,64 @@ describe("config loader", () => {
   });
 });
 
+describe("list elements from flags and environment", () => {
+  const dir = mkdtempSync(join(tmpdir(), "saeflow-config-lists-"));
+  const sweep = join(dir, "sweep.yaml");
+  writeFileSync(
+    sweep,
+    "trainer:\n  saes:\n    - { name: a, recipe: topk, width: 64, k: 8 }\n    - { name: b, recipe: batchtopk, width: 64, k: 16 }\n",
+  );
+
+  it("--set trainer.saes.0.k=4 changes one SAE of the default sweep and keeps the list a list", () => {
+    const c = loadConfig({ sets: ["trainer.saes.0.k=4"] });
+    assert.equal(c.trainer.saes.length, 1);
+    assert.equal(c.trainer.saes[0]!.k, 4);
+    assert.equal(c.trainer.saes[0]!.name, loadConfig().trainer.saes[0]!.name, "the rest of the default SAE is kept");
+  });
+
+  it("flags and environment address one SAE of a file's sweep, and can add a field to it", () => {
+    const c = loadConfig({
+      file: sweep,
+      env: { SAEFLOW_TRAINER__SAES__1__K: "12" },
+      sets: ["trainer.saes.0.kStart=32", "trainer.saes.1.lr=0.001"],
+    });
+    assert.deepEqual(
+      c.trainer.saes.map((s) => [s.name, s.recipe, s.k, s.kStart, s.lr]),
+      [
+        ["a", "topk", 8, 32, 2e-4],
+        ["b", "batchtopk", 12, 0, 0.001],
+      ],
+    );
+  });
+
+  it("a bad value in one element is refused naming that element and its source; an index past the end is refused", () => {
+    try {
+      loadConfig({ file: sweep, sets: ["trainer.saes.1.k=65"] });
+      assert.fail("accepted");
+    } catch (err) {
+      assert.ok(err instanceof ConfigError);
+      assert.deepEqual(err.keys, ["trainer.saes.1.k"]);
+      assert.equal(err.message, "trainer.saes.1.k: k (65) exceeds width (64) (from --set trainer.saes.1.k)");
+    }
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ file: sweep, sets: ["trainer.saes.5.k=4"] })),
+      ["trainer.saes.5"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ file: sweep, env: { SAEFLOW_TRAINER__SAES__X__K: "4" } })),
+      ["trainer.saes.x"],
+    );
+  });
+
+  it("a whole list still replaces the list", () => {
+    const c = loadConfig({ file: sweep, sets: ["trainer.saes=[{name: only, width: 32, k: 4}]"] });
+    assert.deepEqual(
+      c.trainer.saes.map((s) => s.name),
+      ["only"],
+    );
+  });
+});
+
 describe("config consistency across roles", () => {
   it("refuses a trainer or producer that does not match the buffer's pools, naming the key", () => {
     assert.deepEqual(

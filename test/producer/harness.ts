@@ -2,12 +2,14 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
-import { type ServerDuplexStream, status } from "@grpc/grpc-js";
+import { status } from "@grpc/grpc-js";
 import { loadConfig, type RunConfig } from "../../services/common/config/index.js";
 import { Demand, MemberAnnounce, type Subjects, subjects } from "../../services/common/coordination.js";
 import { FieldError } from "../../services/common/errors.js";
+import type { HandlerContext } from "../../services/common/grpc/adapter.js";
 import { bind, type RunningServer, startServer } from "../../services/common/grpc/server.js";
 import { type Bus, connectBus } from "../../services/common/nats.js";
+import { Signal } from "../../services/common/signal.js";
 import { type NatsServer, startNatsServer } from "../../tools/cli/nats-server.js";
 import {
   type ActivationChunk,
@@ -38,9 +40,16 @@ export interface Received {
   stream: number;
 }
 
+/** An answer waiting its turn on a push stream; a held one goes out once release() was called `release` times. */
+interface Answer {
+  response: PushResponse;
+  release: number;
+}
+
 /**
  * A test-side BufferService: records pushes and answers them in order. While `holding`, answers are
- * queued instead (a buffer that is slow to answer) until release().
+ * held back instead (a buffer that is slow to answer) until release(); chunks are still read and
+ * recorded meanwhile, as gRPC flow control lets a producer write ahead.
  */
 export class RecordingBuffer {
   readonly received: Received[] = [];
@@ -50,27 +59,30 @@ export class RecordingBuffer {
   runId: string | undefined;
   /** Called for each new chunk after it is recorded, before it is answered. */
   onChunk: (chunk: ActivationChunk) => void = () => undefined;
-  private held: Array<() => void> = [];
+  private releases = 0;
+  private crashed = false;
   private streams = 0;
   private readonly seen = new Set<string>();
-  private waiters: Array<() => void> = [];
-  private calls: Array<ServerDuplexStream<PushRequest, PushResponse>> = [];
+  /** Wakes the test's until() and the push streams: a chunk came, answers were released, the buffer crashed. */
+  private readonly changed = new Signal();
 
   private server!: RunningServer;
 
   static async start(address = "127.0.0.1:0", transport = loadConfig({}).transport): Promise<RecordingBuffer> {
     const self = new RecordingBuffer();
-    const unimplemented = async (): Promise<never> => {
+    const refuse = (): never => {
       throw new FieldError("method", "not served by the test buffer", status.UNIMPLEMENTED);
     };
     self.server = await startServer(address, transport, [
       bind(BufferService, {
-        push: (call) => self.push(call),
-        batches: unimplemented,
-        status: unimplemented,
-        pause: unimplemented,
-        resume: unimplemented,
-        drain: unimplemented,
+        push: (requests, ctx) => self.push(requests, ctx),
+        batches: async function* () {
+          yield refuse();
+        },
+        status: async () => refuse(),
+        pause: async () => refuse(),
+        resume: async () => refuse(),
+        drain: async () => refuse(),
       }),
     ]);
     return self;
@@ -93,25 +105,21 @@ export class RecordingBuffer {
     const deadline = Date.now() + timeoutMs;
     while (!ready()) {
       if (Date.now() > deadline) throw new Error(`test buffer: timed out waiting for ${what}`);
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, 200);
-        this.waiters.push(() => {
-          clearTimeout(timer);
-          resolve();
-        });
-      });
+      await this.changed.wait(undefined, 200);
     }
   }
 
-  /** Sends the queued answers and answers at once from now on. */
+  /** Sends the held answers and answers at once from now on. */
   release(): void {
     this.holding = false;
-    for (const answer of this.held.splice(0)) answer();
+    this.releases++;
+    this.changed.notify();
   }
 
-  /** Kills the server as a crash would: streams are cut without answers. */
+  /** Kills the server as a crash would: streams are cut without their held answers. */
   async crash(): Promise<void> {
-    for (const call of this.calls) call.destroy(new Error("crash"));
+    this.crashed = true;
+    this.changed.notify();
     await this.server.close(0);
   }
 
@@ -119,40 +127,60 @@ export class RecordingBuffer {
     return this.server.close(0);
   }
 
-  private async push(call: ServerDuplexStream<PushRequest, PushResponse>): Promise<void> {
+  /** One push stream: a reader records chunks as they come while answers go out in order, each once released. */
+  private async *push(requests: AsyncIterable<PushRequest>, ctx: HandlerContext): AsyncIterable<PushResponse> {
     const stream = this.streams++;
-    this.calls.push(call);
-    for await (const req of call) {
-      const chunk = req.chunk!;
-      if (this.runId !== undefined && chunk.runId !== this.runId) {
-        throw new FieldError("chunk.run_id", `"${chunk.runId}" is not this buffer's run "${this.runId}"`, status.FAILED_PRECONDITION);
+    const answers: Answer[] = [];
+    let ended = false;
+    let failure: unknown;
+    void (async () => {
+      try {
+        for await (const req of requests) answers.push(this.take(req.chunk!, stream));
+      } catch (err) {
+        failure = err;
+      } finally {
+        ended = true;
+        this.changed.notify();
       }
-      const key = `${chunk.producerId}/${chunk.hookPoint}/${chunk.sequence}`;
-      const rows = chunk.activations?.shape[0] ?? 0;
-      const answer = (accepted: number, dropped: number) =>
-        void call.write(
-          create(PushResponseSchema, {
-            hookPoint: chunk.hookPoint,
-            sequence: chunk.sequence,
-            rowsAccepted: accepted,
-            rowsDropped: dropped,
-            freeRows: 1_000_000n,
-          }),
-        );
-      if (this.seen.has(key)) {
-        this.duplicates.push(chunk);
-        answer(0, rows);
-        continue;
-      }
-      this.seen.add(key);
-      this.received.push({ chunk, stream });
-      this.onChunk(chunk);
-      const waiting = this.waiters;
-      this.waiters = [];
-      for (const w of waiting) w();
-      if (this.holding) this.held.push(() => answer(rows, 0));
-      else answer(rows, 0);
+    })();
+    for (;;) {
+      const due = () => answers.length > 0 && answers[0]!.release <= this.releases;
+      await this.changed.until(() => this.crashed || due() || (ended && answers.length === 0) || failure !== undefined, ctx.signal);
+      if (ctx.signal.aborted) return;
+      if (this.crashed) throw new Error("the test buffer crashed");
+      if (due()) yield answers.shift()!.response;
+      else if (failure !== undefined) throw failure;
+      else if (ended) return;
     }
+  }
+
+  /** Records a chunk (once per producer/hook/sequence) and makes its answer, held while `holding`. */
+  private take(chunk: ActivationChunk, stream: number): Answer {
+    if (this.runId !== undefined && chunk.runId !== this.runId) {
+      throw new FieldError("chunk.run_id", `"${chunk.runId}" is not this buffer's run "${this.runId}"`, status.FAILED_PRECONDITION);
+    }
+    const key = `${chunk.producerId}/${chunk.hookPoint}/${chunk.sequence}`;
+    const rows = chunk.activations?.shape[0] ?? 0;
+    const answer = (accepted: number, dropped: number, release: number): Answer => ({
+      response: create(PushResponseSchema, {
+        hookPoint: chunk.hookPoint,
+        sequence: chunk.sequence,
+        rowsAccepted: accepted,
+        rowsDropped: dropped,
+        freeRows: 1_000_000n,
+      }),
+      release,
+    });
+    if (this.seen.has(key)) {
+      this.duplicates.push(chunk);
+      return answer(0, rows, this.releases);
+    }
+    this.seen.add(key);
+    this.received.push({ chunk, stream });
+    this.onChunk(chunk);
+    const held = this.holding;
+    this.changed.notify();
+    return answer(rows, 0, held ? this.releases + 1 : this.releases);
   }
 }
 
@@ -169,7 +197,7 @@ export class DemandPlayer {
     const bus = await connectBus({ url, name: "test-buffer", log: () => undefined });
     const player = new DemandPlayer(bus, subjects("saeflow", RUN_ID));
     bus.reply(player.subjects.hello, MemberAnnounce, Demand, () => player.latest);
-    await bus.nc.flush();
+    await bus.flush();
     return player;
   }
 
@@ -185,11 +213,11 @@ export class DemandPlayer {
   async send(demand: Demand): Promise<void> {
     this.latest = demand;
     this.bus.publish(this.subjects.demand, Demand, demand);
-    await this.bus.nc.flush();
+    await this.bus.flush();
   }
 
-  close(): Promise<void> {
-    return this.bus.close();
+  drain(): Promise<void> {
+    return this.bus.drain();
   }
 }
 
@@ -241,7 +269,7 @@ export async function startWorld(): Promise<World> {
         },
       }),
     close: async () => {
-      await demand.close();
+      await demand.drain();
       await world.buffer.close();
       await nats.stop();
       rmSync(dir, { recursive: true, force: true });

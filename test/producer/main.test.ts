@@ -24,7 +24,7 @@ describe("producer main", () => {
     for (const what of ["join", "leave"] as const) {
       world.demand.bus.subscribe(world.demand.subjects[what], MemberAnnounce, (m) => seen[what]!.push(m.producerId));
     }
-    await world.demand.bus.nc.flush();
+    await world.demand.bus.flush();
     await world.demand.grant({ "main-test": 1e12 });
 
     const child = spawn(

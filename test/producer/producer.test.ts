@@ -1,10 +1,13 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
+import { createServer } from "node:net";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
+import { ConfigError } from "../../services/common/config/index.js";
 import { MemberAnnounce, RunState } from "../../services/common/coordination.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { Serving } from "../../services/common/grpc/health.js";
+import { connectBus } from "../../services/common/nats.js";
 import { fp32ToBf16, fp32ToFp16, fromTensor } from "../../services/common/tensor-codec.js";
 import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
 import type { ActivationChunk } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
@@ -14,6 +17,7 @@ import { openHookSession } from "../../services/producer/model/session.js";
 import { type RunningProducer, startProducer } from "../../services/producer/producer.js";
 import { loadTokenizer } from "../../services/producer/tokenizer.js";
 import * as ort from "onnxruntime-node";
+import { freePort } from "../../tools/cli/nats-server.js";
 import { ReflectionClient } from "../support/reflection-client.js";
 import { D_MODEL, paragraphs, type RecordingBuffer, startWorld, type World, writeDataset } from "./harness.js";
 
@@ -22,7 +26,8 @@ import { D_MODEL, paragraphs, type RecordingBuffer, startWorld, type World, writ
 
 const BOS = 128000;
 const HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"];
-const quiet = { log: () => undefined };
+/** Role deps for an in-process producer: a control server on a free port, no log lines. */
+const quiet = { address: "127.0.0.1:0", log: () => undefined };
 const seqs = (chunks: ActivationChunk[]) => chunks.map((c) => Number(c.sequence));
 /** Polls `ready` until it holds; rejects after a minute (a hang, not a slow machine). */
 async function poll(ready: () => Promise<boolean>, what: string): Promise<void> {
@@ -32,13 +37,21 @@ async function poll(ready: () => Promise<boolean>, what: string): Promise<void> 
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+/** Resolves true when nothing listens on 127.0.0.1:`port` any more (it can be bound again). */
+function portIsFree(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createServer();
+    probe.once("error", () => resolve(false));
+    probe.listen(port, "127.0.0.1", () => probe.close(() => resolve(true)));
+  });
+}
 const rowsOf = (chunks: ActivationChunk[]) => chunks.reduce((n, c) => n + c.activations!.shape[0]!, 0);
 
 /** Runs a producer to the end of its shard with an unlimited grant; returns the chunks it sent, in order. */
 async function runToEnd(world: World, producer: Record<string, unknown>, extra: Record<string, unknown> = {}): Promise<ActivationChunk[]> {
   const p = await startProducer(world.config({ epochs: 1, ...producer }, extra), quiet);
   await world.demand.grant({ [p.id]: 1e12 });
-  await p.finished;
+  assert.equal(await p.finished, undefined);
   await p.stop();
   return world.buffer.chunks().filter((c) => c.producerId === p.id);
 }
@@ -169,7 +182,7 @@ describe("producer", () => {
       [0, 1].map((i) => startProducer(world.config({ ...common, id: `cover-${i}`, shardIndex: i }), quiet)),
     );
     await world.demand.grant({ "cover-0": 1e12, "cover-1": 1e12 });
-    await Promise.all(producers.map((p) => p.finished));
+    assert.deepEqual(await Promise.all(producers.map((p) => p.finished)), [undefined, undefined]);
     await Promise.all(producers.map((p) => p.stop()));
     const tokenizer = loadTokenizer("builtin:llama3_1");
     const owner = new Map<number, string>();
@@ -203,7 +216,7 @@ describe("producer", () => {
     await world.buffer.until(() => world.buffer.chunks(HOOKS[1]).length >= 3, "three passes");
     await poll(async () => p.status().state === ServiceState.PAUSED, "the producer to park on its grant");
     world.demand.bus.publish(world.demand.subjects.runState, RunState, { state: "draining", reason: "test" });
-    await p.finished; // the run ending ends production
+    assert.equal(await p.finished, undefined); // the run ending ends production
     await p.stop();
     for (const hook of HOOKS) {
       const chunks = world.buffer.chunks(hook);
@@ -301,7 +314,7 @@ describe("producer", () => {
     const first = await world.newBuffer();
     const joins: string[] = [];
     const sub = world.demand.bus.subscribe(world.demand.subjects.join, MemberAnnounce, (m) => joins.push(m.producerId));
-    await world.demand.bus.nc.flush();
+    await world.demand.bus.flush();
     const p = await startProducer(
       world.config({
         id: "crashy",
@@ -341,7 +354,7 @@ describe("producer", () => {
     const first = await world.newBuffer();
     const joins: string[] = [];
     const sub = world.demand.bus.subscribe(world.demand.subjects.join, MemberAnnounce, (m) => joins.push(m.producerId));
-    await world.demand.bus.nc.flush();
+    await world.demand.bus.flush();
     const p = await startProducer(
       world.config({ id: "idle", dataset: ["builtin:corpus"], hookPoints: [HOOKS[0]!], contextLength: 32, batchContexts: 2 }),
       quiet,
@@ -370,7 +383,10 @@ describe("producer", () => {
       quiet,
     );
     await world.demand.grant({ refused: 1e12 });
-    await assert.rejects(p.finished, /refused the push stream: chunk\.run_id: "ptest" is not this buffer's run "another-run"/);
+    assert.match(
+      (await p.finished)?.message ?? "finished without an error",
+      /refused the push stream: chunk\.run_id: "ptest" is not this buffer's run "another-run"/,
+    );
     await p.stop();
     assert.equal(p.status().state, ServiceState.STOPPED);
   });
@@ -389,7 +405,7 @@ describe("producer", () => {
     assert.equal(saved.position.contexts, 2 * world.buffer.chunks().filter((c) => c.producerId === "resumer").length);
     const b = await startProducer(world.config({ ...common, id: "resumer" }), quiet);
     await world.demand.grant({ resumer: 1e12 }, 2);
-    await b.finished;
+    assert.equal(await b.finished, undefined);
     await b.stop();
     const resumed = world.buffer.chunks().filter((c) => c.producerId === "resumer");
     assert.deepEqual(
@@ -444,5 +460,27 @@ describe("producer", () => {
         },
       );
     }
+  });
+
+  it("fails start naming nats.url when NATS cannot be reached, leaving nothing listening", async () => {
+    const port = await freePort();
+    const config = world.config({ id: "no-nats", dataset: [data], hookPoints: [HOOKS[0]!] });
+    const unreachable = { ...config, nats: { ...config.nats, url: `nats://127.0.0.1:${await freePort()}` } };
+    await assert.rejects(startProducer(unreachable, { ...quiet, address: `127.0.0.1:${port}` }), (err: Error) => {
+      assert.ok(err instanceof ConfigError, String(err));
+      assert.deepEqual(err.keys, ["nats.url"]);
+      assert.match(err.message, /^nats\.url: cannot connect to nats:\/\/127\.0\.0\.1:\d+/);
+      return true;
+    });
+    assert.ok(await portIsFree(port), "the control port is free again");
+  });
+
+  it("lets go of the control server when joining the run fails after it serves", async () => {
+    const port = await freePort();
+    const closed = await connectBus({ url: world.nats.url, name: "closed", log: () => undefined });
+    await closed.drain();
+    const config = world.config({ id: "no-join", dataset: [data], hookPoints: [HOOKS[0]!] });
+    await assert.rejects(startProducer(config, { ...quiet, address: `127.0.0.1:${port}`, bus: closed }), /closed connection/);
+    assert.ok(await portIsFree(port), "the control port is free again");
   });
 });

@@ -25,7 +25,7 @@ describe("model session", () => {
     });
     assert.deepEqual([...out.keys()], ["blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"]);
     for (const o of out.values()) assert.equal(o.data.length, 3 * 64);
-    await s.release();
+    await s.close();
   });
 
   it("a GPU provider either runs or fails at start naming producer.executionProvider and what it needs", async () => {
@@ -33,7 +33,7 @@ describe("model session", () => {
       try {
         const s = await openModelSession({ model, hookPoints: ["blocks.0.hook_resid_post"], provider, threads: 0 });
         assert.equal(s.dModel, 64, `${provider} runs here`);
-        await s.release();
+        await s.close();
       } catch (err) {
         assert.ok(err instanceof ConfigError, String(err));
         assert.deepEqual(err.keys, ["producer.executionProvider"]);

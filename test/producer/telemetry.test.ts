@@ -24,10 +24,10 @@ describe("producer telemetry", () => {
     const hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"];
     const p = await startProducer(
       world.config({ id: "traced", dataset: [data], hookPoints: hooks, contextLength: 16, batchContexts: 2, epochs: 1, excludeBos: false }),
-      { log: () => undefined },
+      { address: "127.0.0.1:0", log: () => undefined },
     );
     await world.demand.grant({ traced: 1e12 });
-    await p.finished;
+    assert.equal(await p.finished, undefined);
     await p.stop();
     const spans = exporter.getFinishedSpans();
     const named = (n: string) => spans.filter((s) => s.name === n);

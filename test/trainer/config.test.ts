@@ -6,7 +6,7 @@ import { after, describe, test } from "node:test";
 import { ConfigError, loadConfig } from "../../services/common/config/index.js";
 import { ArrayBatchSource } from "../../services/trainer/batches.js";
 import { activeK, learningRate, rampedCoefficient } from "../../services/trainer/schedule.js";
-import { Trainer } from "../../services/trainer/trainer.js";
+import { Training } from "../../services/trainer/training.js";
 import { gaussianBatch, testConfig } from "./fixtures.js";
 
 function refused(fn: () => unknown): ConfigError {
@@ -96,8 +96,8 @@ describe("trainer config", () => {
   test("batches of another width than trainer.dModel stop training with an error naming the key", async () => {
     const config = testConfig(dir, { dModel: 16, batchSize: 8, steps: 5, saes: [{ name: "a", width: 32, k: 4 }] });
     const wrong = [{ data: gaussianBatch(8, 12, "w"), dtype: "fp32" as const, rows: 8, dModel: 12, traceparent: "" }];
-    const trainer = new Trainer({ config, source: new ArrayBatchSource(wrong) });
-    await assert.rejects(trainer.run(), (err: unknown) => err instanceof ConfigError && err.keys[0] === "trainer.dModel");
+    const training = new Training({ config, source: new ArrayBatchSource(wrong) });
+    await assert.rejects(training.run(), (err: unknown) => err instanceof ConfigError && err.keys[0] === "trainer.dModel");
   });
 });
 

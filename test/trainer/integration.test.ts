@@ -7,17 +7,16 @@ import { after, before, describe, test } from "node:test";
 import { ConfigError, type RunConfig } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { Serving } from "../../services/common/grpc/health.js";
-import { bind, type RunningServer, startServer } from "../../services/common/grpc/server.js";
+import type { RunningServer } from "../../services/common/grpc/server.js";
 import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { TrainerService } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
 import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
-import { checkBufferPool, GrpcBatchSource } from "../../services/trainer/batches.js";
-import { checkpointSteps } from "../../services/trainer/checkpoint.js";
+import { checkBufferPool } from "../../services/trainer/batches.js";
+import { checkpointPath, checkpointSteps } from "../../services/trainer/checkpoint.js";
 import { loadSaeLens } from "../../services/trainer/export.js";
-import { trainerHandlers } from "../../services/trainer/service.js";
-import { Trainer } from "../../services/trainer/trainer.js";
+import { startTrainer } from "../../services/trainer/trainer.js";
 import { OtlpReceiver } from "../support/otlp-receiver.js";
 import { readJsonl, sparseData, testConfig } from "./fixtures.js";
 import { startSyntheticBuffer } from "./synthetic-buffer.js";
@@ -81,13 +80,14 @@ describe("trainer over gRPC", () => {
         { name: "jump", recipe: "jumprelu", width: 64, k: 4, lr: 0.01 },
       ],
     });
-    const bufferClient = createClient(BufferService, buffer.address, cfg.transport);
-    const trainer = new Trainer({ config: cfg, source: new GrpcBatchSource(bufferClient, cfg) });
-    const server = await startServer(cfg.trainer.address, cfg.transport, [bind(TrainerService, trainerHandlers(trainer, HOOK))]);
-    void trainer.ready.then(() => server.health.set(Serving.SERVING));
-    const running = trainer.run();
-    const client = createClient(TrainerService, server.address, cfg.transport);
-    const health = createClient(Health, server.address, cfg.transport);
+    const lines: string[] = [];
+    const trainer = await startTrainer(cfg, { log: (line) => lines.push(line) });
+    assert.match(
+      lines[0]!,
+      new RegExp(`serving control RPCs on ${trainer.address}; training 2 SAE\\(s\\) on ${HOOK} from ${buffer.address}`),
+    );
+    const client = createClient(TrainerService, trainer.address, cfg.transport);
+    const health = createClient(Health, trainer.address, cfg.transport);
     try {
       const st = await until(
         () => client.status({}),
@@ -106,6 +106,7 @@ describe("trainer over gRPC", () => {
       assert.equal(st.saes[0]!.l0, 3);
       assert.equal(st.saes[1]!.l0, 4);
       assert.ok(st.saes.every((s) => s.tokens >= 10n * 128n && s.tokensPerSecond > 0 && s.mse > 0 && s.learningRate > 0));
+      assert.equal(await trainer.ready, true);
       assert.equal((await health.check({ service: "" })).status, Serving.SERVING);
 
       assert.equal((await client.pause({})).state, ServiceState.PAUSED);
@@ -126,9 +127,15 @@ describe("trainer over gRPC", () => {
       const stopped = await client.stop({});
       assert.equal(stopped.checkpoints.length, 2);
       assert.equal(stopped.exports.length, 2);
-      const result = await running;
-      assert.equal(trainer.state, ServiceState.STOPPED);
-      assert.deepEqual(checkpointSteps(join(dir, "topk", "checkpoints")).at(-1), result.step);
+      assert.equal(await trainer.finished, undefined);
+      const final = trainer.status();
+      assert.equal(final.state, ServiceState.STOPPED);
+      assert.deepEqual({ ...(await client.status({})), wallMs: 0 }, { ...final, wallMs: 0 }, "status() is what Status answers");
+      assert.deepEqual(checkpointSteps(join(dir, "topk", "checkpoints")).at(-1), Number(final.saes[0]!.step));
+      assert.deepEqual(
+        stopped.checkpoints,
+        [join(dir, "topk", "checkpoints"), join(dir, "jump", "checkpoints")].map((d) => checkpointPath(d, Number(final.saes[0]!.step))),
+      );
       assert.equal(loadSaeLens(join(dir, "topk", "sae_lens")).cfg.architecture, "topk");
       const jump = loadSaeLens(join(dir, "jump", "sae_lens"));
       assert.equal(jump.cfg.architecture, "jumprelu");
@@ -137,9 +144,12 @@ describe("trainer over gRPC", () => {
     } finally {
       client.close();
       health.close();
-      bufferClient.close();
-      await server.close(100);
+      await trainer.stop();
     }
+    assert.ok(
+      lines.some((l) => /stopped at step \d+/.test(l)),
+      "the role's lines go to deps.log",
+    );
   });
 
   test("main.ts trains, serves its control RPCs, traces its steps, and checkpoints on SIGTERM", async () => {

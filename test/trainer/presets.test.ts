@@ -7,7 +7,7 @@ import { loadConfig } from "../../services/common/config/index.js";
 import { ArrayBatchSource } from "../../services/trainer/batches.js";
 import { loadSaeLens } from "../../services/trainer/export.js";
 import { activeK, learningRate } from "../../services/trainer/schedule.js";
-import { Trainer } from "../../services/trainer/trainer.js";
+import { Training } from "../../services/trainer/training.js";
 import { loadSae, saeForward } from "../../tools/eval/sae.js";
 import { asBatches, explainedVariance, readJsonl, saeLensForward, sparseData } from "./fixtures.js";
 
@@ -57,7 +57,7 @@ describe("tiny preset", () => {
     const config = loadConfig({ file: preset("tiny"), sets: [`run.dir=${root}`, "trainer.threads=1"] });
     const c = config.trainer;
     const data = sparseData({ d: c.dModel, features: 128, active: 4, rows: c.batchSize, batches: c.steps, seed: "tiny" });
-    const result = await new Trainer({ config, source: new ArrayBatchSource(asBatches(data.batches, c.batchSize, c.dModel)) }).run();
+    const result = await new Training({ config, source: new ArrayBatchSource(asBatches(data.batches, c.batchSize, c.dModel)) }).run();
     assert.equal(result.step, c.steps);
     const annealSteps = Math.floor(c.kAnnealFraction * c.steps);
     const lrOf = (peak: number, step: number) =>

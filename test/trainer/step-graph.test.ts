@@ -113,7 +113,7 @@ describe("ONNX step graph", () => {
         );
       assertClose(out.stats, expected.stats, 1e-5, "stats");
       assert.deepEqual(Array.from(out.fires), Array.from(expected.fires));
-      await session.release();
+      await session.close();
     });
 
     test(`${name}: five full steps (clipping, Adam, renormalisation) track the reference`, async () => {
@@ -129,7 +129,7 @@ describe("ONNX step graph", () => {
         refState = referenceStep(spec, refState, x, stepScalars).next;
       }
       for (const s of stateOf(spec.recipe)) assertClose(stateTensor(session.state, s), stateTensor(refState, s), 2e-5, s);
-      await session.release();
+      await session.close();
     });
   }
 
@@ -144,7 +144,7 @@ describe("ONNX step graph", () => {
     const out = await session.run(new ort.Tensor("float16", words, [spec.batchSize, spec.dModel]), scalars());
     assertClose(out.grads!.W_enc!, expected.grads.W_enc, 1e-5, "grad W_enc");
     assertClose(out.stats, expected.stats, 1e-5, "stats");
-    await session.release();
+    await session.close();
   });
 
   test("steps write into the two preallocated state sets in turn", async () => {
@@ -158,17 +158,17 @@ describe("ONNX step graph", () => {
     assert.notEqual(second, first);
     await session.run(x, scalars({ t: 2 }));
     assert.equal(session.state.W_enc, first, "the third state lands in the first set again");
-    await session.release();
+    await session.close();
   });
 
   test("a graph refuses a k it was not built for", async () => {
     const x = new ort.Tensor("float32", gaussianBatch(8, 6, "k"), [8, 6]);
     const fixed = await StepSession.create(smallSpec(), busyState(smallSpec(), "k"), 1);
     await assert.rejects(fixed.run(x, scalars({ k: 4 })), /built for k 3/);
-    await fixed.release();
+    await fixed.close();
     const fed = await StepSession.create(smallSpec({ annealK: true, k: 5 }), busyState(smallSpec(), "k"), 1);
     await assert.rejects(fed.run(x, scalars({ k: 6 })), /outside this step graph's range 1\.\.5/);
-    await fed.release();
+    await fed.close();
   });
 
   test("gradient clipping bounds what reaches Adam: the gradient's norm and so the first moment's", async () => {
@@ -193,7 +193,7 @@ describe("ONNX step graph", () => {
       assert.ok(moments(clipped) <= (1 - 0.9 ** t) * clip * (1 + 1e-5), `|m_${t}| ${moments(clipped)}`);
       assert.ok(moments(free) > 10 * moments(clipped));
     }
-    await clipped.release();
-    await free.release();
+    await clipped.close();
+    await free.close();
   });
 });

@@ -1,6 +1,5 @@
 import { create } from "@bufbuild/protobuf";
 import { status } from "@grpc/grpc-js";
-import { once } from "node:events";
 import type { RunConfig } from "../../services/common/config/index.js";
 import { FieldError } from "../../services/common/errors.js";
 import { Serving } from "../../services/common/grpc/health.js";
@@ -12,7 +11,8 @@ import type { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
 
 /**
  * A real gRPC BufferService on loopback that serves synthetic rows: Status lists one pool, Batches
- * cycles through the given rows in the requested batch size, forever, honouring flow control.
+ * cycles through the given rows in the requested batch size, forever, held back by flow control
+ * and ended by the trainer's cancel.
  */
 export async function startSyntheticBuffer(opts: {
   config: RunConfig;
@@ -23,7 +23,7 @@ export async function startSyntheticBuffer(opts: {
 }): Promise<RunningServer> {
   const { hookPoint, dModel } = opts;
   const total = opts.rows.length / dModel;
-  const unimplemented = async (): Promise<never> => {
+  const unimplemented = (): never => {
     throw new FieldError("method", "not served by the synthetic buffer", status.UNIMPLEMENTED);
   };
   const server = await startServer("127.0.0.1:0", opts.config.transport, [
@@ -34,18 +34,17 @@ export async function startSyntheticBuffer(opts: {
         runId: opts.config.run.id,
         hookPoints: [{ hookPoint, dModel, capacityRows: BigInt(total), unconsumedRows: BigInt(total) }],
       }),
-      batches: async (req, call) => {
+      batches: async function* (req, ctx) {
         if (req.hookPoint !== hookPoint) throw new FieldError("hook_point", `no pool "${req.hookPoint}"`, status.NOT_FOUND);
         let at = 0;
-        for (let seq = 0n; !call.cancelled; seq++) {
+        for (let seq = 0n; !ctx.signal.aborted; seq++) {
           const batch = new Float32Array(req.batchSize * dModel);
           for (let r = 0; r < req.batchSize; r++, at = (at + 1) % total)
             batch.set(opts.rows.subarray(at * dModel, (at + 1) * dModel), r * dModel);
-          const msg = create(BatchesResponseSchema, {
+          yield create(BatchesResponseSchema, {
             activations: toTensor(encodeFloats(batch, opts.dtype), opts.dtype, [req.batchSize, dModel]),
             sequence: seq,
           });
-          if (!call.write(msg)) await Promise.race([once(call, "drain"), once(call, "cancelled")]);
         }
       },
       pause: unimplemented,

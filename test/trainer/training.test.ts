@@ -1,10 +1,11 @@
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { fp32ToFp16 } from "../../services/common/tensor-codec.js";
-import { ArrayBatchSource, type Batch } from "../../services/trainer/batches.js";
+import { ConfigError } from "../../services/common/config/index.js";
+import { ArrayBatchSource, type Batch, type BatchSource } from "../../services/trainer/batches.js";
 import { checkpointPath, checkpointSteps, loadCheckpoint, saveCheckpoint } from "../../services/trainer/checkpoint.js";
 import { loadSaeLens } from "../../services/trainer/export.js";
 import { logSparsity } from "../../services/trainer/firing.js";
@@ -12,7 +13,7 @@ import { stateOf, type StepRecipe } from "../../services/trainer/graph/step.js";
 import { evaluate, toParams64 } from "../../services/trainer/reference.js";
 import { Rng } from "../../services/trainer/rng.js";
 import { initState, normalisationScale, stateTensor } from "../../services/trainer/sae.js";
-import { Trainer } from "../../services/trainer/trainer.js";
+import { Training } from "../../services/trainer/training.js";
 import { loadSae, saeForward } from "../../tools/eval/sae.js";
 import { asBatches, bestCosines, explainedVariance, readJsonl, saeLensForward, smallSpec, sparseData, testConfig } from "./fixtures.js";
 
@@ -29,7 +30,7 @@ const batches = asBatches(data.batches, ROWS, D);
 
 async function train(dir: string, trainer: Record<string, unknown>, source: Batch[]) {
   const config = testConfig(dir, { dModel: D, batchSize: ROWS, ...trainer });
-  const t = new Trainer({ config, source: new ArrayBatchSource(source) });
+  const t = new Training({ config, source: new ArrayBatchSource(source) });
   return { result: await t.run(), config };
 }
 
@@ -255,7 +256,7 @@ describe("AuxK", () => {
       2,
     );
     const config = testConfig(dir, { dModel: D, batchSize: ROWS, steps: 400, deadWindowTokens: 5 * ROWS, saes: [spec] });
-    const t = new Trainer({ config, source: new ArrayBatchSource(batches) });
+    const t = new Training({ config, source: new ArrayBatchSource(batches) });
     const { step } = await t.run();
     // Revived: fired on some token after planting (last_fired counts tokens; 0 is never).
     const { lastFired } = finalState(dir, "sae", width, step);
@@ -323,6 +324,60 @@ describe("checkpoints", () => {
       );
       assert.deepEqual(y.meta, x.meta);
     }
+  });
+
+  /**
+   * Ten good batches, then one of the wrong width, which ends the run with a ConfigError; `before`
+   * runs just before that batch is handed out.
+   */
+  const failingAt10 = (before: () => void): BatchSource => {
+    let served = 0;
+    return {
+      next: async () => {
+        if (served < 10) return batches[served++];
+        before();
+        return { ...batches[0]!, dModel: D + 1 };
+      },
+      close: () => undefined,
+    };
+  };
+  const failedRun = async (dir: string, source: BatchSource) => {
+    const lines: string[] = [];
+    const config = testConfig(dir, {
+      dModel: D,
+      batchSize: ROWS,
+      steps: 50,
+      saes: [{ name: "s", recipe: "topk", width: 96, k: 3, lr: 0.01 }],
+    });
+    await assert.rejects(
+      new Training({ config, source, log: (line) => lines.push(line) }).run(),
+      (err: unknown) => err instanceof ConfigError && err.keys[0] === "trainer.dModel",
+      "the run ends with the error that stopped it, not the checkpoint's",
+    );
+    return lines;
+  };
+
+  test("a run that fails between steps checkpoints the step it reached", async () => {
+    const dir = runDir();
+    const lines = await failedRun(
+      dir,
+      failingAt10(() => undefined),
+    );
+    assert.deepEqual(checkpointSteps(join(dir, "s", "checkpoints")), [10]);
+    assert.ok(!lines.some((l) => /failed/.test(l)), lines.join("\n"));
+  });
+
+  test("a checkpoint that fails after a failed run is logged, naming the SAEs, the step, the run folder and the error", async () => {
+    const dir = runDir();
+    // The checkpoint folder is a file by the time the run fails, so its last checkpoint cannot be written.
+    const lines = await failedRun(
+      dir,
+      failingAt10(() => writeFileSync(join(dir, "s", "checkpoints"), "")),
+    );
+    const failed = lines.filter((l) => /checkpoint/.test(l) && /failed/.test(l));
+    assert.equal(failed.length, 1, lines.join("\n"));
+    assert.ok(failed[0]!.includes(`of s at step 10 in ${dir} failed: `), failed[0]);
+    assert.match(failed[0]!, /EEXIST/);
   });
 
   test("a stray temporary file from a crash mid-write is ignored", async () => {

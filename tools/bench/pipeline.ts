@@ -7,7 +7,7 @@ import { startNatsServer } from "../cli/nats-server.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
 import { ArrayBatchSource, type Batch } from "../../services/trainer/batches.js";
-import { Trainer } from "../../services/trainer/trainer.js";
+import { startTrainer } from "../../services/trainer/trainer.js";
 import { spawnRole, stopRole } from "../cli/processes.js";
 import type { PipelineRecord } from "../cli/progress.js";
 import { up } from "../cli/up.js";
@@ -134,10 +134,13 @@ async function trainerAlone(): Promise<number> {
       return { data, dtype: "fp32", rows: batchSize, dModel, traceparent: "" };
     });
     const batches = Array.from({ length: config.trainer.steps }, (_, i) => distinct[i % distinct.length]!);
-    const trainer = new Trainer({ config, source: new ArrayBatchSource(batches) });
     const t0 = performance.now();
-    await trainer.run();
-    return (config.trainer.steps * batchSize) / ((performance.now() - t0) / 1000);
+    const trainer = await startTrainer(config, { source: new ArrayBatchSource(batches), address: "127.0.0.1:0", log: () => undefined });
+    const failure = await trainer.finished;
+    const seconds = (performance.now() - t0) / 1000;
+    await trainer.stop();
+    if (failure) throw failure;
+    return (config.trainer.steps * batchSize) / seconds;
   } finally {
     rmSync(runDir, { recursive: true, force: true });
   }

@@ -42,22 +42,24 @@ const PEER_FLAG = "--producer-bench-peer";
 /** The buffer stand-in: answers every chunk at once, as a buffer with room does. */
 async function servePeer(): Promise<void> {
   const transport = loadConfig({}).transport;
-  const unimplemented = async (): Promise<never> => {
+  const refuse = (): never => {
     throw new Error("not part of the producer benchmark");
   };
   const server = await startServer("127.0.0.1:0", transport, [
     bind(BufferService, {
-      push: async (call) => {
-        for await (const req of call) {
+      push: async function* (requests) {
+        for await (const req of requests) {
           const c = req.chunk!;
-          call.write(create(PushResponseSchema, { hookPoint: c.hookPoint, sequence: c.sequence, rowsAccepted: c.activations!.shape[0]! }));
+          yield create(PushResponseSchema, { hookPoint: c.hookPoint, sequence: c.sequence, rowsAccepted: c.activations!.shape[0]! });
         }
       },
-      batches: unimplemented,
-      status: unimplemented,
-      pause: unimplemented,
-      resume: unimplemented,
-      drain: unimplemented,
+      batches: async function* () {
+        yield refuse();
+      },
+      status: async () => refuse(),
+      pause: async () => refuse(),
+      resume: async () => refuse(),
+      drain: async () => refuse(),
     }),
   ]);
   process.send!({ address: server.address });
@@ -127,74 +129,69 @@ async function timedGrant(bus: Bus, runId: string, producer: RunningProducer, ch
   return { seconds, tokens: Number(after.tokens - before.tokens), bytes: Number(after.bytesSent - before.bytesSent) };
 }
 
-export async function run(): Promise<Record<string, number>> {
-  const model = makeTinyLlama({ out: ".cache/tiny-llama" });
-  const tokenizer = loadTokenizer("builtin:llama3_1");
-  const nats = await startNatsServer();
-  const peer = fork(fileURLToPath(import.meta.url), [PEER_FLAG], {
-    execArgv: ["--import", "tsx"],
-    cwd: dirname(fileURLToPath(new URL("../../package.json", import.meta.url))),
+interface Setup {
+  model: ReturnType<typeof makeTinyLlama>;
+  tokenizer: ReturnType<typeof loadTokenizer>;
+  full: ReturnType<typeof loadModel>;
+  natsUrl: string;
+  bus: Awaited<ReturnType<typeof connectBus>>;
+  address: string;
+  runDir: string;
+}
+
+/** The producer against a bare session on the same batches, at one context length. */
+async function measureContext(setup: Setup, contextLength: number): Promise<Record<string, number>> {
+  const { model, bus, full } = setup;
+  const batchContexts = TOKENS_PER_PASS / contextLength;
+  const runId = `bench-${contextLength}`;
+  const config = loadConfig({
+    base: {
+      run: { id: runId, dir: setup.runDir },
+      nats: { url: setup.natsUrl },
+      buffer: { hookPoints: [{ name: HOOK, dModel: model.params.dModel }] },
+      producer: { model: model.modelPath, bufferAddress: setup.address, hookPoints: [HOOK], contextLength, batchContexts, resume: false },
+    },
   });
-  const { address } = await new Promise<{ address: string }>((resolve) => peer.once("message", (m) => resolve(m as { address: string })));
-  const bus = await connectBus({ url: nats.url, name: "bench-buffer", log: () => undefined });
-  const figures: Record<string, number> = {};
-  const full = loadModel(model.modelPath);
-  const runDir = mkdtempSync(join(tmpdir(), "saeflow-bench-producer-"));
-
-  for (const contextLength of [128, 1024]) {
-    const batchContexts = TOKENS_PER_PASS / contextLength;
-    const runId = `bench-${contextLength}`;
-    const config = loadConfig({
-      base: {
-        run: { id: runId, dir: runDir },
-        nats: { url: nats.url },
-        buffer: { hookPoints: [{ name: HOOK, dModel: model.params.dModel }] },
-        producer: {
-          model: model.modelPath,
-          bufferAddress: address,
-          address: "127.0.0.1:0",
-          hookPoints: [HOOK],
-          contextLength,
-          batchContexts,
-          resume: false,
-        },
-      },
-    });
-    const producer = await startProducer(config, { log: () => undefined });
-    const session = await sessionFor(truncateAtHooks(full, [HOOK]), dirname(model.modelPath));
-    const chunkRows = batchContexts * (contextLength - 1);
-    await timedGrant(bus, runId, producer, chunkRows, WARMUP_PASSES, 0);
-    // Rounds alternate between the producer and the bare session, so that load from elsewhere on
-    // the machine hits both alike; each figure is the median over rounds.
-    const batches = await sameBatches(tokenizer, contextLength, batchContexts, WARMUP_PASSES + ROUNDS * PASSES);
-    const producerTps: number[] = [];
-    const producerBps: number[] = [];
-    const bareTps: number[] = [];
-    for (let r = 0; r < ROUNDS; r++) {
-      const p = await timedGrant(bus, runId, producer, chunkRows, PASSES, r + 1);
-      producerTps.push(p.tokens / p.seconds);
-      producerBps.push(p.bytes / p.seconds);
-      const same = batches.slice(WARMUP_PASSES + r * PASSES, WARMUP_PASSES + (r + 1) * PASSES);
-      bareTps.push(same.reduce((n, b) => n + b.tokens, 0) / (await bareSeconds(session, same, [HOOK])));
-    }
-    await producer.stop();
-    await session.release();
-
-    const ratios = producerTps.map((t, i) => bareTps[i]! / t);
-    const key = `ctx${contextLength}`;
-    line(`producer, context ${contextLength} x ${batchContexts}`, median(producerTps) / 1000, "k tokens/s", {
-      label: "bare ORT",
-      value: median(bareTps) / 1000,
-    });
-    line(`  activation bytes/s (fp32, d_model ${model.params.dModel})`, median(producerBps) / 1e6, "MB/s");
-    figures[`${key}_tokens_per_s`] = round(median(producerTps), 0);
-    figures[`${key}_activation_mb_per_s`] = round(median(producerBps) / 1e6, 2);
-    figures[`${key}_bare_ort_tokens_per_s`] = round(median(bareTps), 0);
-    figures[`${key}_overhead_ratio`] = round(median(ratios), 3);
+  const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
+  const session = await sessionFor(truncateAtHooks(full, [HOOK]), dirname(model.modelPath));
+  const chunkRows = batchContexts * (contextLength - 1);
+  await timedGrant(bus, runId, producer, chunkRows, WARMUP_PASSES, 0);
+  // Rounds alternate between the producer and the bare session, so that load from elsewhere on
+  // the machine hits both alike; each figure is the median over rounds.
+  const batches = await sameBatches(setup.tokenizer, contextLength, batchContexts, WARMUP_PASSES + ROUNDS * PASSES);
+  const producerTps: number[] = [];
+  const producerBps: number[] = [];
+  const bareTps: number[] = [];
+  for (let r = 0; r < ROUNDS; r++) {
+    const p = await timedGrant(bus, runId, producer, chunkRows, PASSES, r + 1);
+    producerTps.push(p.tokens / p.seconds);
+    producerBps.push(p.bytes / p.seconds);
+    const same = batches.slice(WARMUP_PASSES + r * PASSES, WARMUP_PASSES + (r + 1) * PASSES);
+    bareTps.push(same.reduce((n, b) => n + b.tokens, 0) / (await bareSeconds(session, same, [HOOK])));
   }
+  await producer.stop();
+  await session.release();
 
-  // Cutting after an early hook point against running the whole model, on the same batches.
-  const batches = await sameBatches(tokenizer, 128, 4, 6);
+  const key = `ctx${contextLength}`;
+  const ratio = median(producerTps.map((t, i) => t / bareTps[i]!));
+  line(`producer, context ${contextLength} x ${batchContexts}`, median(producerTps) / 1000, "k tokens/s", {
+    label: "bare ORT",
+    value: median(bareTps) / 1000,
+  });
+  line(`  producer/bare ORT tok/s (median of rounds)`, ratio, "");
+  line(`  activation bytes/s (fp32, d_model ${model.params.dModel})`, median(producerBps) / 1e6, "MB/s");
+  return {
+    [`${key}_tokens_per_s`]: round(median(producerTps), 0),
+    [`${key}_activation_mb_per_s`]: round(median(producerBps) / 1e6, 2),
+    [`${key}_bare_ort_tokens_per_s`]: round(median(bareTps), 0),
+    [`${key}_vs_bare_ort_ratio`]: round(ratio, 3),
+  };
+}
+
+/** Cutting after an early hook point against running the whole model, on the same batches. */
+async function measureTruncation(setup: Setup): Promise<Record<string, number>> {
+  const { full, model } = setup;
+  const batches = await sameBatches(setup.tokenizer, 128, 4, 6);
   // Whole-model runs allocate 250 MB of logits each, and the garbage collector makes whatever runs
   // next pay for them, so each session runs all its rounds in a block, the whole model last.
   const ms = { early: [] as number[], last: [] as number[], whole: [] as number[] };
@@ -209,6 +206,7 @@ export async function run(): Promise<Record<string, number>> {
     await session.release();
   }
   const whole = median(ms.whole);
+  const figures: Record<string, number> = { whole_model_ms_per_pass: round(whole, 2) };
   for (const [name, hook] of [
     ["early", EARLY_HOOK],
     ["last", HOOK],
@@ -217,14 +215,35 @@ export async function run(): Promise<Record<string, number>> {
     figures[`truncate_${name}_ms_per_pass`] = round(median(ms[name]), 2);
     figures[`truncate_${name}_speedup_ratio`] = round(whole / median(ms[name]), 2);
   }
-  figures.whole_model_ms_per_pass = round(whole, 2);
-
-  await bus.close();
-  peer.send("stop");
-  await new Promise((r) => peer.once("exit", r));
-  await nats.stop();
-  rmSync(runDir, { recursive: true, force: true });
   return figures;
+}
+
+export async function run(): Promise<Record<string, number>> {
+  const model = makeTinyLlama({ out: ".cache/tiny-llama" });
+  const nats = await startNatsServer();
+  const peer = fork(fileURLToPath(import.meta.url), [PEER_FLAG], {
+    execArgv: ["--import", "tsx"],
+    cwd: dirname(fileURLToPath(new URL("../../package.json", import.meta.url))),
+  });
+  const { address } = await new Promise<{ address: string }>((resolve) => peer.once("message", (m) => resolve(m as { address: string })));
+  const setup: Setup = {
+    model,
+    tokenizer: loadTokenizer("builtin:llama3_1"),
+    full: loadModel(model.modelPath),
+    natsUrl: nats.url,
+    bus: await connectBus({ url: nats.url, name: "bench-buffer", log: () => undefined }),
+    address,
+    runDir: mkdtempSync(join(tmpdir(), "saeflow-bench-producer-")),
+  };
+  try {
+    return { ...(await measureContext(setup, 128)), ...(await measureContext(setup, 1024)), ...(await measureTruncation(setup)) };
+  } finally {
+    await setup.bus.drain();
+    peer.send("stop");
+    await new Promise((r) => peer.once("exit", r));
+    await nats.stop();
+    rmSync(setup.runDir, { recursive: true, force: true });
+  }
 }
 
 if (process.argv.includes(PEER_FLAG)) await servePeer();

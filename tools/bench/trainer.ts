@@ -1,12 +1,13 @@
 import { type ChildProcessWithoutNullStreams, spawn, spawnSync } from "node:child_process";
 import { createInterface } from "node:readline";
 import ort from "onnxruntime-node";
+import { ortSessionOptions } from "../../services/common/ort.js";
 import { F32, GraphBuilder } from "../../services/trainer/graph/builder.js";
 import type { StepSpec } from "../../services/trainer/graph/step.js";
 import type { StepScalars } from "../../services/trainer/reference.js";
 import { Rng } from "../../services/trainer/rng.js";
 import { initState } from "../../services/trainer/sae.js";
-import { sessionOptions, StepSession } from "../../services/trainer/session.js";
+import { StepSession } from "../../services/trainer/session.js";
 import { line, round } from "./stats.js";
 
 /**
@@ -182,13 +183,13 @@ class TorchStep {
   }
 }
 
-async function gemmSession(d: number, n: number, x: ort.Tensor): Promise<{ run: () => Promise<void>; release: () => Promise<void> }> {
+async function gemmSession(d: number, n: number, x: ort.Tensor): Promise<{ run: () => Promise<void>; close: () => Promise<void> }> {
   const g = new GraphBuilder("encoder_gemm");
   const xs = g.input("x", F32, [B, d]);
   const w = g.input("W_enc", F32, [n, d]);
   const b = g.input("b_enc", F32, [n]);
   g.output(g.gemm(xs, w, { bias: b, transB: true }, "pre"), "pre", F32, [B, n]);
-  const session = await ort.InferenceSession.create(g.build(), sessionOptions(THREADS));
+  const session = await ort.InferenceSession.create(g.build(), ortSessionOptions({ threads: THREADS }));
   const rng = new Rng(0, "w");
   const feeds = {
     x,
@@ -200,7 +201,7 @@ async function gemmSession(d: number, n: number, x: ort.Tensor): Promise<{ run: 
     b_enc: new ort.Tensor("float32", new Float32Array(n), [n]),
   };
   const pre = new ort.Tensor("float32", new Float32Array(B * n), [B, n]);
-  return { run: async () => void (await session.run(feeds, { pre })), release: () => session.release() };
+  return { run: async () => void (await session.run(feeds, { pre })), close: () => session.release() };
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
@@ -212,6 +213,22 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
 }
 
 const tok = (ms: number) => (B / ms) * 1000;
+
+/**
+ * Prints a figure in tok/s beside its reference and one ratio, named for what it divides; returns
+ * that ratio as the JSON holds it, so the printed and the recorded ratio are the same number.
+ */
+function compare(
+  label: string,
+  value: number,
+  reference: { label: string; value: number },
+  ratio: { name: string; of: [number, number] },
+): number {
+  const r = round(ratio.of[0] / ratio.of[1]);
+  const ref = `vs ${reference.label} ${reference.value.toFixed(3)} tok/s   ${ratio.name} ${r.toFixed(3)}`;
+  process.stdout.write(`${label.padEnd(44)} ${value.toFixed(3).padStart(10)} tok/s   ${ref}\n`);
+  return r;
+}
 
 /** An ONNX step session of `spec` over fresh weights, and a function running one step. */
 async function stepSession(spec: StepSpec, k: number): Promise<{ session: StepSession; step: (x: ort.Tensor) => Promise<unknown> }> {
@@ -238,79 +255,116 @@ async function medians(fns: Array<() => Promise<unknown>>, warmup: number, repea
   return times.map(median);
 }
 
+const BASE = {
+  batchSize: B,
+  annealK: false,
+  prefixes: [],
+  input: "fp32",
+  beta1: 0.9,
+  beta2: 0.999,
+  eps: 1e-8,
+  unitNormDecoder: true,
+  auxK: false,
+  gradClipNorm: 0,
+} as const;
+
+type Torch = TorchStep | string;
+
+/** The TopK step at one size, beside the encoder GEMM and PyTorch; its figures go into `figures`, its step time comes back. */
+async function topkAt(size: (typeof SIZES)[number], x: ort.Tensor, torch: Torch, figures: Record<string, number>): Promise<number> {
+  const { d, n, k } = size;
+  const topk = await stepSession({ ...BASE, recipe: "topk", dModel: d, width: n, k }, k);
+  const gemm = await gemmSession(d, n, x);
+  if (typeof torch !== "string") await torch.init("topk", d, n, k);
+  const [stepMs, gemmMs, torchMs] = await medians(
+    [() => topk.step(x), gemm.run, ...(typeof torch === "string" ? [] : [() => torch.stepMs()])],
+    WARMUP,
+    REPEATS,
+  );
+  await topk.session.close();
+  await gemm.close();
+
+  const key = `d${d}_n${n}_k${k}`;
+  process.stdout.write(`d=${d} n=${n} k=${k} B=${B}, ${THREADS} threads, median of ${REPEATS}\n`);
+  line("  onnxruntime step (TopK, Adam, renorm)", tok(stepMs!), "tok/s");
+  figures[`${key}_gemm_share_of_step_ratio`] = compare(
+    "  (a) onnxruntime encoder GEMM alone",
+    tok(gemmMs!),
+    { label: "step", value: tok(stepMs!) },
+    { name: "step/GEMM tok/s (the GEMM's share of the step)", of: [tok(stepMs!), tok(gemmMs!)] },
+  );
+  figures[`${key}_step_tok_s`] = round(tok(stepMs!), 1);
+  figures[`${key}_gemm_tok_s`] = round(tok(gemmMs!), 1);
+  if (torchMs !== undefined) {
+    figures[`${key}_step_vs_torch_ratio`] = compare(
+      "  (b) PyTorch same step",
+      tok(torchMs),
+      { label: "onnxruntime step", value: tok(stepMs!) },
+      { name: "saeflow/PyTorch tok/s", of: [tok(stepMs!), tok(torchMs)] },
+    );
+    figures[`${key}_torch_tok_s`] = round(tok(torchMs), 1);
+  }
+  return stepMs!;
+}
+
+/** The recipes beyond TopK at one size, beside its TopK step (`topkMs`) and PyTorch. */
+async function recipesAt(
+  size: (typeof SIZES)[number],
+  x: ort.Tensor,
+  topkMs: number,
+  torch: Torch,
+  figures: Record<string, number>,
+): Promise<void> {
+  const { d, n, k } = size;
+  process.stdout.write(`recipes at d=${d} n=${n} k=${k} B=${B}, ${THREADS} threads, median of ${RECIPE_REPEATS}\n`);
+  for (const recipe of RECIPES) {
+    const spec: StepSpec = { ...BASE, recipe: "topk", dModel: d, width: n, k, ...recipe.spec };
+    const ours = await stepSession(spec, spec.k);
+    const withTorch = recipe.torch && typeof torch !== "string";
+    if (withTorch) await torch.init(spec.recipe, d, n, k, spec.prefixes);
+    const [oursMs, theirsMs] = await medians(
+      [() => ours.step(x), ...(withTorch ? [() => torch.stepMs()] : [])],
+      RECIPE_WARMUP,
+      RECIPE_REPEATS,
+    );
+    await ours.session.close();
+    const rk = `d${d}_n${n}_k${k}_${recipe.name}`;
+    figures[`${rk}_vs_topk_ratio`] = compare(
+      `  onnxruntime ${recipe.label}`,
+      tok(oursMs!),
+      { label: "TopK step", value: tok(topkMs) },
+      { name: "recipe/TopK tok/s", of: [tok(oursMs!), tok(topkMs)] },
+    );
+    figures[`${rk}_step_tok_s`] = round(tok(oursMs!), 1);
+    if (theirsMs !== undefined) {
+      figures[`${rk}_step_vs_torch_ratio`] = compare(
+        `  (b) PyTorch ${recipe.label}`,
+        tok(theirsMs),
+        { label: "onnxruntime", value: tok(oursMs!) },
+        { name: "saeflow/PyTorch tok/s", of: [tok(oursMs!), tok(theirsMs)] },
+      );
+      figures[`${rk}_torch_tok_s`] = round(tok(theirsMs), 1);
+    } else if (!recipe.torch) {
+      process.stdout.write(`  (b) no PyTorch reference for ${recipe.label}\n`);
+    }
+  }
+}
+
 export async function run(): Promise<Record<string, number>> {
   const figures: Record<string, number> = {};
   const torch = TorchStep.start();
   if (typeof torch === "string") process.stdout.write(`(b) PyTorch reference ${torch}\n`);
-  const base = {
-    batchSize: B,
-    annealK: false,
-    prefixes: [],
-    input: "fp32",
-    beta1: 0.9,
-    beta2: 0.999,
-    eps: 1e-8,
-    unitNormDecoder: true,
-    auxK: false,
-    gradClipNorm: 0,
-  } as const;
   try {
-    for (const [size, { d, n, k }] of SIZES.entries()) {
+    for (const [i, size] of SIZES.entries()) {
       const rng = new Rng(0, "x");
       const x = new ort.Tensor(
         "float32",
-        Float32Array.from({ length: B * d }, () => rng.normal()),
-        [B, d],
+        Float32Array.from({ length: B * size.d }, () => rng.normal()),
+        [B, size.d],
       );
-      const topk = await stepSession({ ...base, recipe: "topk", dModel: d, width: n, k }, k);
-      const gemm = await gemmSession(d, n, x);
-      if (typeof torch !== "string") await torch.init("topk", d, n, k);
-      const [stepMs, gemmMs, torchMs] = await medians(
-        [() => topk.step(x), gemm.run, ...(typeof torch === "string" ? [] : [() => torch.stepMs()])],
-        WARMUP,
-        REPEATS,
-      );
-      await topk.session.release();
-      await gemm.release();
-
-      const key = `d${d}_n${n}_k${k}`;
-      process.stdout.write(`d=${d} n=${n} k=${k} B=${B}, ${THREADS} threads, median of ${REPEATS}\n`);
-      line("  onnxruntime step (TopK, Adam, renorm)", tok(stepMs!), "tok/s");
-      line("  (a) onnxruntime encoder GEMM alone", tok(gemmMs!), "tok/s", { label: "step", value: tok(stepMs!) });
-      figures[`${key}_step_tok_s`] = round(tok(stepMs!), 1);
-      figures[`${key}_gemm_tok_s`] = round(tok(gemmMs!), 1);
-      figures[`${key}_gemm_share_of_step_ratio`] = round(gemmMs! / stepMs!);
-      if (torchMs !== undefined) {
-        line("  (b) PyTorch same step", tok(torchMs), "tok/s", { label: "onnxruntime step", value: tok(stepMs!) });
-        figures[`${key}_torch_tok_s`] = round(tok(torchMs), 1);
-        figures[`${key}_step_vs_torch_ratio`] = round(torchMs / stepMs!);
-      }
-      if (size > 0) continue;
-
-      process.stdout.write(`recipes at d=${d} n=${n} k=${k} B=${B}, ${THREADS} threads, median of ${RECIPE_REPEATS}\n`);
-      for (const recipe of RECIPES) {
-        const spec: StepSpec = { ...base, recipe: "topk", dModel: d, width: n, k, ...recipe.spec };
-        const ours = await stepSession(spec, spec.k);
-        const withTorch = recipe.torch && typeof torch !== "string";
-        if (withTorch) await torch.init(spec.recipe, d, n, k, spec.prefixes);
-        const [oursMs, theirsMs] = await medians(
-          [() => ours.step(x), ...(withTorch ? [() => torch.stepMs()] : [])],
-          RECIPE_WARMUP,
-          RECIPE_REPEATS,
-        );
-        await ours.session.release();
-        const rk = `${key}_${recipe.name}`;
-        line(`  onnxruntime ${recipe.label}`, tok(oursMs!), "tok/s", { label: "TopK step", value: tok(stepMs!) });
-        figures[`${rk}_step_tok_s`] = round(tok(oursMs!), 1);
-        figures[`${rk}_vs_topk_ratio`] = round(stepMs! / oursMs!);
-        if (theirsMs !== undefined) {
-          line(`  (b) PyTorch ${recipe.label}`, tok(theirsMs), "tok/s", { label: "onnxruntime", value: tok(oursMs!) });
-          figures[`${rk}_torch_tok_s`] = round(tok(theirsMs), 1);
-          figures[`${rk}_step_vs_torch_ratio`] = round(theirsMs / oursMs!);
-        } else if (!recipe.torch) {
-          process.stdout.write(`  (b) no PyTorch reference for ${recipe.label}\n`);
-        }
-      }
+      const topkMs = await topkAt(size, x, torch, figures);
+      // The other recipes' steps are dense or near it: the first size tells how they compare.
+      if (i === 0) await recipesAt(size, x, topkMs, torch, figures);
     }
   } finally {
     if (typeof torch !== "string") torch.close();

@@ -21,20 +21,21 @@ const unimplemented = async (): Promise<never> => {
 
 const grpc = await startServer("127.0.0.1:0", transport, [
   bind(BufferService, {
-    push: async (call) => {
-      for await (const req of call) {
+    push: async function* (requests) {
+      for await (const req of requests) {
         const rows = req.chunk?.activations?.shape[0] ?? 0;
-        call.write(create(BufferService.method.push.output, { sequence: req.chunk?.sequence ?? 0n, rowsAccepted: rows }));
+        yield { sequence: req.chunk?.sequence ?? 0n, rowsAccepted: rows };
       }
     },
-    batches: async (req, call) => {
+    batches: async function* (req, ctx) {
       const rows = req.batchSize;
       const batch = create(BatchesResponseSchema, {
         activations: toTensor(new Float32Array(rows * D_MODEL).fill(1), DType.FP32, [rows, D_MODEL]),
       });
-      for (let i = 0n; i < req.maxBatches && !call.cancelled; i++) {
+      // The adapter resumes only after the last message was serialised, so one message is reused.
+      for (let i = 0n; i < req.maxBatches && !ctx.signal.aborted; i++) {
         batch.sequence = i;
-        if (!call.write(batch)) await new Promise((r) => call.once("drain", r));
+        yield batch;
       }
     },
     status: unimplemented,

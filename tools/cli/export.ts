@@ -1,17 +1,18 @@
 import { resolve } from "node:path";
 import type { RunConfig } from "../../services/common/config/index.js";
+import { RECIPES } from "../../services/common/config/recipes.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { ArrayBatchSource, type BatchSource, GrpcBatchSource } from "../../services/trainer/batches.js";
-import { Trainer } from "../../services/trainer/trainer.js";
+import { Training } from "../../services/trainer/training.js";
 
 /**
  * `saeflow export RUN_DIR`: the SAELens export of every SAE from its newest checkpoint, for a run
- * that is over or still going. Only JumpReLU needs batches (its thresholds are calibrated on
- * recent activations); they come from the run's buffer when it still answers.
+ * that is over or still going. Only a recipe calibrated at export (JumpReLU) needs batches; they
+ * come from the run's buffer when it still answers.
  */
 export async function exportRun(config: RunConfig, trainerDirs: string[], log: (line: string) => void): Promise<string[]> {
-  const needsBatches = config.trainer.saes.some((s) => s.recipe === "jumprelu");
+  const needsBatches = config.trainer.saes.some((s) => RECIPES[s.recipe].calibrates);
   const out: string[] = [];
   for (const dir of trainerDirs) {
     const client = needsBatches ? createClient(BufferService, config.buffer.address, config.transport) : undefined;
@@ -28,8 +29,8 @@ export async function exportRun(config: RunConfig, trainerDirs: string[], log: (
         ? new GrpcBatchSource(client, { ...config, trainer: { ...config.trainer, id: "saeflow-export", group: "saeflow-export" } })
         : new ArrayBatchSource([]);
     try {
-      const trainer = new Trainer({ config: { ...config, run: { ...config.run, dir: resolve(dir) } }, source, log });
-      out.push(...(await trainer.exportCheckpoints()));
+      const training = new Training({ config: { ...config, run: { ...config.run, dir: resolve(dir) } }, source, log });
+      out.push(...(await training.exportCheckpoints()));
     } finally {
       source.close();
       client?.close();

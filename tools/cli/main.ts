@@ -1,12 +1,13 @@
-import { resolve } from "node:path";
+import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { ConfigError, loadConfig } from "../../services/common/config/index.js";
+import { ConfigError, loadConfig, type RunConfig } from "../../services/common/config/index.js";
 import { evalTable, evaluateRun } from "../eval/run.js";
 import { exportRun } from "./export.js";
 import { writeReport } from "./report.js";
 import { readRunFile } from "./run-file.js";
 import { collectStatus, statusJson, statusTable } from "./status.js";
-import { stopTrainer, up } from "./up.js";
+import { stopTrainer } from "./control.js";
+import { type UpResult, up } from "./up.js";
 
 const USAGE = `usage: saeflow <command> [options]
 
@@ -24,6 +25,31 @@ function fail(message: string, code = 2): never {
   process.exit(code);
 }
 
+const say = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
+
+/** A run that never trained has nothing to evaluate or report; one a role refused the config of exits 2. */
+async function upCommand(file: string | undefined, sets: string[]): Promise<number> {
+  if (!file) fail("up needs a CONFIG file, e.g. saeflow up deploy/configs/local.yaml");
+  const config = loadConfig({ file, env: process.env, sets });
+  const result = await up(root, config);
+  if (!result.trained) {
+    say(`the run ended before any trainer trained a step: no evaluation, no report (logs in ${join(result.runDir, "logs")})`);
+    return Object.values(result.exits).includes(2) ? 2 : 1;
+  }
+  if (result.completed && config.launch.evaluate) await evaluate(result, config);
+  if (config.launch.report) say(`report ${await writeReport(result.runDir)}`);
+  say(`run folder ${result.runDir}`);
+  return result.completed ? 0 : 1;
+}
+
+async function evaluate(result: UpResult, config: RunConfig): Promise<void> {
+  say("evaluating each SAE spliced into the model");
+  for (const dir of result.trainerDirs) {
+    const rows = await evaluateRun(dir, { ...config, run: { ...config.run, dir } }, { root, log: say });
+    process.stderr.write(`${evalTable(rows)}\n`);
+  }
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   const { values, positionals } = parseArgs({
@@ -37,25 +63,8 @@ async function main(argv: string[]): Promise<number> {
   }
   const runDir = resolve(positionals[0] ?? "runs/local");
   switch (command) {
-    case "up": {
-      if (!positionals[0]) fail("up needs a CONFIG file, e.g. saeflow up deploy/configs/local.yaml");
-      const config = loadConfig({ file: positionals[0], env: process.env, sets: values.set });
-      const result = await up(root, config);
-      if (result.completed && config.launch.evaluate) {
-        process.stderr.write("saeflow: evaluating each SAE spliced into the model\n");
-        for (const dir of result.trainerDirs) {
-          const rows = await evaluateRun(
-            dir,
-            { ...config, run: { ...config.run, dir } },
-            { root, log: (l) => process.stderr.write(`saeflow: ${l}\n`) },
-          );
-          process.stderr.write(`${evalTable(rows)}\n`);
-        }
-      }
-      if (config.launch.report) process.stderr.write(`saeflow: report ${await writeReport(result.runDir)}\n`);
-      process.stderr.write(`saeflow: run folder ${result.runDir}\n`);
-      return result.completed ? 0 : 1;
-    }
+    case "up":
+      return upCommand(positionals[0], values.set);
     case "status": {
       const st = await collectStatus(readRunFile(runDir));
       process.stdout.write(values.json ? `${JSON.stringify(statusJson(st), null, 2)}\n` : `${statusTable(st)}\n`);
@@ -64,8 +73,9 @@ async function main(argv: string[]): Promise<number> {
     case "stop": {
       const run = readRunFile(runDir);
       const config = loadConfig({ file: run.config });
-      await Promise.all(run.services.filter((s) => s.role === "trainer").map((s) => stopTrainer(s.address, config)));
-      process.stderr.write("saeflow: trainers checkpointed and stopped; the run drains and exits\n");
+      const stopped = await Promise.all(run.services.filter((s) => s.role === "trainer").map((s) => stopTrainer(s.address, config)));
+      if (!stopped.every(Boolean)) return 1;
+      say("trainers checkpointed and stopped; the run drains and exits");
       return 0;
     }
     case "export": {

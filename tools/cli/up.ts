@@ -2,19 +2,17 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { stringify } from "yaml";
 import type { RunConfig } from "../../services/common/config/index.js";
-import { createClient } from "../../services/common/grpc/adapter.js";
-import { Serving } from "../../services/common/grpc/health.js";
-import { freePort } from "./nats-server.js";
-import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
-import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
-import { TrainerService } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
 import { makeTinyLlama } from "../model/tiny-llama.js";
-import { natsForRun } from "./nats.js";
-import { type RoleProcess, spawnRole, stopRole } from "./processes.js";
+import { drainBuffer, furthestStep, settleAndSnapshot, stopTrainer, waitServing } from "./control.js";
+import { freePort } from "./nats-server.js";
+import { type NatsForRun, natsForRun } from "./nats.js";
+import { checkBeforeStart } from "./preflight.js";
+import { exitReport, isRunning, type RoleProcess, spawnRole, stopRole } from "./processes.js";
 import { ProgressLine, summarise } from "./progress.js";
 import { writeRunFile } from "./run-file.js";
-import { collectStatus, statusJson } from "./status.js";
+import { handlingSignals } from "./signals.js";
+import { collectStatus } from "./status.js";
 
 /**
  * `saeflow up`: one run on this machine. NATS, the buffer, N producers and M trainers as separate
@@ -29,35 +27,77 @@ export interface UpResult {
   exits: Record<string, number>;
   /** True when the trainers finished their steps (not interrupted, none failed). */
   completed: boolean;
+  /** True when some trainer got through a step: only then is there anything to evaluate or report. */
+  trained: boolean;
 }
 
 export const DEFAULT_TINY_MODEL = ".cache/tiny-llama/model.onnx";
 const log = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function waitServing(
-  address: string,
-  service: string,
-  transport: RunConfig["transport"],
-  exited: Promise<number>,
-  timeoutMs: number,
-): Promise<void> {
-  const health = createClient(Health, address, transport);
-  const until = Date.now() + timeoutMs;
-  let dead = false;
-  void exited.then(() => (dead = true));
+/** Where every process of the run listens, and the resolved config they all read. */
+interface RunPlan {
+  root: string;
+  runDir: string;
+  configFile: string;
+  config: RunConfig;
+  nats: NatsForRun;
+  bufferAddress: string;
+  producerAddresses: string[];
+  trainerAddresses: string[];
+}
+
+/** A run under way: its processes as they start, and what the CLI has learnt of them. */
+interface LocalRun {
+  plan: RunPlan;
+  procs: RoleProcess[];
+  exits: Record<string, number>;
+  startedAt: number;
+  /** The furthest step a trainer was seen at. */
+  step: number;
+  /** The trainers were asked to stop early (Ctrl-C, a failed role). */
+  stopping: boolean;
+  interrupted: boolean;
+  /** The CLI is taking the run down: exits from here on are its own doing. */
+  ending: boolean;
+}
+
+export async function up(root: string, config: RunConfig): Promise<UpResult> {
+  const runDir = prepare(root, config);
+  const nats = await natsForRun(root, process.env, log);
+  const run = await planRun(root, runDir, config, nats).catch(async (err: unknown) => {
+    await nats.server?.stop();
+    throw err;
+  });
+  let completed: boolean;
   try {
-    while (Date.now() < until && !dead) {
-      try {
-        if ((await health.check({ service }, { deadline: Date.now() + 1000 })).status === Serving.SERVING) return;
-      } catch {
-        // not listening yet
-      }
-      await new Promise((r) => setTimeout(r, 200));
-    }
-    throw new Error(dead ? `${service} exited during start-up` : `${service} at ${address} not serving after ${timeoutMs} ms`);
+    completed = await handlingSignals(
+      () => interrupt(run),
+      async () => {
+        await startRoles(run);
+        announce(run);
+        return watch(run);
+      },
+    );
   } finally {
-    health.close();
+    await takeDown(run);
   }
+  const dirs =
+    config.launch.trainers > 1 ? Array.from({ length: config.launch.trainers }, (_, i) => resolve(runDir, `trainer-${i}`)) : [runDir];
+  return { runDir, trainerDirs: dirs, exits: run.exits, completed, trained: completed || run.step > 0 };
+}
+
+/** The model in place and every check that needs no process, before anything is written or started. */
+function prepare(root: string, config: RunConfig): string {
+  if (config.producer.model === DEFAULT_TINY_MODEL) {
+    // Cheap when .cache holds this model already; regenerates one made from another seed or graph.
+    const tiny = makeTinyLlama({ out: resolve(root, dirname(DEFAULT_TINY_MODEL)), seed: config.run.seed });
+    if (tiny.generated) log(`generated the built-in tiny Llama model into ${DEFAULT_TINY_MODEL}`);
+  }
+  checkBeforeStart(root, config);
+  const runDir = resolve(root, config.run.dir);
+  mkdirSync(runDir, { recursive: true });
+  return runDir;
 }
 
 async function ports(config: RunConfig, count: number): Promise<number[]> {
@@ -65,183 +105,158 @@ async function ports(config: RunConfig, count: number): Promise<number[]> {
   return Promise.all(Array.from({ length: count }, () => freePort()));
 }
 
-export async function up(root: string, config: RunConfig): Promise<UpResult> {
-  const runDir = resolve(root, config.run.dir);
-  mkdirSync(runDir, { recursive: true });
-  if (config.producer.model === DEFAULT_TINY_MODEL) {
-    // Cheap when .cache holds this model already; regenerates one made from another seed or graph.
-    const tiny = makeTinyLlama({ out: resolve(root, dirname(DEFAULT_TINY_MODEL)), seed: config.run.seed });
-    if (tiny.generated) log(`generated the built-in tiny Llama model into ${DEFAULT_TINY_MODEL}`);
-  }
-  const nats = await natsForRun(root, process.env, log);
-  const { launch } = config;
-  const [bufferPort, ...rest] = await ports(config, 1 + launch.producers + launch.trainers);
-  const bufferAddress = `127.0.0.1:${bufferPort}`;
+/** Picks the ports and writes run.yaml: the config with the addresses filled in. */
+async function planRun(root: string, runDir: string, config: RunConfig, nats: NatsForRun): Promise<LocalRun> {
+  const { producers, trainers } = config.launch;
+  const addresses = (await ports(config, 1 + producers + trainers)).map((port) => `127.0.0.1:${port}`);
+  const bufferAddress = addresses[0]!;
   const resolved: RunConfig = {
     ...config,
     nats: { ...config.nats, url: nats.url },
     buffer: { ...config.buffer, address: bufferAddress },
-    producer: { ...config.producer, bufferAddress, shardCount: launch.producers },
+    producer: { ...config.producer, bufferAddress, shardCount: producers },
     trainer: { ...config.trainer, bufferAddress },
   };
   const configFile = resolve(runDir, "run.yaml");
   writeFileSync(configFile, `# Resolved by saeflow up; every process of the run read this file.\n${stringify(resolved)}`);
-
-  const procs: RoleProcess[] = [];
-  const exits: Record<string, number> = {};
-  const stopAll = async () => {
-    await settleAndSnapshot(runDir, procs, resolved);
-    for (const role of ["producer", "trainer", "buffer"] as const) {
-      if (role === "buffer") await drainBuffer(bufferAddress, resolved);
-      await Promise.all(procs.filter((p) => p.role === role).map(async (p) => (exits[p.id] = await stopRole(p, 15_000))));
-    }
-    await nats.server?.stop();
+  const plan: RunPlan = {
+    root,
+    runDir,
+    configFile,
+    config: resolved,
+    nats,
+    bufferAddress,
+    producerAddresses: addresses.slice(1, 1 + producers),
+    trainerAddresses: addresses.slice(1 + producers),
   };
+  return { plan, procs: [], exits: {}, startedAt: Date.now(), step: 0, stopping: false, interrupted: false, ending: false };
+}
 
-  let interrupted = false;
-  let completed: boolean;
-  const startedAt = Date.now();
-  const progress = new ProgressLine(resolve(runDir, "pipeline.jsonl"));
-  try {
-    const buffer = spawnRole(root, runDir, "buffer", "buffer", bufferAddress, configFile, []);
-    procs.push(buffer);
-    await waitServing(bufferAddress, BufferService.typeName, resolved.transport, buffer.exited, 60_000);
-    for (let i = 0; i < launch.producers; i++) {
-      const address = `127.0.0.1:${rest[i]}`;
-      procs.push(
-        spawnRole(root, runDir, "producer", `producer-${i}`, address, configFile, [
-          `producer.shardIndex=${i}`,
-          `producer.address=${address}`,
-          `producer.stateFile=${resolve(runDir, `producer-${i}.position.json`)}`,
-        ]),
-      );
-    }
-    const trainers: RoleProcess[] = [];
-    for (let i = 0; i < launch.trainers; i++) {
-      const address = `127.0.0.1:${rest[launch.producers + i]}`;
+/** The buffer first (producers and trainers connect to it), then the producers and the trainers. */
+async function startRoles(run: LocalRun): Promise<void> {
+  const { plan } = run;
+  const spawn = (role: RoleProcess["role"], id: string, address: string, sets: string[]) => {
+    run.procs.push(spawnRole(plan.root, plan.runDir, role, id, address, plan.configFile, sets));
+  };
+  spawn("buffer", "buffer", plan.bufferAddress, []);
+  await waitServing(run.procs[0]!, BufferService.typeName, plan.config.transport, 60_000);
+  if (run.stopping) throw new Error("interrupted while the buffer started");
+  plan.producerAddresses.forEach((address, i) =>
+    spawn("producer", `producer-${i}`, address, [
+      `producer.shardIndex=${i}`,
+      `producer.address=${address}`,
+      `producer.stateFile=${resolve(plan.runDir, `producer-${i}.position.json`)}`,
+    ]),
+  );
+  plan.trainerAddresses.forEach((address, i) =>
+    spawn("trainer", `trainer-${i}`, address, [
+      `trainer.id=trainer-${i}`,
+      `trainer.address=${address}`,
       // Several trainers train the same sweep names, so each gets its own folder.
-      const own = launch.trainers > 1 ? [`run.dir=${resolve(runDir, `trainer-${i}`)}`] : [];
-      const t = spawnRole(root, runDir, "trainer", `trainer-${i}`, address, configFile, [
-        `trainer.id=trainer-${i}`,
-        `trainer.address=${address}`,
-        ...own,
-      ]);
-      trainers.push(t);
-      procs.push(t);
-    }
-    writeRunFile(runDir, {
-      runId: config.run.id,
-      config: configFile,
-      natsUrl: nats.url,
-      startedAt: new Date(startedAt).toISOString(),
-      services: procs.map((p) => ({ id: p.id, role: p.role, address: p.address, pid: p.child.pid ?? -1, log: p.log })),
-    });
-    log(
-      `run ${config.run.id}: ${launch.producers} producer(s), buffer ${bufferAddress}, ${launch.trainers} trainer(s); logs in ${resolve(runDir, "logs")}`,
-    );
+      ...(plan.trainerAddresses.length > 1 ? [`run.dir=${resolve(plan.runDir, `trainer-${i}`)}`] : []),
+    ]),
+  );
+}
 
-    let stopping = false;
-    const stopTraining = (why: string) => {
-      if (stopping) return;
-      stopping = true;
-      log(why);
-      void Promise.all(trainers.map((t) => stopTrainer(t.address, resolved)));
-    };
-    const onSignal = () => {
-      if (interrupted) {
-        for (const p of procs) p.child.kill("SIGKILL");
-        return;
-      }
-      interrupted = true;
-      stopTraining("interrupted: checkpointing the trainers, then stopping (Ctrl-C again to kill)");
-    };
-    process.on("SIGINT", onSignal);
-    process.on("SIGTERM", onSignal);
+/** run.json for `saeflow status/stop/export`, and one line saying what runs where. */
+function announce(run: LocalRun): void {
+  const { plan } = run;
+  writeRunFile(plan.runDir, {
+    runId: plan.config.run.id,
+    config: plan.configFile,
+    natsUrl: plan.nats.url,
+    startedAt: new Date(run.startedAt).toISOString(),
+    services: run.procs.map((p) => ({ id: p.id, role: p.role, address: p.address, pid: p.child.pid ?? -1, log: p.log })),
+  });
+  const { producers, trainers } = plan.config.launch;
+  log(
+    `run ${plan.config.run.id}: ${producers} producer(s), buffer ${plan.bufferAddress}, ${trainers} trainer(s); logs in ${resolve(plan.runDir, "logs")}`,
+  );
+}
 
-    // A failed buffer or producer ends the run with a checkpoint rather than leaving trainers waiting;
-    // producers that finished their epochs let the buffer drain what it holds to the trainers.
-    for (const p of procs.filter((q) => q.role !== "trainer")) {
-      void p.exited.then((code) => {
-        if (code !== 0 && !stopping) stopTraining(`${p.id} exited with ${code} (see ${p.log}); checkpointing the trainers`);
-      });
-    }
-    let done = false;
-    const producers = procs.filter((p) => p.role === "producer");
-    void Promise.all(producers.map((p) => p.exited)).then((codes) => {
-      if (!stopping && !done && codes.every((c) => c === 0)) {
-        log("every producer finished its epochs; the buffer serves what it holds, then ends the trainers' streams");
-        void drainBuffer(bufferAddress, resolved);
-      }
-    });
-    const trainersDone = Promise.all(trainers.map(async (t) => (exits[t.id] = await t.exited)));
-    void trainersDone.then(() => (done = true));
+/** Shows progress until every trainer has exited; true when they all finished their work unasked. */
+async function watch(run: LocalRun): Promise<boolean> {
+  const trainers = run.procs.filter((p) => p.role === "trainer");
+  let done = false;
+  const trainersDone = Promise.all(trainers.map(async (t) => (run.exits[t.id] = await t.exited))).then(() => (done = true));
+  watchFailures(run);
+  drainWhenProducersFinish(run, () => done);
+  const progress = new ProgressLine(resolve(run.plan.runDir, "pipeline.jsonl"));
+  try {
     while (!done) {
-      const st = await collectStatus({ services: procs.filter((p) => p.child.exitCode === null).map((p) => ({ ...p, pid: 0 })) });
-      progress.update(summarise(st, startedAt, config.trainer.steps));
-      await Promise.race([trainersDone, new Promise((r) => setTimeout(r, launch.statusEveryMs))]);
+      const st = await collectStatus({ services: run.procs.filter(isRunning).map((p) => ({ ...p, pid: 0 })) });
+      run.step = Math.max(run.step, furthestStep(st));
+      progress.update(summarise(st, run.startedAt, run.plan.config.trainer.steps));
+      await Promise.race([trainersDone, sleep(run.plan.config.launch.statusEveryMs)]);
     }
-    progress.stop();
-    process.off("SIGINT", onSignal);
-    process.off("SIGTERM", onSignal);
-    completed = !stopping && trainers.every((t) => exits[t.id] === 0);
   } finally {
     progress.stop();
-    await stopAll();
   }
-  const trainerDirs = launch.trainers > 1 ? Array.from({ length: launch.trainers }, (_, i) => resolve(runDir, `trainer-${i}`)) : [runDir];
-  return { runDir, trainerDirs, exits, completed };
+  return !run.stopping && trainers.every((t) => run.exits[t.id] === 0);
 }
 
 /**
- * Pauses the producers, waits until no rows are moving, and writes final-status.json: every
- * service's last status at one quiet moment, so rows sent, accepted, served and trained reconcile.
+ * A role that fails says why, in its own words. A failed buffer or producer ends the run with a
+ * checkpoint rather than leaving the trainers waiting.
  */
-async function settleAndSnapshot(runDir: string, procs: RoleProcess[], config: RunConfig): Promise<void> {
-  const live = () => procs.filter((p) => p.child.exitCode === null && p.child.signalCode === null).map((p) => ({ ...p, pid: 0 }));
-  await Promise.all(
-    live()
-      .filter((p) => p.role === "producer")
-      .map(async (p) => {
-        const client = createClient(ProducerService, p.address, config.transport);
-        await client.pause({}, { deadline: Date.now() + 5000 }).catch(() => undefined);
-        client.close();
+function watchFailures(run: LocalRun): void {
+  for (const p of run.procs) {
+    void p.exited.then((code) => {
+      if (code === 0 || run.ending) return;
+      log(exitReport(p, code));
+      if (p.role !== "trainer") stopTraining(run, "checkpointing the trainers, then stopping the run");
+    });
+  }
+}
+
+/** Producers that finished their epochs let the buffer serve what it holds, then end the trainers' streams. */
+function drainWhenProducersFinish(run: LocalRun, trainersDone: () => boolean): void {
+  const producers = run.procs.filter((p) => p.role === "producer");
+  void Promise.all(producers.map((p) => p.exited)).then((codes) => {
+    if (run.stopping || run.ending || trainersDone() || !codes.every((c) => c === 0)) return;
+    log("every producer finished its epochs; the buffer serves what it holds, then ends the trainers' streams");
+    void drainBuffer(run.plan.bufferAddress, run.plan.config);
+  });
+}
+
+function stopTraining(run: LocalRun, why: string): void {
+  if (run.stopping) return;
+  run.stopping = true;
+  log(why);
+  const trainers = run.procs.filter((p) => p.role === "trainer" && isRunning(p));
+  void (async () => {
+    // The step they stop at tells whether the run trained at all.
+    run.step = Math.max(run.step, furthestStep(await collectStatus({ services: trainers.map((t) => ({ ...t, pid: 0 })) })));
+    await Promise.all(
+      trainers.map(async (t) => {
+        // One not serving yet cannot take the call; its own SIGTERM handling checkpoints it the same way.
+        if (!(await stopTrainer(t.address, run.plan.config))) t.child.kill("SIGTERM");
       }),
-  );
-  let last = "";
-  const until = Date.now() + 15_000;
-  for (;;) {
-    const st = await collectStatus({ services: live() });
-    const moving = JSON.stringify([
-      st.producers.map((p) => String(p.status?.rowsSent ?? "")),
-      st.buffer.map((b) => b.status?.hookPoints.map((h) => [String(h.rowsIn), String(h.rowsOut), h.dropped.map((d) => String(d.rows))])),
-    ]);
-    if (moving === last || Date.now() > until) {
-      writeFileSync(resolve(runDir, "final-status.json"), `${JSON.stringify(statusJson(st), null, 2)}\n`);
-      return;
-    }
-    last = moving;
-    await new Promise((r) => setTimeout(r, 300));
-  }
+    );
+  })();
 }
 
-async function drainBuffer(address: string, config: RunConfig): Promise<void> {
-  const client = createClient(BufferService, address, config.transport);
-  try {
-    await client.drain({}, { deadline: Date.now() + 5000 });
-  } catch {
-    // Already gone; nothing to drain.
-  } finally {
-    client.close();
+function interrupt(run: LocalRun): void {
+  if (run.interrupted) {
+    for (const p of run.procs) p.child.kill("SIGKILL");
+    return;
   }
+  run.interrupted = true;
+  stopTraining(run, "interrupted: checkpointing the trainers, then stopping (Ctrl-C again to kill)");
 }
 
-export async function stopTrainer(address: string, config: RunConfig): Promise<void> {
-  const client = createClient(TrainerService, address, config.transport);
+/** Snapshots the final status, stops producers, trainers and the buffer in that order, then NATS. */
+async function takeDown(run: LocalRun): Promise<void> {
+  run.ending = true;
+  const { plan } = run;
   try {
-    await client.stop({}, { deadline: Date.now() + 120_000 });
+    run.step = Math.max(run.step, furthestStep(await settleAndSnapshot(plan.runDir, run.procs, plan.config)));
   } catch (err) {
-    log(`trainer at ${address} did not stop cleanly: ${(err as Error).message}`);
-  } finally {
-    client.close();
+    log(`final-status.json not written: ${(err as Error).message}`);
   }
+  for (const role of ["producer", "trainer", "buffer"] as const) {
+    if (role === "buffer") await drainBuffer(plan.bufferAddress, plan.config);
+    await Promise.all(run.procs.filter((p) => p.role === role).map(async (p) => (run.exits[p.id] = await stopRole(p, 15_000))));
+  }
+  await plan.nats.server?.stop();
 }

@@ -1,15 +1,16 @@
 import { dirname } from "node:path";
 import ort from "onnxruntime-node";
 import { FieldError } from "../../services/common/errors.js";
+import { type ExecutionProvider, ortSessionOptions } from "../../services/common/ort.js";
 import { decodeFloats, encodeFloats } from "../../services/common/tensor-codec.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
 import { parseHook, resolveHooks } from "../../services/producer/model/hooks.js";
-import { loadModel } from "../../services/producer/model/onnx.js";
+import { loadModel, type ModelProto } from "../../services/producer/model/onnx.js";
 import { sessionFor } from "../../services/producer/model/session.js";
 import { suffixFromHook, truncateAtHooks } from "../../services/producer/model/truncate.js";
-import type { ExecutionProvider } from "../../services/producer/session.js";
 import { loadSae, type Sae, SaeFolderError, saeForward } from "./sae.js";
 import { crossEntropy, klAt, LSE, type Scored, withLogSumExp } from "./score.js";
+import { SaeTally } from "./tally.js";
 
 /**
  * How much of the model an SAE keeps when its reconstruction replaces the activation it was trained
@@ -99,75 +100,6 @@ const tensorLike = (values: Float32Array, like: ort.Tensor): ort.Tensor =>
     ? new ort.Tensor("float16", encodeFloats(values, DType.FP16) as Uint16Array, like.dims)
     : new ort.Tensor("float32", values, like.dims);
 
-/** Running sums of one SAE over the contexts. */
-class SaeTally {
-  ce = 0;
-  kl = 0;
-  tokens = 0;
-  active = 0;
-  sse = 0;
-  cos = 0;
-  dot = 0;
-  hatSq = 0;
-  xSq = 0;
-  readonly xSum: Float64Array;
-
-  constructor(readonly sae: Sae) {
-    this.xSum = new Float64Array(sae.dIn);
-  }
-
-  /** Reconstruction figures of rows x / xHat [rows, d]. */
-  addRows(x: Float32Array, xHat: Float32Array, l0: Uint32Array, d: number): void {
-    for (let r = 0; r < l0.length; r++) {
-      let dot = 0;
-      let xx = 0;
-      let hh = 0;
-      let err = 0;
-      for (let j = r * d; j < (r + 1) * d; j++) {
-        const a = x[j]!;
-        const b = xHat[j]!;
-        dot += a * b;
-        xx += a * a;
-        hh += b * b;
-        err += (a - b) * (a - b);
-        this.xSum[j - r * d]! += a;
-      }
-      this.dot += dot;
-      this.xSq += xx;
-      this.hatSq += hh;
-      this.sse += err;
-      this.cos += xx > 0 && hh > 0 ? dot / Math.sqrt(xx * hh) : 0;
-      this.active += l0[r]!;
-      this.tokens += 1;
-    }
-  }
-
-  result(original: number, zero: number, predictions: number): SpliceResult {
-    const lmSae = this.ce / predictions;
-    const meanSq = this.xSum.reduce((s, v) => s + (v / this.tokens) ** 2, 0);
-    const variance = this.xSq - this.tokens * meanSq;
-    return {
-      sae: this.sae.dir,
-      hook: this.sae.hookName,
-      architecture: this.sae.architecture,
-      d_sae: this.sae.dSae,
-      lm_loss_original: original,
-      lm_loss_sae: lmSae,
-      lm_loss_zero: zero,
-      delta_lm_loss: lmSae - original,
-      fraction_loss_recovered: (zero - lmSae) / (zero - original),
-      kl_divergence: this.kl / predictions,
-      cosine_similarity: this.cos / this.tokens,
-      relative_reconstruction_bias: this.hatSq / this.dot,
-      mse: this.sse / this.tokens,
-      explained_variance: 1 - this.sse / variance,
-      l0: this.active / this.tokens,
-      tokens: this.tokens,
-      predictions,
-    };
-  }
-}
-
 /** One hook point: its suffix session and the SAEs trained on it. */
 interface HookGroup {
   hook: string;
@@ -176,6 +108,52 @@ interface HookGroup {
   tallies: SaeTally[];
   ceOriginal: number;
   ceZero: number;
+}
+
+/** The model cut for the splices: one prefix computing every hook tensor, one suffix per hook point. */
+interface Splices {
+  prefix: ort.InferenceSession;
+  groups: HookGroup[];
+  /** One per SAE, in the order of options.saeDirs. */
+  tallies: SaeTally[];
+  close(): Promise<void>;
+}
+
+/** One context: its inputs, the positions the SAE replaces and those with a next token to predict. */
+interface ContextRun {
+  ids: number[];
+  feeds: Record<string, ort.Tensor>;
+  rows: number[];
+  predicted: number[];
+}
+
+/** One hook tensor of one context, and the suffix run on a replacement of it. */
+interface HookRun {
+  x: Float32Array;
+  d: number;
+  vocab: number;
+  original: Scored;
+  scoreWith(values: Float32Array): Promise<Scored>;
+}
+
+/** Splices each SAE into the model at its hook point and measures what the model loses. */
+export async function evaluateSplice(options: SpliceOptions): Promise<SpliceResult[]> {
+  const { saes, bos, model } = check(options);
+  const splices = await openSplices(model, dirname(options.modelPath), saes, options);
+  try {
+    let predictions = 0;
+    for (const [c, ids] of options.contexts.entries()) {
+      predictions += await scoreContext(splices, ids, bos, options.modelPath);
+      options.onContext?.(c + 1, options.contexts.length);
+    }
+    if (predictions === 0) throw new Error("the contexts hold no predicted position (every token is BOS or last)");
+    return splices.tallies.map((t) => {
+      const g = splices.groups.find((group) => group.hook === t.sae.hookName)!;
+      return t.result(g.ceOriginal / predictions, g.ceZero / predictions, predictions);
+    });
+  } finally {
+    await splices.close();
+  }
 }
 
 /** The BOS id (undefined for none), after checking the contexts. */
@@ -191,104 +169,119 @@ function checkContexts(contexts: number[][], bosId: number | null | undefined): 
   return bos;
 }
 
-/** Splices each SAE into the model at its hook point and measures what the model loses. */
-export async function evaluateSplice(options: SpliceOptions): Promise<SpliceResult[]> {
-  const { modelPath, contexts } = options;
+/** Loads the SAEs and the model, checking the contexts and that every SAE's hook point is in the model. */
+function check(options: SpliceOptions): { saes: Sae[]; bos: number | undefined; model: ModelProto } {
   if (options.saeDirs.length === 0) throw new Error("no SAE to evaluate");
   const saes = options.saeDirs.map(loadSae);
-  const bos = checkContexts(contexts, options.bosId);
-  const model = loadModel(modelPath);
-  const graph = model.graph ?? {};
+  const bos = checkContexts(options.contexts, options.bosId);
+  const model = loadModel(options.modelPath);
   for (const sae of saes) {
     try {
-      resolveHooks(graph, [sae.hookName, ...residualInputs(sae.hookName)]);
+      resolveHooks(model.graph ?? {}, [sae.hookName, ...residualInputs(sae.hookName)]);
     } catch (err) {
       const detail = err instanceof FieldError ? err.rawMessage : (err as Error).message;
-      throw new SaeFolderError(sae.dir, `cfg.json hook_name "${sae.hookName}" is not a hook point of ${modelPath}: ${detail}`);
+      throw new SaeFolderError(sae.dir, `cfg.json hook_name "${sae.hookName}" is not a hook point of ${options.modelPath}: ${detail}`);
     }
   }
+  return { saes, bos, model };
+}
 
-  const sessionOptions: ort.InferenceSession.SessionOptions = {
-    executionProviders: [options.provider ?? "cpu"],
-    graphOptimizationLevel: "all",
-    ...(options.threads ? { intraOpNumThreads: options.threads } : {}),
+async function openSplices(
+  model: ModelProto,
+  modelDir: string,
+  saes: Sae[],
+  options: Pick<SpliceOptions, "provider" | "threads">,
+): Promise<Splices> {
+  const sessionOptions = ortSessionOptions({ provider: options.provider, threads: options.threads });
+  const opened: ort.InferenceSession[] = [];
+  const open = async (cut: ModelProto) => {
+    const session = await sessionFor(cut, modelDir, sessionOptions);
+    opened.push(session);
+    return session;
   };
-  const modelDir = dirname(modelPath);
-  const hooks = [...new Set(saes.map((s) => s.hookName))];
-  const outputs = [...new Set(hooks.flatMap((h) => [h, ...residualInputs(h)]))];
-  const sessions: ort.InferenceSession[] = [];
+  const close = async () => {
+    for (const session of opened) await session.release();
+  };
   try {
-    const prefix = await sessionFor(truncateAtHooks(model, outputs), modelDir, sessionOptions);
-    sessions.push(prefix);
+    const hooks = [...new Set(saes.map((s) => s.hookName))];
+    const prefix = await open(truncateAtHooks(model, [...new Set(hooks.flatMap((h) => [h, ...residualInputs(h)]))]));
     const tallies = saes.map((sae) => new SaeTally(sae));
     const groups: HookGroup[] = [];
     for (const hook of hooks) {
       const residual = residualInputs(hook);
-      const suffix = await sessionFor(withLogSumExp(suffixFromHook(model, hook, residual)), modelDir, sessionOptions);
-      sessions.push(suffix);
+      const suffix = await open(withLogSumExp(suffixFromHook(model, hook, residual)));
       groups.push({ hook, residual, suffix, tallies: tallies.filter((t) => t.sae.hookName === hook), ceOriginal: 0, ceZero: 0 });
     }
-    let predictions = 0;
-    for (const [c, ids] of contexts.entries()) {
-      const s = ids.length;
-      const dims = [1, s];
-      const feeds: Record<string, ort.Tensor> = {
-        input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), dims),
-        attention_mask: new ort.Tensor("int64", new BigInt64Array(s).fill(1n), dims),
-        position_ids: new ort.Tensor(
-          "int64",
-          BigInt64Array.from({ length: s }, (_, i) => BigInt(i)),
-          dims,
-        ),
-      };
-      const inputsOf = (session: ort.InferenceSession, extra: Record<string, ort.Tensor>) =>
-        Object.fromEntries(session.inputNames.map((name) => [name, extra[name] ?? feeds[name]!]));
-      const acts = await prefix.run(inputsOf(prefix, {}));
-      const rows = ids.flatMap((id, p) => (id === bos ? [] : [p]));
-      const predicted = rows.filter((p) => p < s - 1);
-      predictions += predicted.length;
-
-      for (const group of groups) {
-        const hookTensor = acts[group.hook]!;
-        const x = floatsOf(hookTensor, group.hook);
-        const d = hookTensor.dims[2]!;
-        for (const { sae } of group.tallies) {
-          if (sae.dIn !== d)
-            throw new SaeFolderError(sae.dir, `cfg.json d_in is ${sae.dIn} but ${group.hook} is ${d} wide in ${modelPath}`);
-        }
-        const residual = Object.fromEntries(group.residual.map((name) => [name, acts[name]!]));
-        const scoreWith = async (values: Float32Array): Promise<Scored> => {
-          const out = await group.suffix.run(inputsOf(group.suffix, { ...residual, [group.hook]: tensorLike(values, hookTensor) }));
-          return { logits: floatsOf(out.logits!, "logits"), lse: out[LSE]!.data as Float32Array };
-        };
-        const original = await scoreWith(x);
-        const V = original.logits.length / s;
-        group.ceOriginal += crossEntropy(original, ids, predicted, V);
-
-        const zeroed = Float32Array.from(x);
-        for (const p of rows) zeroed.fill(0, p * d, (p + 1) * d);
-        group.ceZero += crossEntropy(await scoreWith(zeroed), ids, predicted, V);
-
-        const xRows = new Float32Array(rows.length * d);
-        rows.forEach((p, r) => xRows.set(x.subarray(p * d, (p + 1) * d), r * d));
-        for (const tally of group.tallies) {
-          const { recon, l0 } = saeForward(tally.sae, xRows, rows.length);
-          tally.addRows(xRows, recon, l0, d);
-          const spliced = Float32Array.from(x);
-          rows.forEach((p, r) => spliced.set(recon.subarray(r * d, (r + 1) * d), p * d));
-          const withSae = await scoreWith(spliced);
-          tally.ce += crossEntropy(withSae, ids, predicted, V);
-          for (const p of predicted) tally.kl += klAt(original, withSae, p, V);
-        }
-      }
-      options.onContext?.(c + 1, contexts.length);
-    }
-    if (predictions === 0) throw new Error("the contexts hold no predicted position (every token is BOS or last)");
-    return tallies.map((t) => {
-      const g = groups.find((group) => group.hook === t.sae.hookName)!;
-      return t.result(g.ceOriginal / predictions, g.ceZero / predictions, predictions);
-    });
-  } finally {
-    for (const session of sessions) await session.release();
+    return { prefix, groups, tallies, close };
+  } catch (err) {
+    await close();
+    throw err;
   }
+}
+
+function contextRun(ids: number[], bos: number | undefined): ContextRun {
+  const s = ids.length;
+  const dims = [1, s];
+  const feeds = {
+    input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), dims),
+    attention_mask: new ort.Tensor("int64", new BigInt64Array(s).fill(1n), dims),
+    position_ids: new ort.Tensor(
+      "int64",
+      BigInt64Array.from({ length: s }, (_, i) => BigInt(i)),
+      dims,
+    ),
+  };
+  const rows = ids.flatMap((id, p) => (id === bos ? [] : [p]));
+  return { ids, feeds, rows, predicted: rows.filter((p) => p < s - 1) };
+}
+
+/** What `session` takes: the tensors in `extra`, else the context's own inputs. */
+const inputsOf = (session: ort.InferenceSession, feeds: Record<string, ort.Tensor>, extra: Record<string, ort.Tensor> = {}) =>
+  Object.fromEntries(session.inputNames.map((name) => [name, extra[name] ?? feeds[name]!]));
+
+/** Runs the prefix once and every hook's splices on one context; returns its predicted positions. */
+async function scoreContext(splices: Splices, ids: number[], bos: number | undefined, modelPath: string): Promise<number> {
+  const ctx = contextRun(ids, bos);
+  const acts = await splices.prefix.run(inputsOf(splices.prefix, ctx.feeds));
+  for (const group of splices.groups) await scoreHook(group, acts, ctx, modelPath);
+  return ctx.predicted.length;
+}
+
+/** The model's loss at one hook with the original tensor, with zeros, and with each SAE's reconstruction. */
+async function scoreHook(group: HookGroup, acts: ort.InferenceSession.OnnxValueMapType, ctx: ContextRun, modelPath: string): Promise<void> {
+  const hookTensor = acts[group.hook]!;
+  const x = floatsOf(hookTensor, group.hook);
+  const d = hookTensor.dims[2]!;
+  for (const { sae } of group.tallies) {
+    if (sae.dIn !== d) throw new SaeFolderError(sae.dir, `cfg.json d_in is ${sae.dIn} but ${group.hook} is ${d} wide in ${modelPath}`);
+  }
+  const residual = Object.fromEntries(group.residual.map((name) => [name, acts[name]!]));
+  const scoreWith = async (values: Float32Array): Promise<Scored> => {
+    const out = await group.suffix.run(inputsOf(group.suffix, ctx.feeds, { ...residual, [group.hook]: tensorLike(values, hookTensor) }));
+    return { logits: floatsOf(out.logits!, "logits"), lse: out[LSE]!.data as Float32Array };
+  };
+  const original = await scoreWith(x);
+  const vocab = original.logits.length / ctx.ids.length;
+  group.ceOriginal += crossEntropy(original, ctx.ids, ctx.predicted, vocab);
+
+  const zeroed = Float32Array.from(x);
+  for (const p of ctx.rows) zeroed.fill(0, p * d, (p + 1) * d);
+  group.ceZero += crossEntropy(await scoreWith(zeroed), ctx.ids, ctx.predicted, vocab);
+
+  const xRows = new Float32Array(ctx.rows.length * d);
+  ctx.rows.forEach((p, r) => xRows.set(x.subarray(p * d, (p + 1) * d), r * d));
+  const run: HookRun = { x, d, vocab, original, scoreWith };
+  for (const tally of group.tallies) await scoreSae(tally, run, ctx, xRows);
+}
+
+/** One SAE on one context: its reconstruction figures, then the loss and KL with it spliced in. */
+async function scoreSae(tally: SaeTally, run: HookRun, ctx: ContextRun, xRows: Float32Array): Promise<void> {
+  const { x, d, vocab } = run;
+  const { recon, l0 } = saeForward(tally.sae, xRows, ctx.rows.length);
+  tally.addRows(xRows, recon, l0, d);
+  const spliced = Float32Array.from(x);
+  ctx.rows.forEach((p, r) => spliced.set(recon.subarray(r * d, (r + 1) * d), p * d));
+  const withSae = await run.scoreWith(spliced);
+  tally.ce += crossEntropy(withSae, ctx.ids, ctx.predicted, vocab);
+  for (const p of ctx.predicted) tally.kl += klAt(run.original, withSae, p, vocab);
 }

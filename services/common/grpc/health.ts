@@ -31,27 +31,27 @@ export class HealthState {
   }
 
   handlers(): ServiceHandlers<typeof Health> {
-    const statusOf = (service: string) => this.statuses.get(service) ?? Serving.SERVICE_UNKNOWN;
-    const self = this;
     return {
       check: async (req) => {
         const s = this.statuses.get(req.service);
         if (s === undefined) throw new FieldError("service", `unknown service "${req.service}"`, status.NOT_FOUND);
         return { status: s };
       },
-      // The current status, then each change, until the watcher leaves or the server closes.
-      watch: async function* (req, ctx) {
-        let last: Serving | undefined;
-        while (!self.closed && !ctx.signal.aborted) {
-          const s = statusOf(req.service);
-          if (s !== last) yield { status: (last = s) };
-          await self.changed.wait(ctx.signal);
-        }
-      },
+      watch: (req, ctx) => this.watch(req.service, ctx.signal),
       list: async () => ({
         statuses: Object.fromEntries([...this.statuses].map(([k, v]) => [k, { status: v }])),
       }),
     };
+  }
+
+  /** The current status of `service`, then each change, until the watcher leaves or the server closes. */
+  private async *watch(service: string, signal: AbortSignal): AsyncGenerator<{ status: Serving }> {
+    let last: Serving | undefined;
+    while (!this.closed && !signal.aborted) {
+      const s = this.statuses.get(service) ?? Serving.SERVICE_UNKNOWN;
+      if (s !== last) yield { status: (last = s) };
+      await this.changed.wait(signal);
+    }
   }
 
   /** Ends every Watch stream (on shutdown). */

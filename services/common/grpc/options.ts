@@ -15,6 +15,9 @@ export function channelOptions(t: TransportConfig): ChannelOptions {
     "grpc.keepalive_timeout_ms": Math.max(5000, Math.floor(t.keepaliveMs / 2)),
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
+    // Each client its own HTTP/2 connection: on one shared by a Push held back by a full pool and the
+    // Batches that would free it, both stopped (test/buffer/one-connection.test.ts).
+    "grpc.use_local_subchannel_pool": 1,
   };
 }
 

@@ -57,7 +57,10 @@ export class PositionStore {
       throw ConfigError.at(key, `${this.path} is not a producer position file: ${(err as Error).message}`);
     }
     if (parsed.fingerprint !== this.fingerprint) {
-      throw ConfigError.at(key, `${this.path} was saved for another dataset, shard, tokenizer or packing (${parsed.fingerprint} vs ${this.fingerprint}); delete it or set producer.resume=false`);
+      throw ConfigError.at(
+        key,
+        `${this.path} was saved for another dataset, shard, tokenizer or packing (${parsed.fingerprint} vs ${this.fingerprint}); delete it or set producer.resume=false`,
+      );
     }
     return parsed.position;
   }

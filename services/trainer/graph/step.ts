@@ -1,18 +1,10 @@
+import { type ParamName, STEP_RECIPES, type StepRecipe } from "../../common/config/recipes.js";
 import { addAuxK } from "./auxk.js";
 import { F16, F32, GraphBuilder, I64 } from "./builder.js";
 import { batchTopKCode, type Code, type CodeGrads, type CodeInputs, maskedCode, reluCode, topKCode } from "./codes.js";
 import { gatedCode } from "./gated.js";
 
-/**
- * The recipes a step graph trains; JumpReLU trains as TopK and is converted afterwards, and
- * Matryoshka is BatchTopK with nested prefixes.
- */
-export type StepRecipe = "topk" | "batchtopk" | "matryoshka" | "relu" | "gated";
-
-/** Recipes whose code keeps the top k (per token or per batch), with AuxK for dead latents. */
-export const rankedRecipe = (r: StepRecipe): boolean => r === "topk" || r === "batchtopk" || r === "matryoshka";
-/** Recipes with a decoder-norm-weighted L1 penalty. */
-export const penalisedRecipe = (r: StepRecipe): boolean => r === "relu" || r === "gated";
+export type { CoreParam, GatedParam, ParamName, StepRecipe } from "../../common/config/recipes.js";
 
 export interface StepSpec {
   recipe: StepRecipe;
@@ -43,19 +35,12 @@ export interface StepSpec {
   gradOutputs?: boolean;
 }
 
-/** Trained tensors of every recipe, in state order. */
-export const PARAMS = ["W_enc", "b_enc", "W_dec", "b_dec"] as const;
-/** gated's magnitude path, after PARAMS. */
-export const GATED_PARAMS = ["r_mag", "b_mag"] as const;
-export type CoreParam = (typeof PARAMS)[number];
-export type GatedParam = (typeof GATED_PARAMS)[number];
-export type ParamName = CoreParam | GatedParam;
 /** A parameter and its Adam first and second moments. */
 export type WithMoments<P extends string> = P | `m_${P}` | `v_${P}`;
 export type StateName = WithMoments<ParamName>;
 export const nextName = (s: StateName) => `next_${s}` as const;
 
-export const paramsOf = (recipe: StepRecipe): readonly ParamName[] => (recipe === "gated" ? [...PARAMS, ...GATED_PARAMS] : PARAMS);
+export const paramsOf = (recipe: StepRecipe): readonly ParamName[] => STEP_RECIPES[recipe].params;
 
 /** Every state tensor the step of `recipe` reads and writes: parameters, then Adam's first and second moments. */
 export function stateOf(recipe: StepRecipe): StateName[] {
@@ -83,14 +68,14 @@ export function stateShape(name: StateName, n: number, d: number): number[] {
  */
 export function buildStepGraph(spec: StepSpec): Uint8Array {
   const { batchSize: B, dModel: d, width: n, k, recipe } = spec;
-  const ranked = rankedRecipe(recipe);
+  const { ranked, penalised, magnitudePath } = STEP_RECIPES[recipe];
   const g = new GraphBuilder(`sae_step_${recipe}`);
 
   const xIn = g.input("x", spec.input === "fp16" ? F16 : F32, [B, d]);
   const scale = g.input("scale", F32, []);
   const lrStep = g.input("lr_step", F32, []);
   const sqrtBc2 = g.input("sqrt_bc2", F32, []);
-  const l1Coef = penalisedRecipe(recipe) ? g.input("l1_coef", F32, []) : "";
+  const l1Coef = penalised ? g.input("l1_coef", F32, []) : "";
   const kIn = spec.annealK && ranked ? g.input("k", I64, [1]) : "";
   const aux = spec.auxK && ranked;
   const deadIdx = aux ? g.input("dead_idx", I64, ["m"]) : "";
@@ -103,11 +88,10 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
   const x = spec.input === "fp16" ? g.cast(xIn, F32, "x_f32") : xIn; // [B, d]
   const xNorm = g.mul(x, scale, "x_norm"); // [B, d] dataset-wide normalisation
   const xCent = g.sub(xNorm, s.b_dec, "x_cent"); // [B, d]
-  const gated = recipe === "gated";
-  const enc = gated ? g.gemm(xCent, s.W_enc, { transB: true }, "enc") : ""; // [B, n] shared by gated's two paths
-  const pre = gated ? g.add(enc, s.b_enc, "pre") : g.gemm(xCent, s.W_enc, { bias: s.b_enc, transB: true }, "pre"); // [B,d]@[d,n] -> [B, n], the one dense GEMM
+  const enc = magnitudePath ? g.gemm(xCent, s.W_enc, { transB: true }, "enc") : ""; // [B, n] shared by gated's two paths
+  const pre = magnitudePath ? g.add(enc, s.b_enc, "pre") : g.gemm(xCent, s.W_enc, { bias: s.b_enc, transB: true }, "pre"); // [B,d]@[d,n] -> [B, n], the one dense GEMM
   const rankByNorm = ranked && !spec.unitNormDecoder;
-  const decNormKeep = rankByNorm || penalisedRecipe(recipe) ? g.reduceL2Keep(s.W_dec, 1, "dec_norm") : ""; // [n, 1]
+  const decNormKeep = rankByNorm || penalised ? g.reduceL2Keep(s.W_dec, 1, "dec_norm") : ""; // [n, 1]
   const inputs: CodeInputs = {
     B,
     d,

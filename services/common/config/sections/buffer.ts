@@ -30,7 +30,7 @@ export const BufferSection = z
       .gt(0)
       .lt(1)
       .default(0.5)
-      .describe("Refill is asked when unconsumed rows fall to this fraction of capacity (the seed's half)."),
+      .describe("Refill is asked when unconsumed rows fall to this fraction of capacity (Llama Scope, He et al. 2024, refills at half)."),
     mixFloor: z
       .number()
       .min(0)

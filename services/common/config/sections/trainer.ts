@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { RECIPE_NAMES, RECIPES, RECIPES_DESCRIPTION } from "../recipes.js";
 import { Address } from "./dtype.js";
 
 /** One SAE of a sweep. */
@@ -8,12 +9,7 @@ export const SaeSpec = z
       .string()
       .regex(/^[A-Za-z0-9._-]+$/)
       .describe("Folder name of this SAE in the run."),
-    recipe: z
-      .enum(["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"])
-      .default("topk")
-      .describe(
-        "topk (Llama Scope), jumprelu (topk, then converted to per-latent thresholds), batchtopk, matryoshka (Matryoshka-BatchTopK), relu (ReLU + L1), gated (Gated SAE).",
-      ),
+    recipe: z.enum(RECIPE_NAMES).default("topk").describe(RECIPES_DESCRIPTION),
     width: z.number().int().positive().default(1024).describe("Number of latents n."),
     k: z.number().int().positive().default(50).describe("Active latents per token (topk, jumprelu, batchtopk, matryoshka)."),
     kStart: z
@@ -154,20 +150,21 @@ export const TrainerSection = z
       if (names.has(sae.name)) ctx.addIssue({ code: "custom", path: ["saes", i, "name"], message: `duplicate SAE name "${sae.name}"` });
       names.add(sae.name);
       const issue = (key: string, message: string) => ctx.addIssue({ code: "custom", path: ["saes", i, key], message });
-      const ranked = sae.recipe !== "relu" && sae.recipe !== "gated";
+      const { ranked, nested } = RECIPES[sae.recipe];
       if (ranked && sae.k > sae.width) issue("k", `k (${sae.k}) exceeds width (${sae.width})`);
       if (sae.kAux > sae.width) issue("kAux", `kAux (${sae.kAux}) exceeds width (${sae.width})`);
       if (sae.kStart > 0 && !ranked) issue("kStart", `${sae.recipe} keeps no top k to anneal; leave kStart at 0`);
       else if (sae.kStart > 0 && (sae.kStart < sae.k || sae.kStart > sae.width))
         issue("kStart", `kStart (${sae.kStart}) must lie between k (${sae.k}) and width (${sae.width})`);
-      if (sae.recipe === "matryoshka") {
-        if (sae.prefixes.length === 0) issue("prefixes", "matryoshka needs at least one prefix below width");
+      if (nested) {
+        if (sae.prefixes.length === 0) issue("prefixes", `${sae.recipe} needs at least one prefix below width`);
         sae.prefixes.forEach((p, j) => {
           if (p < sae.k || p >= sae.width) issue("prefixes", `prefix ${p} must be at least k (${sae.k}) and below width (${sae.width})`);
           if (j > 0 && p <= sae.prefixes[j - 1]!) issue("prefixes", `prefixes must increase (${sae.prefixes[j - 1]} then ${p})`);
         });
       } else if (sae.prefixes.length > 0) {
-        issue("prefixes", `only matryoshka nests prefixes, not ${sae.recipe}`);
+        const nesting = RECIPE_NAMES.filter((r) => RECIPES[r].nested).join(", ");
+        issue("prefixes", `only ${nesting} nests prefixes, not ${sae.recipe}`);
       }
     });
     if (t.unitNormDecoder && t.decoderInitNorm !== 1) {

@@ -1,0 +1,71 @@
+import { trace } from "@opentelemetry/api";
+import type { ProducerConfig } from "../common/config/index.js";
+import { inSpan } from "../common/telemetry.js";
+import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
+import { type Batch, makeBatch } from "./batch.js";
+import type { Context } from "./dataset/pack.js";
+import type { DemandGate } from "./demand.js";
+import type { InFlightLedger } from "./in-flight.js";
+import type { ProduceStep } from "./produce.js";
+import type { ProducerProgress } from "./status.js";
+import type { PushStream } from "./stream.js";
+
+/** How long the producer waits for the buffer to answer the chunks in flight when it ends. */
+export const FLUSH_MS = 10_000;
+
+const tracer = trace.getTracer("saeflow.producer");
+
+/** What the production loop drives. */
+export interface LoopParts {
+  id: string;
+  producer: ProducerConfig;
+  contexts: AsyncGenerator<Context>;
+  gate: DemandGate;
+  step: ProduceStep;
+  stream: PushStream;
+  ledger: InFlightLedger;
+  progress: ProducerProgress;
+  log: (line: string) => void;
+}
+
+/** The next pass's contexts, as many as the grant allows (at least one), or undefined once the shard is done. */
+async function nextBatch({ producer: p, contexts, gate }: LoopParts): Promise<Batch | undefined> {
+  const picked: Context[] = [];
+  const want = Math.max(1, Math.min(p.batchContexts, gate.contextsAllowed));
+  while (picked.length < want) {
+    const next = await contexts.next();
+    if (next.done) break;
+    picked.push(next.value);
+  }
+  return picked.length ? makeBatch(picked, p.contextLength) : undefined;
+}
+
+/**
+ * Produces while the gate is open until the shard is done, the run stops or the gate is stopped;
+ * PAUSED while parked at the gate. Rejects when a pass fails (the buffer refused the stream for good).
+ */
+export async function produceUntilDone(parts: LoopParts): Promise<void> {
+  const { gate, progress, producer: p } = parts;
+  progress.started();
+  try {
+    for (;;) {
+      if (!gate.open) progress.state = ServiceState.PAUSED;
+      if ((await gate.wait()) === "stop") return;
+      progress.state = ServiceState.RUNNING;
+      const batch = await inSpan(tracer, "producer.tokenize", {}, async (span) => {
+        const b = await nextBatch(parts);
+        span.setAttribute("tokens", b?.tokens ?? 0);
+        return b;
+      });
+      if (!batch) {
+        parts.log(`${parts.id}: shard ${p.shardIndex}/${p.shardCount} done after ${p.epochs} epoch(s)`);
+        // Exhausted only once every chunk is answered; otherwise a restart produces the rest again.
+        if (await parts.stream.drain(FLUSH_MS)) parts.ledger.exhausted();
+        return;
+      }
+      await parts.step.produce(batch);
+    }
+  } finally {
+    if (progress.state !== ServiceState.DRAINING) progress.state = ServiceState.STOPPED;
+  }
+}

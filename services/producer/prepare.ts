@@ -1,0 +1,71 @@
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import { ConfigError, type RunConfig } from "../common/config/index.js";
+import { DTYPE_BYTES, dtypeFromName } from "../common/tensor-codec.js";
+import { freshPosition, type Position, PositionStore } from "./dataset/position.js";
+import { resolveSources, type SourceFile } from "./dataset/sources.js";
+import type { ModelSession } from "./session.js";
+import { loadTokenizer, type TextTokenizer } from "./tokenizer.js";
+
+/** What a producer knows before it opens anything: its tokenizer, its files and where it starts. */
+export interface Prepared {
+  tokenizer: TextTokenizer;
+  files: SourceFile[];
+  store: PositionStore;
+  /** The saved position when resuming, else the start of the shard. */
+  from: Position;
+}
+
+/** What the saved position is only meaningful for: files, shard, splitting, tokenizer, packing. */
+function fingerprint(config: RunConfig, files: SourceFile[]): string {
+  const p = config.producer;
+  const what = [p.dataset, files.length, p.textSplit, p.textField, p.shardIndex, p.shardCount, p.tokenizer, p.contextLength, p.prependBos];
+  return createHash("sha256").update(JSON.stringify(what)).digest("hex").slice(0, 16);
+}
+
+/** Loads the tokenizer, resolves the dataset and reads the saved position, failing with the key at fault. */
+export function prepare(config: RunConfig, id: string, log: (line: string) => void): Prepared {
+  const p = config.producer;
+  const tokenizer = loadTokenizer(p.tokenizer);
+  if (p.prependBos && tokenizer.bosId === undefined) {
+    throw ConfigError.at(
+      "producer.prependBos",
+      `${p.tokenizer} defines no BOS token (no bos_token in tokenizer_config.json); set producer.prependBos=false`,
+    );
+  }
+  const files = resolveSources(p.dataset);
+  const store = new PositionStore(p.stateFile || join(config.run.dir, `${id}.position.json`), fingerprint(config, files));
+  const saved = p.resume ? store.load() : undefined;
+  if (saved) {
+    const c = saved.cursor;
+    log(`${id}: resuming at file ${c.fileIndex} byte ${c.offset} (epoch ${c.epoch}, ${saved.contexts} contexts done)`);
+  }
+  return { tokenizer, files, store, from: saved ?? freshPosition() };
+}
+
+/** Cross-checks that need the loaded tokenizer and model, each naming the key at fault. */
+export function checkAgainstRun(config: RunConfig, tokenizer: TextTokenizer, model: ModelSession): void {
+  const p = config.producer;
+  if (model.vocabSize !== undefined && tokenizer.vocabSize > model.vocabSize) {
+    throw ConfigError.at(
+      "producer.tokenizer",
+      `${tokenizer.source} has ${tokenizer.vocabSize} ids but the model's vocabulary is ${model.vocabSize}`,
+    );
+  }
+  p.hookPoints.forEach((hook, i) => {
+    const pool = config.buffer.hookPoints.find((h) => h.name === hook);
+    if (pool && pool.dModel !== model.dModel) {
+      throw ConfigError.at(
+        `producer.hookPoints.${i}`,
+        `${hook} is ${model.dModel} wide in the model but its buffer pool has dModel ${pool.dModel}`,
+      );
+    }
+  });
+  const chunkBytes = p.batchContexts * p.contextLength * model.dModel * DTYPE_BYTES[dtypeFromName(p.dtype)];
+  if (chunkBytes > config.transport.maxMessageBytes - (1 << 20)) {
+    throw ConfigError.at(
+      "producer.batchContexts",
+      `a chunk of ${p.batchContexts} contexts x ${p.contextLength} tokens x ${model.dModel} is ${chunkBytes} bytes, over transport.maxMessageBytes`,
+    );
+  }
+}

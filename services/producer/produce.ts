@@ -1,0 +1,120 @@
+import { create } from "@bufbuild/protobuf";
+import { trace } from "@opentelemetry/api";
+import type { RunConfig } from "../common/config/index.js";
+import { inSpan, traceparentOf } from "../common/telemetry.js";
+import { dtypeFromName, type HostArray, toTensor } from "../common/tensor-codec.js";
+import { type ActivationChunk, ActivationChunkSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
+import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
+import type { Batch } from "./batch.js";
+import { gatherRows } from "./convert.js";
+import type { Position } from "./dataset/position.js";
+import type { DemandGate } from "./demand.js";
+import type { InFlightLedger } from "./in-flight.js";
+import type { ModelSession } from "./session.js";
+import type { ProducerProgress } from "./status.js";
+import type { PushStream } from "./stream.js";
+
+const tracer = trace.getTracer("saeflow.producer");
+
+/** What one produce step works with. */
+export interface ProduceParts {
+  config: RunConfig;
+  id: string;
+  model: ModelSession;
+  stream: PushStream;
+  ledger: InFlightLedger;
+  gate: DemandGate;
+  progress: ProducerProgress;
+}
+
+/**
+ * One batch through the producer: a forward pass computing every hook tensor, their kept rows in
+ * the wire dtype, one chunk per hook point (sequences counted per hook point, carried across
+ * restarts by the saved position), pushed to the buffer. Each stage is a span.
+ */
+export class ProduceStep {
+  private readonly hooks: readonly string[];
+  private readonly dtype: DType;
+  private readonly nextSequence: Map<string, number>;
+
+  constructor(
+    private readonly parts: ProduceParts,
+    from: Position,
+  ) {
+    this.hooks = parts.config.producer.hookPoints;
+    this.dtype = dtypeFromName(parts.config.producer.dtype);
+    this.nextSequence = new Map(this.hooks.map((h) => [h, from.nextSequence[h] ?? 0]));
+  }
+
+  produce(batch: Batch): Promise<void> {
+    const attributes = { contexts: batch.contexts.length, tokens: batch.tokens, rows: batch.rows };
+    return inSpan(tracer, "producer.produce", attributes, async () => {
+      const { outputs, traceparent } = await this.forward(batch);
+      const arrays = await this.convert(batch, outputs);
+      const chunks = this.chunksOf(batch, arrays, traceparent);
+      const bytes = arrays.reduce((n, a) => n + a.byteLength, 0);
+      this.parts.ledger.opened(this.positionAfter(batch), batch.rows === 0 ? [] : chunks);
+      if (batch.rows > 0) await this.push(batch, chunks, bytes);
+    });
+  }
+
+  private forward(batch: Batch) {
+    return inSpan(tracer, "producer.forward", { tokens: batch.tokens, contexts: batch.contexts.length }, async (span) => ({
+      traceparent: traceparentOf(span),
+      outputs: await this.parts.model.run(batch.inputs),
+    }));
+  }
+
+  private convert(batch: Batch, outputs: Awaited<ReturnType<ModelSession["run"]>>): Promise<HostArray[]> {
+    const attributes = { tokens: batch.tokens, rows: batch.rows, hook_points: this.hooks.length };
+    return inSpan(tracer, "producer.convert", attributes, async (span) => {
+      const out = this.hooks.map((hook) => gatherRows(outputs.get(hook)!, batch.spans, batch.rows, this.parts.model.dModel, this.dtype));
+      span.setAttribute(
+        "bytes",
+        out.reduce((n, a) => n + a.byteLength, 0),
+      );
+      return out;
+    });
+  }
+
+  /** One chunk per hook point, each taking that hook point's next sequence. */
+  private chunksOf(batch: Batch, arrays: HostArray[], traceparent: string): ActivationChunk[] {
+    const { config, id, model } = this.parts;
+    return this.hooks.map((hook, h) => {
+      const sequence = this.nextSequence.get(hook)!;
+      this.nextSequence.set(hook, sequence + 1);
+      return create(ActivationChunkSchema, {
+        runId: config.run.id,
+        hookPoint: hook,
+        producerId: id,
+        sequence: BigInt(sequence),
+        activations: toTensor(arrays[h]!, this.dtype, [batch.rows, model.dModel]),
+        tokenIds: batch.tokenIds,
+        contextIds: batch.contextIds,
+        documentIds: batch.documentIds,
+        traceparent,
+      });
+    });
+  }
+
+  /** Where the shard stands once this batch is delivered. */
+  private positionAfter(batch: Batch): Position {
+    const last = batch.contexts[batch.contexts.length - 1]!;
+    return {
+      cursor: last.end,
+      documentsDone: last.documentsDone,
+      contexts: last.id + 1,
+      exhausted: false,
+      nextSequence: Object.fromEntries(this.nextSequence),
+    };
+  }
+
+  private async push(batch: Batch, chunks: ActivationChunk[], bytes: number): Promise<void> {
+    const { stream, gate, progress } = this.parts;
+    await inSpan(tracer, "producer.push", { tokens: batch.tokens, rows: batch.rows * chunks.length, bytes }, async () => {
+      for (const chunk of chunks) await stream.send(chunk);
+    });
+    gate.sent(batch.rows);
+    progress.sent(batch.tokens, batch.rows, bytes);
+  }
+}

@@ -1,0 +1,166 @@
+import { basename, dirname, join } from "node:path";
+import type { RunConfig, TrainerConfig } from "../common/config/index.js";
+import { RECIPES, type RecipeRules } from "../common/config/recipes.js";
+import type { SaeSpec } from "../common/config/sections/trainer.js";
+import { type Checkpoint, firingOf } from "./checkpoint.js";
+import type { ExportInfo } from "./export.js";
+import { FiringWindows } from "./firing.js";
+import { STAT, type StepSpec } from "./graph/step.js";
+import { Rng } from "./rng.js";
+import { decoderNorms, type SaeState } from "./sae.js";
+import { type StepOutputs, StepSession } from "./session.js";
+
+/** Where a sweep stands: what a checkpoint and an export record of it. */
+export interface Progress {
+  step: number;
+  tokens: number;
+  /** Normalisation factor x -> x * scale. */
+  scale: number;
+}
+
+/** One SAE of a sweep: its state (or the session holding it), dead-latent record, firing counts and folders. */
+export class SaeRun {
+  /** The step graph in use: a dense one fed k while k anneals, then one built for k. */
+  session: StepSession | undefined;
+  /** The state while no session holds it (before the first step, after a restore). */
+  state: SaeState | undefined;
+  rng: Rng;
+  lastFired: Float64Array;
+  readonly firing: FiringWindows;
+  /** batchtopk, matryoshka: the running minimum kept score, the threshold their export infers with. */
+  thresholdEma = 0;
+  readonly rules: RecipeRules;
+
+  constructor(
+    readonly spec: SaeSpec,
+    readonly index: number,
+    readonly dir: string,
+    seed: number,
+    cfg: TrainerConfig,
+  ) {
+    this.rng = new Rng(seed, spec.name);
+    this.rules = RECIPES[spec.recipe];
+    this.lastFired = new Float64Array(spec.width);
+    this.firing = new FiringWindows(spec.width, Math.ceil(cfg.sparsityWindowTokens / cfg.batchSize), cfg.steps);
+  }
+
+  get checkpointDir(): string {
+    return join(this.dir, "checkpoints");
+  }
+
+  get exportDir(): string {
+    return join(this.dir, "sae_lens");
+  }
+
+  get metricsPath(): string {
+    return join(this.dir, "metrics.jsonl");
+  }
+
+  /** Latents that have not fired within the dead window. */
+  dead(tokens: number, window: number): number[] {
+    const out: number[] = [];
+    for (let i = 0; i < this.lastFired.length; i++) if (tokens - this.lastFired[i]! >= window) out.push(i);
+    return out;
+  }
+
+  current(): SaeState {
+    const s = this.session?.state ?? this.state;
+    if (!s) throw new Error(`SAE ${this.spec.name} is not initialised`);
+    return s;
+  }
+
+  /** Moves the state into a new session running `spec`, letting go of the one before. */
+  async open(spec: StepSpec, threads: number): Promise<StepSession> {
+    const state = this.current();
+    await this.close();
+    this.session = await StepSession.create(spec, state, threads);
+    this.state = undefined;
+    return this.session;
+  }
+
+  /** Lets go of the session; the state stays with this SAE. */
+  async close(): Promise<void> {
+    if (!this.session) return;
+    this.state = this.session.state;
+    const session = this.session;
+    this.session = undefined;
+    await session.close();
+  }
+
+  /** Records the step that brought the run to `step` and `tokens`: firings, and the running threshold. */
+  observe(out: StepOutputs, rows: number, progress: { step: number; tokens: number }, emaRate: number): void {
+    for (let i = 0; i < out.fires.length; i++) if (out.fires[i]! > 0) this.lastFired[i] = progress.tokens;
+    this.firing.add(out.fires, rows, progress.step);
+    const minAct = out.stats[STAT.minAct]!;
+    if (this.rules.batchThreshold && minAct > 0 && minAct < 1e38) {
+      this.thresholdEma = this.thresholdEma === 0 ? minAct : this.thresholdEma + emaRate * (minAct - this.thresholdEma);
+    }
+  }
+
+  /** Takes up where `ckpt` left off. */
+  restore(ckpt: Checkpoint): void {
+    this.state = ckpt.state;
+    this.lastFired = ckpt.lastFired;
+    [this.firing.current, this.firing.previous] = firingOf(ckpt);
+    this.rng = Rng.fromState(ckpt.meta.rng);
+    this.thresholdEma = ckpt.meta.thresholdEma;
+  }
+
+  /** This SAE's checkpoint at `at`. */
+  checkpoint(at: Progress, cfg: TrainerConfig): Checkpoint {
+    return {
+      meta: {
+        step: at.step,
+        tokens: at.tokens,
+        rng: this.rng.state,
+        scale: at.scale,
+        thresholdEma: this.thresholdEma,
+        firedTokens: [this.firing.current.tokens, this.firing.previous.tokens],
+        config: { sae: this.spec, dModel: cfg.dModel, hookPoint: cfg.hookPoint, batchSize: cfg.batchSize, adam: cfg.adam },
+      },
+      state: this.current(),
+      lastFired: this.lastFired,
+      fired: [this.firing.current.fired, this.firing.previous.fired],
+    };
+  }
+
+  /**
+   * What the SAELens export of this SAE at `at` says of it; with the running threshold of the
+   * recipes that keep one. A calibrated threshold (JumpReLU) is the caller's to add.
+   */
+  exportInfo(config: RunConfig, at: Progress): ExportInfo {
+    const { spec } = this;
+    const cfg = config.trainer;
+    const firing = this.firing.latest();
+    const info: ExportInfo = {
+      architecture: this.rules.exportsAs,
+      k: spec.k,
+      scale: at.scale,
+      foldDecoderNorm: !cfg.unitNormDecoder,
+      firing,
+      hookName: cfg.hookPoint,
+      modelName: cfg.modelName || basename(dirname(config.producer.model)),
+      contextSize: config.producer.contextLength,
+      prependBos: config.producer.prependBos,
+      provenance: {
+        recipe: spec.recipe,
+        run_id: config.run.id,
+        steps: at.step,
+        tokens: at.tokens,
+        k: spec.k,
+        lr: spec.lr,
+        ...(this.rules.nested ? { prefixes: spec.prefixes } : {}),
+        normalisation_scale_folded: at.scale,
+        decoder_norms_folded: !cfg.unitNormDecoder,
+        sparsity_tokens: firing.tokens,
+      },
+    };
+    if (this.rules.batchThreshold) {
+      // The running threshold is on the score latents were ranked by, relu(pre) x |W_dec_i| when decoder
+      // norms are free, so latent i's threshold on its pre-activation is theta / |W_dec_i|.
+      const norms = cfg.unitNormDecoder ? new Float32Array(spec.width).fill(1) : decoderNorms(this.current(), spec.width, cfg.dModel);
+      info.threshold = Float32Array.from(norms, (c) => this.thresholdEma / Math.max(c, 1e-12));
+    }
+    return info;
+  }
+}

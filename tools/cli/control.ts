@@ -1,0 +1,101 @@
+import { writeFileSync } from "node:fs";
+import { resolve } from "node:path";
+import type { RunConfig } from "../../services/common/config/index.js";
+import { createClient } from "../../services/common/grpc/adapter.js";
+import { Serving } from "../../services/common/grpc/health.js";
+import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
+import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
+import { TrainerService } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
+import { exitReport, isRunning, type RoleProcess } from "./processes.js";
+import { collectStatus, type RunStatus, statusJson } from "./status.js";
+
+/** The control RPCs `saeflow up` and `saeflow stop` make to the roles of a local run. */
+
+const log = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Resolves once `p` reports SERVING; throws with the role's own error when it exits first. */
+export async function waitServing(p: RoleProcess, service: string, transport: RunConfig["transport"], timeoutMs: number): Promise<void> {
+  const health = createClient(Health, p.address, transport);
+  const until = Date.now() + timeoutMs;
+  let code: number | undefined;
+  void p.exited.then((c) => (code = c));
+  try {
+    while (Date.now() < until && code === undefined) {
+      try {
+        if ((await health.check({ service }, { deadline: Date.now() + 1000 })).status === Serving.SERVING) return;
+      } catch {
+        // not listening yet
+      }
+      await sleep(200);
+    }
+  } finally {
+    health.close();
+  }
+  if (code === undefined) throw new Error(`${p.id} at ${p.address} not serving after ${timeoutMs} ms (see ${p.log})`);
+  throw new Error(`during start-up, ${exitReport(p, code)}`);
+}
+
+/**
+ * Pauses the producers, waits until no rows are moving, and writes final-status.json: every
+ * service's last status at one quiet moment, so rows sent, accepted, served and trained reconcile.
+ * Returns that status.
+ */
+export async function settleAndSnapshot(runDir: string, procs: RoleProcess[], config: RunConfig): Promise<RunStatus> {
+  const live = () => procs.filter(isRunning).map((p) => ({ ...p, pid: 0 }));
+  await Promise.all(
+    live()
+      .filter((p) => p.role === "producer")
+      .map(async (p) => {
+        const client = createClient(ProducerService, p.address, config.transport);
+        await client.pause({}, { deadline: Date.now() + 5000 }).catch(() => undefined);
+        client.close();
+      }),
+  );
+  let last = "";
+  const until = Date.now() + 15_000;
+  for (;;) {
+    const st = await collectStatus({ services: live() });
+    const moving = JSON.stringify([
+      st.producers.map((p) => String(p.status?.rowsSent ?? "")),
+      st.buffer.map((b) => b.status?.hookPoints.map((h) => [String(h.rowsIn), String(h.rowsOut), h.dropped.map((d) => String(d.rows))])),
+    ]);
+    if (moving === last || Date.now() > until) {
+      writeFileSync(resolve(runDir, "final-status.json"), `${JSON.stringify(statusJson(st), null, 2)}\n`);
+      return st;
+    }
+    last = moving;
+    await sleep(300);
+  }
+}
+
+/** Asks the buffer to serve what it holds, then end the trainers' streams. */
+export async function drainBuffer(address: string, config: RunConfig): Promise<void> {
+  const client = createClient(BufferService, address, config.transport);
+  try {
+    await client.drain({}, { deadline: Date.now() + 5000 });
+  } catch {
+    // Already gone; nothing to drain.
+  } finally {
+    client.close();
+  }
+}
+
+/** Asks a trainer to checkpoint, export and stop; false (and a line saying why) when it did not answer. */
+export async function stopTrainer(address: string, config: RunConfig): Promise<boolean> {
+  const client = createClient(TrainerService, address, config.transport);
+  try {
+    await client.stop({}, { deadline: Date.now() + 120_000 });
+    return true;
+  } catch (err) {
+    log(`trainer at ${address} did not stop cleanly: ${(err as Error).message}`);
+    return false;
+  } finally {
+    client.close();
+  }
+}
+
+/** The furthest step any SAE of any trainer reports in `st`. */
+export const furthestStep = (st: RunStatus): number =>
+  Math.max(0, ...st.trainers.flatMap((t) => (t.status?.saes ?? []).map((s) => Number(s.step))));

@@ -1,0 +1,58 @@
+import { existsSync, statSync } from "node:fs";
+import { resolve } from "node:path";
+import { ConfigError, type RunConfig } from "../../services/common/config/index.js";
+import { FieldError } from "../../services/common/errors.js";
+import { resolveSources } from "../../services/producer/dataset/sources.js";
+import { loadModel, type ModelProto } from "../../services/producer/model/onnx.js";
+import { truncateAtHooks } from "../../services/producer/model/truncate.js";
+import { MAKE_TINY_MODEL } from "../../services/producer/session.js";
+import { loadTokenizer } from "../../services/producer/tokenizer.js";
+
+/**
+ * What `saeflow up` can check before it starts anything, with the producer's own loaders: the
+ * tokenizer loads (and has the BOS the packing asks for), the dataset names files, and the model
+ * is an ONNX graph holding every hook point. Each failure is the ConfigError naming the key, so a
+ * bad path ends the command at once instead of as a role's exit code mid-start. What needs
+ * onnxruntime (the execution provider, the hook widths) stays with the producer, which alone
+ * should hold the model's memory and the accelerator.
+ *
+ * Paths resolve from `root`, the folder the role processes run in.
+ */
+export function checkBeforeStart(root: string, config: RunConfig): void {
+  const p = config.producer;
+  const fromRoot = (path: string) => (path.startsWith("builtin:") ? path : resolve(root, path));
+  checkTokenizer(fromRoot(p.tokenizer), p.prependBos);
+  resolveSources(p.dataset.map(fromRoot));
+  checkModel(fromRoot(p.model), p.hookPoints);
+}
+
+function checkTokenizer(spec: string, prependBos: boolean): void {
+  const tokenizer = loadTokenizer(spec);
+  if (prependBos && tokenizer.bosId === undefined) {
+    throw ConfigError.at(
+      "producer.prependBos",
+      `${spec} defines no BOS token (no bos_token in tokenizer_config.json); set producer.prependBos=false`,
+    );
+  }
+}
+
+function checkModel(path: string, hookPoints: readonly string[]): void {
+  if (!existsSync(path) || !statSync(path).isFile()) {
+    throw ConfigError.at(
+      "producer.model",
+      `${path} does not exist; make the tiny test model with \`${MAKE_TINY_MODEL}\` or point producer.model at an ONNX export`,
+    );
+  }
+  let model: ModelProto;
+  try {
+    model = loadModel(path);
+  } catch (err) {
+    throw ConfigError.at("producer.model", `${path} is not an ONNX model: ${(err as Error).message}`);
+  }
+  try {
+    truncateAtHooks(model, hookPoints);
+  } catch (err) {
+    if (err instanceof FieldError) throw ConfigError.at(`producer.${err.field}`, err.rawMessage);
+    throw ConfigError.at("producer.model", (err as Error).message);
+  }
+}
