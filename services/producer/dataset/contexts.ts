@@ -1,3 +1,4 @@
+import { encodeAhead } from "./ahead.js";
 import { packContexts, type Context, type PackOptions } from "./pack.js";
 import type { Position } from "./position.js";
 import { shardDocuments, type Shard } from "./shard.js";
@@ -8,7 +9,7 @@ export interface ContextSource {
   read: ReadOptions;
   shard: Shard;
   pack: PackOptions;
-  encode: (text: string) => number[];
+  encode: (texts: readonly string[]) => Promise<number[][]>;
   /** Passes over the shard; 0 repeats until the consumer stops pulling. */
   epochs: number;
 }
@@ -19,7 +20,7 @@ export async function* shardContexts(source: ContextSource, from: Position): Asy
   while (source.epochs === 0 || cursor.epoch < source.epochs) {
     const documents = shardDocuments(readDocuments(source.files, source.read, cursor), source.shard);
     let packed = 0;
-    for await (const ctx of packContexts(documents, source.encode, source.pack, { cursor, contexts, documentsDone })) {
+    for await (const ctx of packContexts(encodeAhead(documents, source.encode), source.pack, { cursor, contexts, documentsDone })) {
       packed++;
       contexts = ctx.id + 1;
       documentsDone = ctx.documentsDone;

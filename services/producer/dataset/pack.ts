@@ -1,5 +1,5 @@
 import type { Cursor } from "./position.js";
-import type { Document } from "./sources.js";
+import type { Encoded } from "./ahead.js";
 
 export interface PackOptions {
   contextLength: number;
@@ -40,14 +40,10 @@ export interface PackState {
  * epoch is padded rather than dropped.
  *
  * Resuming from a context's `end` cursor yields exactly the contexts that would have followed it.
- * `documents` must start at the cursor's document, whose first `tokenOffset` tokens are skipped.
+ * `documents` (already tokenized, see encodeAhead) must start at the cursor's document, whose first
+ * `tokenOffset` tokens are skipped.
  */
-export async function* packContexts(
-  documents: AsyncIterable<Document>,
-  encode: (text: string) => number[],
-  options: PackOptions,
-  state: PackState,
-): AsyncGenerator<Context> {
+export async function* packContexts(documents: AsyncIterable<Encoded>, options: PackOptions, state: PackState): AsyncGenerator<Context> {
   const L = options.contextLength;
   const bosKeep = options.excludeBos ? 0 : 1;
   let contexts = state.contexts;
@@ -77,8 +73,7 @@ export async function* packContexts(
   }
   const finish = (c: Context, end: Cursor): Context => ({ ...c, end, documentsDone });
 
-  for await (const doc of documents) {
-    const ids = encode(doc.text);
+  for await (const { doc, ids } of documents) {
     if (!ids.length) {
       documentsDone++;
       continue;
