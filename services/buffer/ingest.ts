@@ -3,7 +3,7 @@ import { status } from "@grpc/grpc-js";
 import { context, type Context, trace } from "@opentelemetry/api";
 import { FieldError } from "../common/errors.js";
 import { inSpan, linkFrom } from "../common/telemetry.js";
-import { checkTensor, fromTensor, rowIsFinite } from "../common/tensor-codec.js";
+import { checkTensor, firstNonFinite } from "../common/tensor-codec.js";
 import type { ActivationChunk, PushRequest, PushResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import type { ActivationBuffer } from "./activation-buffer.js";
 import type { DropReason } from "./accounting.js";
@@ -135,19 +135,11 @@ export class Ingest {
     const tensor = chunk.activations!;
     if (this.buffer.config.checkFinite) {
       // One bad row refuses the chunk: a NaN in one position of a forward pass makes the rest suspect.
-      const values = fromTensor(tensor);
-      const width = hook.pool.dModel;
-      for (let r = 0; r < rows; r++) {
-        if (!rowIsFinite(values, tensor.dtype, r * width, (r + 1) * width)) {
-          return this.dropRest(
-            hook,
-            0,
-            rows,
-            "non_finite",
-            status.INVALID_ARGUMENT,
-            `chunk.activations.data: row ${r} holds NaN or Inf; the chunk was refused`,
-          );
-        }
+      const bad = firstNonFinite(tensor.data, tensor.dtype);
+      if (bad >= 0) {
+        const row = Math.floor(bad / hook.pool.dModel);
+        const message = `chunk.activations.data: row ${row} holds NaN or Inf; the chunk was refused`;
+        return this.dropRest(hook, 0, rows, "non_finite", status.INVALID_ARGUMENT, message);
       }
     }
     const source: ChunkRows = {

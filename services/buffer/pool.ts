@@ -72,7 +72,8 @@ export class Pool {
   readonly rowBytes: number;
   private readonly epochs: number;
   private readonly perSegment: number;
-  private readonly segments: Uint8Array[] = [];
+  /** Buffers rather than plain Uint8Arrays: Buffer#copy moves a row without making a view per row. */
+  private readonly segments: Buffer[] = [];
   private readonly passes: Uint8Array;
   private readonly rowIds: Float64Array;
   private readonly tokenIds: Uint32Array;
@@ -82,7 +83,7 @@ export class Pool {
   /** Scratch for counting distinct contexts of a batch without allocating. */
   private readonly keys: Float64Array;
   private readonly rng: Rng;
-  private scratch: Uint8Array | undefined;
+  private scratch: Buffer | undefined;
   private readonly cursors = new Set<Cursor>();
   private head = 0;
   private tail = 0;
@@ -97,7 +98,7 @@ export class Pool {
     this.perSegment = Math.min(capacity, Math.floor((options.segmentBytes ?? DEFAULT_SEGMENT_BYTES) / this.rowBytes));
     if (this.perSegment < 1) throw new RangeError(`a row of ${this.rowBytes} bytes exceeds the segment size`);
     for (let first = 0; first < capacity; first += this.perSegment) {
-      this.segments.push(new Uint8Array(Math.min(this.perSegment, capacity - first) * this.rowBytes));
+      this.segments.push(Buffer.alloc(Math.min(this.perSegment, capacity - first) * this.rowBytes));
     }
     this.passes = new Uint8Array(capacity);
     this.rowIds = new Float64Array(capacity);
@@ -151,10 +152,9 @@ export class Pool {
     if (count > this.free) throw new RangeError(`append of ${count} rows with ${this.free} free`);
     const { rowBytes } = this;
     const first = this.frontier();
-    const source = new Uint8Array(chunk.data.buffer, chunk.data.byteOffset, chunk.data.byteLength);
     for (let r = from; r < from + count; r++) {
       const slot = this.placeNext(first);
-      this.segmentOf(slot).set(source.subarray(r * rowBytes, (r + 1) * rowBytes), this.offsetOf(slot));
+      chunk.data.copy(this.segmentOf(slot), this.offsetOf(slot), r * rowBytes, (r + 1) * rowBytes);
       const context = chunk.contextIds[r]!;
       this.rowIds[slot] = chunk.firstRowId + r;
       this.tokenIds[slot] = chunk.tokenIds.length ? chunk.tokenIds[r]! : 0;
@@ -178,7 +178,7 @@ export class Pool {
       const segmentEnd = (Math.floor(at / this.perSegment) + 1) * this.perSegment;
       const run = Math.min(rows - i, Math.min(capacity, segmentEnd) - at);
       const offset = this.offsetOf(at);
-      out.set(this.segmentOf(at).subarray(offset, offset + run * rowBytes), i * rowBytes);
+      this.segmentOf(at).copy(out, i * rowBytes, offset, offset + run * rowBytes);
       for (let j = 0; j < run; j++) {
         const slot = at + j;
         keys[i + j] = this.contextKeys[slot]!;
@@ -246,21 +246,23 @@ export class Pool {
 
   /** Exchanges two rows, bytes and ids. */
   private swap(a: number, b: number): void {
-    const scratch = (this.scratch ??= new Uint8Array(this.rowBytes));
+    const scratch = (this.scratch ??= Buffer.alloc(this.rowBytes));
     const offset = this.offsetOf(a);
-    scratch.set(this.segmentOf(a).subarray(offset, offset + this.rowBytes));
+    this.segmentOf(a).copy(scratch, 0, offset, offset + this.rowBytes);
     const ids = [this.rowIds[a]!, this.tokenIds[a]!, this.contextIds[a]!, this.contextKeys[a]!, this.cycles[a]!, this.passes[a]!] as const;
     this.move(b, a);
-    this.segmentOf(b).set(scratch, this.offsetOf(b));
+    scratch.copy(this.segmentOf(b), this.offsetOf(b));
     [this.rowIds[b], this.tokenIds[b], this.contextIds[b], this.contextKeys[b], this.cycles[b], this.passes[b]] = ids;
   }
 
   /** Copies the row in slot `from`, bytes and ids, into slot `to`. */
   private move(from: number, to: number): void {
-    const { rowBytes } = this;
-    const source = this.segmentOf(from);
     const offset = this.offsetOf(from);
-    this.segmentOf(to).set(source.subarray(offset, offset + rowBytes), this.offsetOf(to));
+    const source = this.segmentOf(from);
+    const target = this.segmentOf(to);
+    // Within one segment copyWithin makes no view; across segments Buffer#copy does the same job.
+    if (source === target) source.copyWithin(this.offsetOf(to), offset, offset + this.rowBytes);
+    else source.copy(target, this.offsetOf(to), offset, offset + this.rowBytes);
     this.rowIds[to] = this.rowIds[from]!;
     this.tokenIds[to] = this.tokenIds[from]!;
     this.contextIds[to] = this.contextIds[from]!;
@@ -269,7 +271,7 @@ export class Pool {
     this.passes[to] = this.passes[from]!;
   }
 
-  private segmentOf(slot: number): Uint8Array {
+  private segmentOf(slot: number): Buffer {
     return this.segments[Math.floor(slot / this.perSegment)]!;
   }
 

@@ -176,12 +176,24 @@ export function decodeFloats(data: HostArray, dtype: DType, out?: Float32Array):
 }
 
 /** True when every element is finite; 16-bit formats are tested on their exponent bits. */
-export function rowIsFinite(data: HostArray, dtype: DType, start: number, end: number): boolean {
+/**
+ * Index of the first NaN or Inf element in raw little-endian tensor bytes, or -1. Reads the
+ * exponent bits byte by byte, so bytes at any offset (a tensor inside a received message) are
+ * checked where they lie, without the copy an aligned typed-array view would need.
+ */
+export function firstNonFinite(bytes: Uint8Array, dtype: DType): number {
   if (dtype === DType.FP32) {
-    for (let i = start; i < end; i++) if (!Number.isFinite(data[i]!)) return false;
-    return true;
+    // Exponent: the low 7 bits of byte 3 and the top bit of byte 2 all ones.
+    for (let i = 3, n = bytes.length; i < n; i += 4) {
+      if ((bytes[i]! & 0x7f) === 0x7f && bytes[i - 1]! & 0x80) return (i - 3) >> 2;
+    }
+    return -1;
   }
-  const mask = dtype === DType.BF16 ? 0x7f80 : 0x7c00;
-  for (let i = start; i < end; i++) if ((data[i]! & mask) === mask) return false;
-  return true;
+  // bf16: exponent = low 7 bits of the high byte and top bit of the low byte; fp16: bits 2-6 of the high byte.
+  const bf16 = dtype === DType.BF16;
+  for (let i = 1, n = bytes.length; i < n; i += 2) {
+    const hi = bytes[i]!;
+    if (bf16 ? (hi & 0x7f) === 0x7f && bytes[i - 1]! & 0x80 : (hi & 0x7c) === 0x7c) return (i - 1) >> 1;
+  }
+  return -1;
 }

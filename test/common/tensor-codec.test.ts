@@ -11,7 +11,7 @@ import {
   fp32ToBf16,
   fp32ToFp16,
   fromTensor,
-  rowIsFinite,
+  firstNonFinite,
   toTensor,
 } from "../../services/common/tensor-codec.js";
 import { DType, TensorSchema } from "../../services/gen/saeflow/v1/tensor_pb.js";
@@ -78,11 +78,23 @@ describe("tensor codec", () => {
     }
   });
 
-  it("finds non-finite rows in every dtype", () => {
+  it("finds the first NaN or Inf in raw bytes at any offset, in every dtype", () => {
     for (const dtype of [DType.FP32, DType.FP16, DType.BF16]) {
-      const data = encodeFloats(Float32Array.from([1, 2, Infinity, 4, 5, 6]), dtype);
-      assert.equal(rowIsFinite(data, dtype, 0, 3), false);
-      assert.equal(rowIsFinite(data, dtype, 3, 6), true);
+      for (const [bad, at] of [
+        [Infinity, 2],
+        [-Infinity, 5],
+        [NaN, 0],
+        [undefined, -1],
+      ] as const) {
+        const values = Float32Array.from([1, -2, 3.5, 65000, -0, 1e-30]);
+        if (bad !== undefined) values[at] = bad;
+        const words = encodeFloats(values, dtype);
+        const bytes = new Uint8Array(words.buffer, words.byteOffset, words.byteLength);
+        // Shifted by one byte, as a tensor inside a received message may lie.
+        const shifted = new Uint8Array(bytes.length + 1);
+        shifted.set(bytes, 1);
+        for (const view of [bytes, shifted.subarray(1)]) assert.equal(firstNonFinite(view, dtype), at, `${DType[dtype]} ${bad}`);
+      }
     }
   });
 });

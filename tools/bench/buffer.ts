@@ -199,7 +199,7 @@ interface Peer {
 }
 
 async function startPeer(): Promise<Peer> {
-  const child = fork(fileURLToPath(import.meta.url), [], { execArgv: ["--import", "tsx"], env: { ...process.env, [PEER_FLAG]: "1" } });
+  const child = fork(fileURLToPath(import.meta.url), [], { execArgv: ["--import", "tsx", ...(process.env.BENCH_PEER_PROF ? ["--cpu-prof", `--cpu-prof-dir=${process.env.BENCH_PEER_PROF}`] : [])], env: { ...process.env, [PEER_FLAG]: "1" } });
   const answers: Array<(m: unknown) => void> = [];
   child.on("message", (m) => answers.shift()?.(m));
   const exited = new Promise<never>((_, reject) =>
