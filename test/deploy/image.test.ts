@@ -6,9 +6,9 @@ import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 
 /**
- * The image cannot be built here (no Docker engine), so what it relies on is checked from the
- * sources: it installs production dependencies only and copies services/ alone, and its two targets
- * run as the user the chart's pods demand.
+ * What the image relies on, checked from the sources in a moment: it installs production dependencies
+ * only and copies services/ alone, its base images are build arguments, and its two targets run as
+ * the user the chart's pods demand. image-run.test.ts builds it and runs a whole run out of it.
  */
 
 const ROOT = fileURLToPath(new URL("../../", import.meta.url));
@@ -60,6 +60,36 @@ test("the Dockerfile's cpu and cuda targets run tsx as the non-root user the cha
     assert.match(s, /^COPY services services$/m, name);
   }
   assert.match(dockerfile, /ONNXRUNTIME_NODE_INSTALL=skip npm ci --omit=dev/);
+  assert.match(dockerfile, /^COPY package\.json package-lock\.json tsconfig\.json \.\/$/m, "builtin:corpus reads package-lock.json");
   assert.match(dockerfile, /ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules\/onnxruntime-node\/script\/install\.js/);
   assert.ok("tsx" in pkg.dependencies, "tsx runs the services in the image, so it is a production dependency");
+});
+
+test("the Dockerfile's base images are build arguments defaulting to the official images", () => {
+  const dockerfile = readFileSync(join(ROOT, "deploy/docker/Dockerfile"), "utf8");
+  const args = Object.fromEntries([...dockerfile.matchAll(/^ARG (\w+)=(\S+)$/gm)].map((m) => [m[1]!, m[2]!]));
+  assert.deepEqual(args, {
+    NODE_IMAGE: "node:20-bookworm-slim",
+    CPU_IMAGE: "debian:bookworm-slim",
+    CUDA_IMAGE: "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04",
+  });
+  // Every FROM names an argument or an earlier stage, so a build on other bases builds the same layers.
+  const stages: string[] = [];
+  for (const [, base, name] of dockerfile.matchAll(/^FROM (\S+) AS (\S+)$/gm)) {
+    const arg = /^\$\{(\w+)\}$/.exec(base!)?.[1];
+    assert.ok(arg ? arg in args : stages.includes(base!), `FROM ${base} AS ${name}`);
+    stages.push(name!);
+  }
+  assert.deepEqual(stages.slice(-2), ["cuda", "cpu"], "cpu is the last stage, the default target");
+});
+
+test(".dockerignore lets into the build context what the Dockerfile copies, and nothing else", () => {
+  const dockerfile = readFileSync(join(ROOT, "deploy/docker/Dockerfile"), "utf8");
+  const copied = [...dockerfile.matchAll(/^COPY (?!--from)(.+) \S+$/gm)].flatMap((m) => m[1]!.split(" "));
+  const rules = readFileSync(join(ROOT, ".dockerignore"), "utf8")
+    .split("\n")
+    .filter((l) => l && !l.startsWith("#"));
+  assert.equal(rules[0], "*", "everything is left out first");
+  const allowed = rules.slice(1).map((r) => r.replace(/^!/, "").replace(/\/$/, ""));
+  assert.deepEqual([...new Set(copied)].sort(), [...allowed].sort());
 });
