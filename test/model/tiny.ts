@@ -2,12 +2,22 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
+import { HOOK_KINDS } from "../../services/producer/model/hooks.js";
+import { FAMILIES, type FamilyName } from "../../tools/model/families.js";
+import { makeTinyFamily, type TinyFamily, type TinyFamilyOptions } from "../../tools/model/tiny-family.js";
 import { makeTinyLlama, type TinyLlama, type TinyLlamaOptions } from "../../tools/model/tiny-llama.js";
 
 /** A tiny llama generated into a fresh temp folder for one test file; `remove` deletes the folder. */
 export function tempTinyLlama(options: Partial<TinyLlamaOptions> = {}): TinyLlama & { remove: () => void } {
   const root = mkdtempSync(join(tmpdir(), "saeflow-model-"));
   const tiny = makeTinyLlama({ ...options, out: join(root, "tiny-llama") });
+  return { ...tiny, remove: () => rmSync(root, { recursive: true, force: true }) };
+}
+
+/** A tiny model of `family` generated into a fresh temp folder; `remove` deletes the folder. */
+export function tempTinyFamily(family: FamilyName, overrides: TinyFamilyOptions["overrides"] = {}): TinyFamily & { remove: () => void } {
+  const root = mkdtempSync(join(tmpdir(), "saeflow-family-"));
+  const tiny = makeTinyFamily({ family, out: join(root, `tiny-${family}`), overrides });
   return { ...tiny, remove: () => rmSync(root, { recursive: true, force: true }) };
 }
 
@@ -29,3 +39,9 @@ export function rowOf(tensor: ort.Tensor, row: number): Float32Array {
 }
 
 export const maxAbs = (a: Float32Array): number => a.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+
+/** Every hook point of a family's model; a parallel GPT-NeoX layer has no resid_mid. */
+export function allHooks(family: FamilyName, layers: number): string[] {
+  const kinds = HOOK_KINDS.filter((k) => !(FAMILIES[family].parallel && k === "hook_resid_mid"));
+  return [...Array(layers).keys()].flatMap((l) => kinds.map((k) => `blocks.${l}.${k}`));
+}

@@ -31,6 +31,7 @@ export const int64Tensor = (dims: readonly number[], values: readonly number[]):
 
 export const attr = {
   int: (name: string, i: number): AttributeProto => ({ name, type: AttributeType.INT, i }),
+  float: (name: string, f: number): AttributeProto => ({ name, type: AttributeType.FLOAT, f }),
   ints: (name: string, ints: readonly number[]): AttributeProto => ({ name, type: AttributeType.INTS, ints: [...ints] }),
   tensor: (name: string, t: TensorProto): AttributeProto => ({ name, type: AttributeType.TENSOR, t }),
 };
@@ -55,6 +56,15 @@ export class GraphBuilder {
     const out = output ?? `${name}_output_0`;
     this.nodes.push({ name, opType, input: [...inputs], output: [out], attribute: attributes });
     return out;
+  }
+
+  /** Adds a node with `count` outputs (Split), named `<node>_output_<i>` as torch.onnx names them. */
+  ops(scope: string, opType: string, inputs: readonly string[], count: number, attributes: AttributeProto[] = []): string[] {
+    const first = this.op(scope, opType, inputs, attributes);
+    const node = this.nodes[this.nodes.length - 1]!;
+    const base = first.replace(/_output_0$/, "");
+    node.output = Array.from({ length: count }, (_, i) => `${base}_output_${i}`);
+    return node.output;
   }
 
   /** A Constant node, as torch.onnx emits for literals and shapes. */

@@ -3,7 +3,7 @@ import * as ort from "onnxruntime-node";
 import { decodeFloats } from "../../services/common/tensor-codec.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
 import { resolveHooks } from "../../services/producer/model/hooks.js";
-import { int, loadModel, type ModelProto } from "../../services/producer/model/onnx.js";
+import { indexGraph, int, loadModel, type ModelProto } from "../../services/producer/model/onnx.js";
 import { sessionFor } from "../../services/producer/model/session.js";
 import { mulberry32 } from "./prng.js";
 
@@ -12,13 +12,23 @@ import { mulberry32 } from "./prng.js";
  * tokens, one row left-padded so the attention mask matters.
  */
 
+/** Ops that pass input_ids on unchanged but for shape or type, as GPT-2's view(-1, seq) does before the embedding. */
+const PASS_THROUGH = new Set(["Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze", "Flatten"]);
+
 /** The vocabulary size, read from the shape of the embedding table that input_ids index. */
 export function vocabSize(model: ModelProto): number {
   const graph = model.graph ?? {};
-  const gather = (graph.node ?? []).find((n) => n.opType === "Gather" && n.input?.[1] === "input_ids");
-  const table = (graph.initializer ?? []).find((t) => t.name === gather?.input?.[0]);
-  if (!table?.dims?.length) throw new Error("cannot find the embedding table that input_ids index");
-  return int(table.dims[0]);
+  const index = indexGraph(graph);
+  const stack = ["input_ids"];
+  while (stack.length) {
+    const ids = stack.pop()!;
+    for (const node of (index.consumers.get(ids) ?? []).map((i) => index.nodes[i]!)) {
+      const table = node.opType === "Gather" && node.input?.[1] === ids ? index.initializers.get(node.input[0] ?? "") : undefined;
+      if (table?.dims?.length) return int(table.dims[0]);
+      if (PASS_THROUGH.has(node.opType ?? "") && node.input?.[0] === ids) stack.push(node.output![0]!);
+    }
+  }
+  throw new Error("cannot find the embedding table that input_ids index");
 }
 
 /** Feeds for the model's inputs (input_ids, attention_mask, position_ids) for `batch` rows of `seq` tokens. */

@@ -1,6 +1,7 @@
 import { dirname } from "node:path";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
+import { modelLayout } from "../../services/producer/model/hooks.js";
 import { loadModel } from "../../services/producer/model/onnx.js";
 import { suffixFromHook, truncateAtHooks } from "../../services/producer/model/truncate.js";
 import { checkSuffix, checkTruncation } from "./check.js";
@@ -38,6 +39,7 @@ async function main(): Promise<void> {
     throw new Error("usage: rewrite.ts --model IN (--hooks a,b | --suffix HOOK [--hooks c]) --out OUT [--check]");
   const modelPath = values.model;
   const original = loadModel(modelPath);
+  console.log(`${modelPath}: read as a ${modelLayout(original.graph ?? {}).families} export`);
   const hooks = list(values.hooks);
   const cut = values.suffix;
   const rewritten = cut === undefined ? truncateAtHooks(original, hooks) : suffixFromHook(original, cut, hooks);
