@@ -29,7 +29,10 @@ export interface RunningBuffer extends Role<StatusResponse> {
  */
 export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Promise<RunningBuffer> {
   const log = deps.log ?? stderrLog;
-  const ownBus = deps.bus === undefined ? await connectBus({ url: config.nats.url, name: `buffer-${config.run.id}`, log }) : undefined;
+  const ownBus =
+    deps.bus === undefined
+      ? await connectBus({ url: config.nats.url, security: config.nats, name: `buffer-${config.run.id}`, log })
+      : undefined;
   const bus = deps.bus ?? ownBus;
   const buffer = new ActivationBuffer({
     runId: config.run.id,

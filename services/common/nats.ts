@@ -1,5 +1,18 @@
-import { connect, type Msg, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { readFileSync } from "node:fs";
+import {
+  type Authenticator,
+  connect,
+  type ConnectionOptions,
+  credsAuthenticator,
+  type Msg,
+  type NatsConnection,
+  nkeyAuthenticator,
+  type Subscription,
+  type TlsOptions,
+} from "@nats-io/transport-node";
 import type { z } from "zod";
+import type { NatsConfig } from "./config/index.js";
+import { ConfigError } from "./config/error.js";
 
 /**
  * The one NATS connection helper. Every role connects through it: reconnects forever (a buffer or
@@ -33,10 +46,15 @@ export interface Bus {
   drain(): Promise<void>;
 }
 
+/** How to prove who we are to the NATS server, and whether to speak TLS: the credential and TLS keys of config.nats. */
+export type NatsSecurity = Omit<NatsConfig, "url" | "subjectPrefix">;
+
 export interface BusOptions {
   url: string;
   /** Connection name shown by the server (e.g. "producer-0"). */
   name: string;
+  /** Credentials and TLS (pass config.nats); absent connects anonymously, TLS only for a tls:// url. */
+  security?: NatsSecurity;
   /** How long the first connect may take. */
   connectTimeoutMs?: number;
   log?: (line: string) => void;
@@ -52,6 +70,7 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
     maxReconnectAttempts: -1,
     reconnectTimeWait: 250,
     timeout: options.connectTimeoutMs ?? 5000,
+    ...securityOptions(options.url, options.security),
   });
   void reportConnection(nc, options.url, log, options.onConnection);
   const decode = decoder(log);
@@ -98,6 +117,36 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
       }
     },
   };
+}
+
+function readSecret(key: "credsFile" | "nkeyFile" | "passwordFile" | "tokenFile", path: string): Uint8Array {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw ConfigError.at(`nats.${key}`, `cannot read ${path}: ${(err as Error).message}`);
+  }
+}
+
+/** A secret file's text; a trailing newline (echo > file) is not part of the secret. */
+const secretText = (key: "nkeyFile" | "passwordFile" | "tokenFile", path: string): string =>
+  new TextDecoder().decode(readSecret(key, path)).replace(/\r?\n$/, "");
+
+/** nats.js connect options for config.nats' credentials and TLS; files are read now, so a bad path names its key. */
+export function securityOptions(url: string, s: NatsSecurity | undefined): Partial<ConnectionOptions> {
+  const out: Partial<ConnectionOptions> = {};
+  if (!s) return url.startsWith("tls://") ? { tls: {} } : out;
+  if (s.user) Object.assign(out, { user: s.user, pass: s.passwordFile ? secretText("passwordFile", s.passwordFile) : s.password });
+  if (s.token || s.tokenFile) out.token = s.tokenFile ? secretText("tokenFile", s.tokenFile) : s.token;
+  const authenticators: Authenticator[] = [];
+  if (s.credsFile) authenticators.push(credsAuthenticator(readSecret("credsFile", s.credsFile)));
+  if (s.nkeyFile) authenticators.push(nkeyAuthenticator(new TextEncoder().encode(secretText("nkeyFile", s.nkeyFile).trim())));
+  if (authenticators.length) out.authenticator = authenticators;
+  const tls: TlsOptions = {
+    ...(s.tls.ca ? { caFile: s.tls.ca } : {}),
+    ...(s.tls.cert ? { certFile: s.tls.cert, keyFile: s.tls.key } : {}),
+  };
+  if (Object.keys(tls).length || url.startsWith("tls://")) out.tls = tls;
+  return out;
 }
 
 const encode = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));

@@ -78,7 +78,7 @@ async function open(config: RunConfig, deps: RoleDeps, id: string, prepared: Pre
   checkAgainstRun(config, prepared.tokenizer, model);
   const bus =
     deps.bus ??
-    (await connectBus({ url: config.nats.url, name: id, log }).catch((err: Error) => {
+    (await connectBus({ url: config.nats.url, security: config.nats, name: id, log }).catch((err: Error) => {
       throw ConfigError.at("nats.url", `cannot connect to ${config.nats.url}: ${err.message}`);
     }));
   if (!deps.bus) made.add(() => bus.drain());

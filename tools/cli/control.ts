@@ -1,6 +1,6 @@
 import { writeFileSync } from "node:fs";
 import { resolve } from "node:path";
-import type { RunConfig } from "../../services/common/config/index.js";
+import type { TransportConfig } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { Serving } from "../../services/common/grpc/health.js";
 import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
@@ -10,13 +10,16 @@ import { TrainerService } from "../../services/gen/saeflow/trainer/v1/trainer_pb
 import { exitReport, isRunning, type RoleProcess } from "./processes.js";
 import { collectStatus, type RunStatus, statusJson } from "./status.js";
 
-/** The control RPCs `saeflow up` and `saeflow stop` make to the roles of a local run. */
+/**
+ * The control RPCs `saeflow up` and `saeflow stop` make to the roles of a local run, over the
+ * run's transport with the operator's certificate when the run is under TLS.
+ */
 
 const log = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Resolves once `p` reports SERVING; throws with the role's own error when it exits first. */
-export async function waitServing(p: RoleProcess, service: string, transport: RunConfig["transport"], timeoutMs: number): Promise<void> {
+export async function waitServing(p: RoleProcess, service: string, transport: TransportConfig, timeoutMs: number): Promise<void> {
   const health = createClient(Health, p.address, transport);
   const until = Date.now() + timeoutMs;
   let code: number | undefined;
@@ -42,13 +45,13 @@ export async function waitServing(p: RoleProcess, service: string, transport: Ru
  * service's last status at one quiet moment, so rows sent, accepted, served and trained reconcile.
  * Returns that status.
  */
-export async function settleAndSnapshot(runDir: string, procs: RoleProcess[], config: RunConfig): Promise<RunStatus> {
+export async function settleAndSnapshot(runDir: string, procs: RoleProcess[], transport: TransportConfig): Promise<RunStatus> {
   const live = () => procs.filter(isRunning).map((p) => ({ ...p, pid: 0 }));
   await Promise.all(
     live()
       .filter((p) => p.role === "producer")
       .map(async (p) => {
-        const client = createClient(ProducerService, p.address, config.transport);
+        const client = createClient(ProducerService, p.address, transport);
         await client.pause({}, { deadline: Date.now() + 5000 }).catch(() => undefined);
         client.close();
       }),
@@ -56,7 +59,7 @@ export async function settleAndSnapshot(runDir: string, procs: RoleProcess[], co
   let last = "";
   const until = Date.now() + 15_000;
   for (;;) {
-    const st = await collectStatus({ services: live() });
+    const st = await collectStatus({ services: live() }, transport);
     const moving = JSON.stringify([
       st.producers.map((p) => String(p.status?.rowsSent ?? "")),
       st.buffer.map((b) => b.status?.hookPoints.map((h) => [String(h.rowsIn), String(h.rowsOut), h.dropped.map((d) => String(d.rows))])),
@@ -71,8 +74,8 @@ export async function settleAndSnapshot(runDir: string, procs: RoleProcess[], co
 }
 
 /** Asks the buffer to serve what it holds, then end the trainers' streams. */
-export async function drainBuffer(address: string, config: RunConfig): Promise<void> {
-  const client = createClient(BufferService, address, config.transport);
+export async function drainBuffer(address: string, transport: TransportConfig): Promise<void> {
+  const client = createClient(BufferService, address, transport);
   try {
     await client.drain({}, { deadline: Date.now() + 5000 });
   } catch {
@@ -83,8 +86,8 @@ export async function drainBuffer(address: string, config: RunConfig): Promise<v
 }
 
 /** Asks a trainer to checkpoint, export and stop; false (and a line saying why) when it did not answer. */
-export async function stopTrainer(address: string, config: RunConfig): Promise<boolean> {
-  const client = createClient(TrainerService, address, config.transport);
+export async function stopTrainer(address: string, transport: TransportConfig): Promise<boolean> {
+  const client = createClient(TrainerService, address, transport);
   try {
     await client.stop({}, { deadline: Date.now() + 120_000 });
     return true;

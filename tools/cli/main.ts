@@ -4,7 +4,7 @@ import { ConfigError, loadConfig, type RunConfig } from "../../services/common/c
 import { evalTable, evaluateRun } from "../eval/run.js";
 import { exportRun } from "./export.js";
 import { writeReport } from "./report.js";
-import { readRunFile } from "./run-file.js";
+import { cliConfig, readRunFile } from "./run-file.js";
 import { collectStatus, statusJson, statusTable } from "./status.js";
 import { stopTrainer } from "./control.js";
 import { type UpResult, up } from "./up.js";
@@ -12,6 +12,7 @@ import { type UpResult, up } from "./up.js";
 const USAGE = `usage: saeflow <command> [options]
 
   up CONFIG [--set key=value ...]   start a whole run on this machine (NATS, buffer, producers, trainers)
+     [--tls]                        ... with mTLS on every gRPC call and NATS over TLS, from a CA made for the run
   status [RUN_DIR] [--json]         one table of every service's status (default: runs/local)
   stop [RUN_DIR]                    checkpoint and export the trainers, then drain the run
   export [RUN_DIR]                  write the SAELens export of each SAE from its latest checkpoint
@@ -28,10 +29,10 @@ function fail(message: string, code = 2): never {
 const say = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
 
 /** A run that never trained has nothing to evaluate or report; one a role refused the config of exits 2. */
-async function upCommand(file: string | undefined, sets: string[]): Promise<number> {
+async function upCommand(file: string | undefined, sets: string[], tls: boolean): Promise<number> {
   if (!file) fail("up needs a CONFIG file, e.g. saeflow up deploy/configs/local.yaml");
   const config = loadConfig({ file, env: process.env, sets });
-  const result = await up(root, config);
+  const result = await up(root, config, { tls });
   if (!result.trained) {
     say(`the run ended before any trainer trained a step: no evaluation, no report (logs in ${join(result.runDir, "logs")})`);
     return Object.values(result.exits).includes(2) ? 2 : 1;
@@ -55,7 +56,12 @@ async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: rest,
     allowPositionals: true,
-    options: { set: { type: "string", multiple: true, default: [] }, json: { type: "boolean" }, help: { type: "boolean", short: "h" } },
+    options: {
+      set: { type: "string", multiple: true, default: [] },
+      json: { type: "boolean" },
+      tls: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h" },
+    },
   });
   if (!command || values.help || command === "help") {
     process.stdout.write(USAGE);
@@ -64,23 +70,25 @@ async function main(argv: string[]): Promise<number> {
   const runDir = resolve(positionals[0] ?? "runs/local");
   switch (command) {
     case "up":
-      return upCommand(positionals[0], values.set);
+      return upCommand(positionals[0], values.set, values.tls);
     case "status": {
-      const st = await collectStatus(readRunFile(runDir));
+      const run = readRunFile(runDir);
+      const st = await collectStatus(run, cliConfig(run).transport);
       process.stdout.write(values.json ? `${JSON.stringify(statusJson(st), null, 2)}\n` : `${statusTable(st)}\n`);
       return 0;
     }
     case "stop": {
       const run = readRunFile(runDir);
-      const config = loadConfig({ file: run.config });
-      const stopped = await Promise.all(run.services.filter((s) => s.role === "trainer").map((s) => stopTrainer(s.address, config)));
+      const transport = cliConfig(run).transport;
+      const stopped = await Promise.all(run.services.filter((s) => s.role === "trainer").map((s) => stopTrainer(s.address, transport)));
       if (!stopped.every(Boolean)) return 1;
       say("trainers checkpointed and stopped; the run drains and exits");
       return 0;
     }
     case "export": {
       const run = readRunFile(runDir);
-      const config = loadConfig({ file: run.config });
+      // A JumpReLU export pulls calibration batches from the buffer, as a trainer does.
+      const config = cliConfig(run, "exporter");
       const trainers = run.services.filter((s) => s.role === "trainer");
       const dirs = trainers.length > 1 ? trainers.map((t) => resolve(runDir, t.id)) : [runDir];
       for (const path of await exportRun(config, dirs, (l) => process.stderr.write(`saeflow: ${l}\n`))) process.stdout.write(`${path}\n`);

@@ -31,11 +31,20 @@ export function freePort(): Promise<number> {
   });
 }
 
-export async function startNatsServer(options: { port?: number; binary?: string; timeoutMs?: number } = {}): Promise<NatsServer> {
+export interface NatsServerOptions {
+  port?: number;
+  binary?: string;
+  timeoutMs?: number;
+  /** A nats-server config file (authorization, tls blocks); the address and port flags still apply. */
+  configFile?: string;
+}
+
+export async function startNatsServer(options: NatsServerOptions = {}): Promise<NatsServer> {
   const binary = options.binary ?? findNatsServer();
   if (!binary) throw new Error("nats-server not found: install it (apt-get install nats-server) or set NATS_URL");
   const port = options.port ?? (await freePort());
-  const child: ChildProcess = spawn(binary, ["-a", "127.0.0.1", "-p", String(port)], { stdio: ["ignore", "ignore", "pipe"] });
+  const args = [...(options.configFile ? ["-c", options.configFile] : []), "-a", "127.0.0.1", "-p", String(port)];
+  const child: ChildProcess = spawn(binary, args, { stdio: ["ignore", "ignore", "pipe"] });
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
   // A test or CLI that dies without stopping the server must not leave it running.
   const killOnExit = () => child.kill("SIGKILL");

@@ -29,7 +29,13 @@ function fetchDebianNats(root: string, log: (line: string) => void): string | un
   return findNatsServer(root);
 }
 
-export async function natsForRun(root: string, env: NodeJS.ProcessEnv, log: (line: string) => void): Promise<NatsForRun> {
+/** `configFile` (a TLS run's) configures the server this run starts; a server given by NATS_URL is used as it is. */
+export async function natsForRun(
+  root: string,
+  env: NodeJS.ProcessEnv,
+  log: (line: string) => void,
+  configFile?: string,
+): Promise<NatsForRun> {
   if (env.NATS_URL) return { url: env.NATS_URL };
   const binary = findNatsServer(root) ?? fetchDebianNats(root, log);
   if (!binary) {
@@ -39,6 +45,6 @@ export async function natsForRun(root: string, env: NodeJS.ProcessEnv, log: (lin
         "  NATS_URL=nats://HOST:4222 npm start      (use a running server)",
     );
   }
-  const server = await startNatsServer({ binary });
+  const server = await startNatsServer({ binary, ...(configFile ? { configFile } : {}) });
   return { url: server.url, server };
 }

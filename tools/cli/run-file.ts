@@ -1,10 +1,14 @@
 import { readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { z } from "zod";
+import { loadConfig, type RunConfig } from "../../services/common/config/index.js";
+
+const Identity = z.object({ cert: z.string(), key: z.string() });
 
 /**
  * run.json in the run folder: where each service of a local run listens, so `saeflow status`,
- * `stop` and `export` find them from the run folder alone.
+ * `stop` and `export` find them from the run folder alone, and for a TLS run the certificates
+ * they (and grpcurl) call with.
  */
 export const RunFile = z.object({
   runId: z.string(),
@@ -20,6 +24,15 @@ export const RunFile = z.object({
       log: z.string(),
     }),
   ),
+  tls: z
+    .object({
+      ca: z.string().describe("The run's CA: grpcurl -cacert."),
+      serverName: z.string().describe("The name in every server's certificate: grpcurl -authority."),
+      operator: Identity.describe("The operator's certificate: grpcurl -cert/-key; status and stop call with it."),
+      exporter: Identity.describe("A trainer identity: export pulls calibration batches with it."),
+    })
+    .optional()
+    .describe("Set by saeflow up --tls: every server wants a client certificate signed by ca."),
 });
 export type RunFile = z.infer<typeof RunFile>;
 
@@ -38,4 +51,13 @@ export function readRunFile(runDir: string): RunFile {
     throw new Error(`${path} not found: is ${runDir} a run folder made by \`saeflow up\`?`);
   }
   return RunFile.parse(JSON.parse(text));
+}
+
+/**
+ * The run's config as the CLI calls with: run.yaml, plus for a TLS run the certificate of `who`
+ * (run.yaml names the CA; each process of the run adds its own certificate).
+ */
+export function cliConfig(run: RunFile, who: "operator" | "exporter" = "operator"): RunConfig {
+  const id = run.tls?.[who];
+  return loadConfig({ file: run.config, sets: id ? [`transport.tls.cert=${id.cert}`, `transport.tls.key=${id.key}`] : [] });
 }

@@ -1,4 +1,4 @@
-import { RunConfigSchema } from "../../services/common/config/index.js";
+import type { TransportConfig } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { type Message, toJson } from "@bufbuild/protobuf";
 import type { GenMessage } from "@bufbuild/protobuf/codegenv2";
@@ -28,7 +28,6 @@ export interface RunStatus {
   trainers: Array<{ id: string; status?: TrainerStatus; error?: string }>;
 }
 
-const transport = RunConfigSchema.parse({}).transport;
 const deadline = (ms: number) => ({ deadline: Date.now() + ms });
 
 async function ask<T>(fn: () => Promise<T>): Promise<{ status?: T; error?: string }> {
@@ -39,7 +38,8 @@ async function ask<T>(fn: () => Promise<T>): Promise<{ status?: T; error?: strin
   }
 }
 
-export async function collectStatus(run: Pick<RunFile, "services">, timeoutMs = 2000): Promise<RunStatus> {
+/** Asks every service of `run` for its status, over `transport` (the run's, with the CLI's certificate under TLS). */
+export async function collectStatus(run: Pick<RunFile, "services">, transport: TransportConfig, timeoutMs = 2000): Promise<RunStatus> {
   const calls = run.services.map(async (s) => {
     const service = s.role === "buffer" ? BufferService : s.role === "producer" ? ProducerService : TrainerService;
     const client = createClient(service, s.address, transport);

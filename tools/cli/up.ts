@@ -1,10 +1,11 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { stringify } from "yaml";
-import type { RunConfig } from "../../services/common/config/index.js";
+import type { RunConfig, TransportConfig } from "../../services/common/config/index.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { makeTinyLlama } from "../model/tiny-llama.js";
 import { drainBuffer, furthestStep, settleAndSnapshot, stopTrainer, waitServing } from "./control.js";
+import { type LocalTls, makeLocalTls } from "./local-tls.js";
 import { freePort } from "./nats-server.js";
 import { type NatsForRun, natsForRun } from "./nats.js";
 import { checkBeforeStart } from "./preflight.js";
@@ -35,12 +36,20 @@ export const DEFAULT_TINY_MODEL = ".cache/tiny-llama/model.onnx";
 const log = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+export interface UpOptions {
+  /** Every gRPC call under mTLS with certificates from a CA made for this run, NATS over TLS with a token. */
+  tls?: boolean;
+}
+
 /** Where every process of the run listens, and the resolved config they all read. */
 interface RunPlan {
   root: string;
   runDir: string;
   configFile: string;
   config: RunConfig;
+  /** How the CLI itself calls the roles: the run's transport, with the operator's certificate under TLS. */
+  cli: TransportConfig;
+  tls?: LocalTls;
   nats: NatsForRun;
   bufferAddress: string;
   producerAddresses: string[];
@@ -62,10 +71,11 @@ interface LocalRun {
   ending: boolean;
 }
 
-export async function up(root: string, config: RunConfig): Promise<UpResult> {
+export async function up(root: string, config: RunConfig, options: UpOptions = {}): Promise<UpResult> {
   const runDir = prepare(root, config);
-  const nats = await natsForRun(root, process.env, log);
-  const run = await planRun(root, runDir, config, nats).catch(async (err: unknown) => {
+  const tls = options.tls ? makeLocalTls(runDir) : undefined;
+  const nats = await natsForRun(root, process.env, log, tls?.nats.configFile);
+  const run = await planRun(root, runDir, config, nats, tls).catch(async (err: unknown) => {
     await nats.server?.stop();
     throw err;
   });
@@ -105,14 +115,33 @@ async function ports(config: RunConfig, count: number): Promise<number[]> {
   return Promise.all(Array.from({ length: count }, () => freePort()));
 }
 
+/**
+ * Under --tls, run.yaml names the CA and the name servers answer to; each process adds its own
+ * certificate with --set, so run.yaml alone holds no identity. The NATS this run started wants TLS
+ * and the token in <run>/tls/nats.token.
+ */
+function secured(config: RunConfig, nats: NatsForRun, tls: LocalTls | undefined): Pick<RunConfig, "transport" | "nats"> {
+  if (!tls) return { transport: config.transport, nats: { ...config.nats, url: nats.url } };
+  const transport = {
+    ...config.transport,
+    tls: { ...config.transport.tls, mode: "mtls" as const, ca: tls.ca, cert: "", key: "", serverName: tls.serverName },
+  };
+  if (!nats.server) return { transport, nats: { ...config.nats, url: nats.url } };
+  const none = { user: "", password: "", passwordFile: "", token: "", credsFile: "", nkeyFile: "" };
+  return {
+    transport,
+    nats: { ...config.nats, ...none, url: nats.url, tokenFile: tls.nats.tokenFile, tls: { ca: tls.ca, cert: "", key: "" } },
+  };
+}
+
 /** Picks the ports and writes run.yaml: the config with the addresses filled in. */
-async function planRun(root: string, runDir: string, config: RunConfig, nats: NatsForRun): Promise<LocalRun> {
+async function planRun(root: string, runDir: string, config: RunConfig, nats: NatsForRun, tls: LocalTls | undefined): Promise<LocalRun> {
   const { producers, trainers } = config.launch;
   const addresses = (await ports(config, 1 + producers + trainers)).map((port) => `127.0.0.1:${port}`);
   const bufferAddress = addresses[0]!;
   const resolved: RunConfig = {
     ...config,
-    nats: { ...config.nats, url: nats.url },
+    ...secured(config, nats, tls),
     buffer: { ...config.buffer, address: bufferAddress },
     producer: { ...config.producer, bufferAddress, shardCount: producers },
     trainer: { ...config.trainer, bufferAddress },
@@ -124,6 +153,10 @@ async function planRun(root: string, runDir: string, config: RunConfig, nats: Na
     runDir,
     configFile,
     config: resolved,
+    cli: tls
+      ? { ...resolved.transport, tls: { ...resolved.transport.tls, cert: tls.operator.cert, key: tls.operator.key } }
+      : resolved.transport,
+    ...(tls ? { tls } : {}),
     nats,
     bufferAddress,
     producerAddresses: addresses.slice(1, 1 + producers),
@@ -136,10 +169,12 @@ async function planRun(root: string, runDir: string, config: RunConfig, nats: Na
 async function startRoles(run: LocalRun): Promise<void> {
   const { plan } = run;
   const spawn = (role: RoleProcess["role"], id: string, address: string, sets: string[]) => {
-    run.procs.push(spawnRole(plan.root, plan.runDir, role, id, address, plan.configFile, sets));
+    const own = plan.tls?.issue(id, role);
+    const identity = own ? [`transport.tls.cert=${own.cert}`, `transport.tls.key=${own.key}`] : [];
+    run.procs.push(spawnRole(plan.root, plan.runDir, role, id, address, plan.configFile, [...sets, ...identity]));
   };
   spawn("buffer", "buffer", plan.bufferAddress, []);
-  await waitServing(run.procs[0]!, BufferService.typeName, plan.config.transport, 60_000);
+  await waitServing(run.procs[0]!, BufferService.typeName, plan.cli, 60_000);
   if (run.stopping) throw new Error("interrupted while the buffer started");
   plan.producerAddresses.forEach((address, i) =>
     spawn("producer", `producer-${i}`, address, [
@@ -167,11 +202,15 @@ function announce(run: LocalRun): void {
     natsUrl: plan.nats.url,
     startedAt: new Date(run.startedAt).toISOString(),
     services: run.procs.map((p) => ({ id: p.id, role: p.role, address: p.address, pid: p.child.pid ?? -1, log: p.log })),
+    ...(plan.tls
+      ? { tls: { ca: plan.tls.ca, serverName: plan.tls.serverName, operator: plan.tls.operator, exporter: plan.tls.exporter } }
+      : {}),
   });
   const { producers, trainers } = plan.config.launch;
   log(
     `run ${plan.config.run.id}: ${producers} producer(s), buffer ${plan.bufferAddress}, ${trainers} trainer(s); logs in ${resolve(plan.runDir, "logs")}`,
   );
+  if (plan.tls) log(`mTLS on every gRPC call; the CA and the operator's certificate are in ${plan.tls.dir} (see run.json)`);
 }
 
 /** Shows progress until every trainer has exited; true when they all finished their work unasked. */
@@ -184,7 +223,7 @@ async function watch(run: LocalRun): Promise<boolean> {
   const progress = new ProgressLine(resolve(run.plan.runDir, "pipeline.jsonl"));
   try {
     while (!done) {
-      const st = await collectStatus({ services: run.procs.filter(isRunning).map((p) => ({ ...p, pid: 0 })) });
+      const st = await collectStatus({ services: run.procs.filter(isRunning).map((p) => ({ ...p, pid: 0 })) }, run.plan.cli);
       run.step = Math.max(run.step, furthestStep(st));
       progress.update(summarise(st, run.startedAt, run.plan.config.trainer.steps));
       await Promise.race([trainersDone, sleep(run.plan.config.launch.statusEveryMs)]);
@@ -215,7 +254,7 @@ function drainWhenProducersFinish(run: LocalRun, trainersDone: () => boolean): v
   void Promise.all(producers.map((p) => p.exited)).then((codes) => {
     if (run.stopping || run.ending || trainersDone() || !codes.every((c) => c === 0)) return;
     log("every producer finished its epochs; the buffer serves what it holds, then ends the trainers' streams");
-    void drainBuffer(run.plan.bufferAddress, run.plan.config);
+    void drainBuffer(run.plan.bufferAddress, run.plan.cli);
   });
 }
 
@@ -226,11 +265,11 @@ function stopTraining(run: LocalRun, why: string): void {
   const trainers = run.procs.filter((p) => p.role === "trainer" && isRunning(p));
   void (async () => {
     // The step they stop at tells whether the run trained at all.
-    run.step = Math.max(run.step, furthestStep(await collectStatus({ services: trainers.map((t) => ({ ...t, pid: 0 })) })));
+    run.step = Math.max(run.step, furthestStep(await collectStatus({ services: trainers.map((t) => ({ ...t, pid: 0 })) }, run.plan.cli)));
     await Promise.all(
       trainers.map(async (t) => {
         // One not serving yet cannot take the call; its own SIGTERM handling checkpoints it the same way.
-        if (!(await stopTrainer(t.address, run.plan.config))) t.child.kill("SIGTERM");
+        if (!(await stopTrainer(t.address, run.plan.cli))) t.child.kill("SIGTERM");
       }),
     );
   })();
@@ -250,12 +289,12 @@ async function takeDown(run: LocalRun): Promise<void> {
   run.ending = true;
   const { plan } = run;
   try {
-    run.step = Math.max(run.step, furthestStep(await settleAndSnapshot(plan.runDir, run.procs, plan.config)));
+    run.step = Math.max(run.step, furthestStep(await settleAndSnapshot(plan.runDir, run.procs, plan.cli)));
   } catch (err) {
     log(`final-status.json not written: ${(err as Error).message}`);
   }
   for (const role of ["producer", "trainer", "buffer"] as const) {
-    if (role === "buffer") await drainBuffer(plan.bufferAddress, plan.config);
+    if (role === "buffer") await drainBuffer(plan.bufferAddress, plan.cli);
     await Promise.all(run.procs.filter((p) => p.role === role).map(async (p) => (run.exits[p.id] = await stopRole(p, 15_000))));
   }
   await plan.nats.server?.stop();

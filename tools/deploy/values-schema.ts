@@ -133,6 +133,35 @@ export const ChartValues = z
             "Secret holding a CA bundle that NATS (tls://) and OTLP (https://) servers are verified against; empty trusts the system CAs.",
           ),
         caKey: z.string().min(1).describe("Key of the CA bundle in caSecret."),
+        grpcSecrets: z
+          .object({
+            buffer: z.string(),
+            producer: z.string(),
+            trainer: z.string(),
+          })
+          .strict()
+          .describe(
+            "Per role, the Secret (tls.crt, tls.key, ca.crt) its pods mount at /etc/saeflow/grpc-tls when config.transport.tls.mode is tls or mtls.",
+          ),
+        healthPort: z
+          .number()
+          .int()
+          .min(1)
+          .max(65535)
+          .describe("Plaintext port serving only grpc.health.v1 while gRPC is under TLS, for the kubelet's gRPC probes."),
+      })
+      .strict(),
+    natsAuth: z
+      .object({
+        secret: z.string().describe("Secret holding the NATS credential, mounted at /etc/saeflow/nats-auth; empty connects without one."),
+        passwordKey: z.string().describe("Key of the password of config.nats.user in secret."),
+        tokenKey: z.string().describe("Key of the NATS token in secret."),
+        credsKey: z.string().describe("Key of a NATS .creds file in secret."),
+        nkeyKey: z.string().describe("Key of an nkey seed in secret."),
+        tlsSecret: z
+          .string()
+          .describe("Secret with the NATS server's ca.crt, mounted at /etc/saeflow/nats-tls; the roles then speak TLS to NATS."),
+        tlsClientCert: z.boolean().describe("Also present tls.crt and tls.key of tlsSecret, for a NATS server that verifies clients."),
       })
       .strict(),
     global: k8sObject.optional().describe("Helm's values shared with subcharts."),

@@ -62,3 +62,5 @@ export type ProducerConfig = RunConfig["producer"];
 export type TrainerConfig = RunConfig["trainer"];
 export type TransportConfig = RunConfig["transport"];
 export type LaunchConfig = RunConfig["launch"];
+export type GrpcTlsConfig = TransportConfig["tls"];
+export type NatsConfig = RunConfig["nats"];

@@ -11,7 +11,6 @@ import {
   type handleUnaryCall,
   type sendUnaryData,
   Client,
-  credentials,
   Metadata,
   type ServerDuplexStream,
   type ServerReadableStream,
@@ -26,6 +25,8 @@ import type { EventEmitter } from "node:events";
 import { context, propagation } from "@opentelemetry/api";
 import type { TransportConfig } from "../config/index.js";
 import { FieldError } from "../errors.js";
+import type { CallGuard } from "./authorize.js";
+import { channelCredentials } from "./credentials.js";
 import { channelOptions } from "./options.js";
 import { decodeMessage, encodeMessage } from "./wire.js";
 
@@ -187,10 +188,21 @@ async function pump(call: OutputCall, out: AsyncIterable<unknown>, asMessage: (v
   }
 }
 
-/** grpc-js implementation object for typed handlers: errors become statuses, never crashes. */
-export function serviceImplementation<S extends DescService>(service: S, handlers: ServiceHandlers<S>): UntypedServiceImplementation {
+/**
+ * grpc-js implementation object for typed handlers: errors become statuses, never crashes. A guard
+ * (mTLS authorization) answers a refused call before its handler runs or reads a request.
+ */
+export function serviceImplementation<S extends DescService>(
+  service: S,
+  handlers: ServiceHandlers<S>,
+  guard?: CallGuard,
+): UntypedServiceImplementation {
   const impl: UntypedServiceImplementation = {};
   const table = handlers as unknown as Record<string, (input: unknown, ctx: HandlerContext) => Promise<unknown> | AsyncIterable<unknown>>;
+  const refused = (method: DescMethod, c: AnyServerCall) => {
+    const refusal = guard?.(method, c);
+    return refusal && (Object.assign(new Error(refusal.details), refusal) as ServiceError);
+  };
   for (const method of service.methods) {
     const handler = table[method.localName];
     if (!handler) throw new Error(`${service.typeName}: no handler for ${method.name}`);
@@ -207,6 +219,8 @@ export function serviceImplementation<S extends DescService>(service: S, handler
           c: ServerUnaryCall<unknown, unknown> | ServerReadableStream<unknown, unknown>,
           callback: sendUnaryData<unknown>,
         ) => {
+          const refusal = refused(method, c);
+          if (refusal) return callback(refusal);
           const input =
             method.methodKind === "unary"
               ? (c as ServerUnaryCall<unknown, unknown>).request
@@ -223,6 +237,8 @@ export function serviceImplementation<S extends DescService>(service: S, handler
       case "server_streaming":
       case "bidi_streaming":
         impl[method.localName] = ((c: OutputCall) => {
+          const refusal = refused(method, c);
+          if (refusal) return void c.emit("error", refusal);
           const input =
             method.methodKind === "server_streaming"
               ? (c as ServerWritableStream<unknown, unknown>).request
@@ -249,10 +265,13 @@ function tracedOptions(options: CallOptions | undefined): [Metadata, CallOptions
   return [metadata, options ?? {}];
 }
 
-/** A typed client for `service` at `address` (host:port), with the transport's channel options. */
+/**
+ * A typed client for `service` at `address` (host:port), with the transport's channel options and
+ * credentials: plaintext, or TLS presenting this process's certificate (transport.tls).
+ */
 export function createClient<S extends DescService>(service: S, address: string, transport: TransportConfig): ServiceClient<S> {
   const def = serviceDefinition(service);
-  const raw = new Client(address, credentials.createInsecure(), channelOptions(transport));
+  const raw = new Client(address, channelCredentials(transport.tls), channelOptions(transport));
   const client: Record<string, unknown> = {
     close: () => raw.close(),
     ready: (timeoutMs: number) =>

@@ -18,6 +18,7 @@ export function channelOptions(t: TransportConfig): ChannelOptions {
     // Each client its own HTTP/2 connection: on one shared by a Push held back by a full pool and the
     // Batches that would free it, both stopped (test/buffer/one-connection.test.ts).
     "grpc.use_local_subchannel_pool": 1,
+    ...(t.tls.mode !== "off" && t.tls.serverName ? { "grpc.ssl_target_name_override": t.tls.serverName } : {}),
   };
 }
 

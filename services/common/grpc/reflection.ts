@@ -6,6 +6,7 @@ import type { Server } from "@grpc/grpc-js";
 import * as v1 from "../../gen/grpc/reflection/v1/reflection_pb.js";
 import * as v1alpha from "../../gen/grpc/reflection/v1alpha/reflection_pb.js";
 import { serviceDefinition, serviceImplementation } from "./adapter.js";
+import type { CallGuard } from "./authorize.js";
 
 /**
  * Server reflection, v1 and v1alpha, answering from the descriptor set `npm run gen` writes with
@@ -89,36 +90,44 @@ function answer(services: string[], req: Request) {
   }
 }
 
-/** Adds both reflection versions to `server`, listing `services` plus reflection itself. */
-export function addReflection(server: Server, services: string[]): void {
+/** Adds both reflection versions to `server`, listing `services` plus reflection itself; `guard` as for every service. */
+export function addReflection(server: Server, services: string[], guard?: CallGuard): void {
   const listed = [...new Set([...services, v1.ServerReflection.typeName, v1alpha.ServerReflection.typeName])].sort();
   // v1alpha is v1 under another package name: the same answers, built with each version's schema.
   server.addService(
     serviceDefinition(v1.ServerReflection),
-    serviceImplementation(v1.ServerReflection, {
-      serverReflectionInfo: async function* (requests) {
-        for await (const req of requests) {
-          yield create(v1.ServerReflectionResponseSchema, {
-            validHost: req.host,
-            originalRequest: req,
-            messageResponse: answer(listed, req),
-          });
-        }
+    serviceImplementation(
+      v1.ServerReflection,
+      {
+        serverReflectionInfo: async function* (requests) {
+          for await (const req of requests) {
+            yield create(v1.ServerReflectionResponseSchema, {
+              validHost: req.host,
+              originalRequest: req,
+              messageResponse: answer(listed, req),
+            });
+          }
+        },
       },
-    }),
+      guard,
+    ),
   );
   server.addService(
     serviceDefinition(v1alpha.ServerReflection),
-    serviceImplementation(v1alpha.ServerReflection, {
-      serverReflectionInfo: async function* (requests) {
-        for await (const req of requests) {
-          yield create(v1alpha.ServerReflectionResponseSchema, {
-            validHost: req.host,
-            originalRequest: req,
-            messageResponse: answer(listed, req),
-          });
-        }
+    serviceImplementation(
+      v1alpha.ServerReflection,
+      {
+        serverReflectionInfo: async function* (requests) {
+          for await (const req of requests) {
+            yield create(v1alpha.ServerReflectionResponseSchema, {
+              validHost: req.host,
+              originalRequest: req,
+              messageResponse: answer(listed, req),
+            });
+          }
+        },
       },
-    }),
+      guard,
+    ),
   );
 }

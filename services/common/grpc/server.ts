@@ -1,9 +1,11 @@
 import type { DescService } from "@bufbuild/protobuf";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
-import type { Http2Server, ServerHttp2Session } from "node:http2";
+import type { Http2SecureServer, Http2Server, ServerHttp2Session } from "node:http2";
 import type { TransportConfig } from "../config/index.js";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { type ServiceHandlers, serviceDefinition, serviceImplementation } from "./adapter.js";
+import { type CallGuard, mtlsGuard, PeerVerdicts } from "./authorize.js";
+import { serverCredentials } from "./credentials.js";
 import { HealthState } from "./health.js";
 import { serverOptions } from "./options.js";
 import { addReflection } from "./reflection.js";
@@ -22,6 +24,8 @@ export interface RunningServer {
   /** host:port actually bound (port 0 picks a free one). */
   address: string;
   port: number;
+  /** host:port of the plaintext health-only listener (transport.tls.healthAddress), when there is one. */
+  healthAddress?: string;
   health: HealthState;
   /** Stops accepting calls, waits up to `graceMs` for calls in flight, then cancels the rest. */
   close(graceMs?: number): Promise<void>;
@@ -39,9 +43,14 @@ function widenWindows(server: Server, bytes: number): void {
   }
 }
 
+/** http2 servers grpc-js made for `server`, to reach what grpc-js has no option for. */
+function http2Servers(server: Server): Array<Http2Server | Http2SecureServer> {
+  const internals = server as unknown as { http2Servers?: Map<Http2Server | Http2SecureServer, unknown> };
+  return [...(internals.http2Servers?.keys() ?? [])];
+}
+
 function widenSessions(server: Server, bytes: number): void {
-  const internals = server as unknown as { http2Servers?: Map<Http2Server, unknown> };
-  for (const http2 of internals.http2Servers?.keys() ?? []) {
+  for (const http2 of http2Servers(server)) {
     http2.on("session", (session: ServerHttp2Session) => {
       try {
         session.setLocalWindowSize(Math.min(bytes, 2 ** 31 - 1));
@@ -52,32 +61,71 @@ function widenSessions(server: Server, bytes: number): void {
   }
 }
 
-/** Starts a gRPC server with the given services, health and reflection, on `address` (host:port). */
+const bindTo = (server: Server, address: string, credentials: ServerCredentials) =>
+  new Promise<number>((resolve, reject) => server.bindAsync(address, credentials, (err, p) => (err ? reject(err) : resolve(p))));
+
+const hostOf = (address: string) => address.slice(0, address.lastIndexOf(":"));
+
+function shutdown(server: Server, graceMs: number): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const timer = setTimeout(() => server.forceShutdown(), graceMs);
+    server.tryShutdown(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
+/**
+ * Kubernetes' gRPC probes cannot speak TLS: under TLS they ask this plaintext listener, which
+ * serves grpc.health.v1 alone, the same statuses as the main port and nothing a stranger can act on.
+ */
+async function startPlainHealth(
+  address: string,
+  transport: TransportConfig,
+  health: HealthState,
+): Promise<{ server: Server; address: string }> {
+  const server = new Server(serverOptions(transport));
+  server.addService(serviceDefinition(Health), serviceImplementation(Health, health.handlers()));
+  const port = await bindTo(server, address, ServerCredentials.createInsecure());
+  return { server, address: `${hostOf(address)}:${port}` };
+}
+
+/**
+ * Starts a gRPC server with the given services, health and reflection, on `address` (host:port),
+ * plaintext or under TLS (transport.tls); under mTLS every call is authorized by the caller's
+ * certificate before its handler runs (authorize.ts).
+ */
 export async function startServer(address: string, transport: TransportConfig, bindings: ServiceBinding[]): Promise<RunningServer> {
+  const tls = transport.tls;
+  const credentials = serverCredentials(tls);
   const server = new Server(serverOptions(transport));
   widenWindows(server, transport.flowControlWindowBytes);
+  const verdicts = new PeerVerdicts();
+  const guard: CallGuard | undefined = tls.mode === "mtls" ? mtlsGuard(tls, verdicts) : undefined;
   const health = new HealthState(bindings.map((b) => b.service.typeName));
   for (const b of [...bindings, bind(Health, health.handlers())]) {
-    server.addService(serviceDefinition(b.service), serviceImplementation(b.service, b.handlers));
+    server.addService(serviceDefinition(b.service), serviceImplementation(b.service, b.handlers, guard));
   }
-  addReflection(server, [...bindings.map((b) => b.service.typeName), Health.typeName]);
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(address, ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
-  );
+  addReflection(server, [...bindings.map((b) => b.service.typeName), Health.typeName], guard);
+  const port = await bindTo(server, address, credentials);
   widenSessions(server, transport.flowControlWindowBytes);
-  const host = address.slice(0, address.lastIndexOf(":"));
+  if (guard) for (const http2 of http2Servers(server)) verdicts.watch(http2 as Http2SecureServer);
+  const plain =
+    tls.mode !== "off" && tls.healthAddress
+      ? await startPlainHealth(tls.healthAddress, transport, health).catch(async (err: unknown) => {
+          server.forceShutdown();
+          throw err;
+        })
+      : undefined;
   return {
-    address: `${host}:${port}`,
+    address: `${hostOf(address)}:${port}`,
     port,
+    ...(plain ? { healthAddress: plain.address } : {}),
     health,
-    close: (graceMs = 2000) =>
-      new Promise<void>((resolve) => {
-        health.close();
-        const timer = setTimeout(() => server.forceShutdown(), graceMs);
-        server.tryShutdown(() => {
-          clearTimeout(timer);
-          resolve();
-        });
-      }),
+    close: async (graceMs = 2000) => {
+      health.close();
+      await Promise.all([shutdown(server, graceMs), plain && shutdown(plain.server, graceMs)]);
+    },
   };
 }

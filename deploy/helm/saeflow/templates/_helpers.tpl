@@ -92,6 +92,67 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- if and (eq (dig "producer" "executionProvider" "cpu" $c) "cuda") (eq (int .Values.producer.gpu) 0) -}}
 {{- fail "config.producer.executionProvider is cuda but producer.gpu is 0: give producers a GPU" -}}
 {{- end -}}
+{{- if include "saeflow.grpcTls" . -}}
+{{- range $role := list "buffer" "producer" "trainer" -}}
+{{- if not (index $.Values.tls.grpcSecrets $role) -}}
+{{- fail (printf "tls.grpcSecrets.%s: config.transport.tls.mode is %s, so each role needs the Secret holding its certificate (tls.crt, tls.key, ca.crt)" $role (include "saeflow.grpcTls" $)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $auth := .Values.natsAuth -}}
+{{- $keys := list -}}
+{{- range $k := list "passwordKey" "tokenKey" "credsKey" "nkeyKey" -}}
+{{- if index $auth $k -}}{{- $keys = append $keys $k -}}{{- end -}}
+{{- end -}}
+{{- if gt (len $keys) 1 -}}
+{{- fail (printf "natsAuth: set one of passwordKey, tokenKey, credsKey, nkeyKey, not %s" (join " and " $keys)) -}}
+{{- end -}}
+{{- if and $auth.secret (eq (len $keys) 0) -}}
+{{- fail "natsAuth.secret: name the key that holds the credential (passwordKey, tokenKey, credsKey or nkeyKey)" -}}
+{{- end -}}
+{{- if and (not $auth.secret) (gt (len $keys) 0) -}}
+{{- fail (printf "natsAuth.%s: set natsAuth.secret, the Secret that holds it" (first $keys)) -}}
+{{- end -}}
+{{- if and $auth.passwordKey (not (dig "nats" "user" "" $c)) -}}
+{{- fail "natsAuth.passwordKey: a password needs its user: set config.nats.user" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The gRPC TLS mode of the run ("tls" or "mtls"), or "" when gRPC is plaintext. */}}
+{{- define "saeflow.grpcTls" -}}
+{{- $mode := dig "transport" "tls" "mode" "off" .Values.config -}}
+{{- if ne $mode "off" }}{{ $mode }}{{ end -}}
+{{- end -}}
+
+{{/* Env of every role for gRPC TLS and NATS credentials and TLS, all read from mounted Secrets. */}}
+{{- define "saeflow.securityEnv" -}}
+{{- $auth := .Values.natsAuth -}}
+{{- if include "saeflow.grpcTls" . }}
+- name: SAEFLOW_TRANSPORT__TLS__CERT
+  value: /etc/saeflow/grpc-tls/tls.crt
+- name: SAEFLOW_TRANSPORT__TLS__KEY
+  value: /etc/saeflow/grpc-tls/tls.key
+- name: SAEFLOW_TRANSPORT__TLS__CA
+  value: /etc/saeflow/grpc-tls/ca.crt
+- name: SAEFLOW_TRANSPORT__TLS__HEALTH_ADDRESS
+  value: {{ printf "0.0.0.0:%d" (int .Values.tls.healthPort) | quote }}
+{{- end }}
+{{- range $key, $env := dict "passwordKey" "PASSWORD_FILE" "tokenKey" "TOKEN_FILE" "credsKey" "CREDS_FILE" "nkeyKey" "NKEY_FILE" }}
+{{- with index $auth $key }}
+- name: {{ printf "SAEFLOW_NATS__%s" $env }}
+  value: {{ printf "/etc/saeflow/nats-auth/%s" . | quote }}
+{{- end }}
+{{- end }}
+{{- if $auth.tlsSecret }}
+- name: SAEFLOW_NATS__TLS__CA
+  value: /etc/saeflow/nats-tls/ca.crt
+{{- if $auth.tlsClientCert }}
+- name: SAEFLOW_NATS__TLS__CERT
+  value: /etc/saeflow/nats-tls/tls.crt
+- name: SAEFLOW_NATS__TLS__KEY
+  value: /etc/saeflow/nats-tls/tls.key
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -103,6 +164,9 @@ mountModel (producers read the model and dataset), headless (the role's Service 
 {{- $v := index $root.Values .role -}}
 {{- $gpu := int (default 0 $v.gpu) -}}
 {{- $port := int $v.port -}}
+{{- /* Under gRPC TLS the kubelet's gRPC probes, which cannot speak TLS, ask the plaintext health-only port. */ -}}
+{{- $tls := include "saeflow.grpcTls" $root -}}
+{{- $probePort := ternary (int $root.Values.tls.healthPort) $port (ne $tls "") -}}
 {{- $persist := and $root.Values.persistence.enabled (has .role $root.Values.persistence.roles) -}}
 metadata:
   labels:
@@ -155,6 +219,11 @@ spec:
         - name: grpc
           containerPort: {{ $port }}
           protocol: TCP
+        {{- if $tls }}
+        - name: health
+          containerPort: {{ int $root.Values.tls.healthPort }}
+          protocol: TCP
+        {{- end }}
       env:
         - name: {{ printf "SAEFLOW_%s__ADDRESS" (upper .role) }}
           value: {{ printf "0.0.0.0:%d" $port | quote }}
@@ -168,6 +237,9 @@ spec:
         - name: NODE_EXTRA_CA_CERTS
           value: {{ printf "/etc/saeflow/tls/%s" $root.Values.tls.caKey | quote }}
         {{- end }}
+        {{- with include "saeflow.securityEnv" $root | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
         {{- with .extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -177,20 +249,20 @@ spec:
       {{- /* "" is the whole server: NOT_SERVING until the role can work, so it gates startup and liveness. */}}
       startupProbe:
         grpc:
-          port: {{ $port }}
+          port: {{ $probePort }}
           service: ""
         periodSeconds: 10
         failureThreshold: {{ div (add (int $v.startupSeconds) 9) 10 }}
       livenessProbe:
         grpc:
-          port: {{ $port }}
+          port: {{ $probePort }}
           service: ""
         periodSeconds: 10
         timeoutSeconds: 5
         failureThreshold: 6
       readinessProbe:
         grpc:
-          port: {{ $port }}
+          port: {{ $probePort }}
           service: {{ include "saeflow.grpcService" .role | quote }}
         periodSeconds: 5
         timeoutSeconds: 5
@@ -239,6 +311,21 @@ spec:
           mountPath: /etc/saeflow/tls
           readOnly: true
         {{- end }}
+        {{- if $tls }}
+        - name: grpc-tls
+          mountPath: /etc/saeflow/grpc-tls
+          readOnly: true
+        {{- end }}
+        {{- if $root.Values.natsAuth.secret }}
+        - name: nats-auth
+          mountPath: /etc/saeflow/nats-auth
+          readOnly: true
+        {{- end }}
+        {{- if $root.Values.natsAuth.tlsSecret }}
+        - name: nats-tls
+          mountPath: /etc/saeflow/nats-tls
+          readOnly: true
+        {{- end }}
   volumes:
     - name: run-config
       configMap:
@@ -265,6 +352,24 @@ spec:
     - name: tls-ca
       secret:
         secretName: {{ $root.Values.tls.caSecret }}
+    {{- end }}
+    {{- if $tls }}
+    - name: grpc-tls
+      secret:
+        secretName: {{ index $root.Values.tls.grpcSecrets .role }}
+        defaultMode: 0440
+    {{- end }}
+    {{- if $root.Values.natsAuth.secret }}
+    - name: nats-auth
+      secret:
+        secretName: {{ $root.Values.natsAuth.secret }}
+        defaultMode: 0440
+    {{- end }}
+    {{- if $root.Values.natsAuth.tlsSecret }}
+    - name: nats-tls
+      secret:
+        secretName: {{ $root.Values.natsAuth.tlsSecret }}
+        defaultMode: 0440
     {{- end }}
 {{- end -}}
 
@@ -327,5 +432,7 @@ spec:
       port: {{ int $v.port }}
       targetPort: grpc
       protocol: TCP
+      {{- if not (include "saeflow.grpcTls" .root) }}
       appProtocol: kubernetes.io/h2c
+      {{- end }}
 {{- end -}}

@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { checkNatsCredentials, GrpcTlsSection, natsCredentials, NatsTlsSection } from "./security.js";
 
 /** Identity of a run and where it writes; shared by every role. */
 export const RunSection = z
@@ -22,8 +23,11 @@ export const NatsSection = z
       .regex(/^[A-Za-z0-9_-]+$/)
       .default("saeflow")
       .describe("First token of every subject."),
+    ...natsCredentials,
+    tls: NatsTlsSection.prefault({}),
   })
-  .strict();
+  .strict()
+  .superRefine(checkNatsCredentials);
 
 /** OpenTelemetry export. */
 export const TelemetrySection = z
@@ -52,5 +56,6 @@ export const TransportSection = z
       .default(64 << 20)
       .describe("HTTP/2 stream and connection window; large windows lift a stream from ~0.3 to ~1 GB/s."),
     keepaliveMs: z.number().int().positive().default(30000).describe("Keepalive ping interval on idle connections."),
+    tls: GrpcTlsSection.prefault({}),
   })
   .strict();
