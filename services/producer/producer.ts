@@ -50,7 +50,11 @@ interface Parts extends Prepared {
   status: () => StatusResponse;
 }
 
-/** Pause/Resume answer with the state the call leads to; Status shows PAUSED once the pass in flight is out. */
+/**
+ * Pause/Resume answer with the state the operator's call leads to: PAUSED once the pass in flight is
+ * out, RUNNING once the operator's hold is lifted. Whether the buffer is granting rows at the moment
+ * is Status's paused_by_buffer, not the answer to Resume.
+ */
 function controlOf(gate: DemandGate, progress: ProducerProgress, status: () => StatusResponse): ProducerControl {
   return {
     status,
@@ -60,7 +64,7 @@ function controlOf(gate: DemandGate, progress: ProducerProgress, status: () => S
     },
     resume: () => {
       gate.setOperatorPaused(false);
-      return progress.state === ServiceState.PAUSED && gate.open ? ServiceState.RUNNING : progress.state;
+      return progress.state === ServiceState.PAUSED ? ServiceState.RUNNING : progress.state;
     },
   };
 }

@@ -146,6 +146,20 @@ describe("list elements from flags and environment", () => {
   });
 });
 
+describe("text values from flags and environment", () => {
+  it("keeps a string key's text as written (no YAML number or boolean), and still reads numbers and lists where the schema wants them", () => {
+    const c = loadConfig({
+      env: { SAEFLOW_RUN__ID: "0123", SAEFLOW_PRODUCER__ID: "true", SAEFLOW_BUFFER__CAPACITY_ROWS: "2048" },
+      sets: ["trainer.saes.0.name=007", "producer.hookPoints=[blocks.1.hook_resid_post]"],
+    });
+    assert.equal(c.run.id, "0123");
+    assert.equal(c.producer.id, "true");
+    assert.equal(c.buffer.capacityRows, 2048);
+    assert.equal(c.trainer.saes[0]!.name, "007");
+    assert.deepEqual(c.producer.hookPoints, ["blocks.1.hook_resid_post"]);
+  });
+});
+
 describe("config consistency across roles", () => {
   it("refuses a trainer or producer that does not match the buffer's pools, naming the key", () => {
     assert.deepEqual(

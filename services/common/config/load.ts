@@ -84,7 +84,35 @@ function envOverrides(env: NodeJS.ProcessEnv): Array<[string[], string, string]>
   return out;
 }
 
-function parseScalar(raw: string): unknown {
+/** The schema node at `path`, through defaults, optionals, pipes, objects and list elements; undefined off the schema. */
+function schemaAt(path: string[]): z.core.$ZodType | undefined {
+  let node: z.core.$ZodType | undefined = RunConfigSchema;
+  for (const key of path) {
+    node = unwrap(node);
+    const def = node?._zod.def as { type: string; shape?: Record<string, z.core.$ZodType>; element?: z.core.$ZodType } | undefined;
+    if (def?.type === "object") node = def.shape?.[key];
+    else if (def?.type === "array" && isIndex(key)) node = def.element;
+    else return undefined;
+  }
+  return unwrap(node);
+}
+
+function unwrap(node: z.core.$ZodType | undefined): z.core.$ZodType | undefined {
+  for (;;) {
+    const def = node?._zod.def as { type: string; innerType?: z.core.$ZodType; in?: z.core.$ZodType } | undefined;
+    if (!def) return node;
+    if (def.type === "default" || def.type === "prefault" || def.type === "optional" || def.type === "nullable") node = def.innerType;
+    else if (def.type === "pipe") node = def.in;
+    else return node;
+  }
+}
+
+/**
+ * A flag's or variable's text as the value of `path`: kept as text where the schema wants a string
+ * (a password "0123" stays "0123"), read as a YAML scalar or list elsewhere ("1024", "[a, b]").
+ */
+function parseValue(path: string[], raw: string): unknown {
+  if (schemaAt(path)?._zod.def.type === "string") return raw;
   try {
     return parseYaml(raw) ?? raw;
   } catch {
@@ -151,14 +179,15 @@ export function loadConfig(options: LoadOptions = {}): RunConfig {
   const file = options.file ? { path: options.file, doc: readFile(options.file) } : undefined;
   if (file) tree = { ...tree, ...structuredClone(file.doc) };
   for (const [path, raw, source] of envOverrides(options.env ?? {})) {
-    setPath(tree, path, parseScalar(raw), source);
+    setPath(tree, path, parseValue(path, raw), source);
     sources.set(path.join("."), source);
   }
   for (const set of options.sets ?? []) {
     const eq = set.indexOf("=");
     if (eq <= 0) throw ConfigError.at("--set", `"${set}" is not key.path=value`);
     const key = set.slice(0, eq);
-    setPath(tree, key.split("."), parseScalar(set.slice(eq + 1)), `--set ${key}`);
+    const path = key.split(".");
+    setPath(tree, path, parseValue(path, set.slice(eq + 1)), `--set ${key}`);
     sources.set(key, `--set ${key}`);
   }
   const parsed = RunConfigSchema.safeParse(tree);

@@ -220,7 +220,8 @@ export const ResumeRequestSchema: GenMessage<ResumeRequest> = /*@__PURE__*/
  */
 export type ResumeResponse = Message<"saeflow.producer.v1.ResumeResponse"> & {
   /**
-   * State after the call.
+   * State after the call: RUNNING once the operator's pause is lifted, even while the buffer grants
+   * no rows (Status's paused_by_buffer says so).
    *
    * @generated from field: saeflow.v1.ServiceState state = 1;
    */
