@@ -79,8 +79,8 @@ export const NatsTlsSection = z
 
 /**
  * Credentials for the NATS server: at most one way of user/password, token, credsFile and nkeyFile.
- * In Kubernetes prefer the *File keys over env vars: a Secret mounted as files keeps its value a
- * string, where an env var is read as YAML ("0123" would become 123).
+ * In Kubernetes prefer the *File keys over env vars: a Secret mounted as a file never shows up in
+ * the pod spec or a process listing.
  */
 export const natsCredentials = {
   user: z.string().default("").describe("NATS user, with password or passwordFile."),
