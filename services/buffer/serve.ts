@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { status } from "@grpc/grpc-js";
 import { FieldError } from "../common/errors.js";
+import { wireBuffer } from "../common/grpc/wire.js";
 import { linkFrom } from "../common/telemetry.js";
 import { type HostArray, toTensor } from "../common/tensor-codec.js";
 import { type BatchesRequest, type BatchesResponse, BatchesResponseSchema, ShareMode } from "../gen/saeflow/buffer/v1/buffer_pb.js";
@@ -52,7 +53,8 @@ export class BatchServer {
     const stats: StreamStats = { trainerId: request.trainerId, group, batches: 0, rows: 0, waitMs: 0 };
     hook.streams.add(stats);
     try {
-      const out = Buffer.from(new ArrayBuffer(request.batchSize * rowBytes));
+      // Room in front for the other fields, so gRPC sends the batch from this buffer without a copy.
+      const out = wireBuffer(request.batchSize * rowBytes, 4096 + (request.includeIds ? request.batchSize * 32 : 0));
       const attributes = { hook_point: hook.name, trainer_id: request.trainerId, group };
       for (let sequence = 0; request.maxBatches === 0n || sequence < request.maxBatches; sequence++) {
         const started = performance.now();

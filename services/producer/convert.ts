@@ -1,3 +1,4 @@
+import { wireBuffer } from "../common/grpc/wire.js";
 import { decodeFloats, encodeFloats, type HostArray } from "../common/tensor-codec.js";
 import { DType } from "../gen/saeflow/v1/tensor_pb.js";
 import type { HookOutput } from "./session.js";
@@ -17,12 +18,20 @@ export function keptSpans(keep: Uint8Array): Spans {
   return spans;
 }
 
+/** Bytes of a chunk's other fields per row (token, context and document ids as varints), kept in front of its rows. */
+const ID_BYTES_PER_ROW = 32;
+
 /**
  * The kept rows of a hook tensor in the wire dtype: one pass that gathers and converts, into one
- * freshly allocated array that the chunk then carries without another copy.
+ * freshly allocated array that the chunk then carries, and gRPC sends, without another copy.
  */
 export function gatherRows(output: HookOutput, spans: Spans, rows: number, dModel: number, dtype: DType): HostArray {
-  const out: HostArray = dtype === DType.FP32 ? new Float32Array(rows * dModel) : new Uint16Array(rows * dModel);
+  const width = dtype === DType.FP32 ? 4 : 2;
+  const memory = wireBuffer(rows * dModel * width, 4096 + rows * ID_BYTES_PER_ROW);
+  const out: HostArray =
+    dtype === DType.FP32
+      ? new Float32Array(memory.buffer, memory.byteOffset, rows * dModel)
+      : new Uint16Array(memory.buffer, memory.byteOffset, rows * dModel);
   const scratch =
     output.type === "float16" && dtype === DType.BF16 ? new Float32Array(dModel * Math.max(0, ...spans.map(([a, b]) => b - a))) : undefined;
   let row = 0;

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { type ChunkRows, Pool } from "../../services/buffer/pool.js";
+import { type ChunkRows, DistinctCounter, Pool } from "../../services/buffer/pool.js";
 import { Rng } from "../../services/buffer/shuffle.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
 
@@ -180,4 +180,14 @@ test("with two epochs a full pool serves every row twice, whole, however its slo
   while (p.unread(cursor) > 0) got.push(...take(p, cursor, Math.min(12, p.unread(cursor))));
   assert.deepEqual(sorted(got), sorted([...range(48), ...range(48)]));
   assert.equal(p.held, 0);
+});
+
+test("distinct contexts of a batch are counted exactly, batch after batch", () => {
+  const counter = new DistinctCounter();
+  const rng = new Rng(3);
+  for (let trial = 0; trial < 200; trial++) {
+    const n = 1 + rng.below(3000);
+    const values = Float64Array.from({ length: n }, () => rng.below(4) * 4294967296 + rng.below(1 + rng.below(500)));
+    assert.equal(counter.count(values), new Set(values).size);
+  }
 });

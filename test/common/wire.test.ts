@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
-import { decodeMessage, encodeMessage } from "../../services/common/grpc/wire.js";
+import { decodeMessage, encodeMessage, wireBuffer } from "../../services/common/grpc/wire.js";
 import { toTensor } from "../../services/common/tensor-codec.js";
 import { PushRequestSchema, StatusResponseSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
@@ -38,6 +38,38 @@ describe("gRPC wire encoding", () => {
   it("encodes messages without payloads exactly as protobuf-es does", () => {
     const msg = create(StatusResponseSchema, { runId: "x", producers: ["a", "b"], hookPoints: [{ hookPoint: "h", capacityRows: 10n }] });
     assert.deepEqual(new Uint8Array(encodeMessage(StatusResponseSchema, msg)), toBinary(StatusResponseSchema, msg));
+  });
+
+  it("sends a payload from a wireBuffer in place: the message is a view over it that protobuf-es parses back identically", () => {
+    const rows = 512;
+    const out = wireBuffer(rows * 64 * 4, 16 << 10);
+    const values = new Float32Array(out.buffer, out.byteOffset, rows * 64);
+    values.forEach((_, i) => (values[i] = i % 97));
+    const ids = Array.from({ length: rows }, (_, i) => 100_000 + i);
+    const msg = create(PushRequestSchema, {
+      chunk: {
+        runId: "r",
+        hookPoint: "h",
+        producerId: "p",
+        sequence: 9n,
+        activations: toTensor(values, DType.FP32, [rows, 64]),
+        tokenIds: ids,
+        contextIds: ids,
+      },
+    });
+    const bytes = encodeMessage(PushRequestSchema, msg);
+    assert.equal(bytes.buffer, out.buffer, "no copy of the payload");
+    assert.equal(bytes.byteOffset + bytes.byteLength, out.byteOffset + out.byteLength, "the message ends with the payload");
+    assert.equal(bytes.byteLength, toBinary(PushRequestSchema, msg).byteLength);
+    assert.deepEqual(fromBinary(PushRequestSchema, new Uint8Array(bytes)), msg);
+    // Fields that do not fit in the room kept in front are copied out as before.
+    const many = Array.from({ length: 20_000 }, (_, i) => i);
+    const big = create(PushRequestSchema, {
+      chunk: { activations: toTensor(values, DType.FP32, [rows, 64]), tokenIds: many, contextIds: many },
+    });
+    const copied = encodeMessage(PushRequestSchema, big);
+    assert.notEqual(copied.buffer, out.buffer);
+    assert.deepEqual(fromBinary(PushRequestSchema, new Uint8Array(copied)), big);
   });
 
   it("leaves empty payloads out", () => {

@@ -4,6 +4,7 @@ import { builtinModules } from "node:module";
 import { dirname, join, relative, resolve } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
+import { ROLE_ENV } from "../../tools/cli/role-env.js";
 
 /**
  * What the image relies on, checked from the sources in a moment: it installs production dependencies
@@ -92,4 +93,15 @@ test(".dockerignore lets into the build context what the Dockerfile copies, and 
   assert.equal(rules[0], "*", "everything is left out first");
   const allowed = rules.slice(1).map((r) => r.replace(/^!/, "").replace(/\/$/, ""));
   assert.deepEqual([...new Set(copied)].sort(), [...allowed].sort());
+});
+
+test("the image sets the environment every role process runs with (tools/cli/role-env.ts)", () => {
+  const dockerfile = readFileSync(join(ROOT, "deploy/docker/Dockerfile"), "utf8");
+  const stages = dockerfile.split(/^FROM /m).slice(1);
+  for (const name of ["cpu", "cuda"]) {
+    const stage = stages.find((s) => new RegExp(`^\\S+ AS ${name}\\n`).test(s));
+    assert.ok(stage, `no stage ${name}`);
+    for (const [key, value] of Object.entries(ROLE_ENV))
+      assert.match(stage, new RegExp(`^ENV .*\\b${key}=${value}\\b`, "m"), `${name}: ${key}`);
+  }
 });

@@ -4,6 +4,7 @@ import { createServer, type Socket } from "node:net";
 import { RunConfigSchema } from "../../services/common/config/index.js";
 import { FieldError } from "../../services/common/errors.js";
 import { bind, startServer } from "../../services/common/grpc/server.js";
+import { wireBuffer } from "../../services/common/grpc/wire.js";
 import { toTensor } from "../../services/common/tensor-codec.js";
 import { BatchesResponseSchema, BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
@@ -15,6 +16,11 @@ import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
  */
 const D_MODEL = Number(process.argv[2]);
 const transport = RunConfigSchema.parse({}).transport;
+/** As the buffer and the producer allocate what they send: with room for the message's other fields in front. */
+const floats = (n: number) => {
+  const memory = wireBuffer(n * 4);
+  return new Float32Array(memory.buffer, memory.byteOffset, n).fill(1);
+};
 const unimplemented = async (): Promise<never> => {
   throw new FieldError("method", "not part of the transport benchmark", status.UNIMPLEMENTED);
 };
@@ -30,7 +36,7 @@ const grpc = await startServer("127.0.0.1:0", transport, [
     batches: async function* (req, ctx) {
       const rows = req.batchSize;
       const batch = create(BatchesResponseSchema, {
-        activations: toTensor(new Float32Array(rows * D_MODEL).fill(1), DType.FP32, [rows, D_MODEL]),
+        activations: toTensor(floats(rows * D_MODEL), DType.FP32, [rows, D_MODEL]),
       });
       // The adapter resumes only after the last message was serialised, so one message is reused.
       for (let i = 0n; i < req.maxBatches && !ctx.signal.aborted; i++) {

@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { createWriteStream, existsSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { roleEnv } from "./role-env.js";
 
 /**
  * Role processes of a local run: each is `node --import tsx services/<role>/main.ts --config FILE`
@@ -30,7 +31,7 @@ export function spawnRole(
   const log = join(logs, `${id}.log`);
   const out = createWriteStream(log, { flags: "a" });
   const args = ["--import", "tsx", join(root, "services", role, "main.ts"), "--config", configFile, ...sets.flatMap((s) => ["--set", s])];
-  const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "pipe"], env: process.env });
+  const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "pipe"], env: roleEnv() });
   child.stdout!.pipe(out, { end: false });
   child.stderr!.pipe(out, { end: false });
   // "close" comes after the pipes emptied, and end's callback once the log file holds it all, so

@@ -4,9 +4,28 @@ import { type DescField, type DescMessage, fromBinary, type MessageShape, toBina
  * Message (de)serialisation for grpc-js. protobuf-es' toBinary copies a bytes payload twice (into
  * its writer, then once per enclosing message on join); tensors are megabytes, so messages that reach
  * a bytes field through singular message fields are written as segments instead: the small fields
- * through toBinary, each payload as a view, and everything copied once into the buffer grpc-js takes.
- * grpc-js copies once more to frame it; that copy it forces.
+ * through toBinary, each payload as a view. A payload that ends the message and sits in a buffer
+ * made by wireBuffer() is not copied at all: the fields before it are written into the room kept in
+ * front of it, and the message is a view. Otherwise everything is copied once into the buffer grpc-js
+ * takes. grpc-js copies once more to frame it; that copy it forces.
  */
+
+/** Room kept in front of a wireBuffer's bytes, by ArrayBuffer. */
+const headroom = new WeakMap<ArrayBufferLike, number>();
+
+/** Payloads smaller than this are copied: the saving is not worth the bookkeeping. */
+const ZERO_COPY_MIN_BYTES = 64 << 10;
+
+/**
+ * A buffer of `bytes` whose contents a message can be sent from without copying them: `room` bytes
+ * are kept in front for the fields a message writes before its payload (ids included: give room for
+ * them). The caller may reuse the buffer once the message is serialised.
+ */
+export function wireBuffer(bytes: number, room = 64 << 10): Buffer {
+  const memory = new ArrayBuffer(room + bytes);
+  headroom.set(memory, room);
+  return Buffer.from(memory, room, bytes);
+}
 
 interface Plan {
   /** Singular bytes fields and singular message fields leading to one; written by hand. */
@@ -80,7 +99,7 @@ function encodeSegments(schema: DescMessage, message: Record<string, unknown>, s
   return total;
 }
 
-/** Serialises a message into one Buffer, copying each bytes payload exactly once. */
+/** Serialises a message into one Buffer, copying each bytes payload at most once. */
 export function encodeMessage<S extends DescMessage>(schema: S, message: MessageShape<S>): Buffer {
   const segments: Uint8Array[] = [];
   const total = encodeSegments(schema, message as unknown as Record<string, unknown>, segments);
@@ -88,6 +107,26 @@ export function encodeMessage<S extends DescMessage>(schema: S, message: Message
     const only = segments[0]!;
     return Buffer.from(only.buffer, only.byteOffset, only.byteLength);
   }
+  return inPlace(segments, total) ?? joined(segments, total);
+}
+
+/** The message as a view ending with its payload, the fields before it written into the payload's headroom; undefined when there is no room. */
+function inPlace(segments: Uint8Array[], total: number): Buffer | undefined {
+  const payload = segments[segments.length - 1]!;
+  const room = headroom.get(payload.buffer);
+  const head = total - payload.byteLength;
+  if (room === undefined || payload.byteLength < ZERO_COPY_MIN_BYTES || payload.byteOffset > room || payload.byteOffset < head)
+    return undefined;
+  const out = Buffer.from(payload.buffer, payload.byteOffset - head, total);
+  let offset = 0;
+  for (const s of segments.slice(0, -1)) {
+    out.set(s, offset);
+    offset += s.byteLength;
+  }
+  return out;
+}
+
+function joined(segments: Uint8Array[], total: number): Buffer {
   const out = Buffer.allocUnsafe(total);
   let offset = 0;
   for (const s of segments) {
