@@ -34,6 +34,26 @@ export function ortSessionOptions(options: OrtOptions = {}): ort.InferenceSessio
   };
 }
 
+/** Where a session output is left: in host memory, or in the device's memory for the next run to take back. */
+export type OutputLocation = "cpu" | "gpu-buffer";
+
+/**
+ * Whether onnxruntime-node can leave outputs on `provider`'s device and take them back as inputs.
+ * Its binding (1.30) binds device outputs as WebGPU buffers only: on CUDA every output comes back to
+ * the host.
+ */
+export function keepsOutputsOnDevice(provider: ExecutionProvider): boolean {
+  return provider === "webgpu";
+}
+
+/**
+ * ortSessionOptions, with the named outputs left where `outputs` says (outputs it does not name come
+ * back to the host). Only meaningful where keepsOutputsOnDevice(provider).
+ */
+export function ortDeviceSessionOptions(options: OrtOptions, outputs: Record<string, OutputLocation>): ort.InferenceSession.SessionOptions {
+  return { ...ortSessionOptions(options), preferredOutputLocation: outputs };
+}
+
 const HINTS: Record<Exclude<ExecutionProvider, "cpu">, string> = {
   cuda: "onnxruntime-node fetches its CUDA provider only when asked at install time: `ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node` on a machine with CUDA 12 and cuDNN 9",
   webgpu: "WebGPU needs a GPU adapter reachable through Vulkan (libvulkan.so.1 and a GPU driver)",

@@ -28,6 +28,26 @@ export function batchTensor(batch: Batch, bf16Rows?: Float32Array): ort.Tensor {
   return new ort.Tensor("float32", decodeFloats(batch.data, dtypeFromName("bf16"), bf16Rows), dims);
 }
 
+/** The batch widened to float32 (into `into` when given, which the next call then reuses); fp32 is wrapped as it is. */
+export function floatTensor(batch: Batch, into?: Float32Array): ort.Tensor {
+  return new ort.Tensor("float32", decodeFloats(batch.data, dtypeFromName(batch.dtype), batch.dtype === "fp32" ? undefined : into), [
+    batch.rows,
+    batch.dModel,
+  ]);
+}
+
+/**
+ * A 16-bit batch (fp16 or bf16) as its raw words read in pairs, [rows, dModel/2] uint32, for a step
+ * graph that widens them on its device (graph/half.ts). The words are viewed in place when 4-byte
+ * aligned.
+ */
+export function halfWords(batch: Batch): ort.Tensor {
+  if (batch.dtype === "fp32") throw new Error("a step graph fed 16-bit words was given an fp32 batch");
+  const words = batch.data as Uint16Array;
+  const aligned = words.byteOffset % 4 === 0 ? words : words.slice();
+  return new ort.Tensor("uint32", new Uint32Array(aligned.buffer, aligned.byteOffset, aligned.length / 2), [batch.rows, batch.dModel / 2]);
+}
+
 /** Where the trainer's batches come from. */
 export interface BatchSource {
   /** The next batch; undefined once the source has ended or been closed. */

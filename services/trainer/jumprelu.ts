@@ -1,6 +1,7 @@
 import ort from "onnxruntime-node";
-import { ortSessionOptions } from "../common/ort.js";
+import { openOrtSession, ortSessionOptions } from "../common/ort.js";
 import { buildCalibrateGraph, type CalibrateSpec } from "./graph/calibrate.js";
+import { type Placement, PROVIDER_KEY } from "./placement.js";
 import { decoderNorms, type SaeState } from "./sae.js";
 
 /** The calibration graph over one SAE's weights: the batch threshold theta of one batch at a time. */
@@ -15,10 +16,10 @@ class CalibrateSession {
     state: SaeState,
     decNorm: Float32Array,
     scale: number,
-    threads: number,
+    placement: Placement,
   ): Promise<CalibrateSession> {
     const { width: n, dModel: d } = spec;
-    const session = await ort.InferenceSession.create(buildCalibrateGraph(spec), ortSessionOptions({ threads }));
+    const session = await openOrtSession(buildCalibrateGraph(spec), ortSessionOptions(placement), placement.provider, PROVIDER_KEY);
     return new CalibrateSession(session, {
       scale: new ort.Tensor("float32", Float32Array.of(scale), []),
       W_enc: new ort.Tensor("float32", state.W_enc, [n, d]),
@@ -43,21 +44,22 @@ class CalibrateSession {
  * theta is the (B*k)-th largest relu(pre_i) * |W_dec_i| of each batch (averaged over batches), and
  * latent i's threshold is theta / |W_dec_i|. The JumpReLU then keeps k latents per token on average,
  * without TopK's dependence of one latent on the others. The graph takes the batches as they are
- * held, float16 or float32, so their element type decides its input.
+ * held, float16 or float32, so their element type decides its input. It runs where the step runs
+ * (`placement`), on weights read back from it.
  */
 export async function jumpReluThresholds(
   spec: Omit<CalibrateSpec, "input">,
   state: SaeState,
   scale: number,
   batches: readonly ort.Tensor[],
-  threads: number,
+  placement: Placement,
 ): Promise<Float32Array> {
   if (batches.length === 0) throw new Error("JumpReLU calibration needs at least one batch");
   const type = batches[0]!.type;
   if (type !== "float16" && type !== "float32") throw new Error(`JumpReLU calibration takes float16 or float32 batches, not ${type}`);
   if (batches.some((x) => x.type !== type)) throw new Error("JumpReLU calibration batches mix float16 and float32");
   const decNorm = decoderNorms(state, spec.width, spec.dModel);
-  const session = await CalibrateSession.open({ ...spec, input: type === "float16" ? "fp16" : "fp32" }, state, decNorm, scale, threads);
+  const session = await CalibrateSession.open({ ...spec, input: type === "float16" ? "fp16" : "fp32" }, state, decNorm, scale, placement);
   try {
     let sum = 0;
     for (const x of batches) sum += await session.theta(x);

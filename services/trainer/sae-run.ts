@@ -6,6 +6,7 @@ import { type Checkpoint, firingOf } from "./checkpoint.js";
 import type { ExportInfo } from "./export.js";
 import { FiringWindows } from "./firing.js";
 import { STAT, type StepSpec } from "./graph/step.js";
+import type { Placement } from "./placement.js";
 import { Rng } from "./rng.js";
 import { decoderNorms, type SaeState } from "./sae.js";
 import { type StepOutputs, StepSession } from "./session.js";
@@ -63,28 +64,36 @@ export class SaeRun {
     return out;
   }
 
-  current(): SaeState {
-    const s = this.session?.state ?? this.state;
+  /** The current state on the host, read back from the device where a session holds it there (checkpoints, exports). */
+  async read(): Promise<SaeState> {
+    const s = this.session ? await this.session.readState() : this.state;
     if (!s) throw new Error(`SAE ${this.spec.name} is not initialised`);
     return s;
   }
 
-  /** Moves the state into a new session running `spec`, letting go of the one before. */
-  async open(spec: StepSpec, threads: number): Promise<StepSession> {
-    const state = this.current();
+  /** Moves the state into a new session running `spec` on `placement`, letting go of the one before. */
+  async open(spec: StepSpec, placement: Placement): Promise<StepSession> {
     await this.close();
-    this.session = await StepSession.create(spec, state, threads);
+    const state = this.state;
+    if (!state) throw new Error(`SAE ${this.spec.name} is not initialised`);
+    this.session = await StepSession.create(spec, state, placement.threads, placement);
     this.state = undefined;
     return this.session;
   }
 
-  /** Lets go of the session; the state stays with this SAE. */
+  /**
+   * Lets go of the session; the state, read back, stays with this SAE. A device that fails to give
+   * it back loses it: the newest checkpoint is then where the run resumes.
+   */
   async close(): Promise<void> {
-    if (!this.session) return;
-    this.state = this.session.state;
     const session = this.session;
+    if (!session) return;
     this.session = undefined;
-    await session.close();
+    try {
+      this.state = await session.readState();
+    } finally {
+      await session.close();
+    }
   }
 
   /** Records the step that brought the run to `step` and `tokens`: firings, and the running threshold. */
@@ -106,8 +115,8 @@ export class SaeRun {
     this.thresholdEma = ckpt.meta.thresholdEma;
   }
 
-  /** This SAE's checkpoint at `at`. */
-  checkpoint(at: Progress, cfg: TrainerConfig): Checkpoint {
+  /** This SAE's checkpoint of `state` (read by read()) at `at`. */
+  checkpoint(at: Progress, cfg: TrainerConfig, state: SaeState): Checkpoint {
     return {
       meta: {
         step: at.step,
@@ -118,17 +127,17 @@ export class SaeRun {
         firedTokens: [this.firing.current.tokens, this.firing.previous.tokens],
         config: { sae: this.spec, dModel: cfg.dModel, hookPoint: cfg.hookPoint, batchSize: cfg.batchSize, adam: cfg.adam },
       },
-      state: this.current(),
+      state,
       lastFired: this.lastFired,
       fired: [this.firing.current.fired, this.firing.previous.fired],
     };
   }
 
   /**
-   * What the SAELens export of this SAE at `at` says of it; with the running threshold of the
+   * What the SAELens export of this SAE's `state` at `at` says of it; with the running threshold of the
    * recipes that keep one. A calibrated threshold (JumpReLU) is the caller's to add.
    */
-  exportInfo(config: RunConfig, at: Progress): ExportInfo {
+  exportInfo(config: RunConfig, at: Progress, state: SaeState): ExportInfo {
     const { spec } = this;
     const cfg = config.trainer;
     const firing = this.firing.latest();
@@ -158,7 +167,7 @@ export class SaeRun {
     if (this.rules.batchThreshold) {
       // The running threshold is on the score latents were ranked by, relu(pre) x |W_dec_i| when decoder
       // norms are free, so latent i's threshold on its pre-activation is theta / |W_dec_i|.
-      const norms = cfg.unitNormDecoder ? new Float32Array(spec.width).fill(1) : decoderNorms(this.current(), spec.width, cfg.dModel);
+      const norms = cfg.unitNormDecoder ? new Float32Array(spec.width).fill(1) : decoderNorms(state, spec.width, cfg.dModel);
       info.threshold = Float32Array.from(norms, (c) => this.thresholdEma / Math.max(c, 1e-12));
     }
     return info;

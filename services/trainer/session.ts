@@ -1,7 +1,19 @@
 import ort from "onnxruntime-node";
 import { STEP_RECIPES } from "../common/config/recipes.js";
-import { ortSessionOptions } from "../common/ort.js";
-import { buildStepGraph, nextName, type ParamName, paramsOf, STAT_COUNT, stateOf, stateShape, type StepSpec } from "./graph/step.js";
+import { openOrtSession, ortDeviceSessionOptions, ortSessionOptions } from "../common/ort.js";
+import { DeviceStateHolder } from "./device-state.js";
+import {
+  buildStepGraph,
+  nextName,
+  type ParamName,
+  paramsOf,
+  STAT_COUNT,
+  type StateName,
+  stateOf,
+  stateShape,
+  type StepSpec,
+} from "./graph/step.js";
+import { keepsState, onCpu, type Placement, PROVIDER_KEY } from "./placement.js";
 import type { StepScalars } from "./reference.js";
 import { allocState, type SaeState, stateTensor } from "./sae.js";
 
@@ -13,16 +25,64 @@ export interface StepOutputs {
   grads?: Partial<Record<ParamName, Float32Array>>;
 }
 
+/** Where a step's state lives and how a run reads and replaces it: host buffers, or device tensors. */
+export interface StateHolder {
+  /** The current state as the step's inputs. */
+  inputs(): Record<string, ort.Tensor>;
+  /** Where the step writes the next state: preallocated host tensors, or null (the device allocates). */
+  fetches(): Record<string, ort.Tensor | null>;
+  /** After a run: its next_* outputs become the current state. */
+  advance(out: ort.InferenceSession.OnnxValueMapType): void;
+  /** The current state on the host; a device holder reads it back (checkpoints, exports). */
+  read(): Promise<SaeState>;
+  /** The current state when it is on the host without a read-back; undefined otherwise. */
+  readonly hostState: SaeState | undefined;
+  /** Where each state tensor is, as onnxruntime says ("cpu", "gpu-buffer"). */
+  locations(): Record<StateName, ort.Tensor.DataLocation>;
+  close(): Promise<void>;
+}
+
+/**
+ * The state in two sets of host buffers: the step reads one and writes the other, preallocated,
+ * and the two swap, so a step allocates nothing of the state's size. On CUDA the step reads and
+ * writes them across the bus (onnxruntime-node binds device outputs for WebGPU only).
+ */
+class HostStateHolder implements StateHolder {
+  private spare: SaeState;
+
+  constructor(
+    private readonly spec: StepSpec,
+    private cur: SaeState,
+  ) {
+    this.spare = allocState(spec.width, spec.dModel, spec.recipe);
+  }
+
+  private tensors(state: SaeState, name: (s: StateName) => string): Record<string, ort.Tensor> {
+    const { width: n, dModel: d, recipe } = this.spec;
+    return Object.fromEntries(stateOf(recipe).map((s) => [name(s), new ort.Tensor("float32", stateTensor(state, s), stateShape(s, n, d))]));
+  }
+
+  inputs = () => this.tensors(this.cur, (s) => s);
+  fetches = () => this.tensors(this.spare, nextName);
+  advance(): void {
+    [this.cur, this.spare] = [this.spare, this.cur];
+  }
+  read = async () => this.cur;
+  get hostState(): SaeState {
+    return this.cur;
+  }
+  locations = () => Object.fromEntries(stateOf(this.spec.recipe).map((s) => [s, "cpu"])) as Record<StateName, ort.Tensor.DataLocation>;
+  close = async () => undefined;
+}
+
 const scalar = () => new ort.Tensor("float32", new Float32Array(1), []);
 
 /**
- * An onnxruntime session running one SAE's step graph. The state lives in two sets of buffers: the
- * step reads one and writes the other, preallocated, and the two swap, so a step allocates nothing
- * of the state's size.
+ * An onnxruntime session running one SAE's step graph on its placement, with the SAE's state: on
+ * the host for the CPU (and CUDA), on the device for WebGPU, where per step only the batch goes up
+ * and the stats and firing counts come down.
  */
 export class StepSession {
-  private cur: SaeState;
-  private spare: SaeState;
   private readonly scalars = { scale: scalar(), lr_step: scalar(), sqrt_bc2: scalar(), l1_coef: scalar(), aux_scale: scalar() };
   private readonly auxK = new ort.Tensor("int64", new BigInt64Array(1), [1]);
   private readonly k = new ort.Tensor("int64", new BigInt64Array(1), [1]);
@@ -32,11 +92,10 @@ export class StepSession {
   private constructor(
     private readonly session: ort.InferenceSession,
     readonly spec: StepSpec,
-    state: SaeState,
+    private readonly holder: StateHolder,
+    readonly placement: Placement,
   ) {
     const { width: n, dModel: d } = spec;
-    this.cur = state;
-    this.spare = allocState(n, d, spec.recipe);
     this.outputs = { stats: new Float32Array(STAT_COUNT), fires: new Float32Array(n) };
     this.fetchTensors.stats = new ort.Tensor("float32", this.outputs.stats, [STAT_COUNT]);
     this.fetchTensors.fires = new ort.Tensor("float32", this.outputs.fires, [n]);
@@ -50,30 +109,65 @@ export class StepSession {
     }
   }
 
-  /** Builds the step graph for `spec` and opens a session on it; `state` becomes the current state. */
-  static async create(spec: StepSpec, state: SaeState, threads: number): Promise<StepSession> {
-    const session = await ort.InferenceSession.create(buildStepGraph(spec), ortSessionOptions({ threads }));
-    return new StepSession(session, spec, state);
+  /**
+   * Builds the step graph for `spec` and opens a session on it on `placement` (the CPU unless
+   * given); `state` becomes the current state, moved to the device where the state stays there.
+   * A provider that cannot load fails naming trainer.executionProvider.
+   */
+  static async create(spec: StepSpec, state: SaeState, threads: number, placement: Placement = onCpu(threads)): Promise<StepSession> {
+    const place = { ...placement, threads };
+    const graph = buildStepGraph(spec);
+    if (!keepsState(place)) {
+      const session = await openOrtSession(graph, ortSessionOptions(place), place.provider, PROVIDER_KEY);
+      return new StepSession(session, spec, new HostStateHolder(spec, state), place);
+    }
+    const outputs = Object.fromEntries(stateOf(spec.recipe).map((s) => [nextName(s), "gpu-buffer" as const]));
+    const session = await openOrtSession(graph, ortDeviceSessionOptions(place, outputs), place.provider, PROVIDER_KEY);
+    try {
+      return new StepSession(session, spec, await DeviceStateHolder.open(spec, state, place), place);
+    } catch (err) {
+      await session.release();
+      throw err;
+    }
   }
 
-  /** The current state (read it between steps; the next step replaces it). */
+  /** The current state, where it is on the host (CPU, CUDA, or just read back); readState() reads it on every provider. */
   get state(): SaeState {
-    return this.cur;
+    const s = this.holder.hostState;
+    if (!s) throw new Error(`the state of this ${this.placement.provider} step is on the device: read it with readState()`);
+    return s;
   }
 
-  private tensors(state: SaeState): Record<string, ort.Tensor> {
-    const { width: n, dModel: d } = this.spec;
-    return Object.fromEntries(
-      stateOf(this.spec.recipe).map((s) => [s, new ort.Tensor("float32", stateTensor(state, s), stateShape(s, n, d))]),
-    );
+  /** The current state on the host, read back from the device where it is held there. */
+  readState(): Promise<SaeState> {
+    return this.holder.read();
+  }
+
+  /** Where each state tensor is ("cpu" or "gpu-buffer"). */
+  stateLocations(): Record<StateName, ort.Tensor.DataLocation> {
+    return this.holder.locations();
   }
 
   /**
-   * One step on batch `x` ([B, d], float32 or float16 as the spec says). `deadIdx` lists dead
-   * latents for AuxK; with none, AuxK is fed one id and a zero weight so the graph keeps its shape.
-   * A graph built with a fixed k refuses another k.
+   * One step on batch `x` ([B, d] float32 or float16, or [B, d/2] uint32 bf16 word pairs, as the
+   * spec says). `deadIdx` lists dead latents for AuxK; with none, AuxK is fed one id and a zero
+   * weight so the graph keeps its shape. A graph built with a fixed k refuses another k.
    */
   async run(x: ort.Tensor, sc: StepScalars): Promise<StepOutputs> {
+    const feeds = { ...this.feeds(x, sc), ...this.holder.inputs() };
+    const next = this.holder.fetches();
+    if (Object.values(next).some((t) => t === null)) {
+      // Bound to the device, onnxruntime-node 1.30 leaves preallocated host outputs unwritten: they come back new and are copied.
+      const out = await this.session.run(feeds, { ...Object.fromEntries(Object.keys(this.fetchTensors).map((k) => [k, null])), ...next });
+      for (const [name, t] of Object.entries(this.fetchTensors)) (t.data as Float32Array).set(out[name]!.data as Float32Array);
+      this.holder.advance(out);
+    } else {
+      this.holder.advance(await this.session.run(feeds, { ...this.fetchTensors, ...next }));
+    }
+    return this.outputs;
+  }
+
+  private feeds(x: ort.Tensor, sc: StepScalars): Record<string, ort.Tensor> {
     const { beta1, beta2, recipe } = this.spec;
     const { penalised, ranked } = STEP_RECIPES[recipe];
     this.scalars.scale.data[0] = sc.scale;
@@ -107,17 +201,12 @@ export class StepSession {
       this.scalars.aux_scale.data[0] = live ? sc.auxScale : 0;
       feeds.aux_scale = this.scalars.aux_scale;
     }
-    Object.assign(feeds, this.tensors(this.cur));
-    const next = this.tensors(this.spare);
-    const fetches: Record<string, ort.Tensor> = { ...this.fetchTensors };
-    for (const s of stateOf(recipe)) fetches[nextName(s)] = next[s]!;
-    await this.session.run(feeds, fetches);
-    [this.cur, this.spare] = [this.spare, this.cur];
-    return this.outputs;
+    return feeds;
   }
 
-  /** Lets go of the onnxruntime session; the current state stays readable. */
+  /** Lets go of the onnxruntime session and of any device state; a state read before stays readable. */
   async close(): Promise<void> {
+    await this.holder.close();
     await this.session.release();
   }
 }

@@ -6,7 +6,10 @@ import { bind, type RunningServer, startServer } from "../common/grpc/server.js"
 import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js";
 import { BufferService } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import { type StatusResponse, StatusResponseSchema, TrainerService } from "../gen/saeflow/trainer/v1/trainer_pb.js";
-import { type BatchSource, checkBufferPool, GrpcBatchSource } from "./batches.js";
+import { type BatchSource, checkBufferPool } from "./batches.js";
+import { checkDevice } from "./device.js";
+import { placementOf, widenedByStream } from "./placement.js";
+import { PrefetchedBatches } from "./prefetch.js";
 import { trainerHandlers } from "./service.js";
 import { Training } from "./training.js";
 
@@ -45,24 +48,20 @@ function statusOf(training: Training, hookPoint: string): StatusResponse {
   });
 }
 
-/** The buffer's Batches stream, once the buffer answers and serves the configured pool; the client closes with the source. */
+/**
+ * The buffer's Batches stream, once the buffer answers and serves the configured pool, received on
+ * its own thread so that batches arrive while steps run (prefetch.ts).
+ */
 async function bufferSource(config: RunConfig): Promise<BatchSource> {
   const client = createClient(BufferService, config.trainer.bufferAddress, config.transport);
   try {
     await client.ready(60_000);
     await checkBufferPool(client, config);
-  } catch (err) {
+  } finally {
     client.close();
-    throw err;
   }
-  const stream = new GrpcBatchSource(client, config);
-  return {
-    next: () => stream.next(),
-    close: () => {
-      stream.close();
-      client.close();
-    },
-  };
+  const t = config.trainer;
+  return new PrefetchedBatches(config, widenedByStream(placementOf(t), t.dModel));
 }
 
 /**
@@ -74,6 +73,7 @@ async function bufferSource(config: RunConfig): Promise<BatchSource> {
 export async function startTrainer(config: RunConfig, deps: TrainerDeps = {}): Promise<RunningTrainer> {
   const t = config.trainer;
   const log = deps.log ?? stderrLog;
+  const device = await checkDevice(t);
   const source = deps.source ?? (await bufferSource(config));
   let training: Training;
   let server: RunningServer;
@@ -89,6 +89,7 @@ export async function startTrainer(config: RunConfig, deps: TrainerDeps = {}): P
   log(
     `serving control RPCs on ${server.address}; training ${t.saes.length} SAE(s) on ${t.hookPoint} from ${from}, run folder ${config.run.dir}`,
   );
+  log(device);
   const finished = outcome(training.run());
   const ready = Promise.race([training.ready.then(() => true), finished.then(() => false)]);
   void ready.then((up) => up && server.health.set(Serving.SERVING));

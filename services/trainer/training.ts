@@ -6,13 +6,14 @@ import type { SaeSpec } from "../common/config/sections/trainer.js";
 import { decodeFloats, dtypeFromName } from "../common/tensor-codec.js";
 import { linkFrom } from "../common/telemetry.js";
 import type { ServiceState } from "../gen/saeflow/v1/control_pb.js";
-import { type Batch, type BatchSource, batchTensor } from "./batches.js";
+import { type Batch, type BatchSource, batchTensor, floatTensor, halfWords } from "./batches.js";
 import { CalibrationCache } from "./calibration.js";
 import { checkpointPath, checkpointSteps, loadCheckpoint, saveCheckpoint } from "./checkpoint.js";
 import { RunControl } from "./control.js";
 import { exportSaeLens } from "./export.js";
 import type { StepSpec } from "./graph/step.js";
 import { MetricWindows, type WindowMetrics } from "./metrics.js";
+import { type Placement, placementOf, wordsOnDevice } from "./placement.js";
 import type { StepScalars } from "./reference.js";
 import { type Progress, SaeRun } from "./sae-run.js";
 import { initialBDec, initState, normalisationScale } from "./sae.js";
@@ -70,13 +71,17 @@ export class Training {
   private readonly windows: MetricWindows;
   private readonly calibration: CalibrationCache;
   private readonly log: (line: string) => void;
+  private readonly place: Placement;
   private stepsDone = 0;
   private tokens = 0;
   private scale = 1;
   /** Element type of the step graphs' input, set by the first batch trained on. */
-  private input: "fp32" | "fp16" | undefined;
+  private input: StepSpec["input"] | undefined;
+  /** Element type of the batches, set by the first one; a run refuses another. */
+  private batchDtype: Batch["dtype"] | undefined;
   private sessionsOpen = false;
-  private bf16Rows: Float32Array | undefined;
+  /** Rows widened to float32 for the step, reused by every step. */
+  private wideRows: Float32Array | undefined;
   private lastCheckpointStep = -1;
   /** A step is under way: some SAEs of the sweep may have moved and others not. */
   private torn = false;
@@ -89,6 +94,7 @@ export class Training {
   constructor(private readonly options: TrainingOptions) {
     this.cfg = options.config.trainer;
     this.log = options.log ?? (() => undefined);
+    this.place = placementOf(this.cfg);
     this.exportAtEnd = this.cfg.exportOnFinish;
     this.saes = this.cfg.saes.map(
       (spec, i) => new SaeRun(spec, i, join(options.config.run.dir, spec.name), options.config.run.seed, this.cfg),
@@ -98,7 +104,7 @@ export class Training {
       this.cfg.steps,
       this.log,
     );
-    this.calibration = new CalibrationCache(this.cfg);
+    this.calibration = new CalibrationCache(this.cfg, this.place);
   }
 
   get state(): ServiceState {
@@ -161,7 +167,18 @@ export class Training {
       throw err;
     } finally {
       this.options.source.close();
-      for (const sae of this.saes) await sae.close();
+      await this.closeSessions();
+    }
+  }
+
+  /** Lets go of every SAE's session, each state read back to the host; a failure to is logged, not thrown over the run's outcome. */
+  private async closeSessions(): Promise<void> {
+    for (const sae of this.saes) {
+      try {
+        await sae.close();
+      } catch (err) {
+        this.log(`${sae.spec.name}: reading its state back from ${this.place.provider} failed: ${(err as Error).message}`);
+      }
     }
   }
 
@@ -173,7 +190,7 @@ export class Training {
   private async emergencyCheckpoint(): Promise<void> {
     if (!this.initialised || this.torn || this.lastCheckpointStep === this.stepsDone) return;
     try {
-      await this.lock.run(async () => this.checkpointAll());
+      await this.lock.run(() => this.checkpointAll());
     } catch (err) {
       const names = this.saes.map((s) => s.spec.name).join(", ");
       this.log(`the checkpoint of ${names} at step ${this.stepsDone} in ${this.runDir} failed: ${(err as Error).message}`);
@@ -235,9 +252,16 @@ export class Training {
     }
   }
 
-  /** Opens every SAE's session once the first batch tells the input dtype. */
+  /**
+   * Opens every SAE's session once the first batch tells the input dtype. A GPU step widens 16-bit
+   * rows itself, fed as word pairs (half the bytes cross the bus); the CPU step casts fp16 in the
+   * graph and takes bf16 widened (onnxruntime-node has no bf16 tensor).
+   */
   private async openSessions(dtype: Batch["dtype"]): Promise<void> {
-    this.input = dtype === "fp16" ? "fp16" : "fp32";
+    this.batchDtype = dtype;
+    if (dtype === "fp32") this.input = "fp32";
+    else if (wordsOnDevice(this.place, this.cfg.dModel)) this.input = `${dtype}-words`;
+    else this.input = dtype === "fp16" && this.place.provider === "cpu" ? "fp16" : "fp32";
     for (const sae of this.saes) await this.sessionFor(sae);
     this.sessionsOpen = true;
     this.markReady();
@@ -272,8 +296,9 @@ export class Training {
       unitNormDecoder: this.cfg.unitNormDecoder,
       auxK: sae.rules.ranked && sae.spec.auxKCoefficient > 0,
       gradClipNorm: this.cfg.gradClipNorm,
+      int32Index: this.place.provider === "webgpu",
     };
-    return sae.open(spec, this.cfg.threads);
+    return sae.open(spec, this.place);
   }
 
   private scalars(sae: SaeRun): StepScalars {
@@ -309,15 +334,16 @@ export class Training {
     return batch;
   }
 
-  /** The batch as the step graphs' input; bf16 is widened into one buffer every step reuses. */
+  /** The batch as the step graphs' input: word pairs for a GPU step, or as it came, or widened into rows every step reuses. */
   private feed(batch: Batch): ort.Tensor {
-    if (batch.dtype === "bf16") this.bf16Rows ??= new Float32Array(batch.data.length);
-    return batchTensor(batch, this.bf16Rows);
+    if (this.input === "fp16-words" || this.input === "bf16-words") return halfWords(batch);
+    if (this.input === "fp32" && batch.dtype !== "fp32") return floatTensor(batch, (this.wideRows ??= new Float32Array(batch.data.length)));
+    return batchTensor(batch);
   }
 
   private async trainStep(batch: Batch, waited: number): Promise<void> {
     if (!this.input) await this.openSessions(batch.dtype);
-    if ((batch.dtype === "fp16") !== (this.input === "fp16")) throw new Error(`batch dtype changed mid-run to ${batch.dtype}`);
+    if (batch.dtype !== this.batchDtype) throw new Error(`batch dtype changed mid-run from ${this.batchDtype} to ${batch.dtype}`);
     const link = linkFrom(batch.traceparent);
     const links: Link[] = link ? [link] : [];
     const span = tracer.startSpan("trainer.step", {
@@ -335,7 +361,7 @@ export class Training {
         this.windows.add(sae.index, out.stats, out.fires, batch.rows, sc);
         sae.observe(out, batch.rows, after, this.cfg.thresholdEmaRate);
       }
-      this.calibration.keep(batch, x);
+      this.calibration.keep(batch);
       this.stepsDone = after.step;
       this.tokens = after.tokens;
       this.torn = false;
@@ -344,7 +370,7 @@ export class Training {
     }
     this.windows.stepped(performance.now() - began, batch.rows, waited);
     if (this.stepsDone % this.cfg.logEvery === 0 || this.stepsDone === this.cfg.steps) this.logWindow();
-    if (this.cfg.checkpointEvery > 0 && this.stepsDone % this.cfg.checkpointEvery === 0) this.checkpointAll();
+    if (this.cfg.checkpointEvery > 0 && this.stepsDone % this.cfg.checkpointEvery === 0) await this.checkpointAll();
   }
 
   private logWindow(): void {
@@ -355,14 +381,16 @@ export class Training {
     return sae.dead(this.tokens, this.cfg.deadWindowTokens).length / sae.spec.width;
   }
 
-  /** Writes every SAE's checkpoint at the current step. Call under the lock. */
-  private checkpointAll(): string[] {
+  /** Writes every SAE's checkpoint at the current step, its state read back from the device first. Call under the lock. */
+  private async checkpointAll(): Promise<string[]> {
     const span = tracer.startSpan("trainer.checkpoint", { attributes: { step: this.stepsDone } });
     try {
       const c = this.cfg;
-      const paths = this.saes.map((sae) =>
-        saveCheckpoint(sae.checkpointDir, sae.checkpoint(this.progress, c), sae.rules.step, sae.spec.width, c.dModel, c.keepCheckpoints),
-      );
+      const paths: string[] = [];
+      for (const sae of this.saes) {
+        const ckpt = sae.checkpoint(this.progress, c, await sae.read());
+        paths.push(saveCheckpoint(sae.checkpointDir, ckpt, sae.rules.step, sae.spec.width, c.dModel, c.keepCheckpoints));
+      }
       this.lastCheckpointStep = this.stepsDone;
       return paths;
     } finally {
@@ -376,8 +404,8 @@ export class Training {
     try {
       const out: string[] = [];
       for (const sae of this.saes) {
-        const state = sae.current();
-        const info = sae.exportInfo(this.options.config, this.progress);
+        const state = await sae.read();
+        const info = sae.exportInfo(this.options.config, this.progress, state);
         if (sae.rules.calibrates) {
           const next = async () => (this.control.stopAsked ? undefined : this.nextBatch());
           info.threshold = await this.calibration.thresholds(sae.spec, state, this.scale, next);
@@ -396,7 +424,7 @@ export class Training {
       if (!this.saes.every((s) => s.session || s.state)) return { step: this.stepsDone, checkpoints: [], exports: [] };
       if (this.windows.pending) this.logWindow();
       const checkpoints = this.saes.map((s) => checkpointPath(s.checkpointDir, this.stepsDone));
-      if (this.lastCheckpointStep !== this.stepsDone) this.checkpointAll();
+      if (this.lastCheckpointStep !== this.stepsDone) await this.checkpointAll();
       const exports = this.exportAtEnd ? await this.exportAll() : [];
       return { step: this.stepsDone, checkpoints, exports };
     });
@@ -415,7 +443,7 @@ export class Training {
 
   /** Checkpoints every SAE now, between steps. */
   checkpointNow(): Promise<{ paths: string[]; step: number }> {
-    return this.lock.run(async () => ({ paths: this.checkpointAll(), step: this.stepsDone }));
+    return this.lock.run(async () => ({ paths: await this.checkpointAll(), step: this.stepsDone }));
   }
 
   /** Stops after the step in flight; checkpoints, exports unless asked not to, and settles with what it wrote. */

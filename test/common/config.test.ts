@@ -150,13 +150,14 @@ describe("text values from flags and environment", () => {
   it("keeps a string key's text as written (no YAML number or boolean), and still reads numbers and lists where the schema wants them", () => {
     const c = loadConfig({
       env: { SAEFLOW_RUN__ID: "0123", SAEFLOW_PRODUCER__ID: "true", SAEFLOW_BUFFER__CAPACITY_ROWS: "2048" },
-      sets: ["trainer.saes.0.name=007", "producer.hookPoints=[blocks.1.hook_resid_post]"],
+      sets: ["trainer.saes.0.name=007", "producer.hookPoints=[blocks.1.hook_resid_post]", `nats.subjectPrefix="quoted"`],
     });
     assert.equal(c.run.id, "0123");
     assert.equal(c.producer.id, "true");
     assert.equal(c.buffer.capacityRows, 2048);
     assert.equal(c.trainer.saes[0]!.name, "007");
     assert.deepEqual(c.producer.hookPoints, ["blocks.1.hook_resid_post"]);
+    assert.equal(c.nats.subjectPrefix, "quoted", "YAML quotes come off");
   });
 });
 

@@ -286,6 +286,11 @@ describe("bad values are refused with a message naming them", () => {
       ["config.producer.executionProvider=cuda"],
       /config\.producer\.executionProvider is cuda but producer\.gpu is 0/,
     ],
+    [
+      "a GPU provider for trainers without a GPU",
+      ["config.trainer.executionProvider=webgpu"],
+      /config\.trainer\.executionProvider is webgpu but trainer\.gpu is 0/,
+    ],
   ];
   for (const [label, sets, message] of cases) {
     test(label, () => {

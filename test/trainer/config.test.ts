@@ -29,6 +29,15 @@ describe("trainer config", () => {
     assert.deepEqual(t.adam, { beta1: 0.9, beta2: 0.999, eps: 1e-8 });
   });
 
+  test("the step runs on the CPU unless trainer.executionProvider names a GPU provider, which is checked", () => {
+    const t = loadConfig().trainer;
+    assert.deepEqual([t.executionProvider, t.deviceId], ["cpu", 0]);
+    const gpu = loadConfig({ sets: ["trainer.executionProvider=webgpu", "trainer.deviceId=1"] }).trainer;
+    assert.deepEqual([gpu.executionProvider, gpu.deviceId], ["webgpu", 1]);
+    assert.deepEqual(refused(() => loadConfig({ sets: ["trainer.executionProvider=tpu"] })).keys, ["trainer.executionProvider"]);
+    assert.deepEqual(refused(() => loadConfig({ sets: ["trainer.deviceId=-1"] })).keys, ["trainer.deviceId"]);
+  });
+
   test("k larger than the width is refused naming the key", () => {
     const err = refused(() => loadConfig({ sets: ["trainer.saes=[{name: a, width: 64, k: 65}]"] }));
     assert.deepEqual(err.keys, ["trainer.saes.0.k"]);

@@ -32,6 +32,7 @@ describe("Llama Scope presets", () => {
       assert.deepEqual([t.lrDecay, t.lrDecayStart, t.lrEndRatio, t.kAnnealFraction], ["linear", 0.8, 0.01, 0.1]);
       assert.deepEqual([t.unitNormDecoder, t.decoderInitNorm], [false, 0.5]);
       assert.ok(t.gradClipNorm > 0);
+      assert.equal(t.executionProvider, "webgpu", "the step on the GPU, with the state kept there");
       assert.equal(t.saes.length, 1);
       const sae = t.saes[0]!;
       assert.deepEqual([sae.recipe, sae.width, sae.k, sae.kStart], ["jumprelu", width, 50, 4096]);

@@ -218,7 +218,7 @@ const tok = (ms: number) => (B / ms) * 1000;
  * Prints a figure in tok/s beside its reference and one ratio, named for what it divides; returns
  * that ratio as the JSON holds it, so the printed and the recorded ratio are the same number.
  */
-function compare(
+export function compare(
   label: string,
   value: number,
   reference: { label: string; value: number },
@@ -243,7 +243,7 @@ async function stepSession(spec: StepSpec, k: number): Promise<{ session: StepSe
 }
 
 /** Runs the timed functions of one line in turn, warm-up first, and returns their medians. */
-async function medians(fns: Array<() => Promise<unknown>>, warmup: number, repeats: number): Promise<number[]> {
+export async function medians(fns: Array<() => Promise<unknown>>, warmup: number, repeats: number): Promise<number[]> {
   const times = fns.map(() => [] as number[]);
   // The first steps also fault in the state buffers and onnxruntime's arena; they are not timed.
   for (let r = 0; r < warmup + repeats; r++) {

@@ -109,10 +109,11 @@ function unwrap(node: z.core.$ZodType | undefined): z.core.$ZodType | undefined 
 
 /**
  * A flag's or variable's text as the value of `path`: kept as text where the schema wants a string
- * (a password "0123" stays "0123"), read as a YAML scalar or list elsewhere ("1024", "[a, b]").
+ * (a password 0123 stays "0123"; YAML quotes around it are still taken off), read as a YAML scalar
+ * or list elsewhere ("1024", "[a, b]").
  */
 function parseValue(path: string[], raw: string): unknown {
-  if (schemaAt(path)?._zod.def.type === "string") return raw;
+  if (schemaAt(path)?._zod.def.type === "string") return /^(["']).*\1$/s.test(raw) ? String(parseYaml(raw)) : raw;
   try {
     return parseYaml(raw) ?? raw;
   } catch {

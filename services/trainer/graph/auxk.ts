@@ -26,7 +26,9 @@ export function addAuxK(g: GraphBuilder, s: AuxKInputs, grads: CodeGrads): { los
   const preDead = g.gather(s.pre, s.deadIdx, 1, "aux_pre"); // [B, m]
   const [vals, idx] = g.opN("TopK", [preDead, s.auxK], 2, { axis: 1, largest: 1, sorted: 1 }, "aux_topk"); // [B, ka]
   const acts = g.relu(vals!); // [B, ka]
-  const codeDead = g.op("ScatterElements", [g.op("ConstantOfShape", [g.op("Shape", [preDead])]), idx!, acts], { axis: 1 }, "aux_code"); // [B, m]
+  // Zeros made by Expand, not ConstantOfShape, which onnxruntime's WebGPU provider lacks: [B, m] would cross from the CPU each step.
+  const zeros = g.op("Expand", [g.constF(0), g.op("Shape", [preDead])], {}, "aux_zeros"); // [B, m]
+  const codeDead = g.op("ScatterElements", [zeros, idx!, acts], { axis: 1 }, "aux_code"); // [B, m]
   const wDecDead = g.gather(s.W_dec, s.deadIdx, 0, "aux_w_dec"); // [m, d]
   const eHat = g.matmul(codeDead, wDecDead, "aux_recon"); // [B, d]
   const resid = g.add(eHat, s.err, "aux_resid"); // [B, d] e_hat - (x_norm - x_hat)
@@ -39,7 +41,7 @@ export function addAuxK(g: GraphBuilder, s: AuxKInputs, grads: CodeGrads): { los
   const dResid = g.mul(resid, g.mul(weight, g.constF(2))); // [B, d]
   const dCode = g.gemm(dResid, wDecDead, { transB: true }); // [B,d]@[d,m] -> [B, m]
   const dPreDead = g.mul(dCode, g.cast(g.greater(codeDead, g.constF(0)), F32), "aux_d_pre"); // [B, m] kept and positive only
-  const rows = g.unsqueeze(s.deadIdx, [1]); // [m, 1]
+  const rows = g.unsqueeze(s.deadIdx, [1], "dead_rows"); // [m, 1]: on the CPU under WebGPU (no int64 Unsqueeze there), where dead_idx is fed anyway
   return {
     loss,
     grads: {

@@ -10,7 +10,11 @@ type IAttribute = onnxProto.onnx.IAttributeProto;
 export const F32 = onnx.TensorProto.DataType.FLOAT;
 export const F16 = onnx.TensorProto.DataType.FLOAT16;
 export const I64 = onnx.TensorProto.DataType.INT64;
-export type ElemType = typeof F32 | typeof F16 | typeof I64;
+/** Index arithmetic on a GPU: WebGPU has no 64-bit integer kernels beyond Gather's and ScatterND's indices. */
+export const I32 = onnx.TensorProto.DataType.INT32;
+/** bf16 batches go in as pairs of raw 16-bit words (onnxruntime-node has no bf16 tensors). */
+export const U32 = onnx.TensorProto.DataType.UINT32;
+export type ElemType = typeof F32 | typeof F16 | typeof I64 | typeof I32 | typeof U32;
 
 /** A dimension: a fixed size or a symbolic name (dynamic at run time). */
 export type Dim = number | string;
@@ -94,6 +98,20 @@ export class GraphBuilder {
   constI(values: readonly number[], dims: readonly number[] = [values.length], hint = "i"): string {
     const name = this.fresh(hint);
     this.initializers.push({ name, dataType: I64, dims: [...dims], int64Data: [...values] });
+    return name;
+  }
+
+  /** An int32 constant (index arithmetic that stays on a GPU). */
+  constI32(values: readonly number[], dims: readonly number[] = [values.length], hint = "i32"): string {
+    const name = this.fresh(hint);
+    this.initializers.push({ name, dataType: I32, dims: [...dims], int32Data: [...values] });
+    return name;
+  }
+
+  /** A uint32 constant. */
+  constU32(values: readonly number[], dims: readonly number[] = [values.length], hint = "u32"): string {
+    const name = this.fresh(hint);
+    this.initializers.push({ name, dataType: U32, dims: [...dims], uint64Data: [...values] });
     return name;
   }
 

@@ -1,4 +1,4 @@
-import { F32, type GraphBuilder } from "./builder.js";
+import { F32, type GraphBuilder, I64 } from "./builder.js";
 
 /**
  * The sparse code of each recipe: which latents fire for each token, the reconstruction they make,
@@ -25,6 +25,8 @@ export interface CodeInputs {
    * each group of latents [prefix_{g-1}, prefix_g) adds.
    */
   prefixes: readonly number[];
+  /** Index arithmetic in int32, so that it stays on a GPU provider (see keptEntries). */
+  int32Index: boolean;
 }
 
 export interface CodeGrads {
@@ -60,6 +62,20 @@ export interface Code {
 export const groupBounds = (prefixes: readonly number[], n: number): number[] => [0, ...prefixes, n];
 
 /**
+ * ScatterND's row indices [..., 1] for latent ids `idx` (int64, any shape) below n. The int64 ids are
+ * looked up in an int32 column of 0..n-1 and cast back, because onnxruntime's WebGPU provider has
+ * no int64 Reshape or Unsqueeze: reshaping them directly sends them to the CPU and back every step.
+ */
+function scatterRows(g: GraphBuilder, idx: string, n: number, hint: string): string {
+  const ids = g.constI32(
+    Array.from({ length: n }, (_, i) => i),
+    [n, 1],
+    "latent_ids",
+  ); // [n, 1]
+  return g.cast(g.gather(ids, idx, 0), I64, hint); // [..., 1]
+}
+
+/**
  * TopK: each token keeps its k largest pre-activations (ReLU'd). The decoder is a Gather of the k
  * active rows and every weight gradient is a ScatterND-add of B*k rows, so the encoder GEMM stays
  * the only dense product.
@@ -71,10 +87,10 @@ export function topKCode(g: GraphBuilder, s: CodeInputs): Code {
   const vals = s.rankNorm ? g.op("GatherElements", [s.pre, idx!], { axis: 1 }, "topk_pre") : top!; // [B, k]
   const acts = g.relu(vals, "acts"); // [B, k]
   const active = g.cast(g.greater(vals, g.constF(0)), F32, "active"); // [B, k] 1 where the latent fires
-  const rows = g.reshape(idx!, [B * k, 1], "active_rows"); // [B*k, 1]
+  const rows = scatterRows(g, idx!, n, "active_rows"); // [B, k, 1]
   const wDecSel = g.gather(s.W_dec, idx!, 0, "w_dec_sel"); // [B, k, d]
   const recon = g.reshape(g.matmul(g.unsqueeze(acts, [1]), wDecSel), [B, d], "recon"); // [B,1,k]@[B,k,d] -> [B, d]
-  const fires = g.scatterAdd(g.zeros([n]), rows, g.reshape(active, [B * k]), "fires"); // [n]
+  const fires = g.scatterAdd(g.zeros([n]), rows, active, "fires"); // [n]
   return {
     recon,
     fires,
@@ -84,12 +100,12 @@ export function topKCode(g: GraphBuilder, s: CodeInputs): Code {
     backward(dRecon, xCent) {
       const dActs = g.reshape(g.matmul(wDecSel, g.unsqueeze(dRecon, [2])), [B, k], "d_acts"); // [B,k,d]@[B,d,1] -> [B, k]
       const dVals = g.mul(dActs, active, "d_vals"); // [B, k] through the ReLU
-      const decUpd = g.reshape(g.mul(g.unsqueeze(acts, [2]), g.unsqueeze(dRecon, [1])), [B * k, d]); // [B*k, d]
-      const encUpd = g.reshape(g.mul(g.unsqueeze(dVals, [2]), g.unsqueeze(xCent, [1])), [B * k, d]); // [B*k, d]
+      const decUpd = g.mul(g.unsqueeze(acts, [2]), g.unsqueeze(dRecon, [1])); // [B, k, d]
+      const encUpd = g.mul(g.unsqueeze(dVals, [2]), g.unsqueeze(xCent, [1])); // [B, k, d]
       return {
         W_dec: g.scatterAdd(g.zeros([n, d]), rows, decUpd, "g_W_dec"), // [n, d]
         W_enc: g.scatterAdd(g.zeros([n, d]), rows, encUpd, "g_W_enc"), // [n, d]
-        b_enc: g.scatterAdd(g.zeros([n]), rows, g.reshape(dVals, [B * k]), "g_b_enc"), // [n]
+        b_enc: g.scatterAdd(g.zeros([n]), rows, dVals, "g_b_enc"), // [n]
       };
     },
   };
@@ -110,21 +126,15 @@ export function batchTopKCode(g: GraphBuilder, s: CodeInputs): Code {
   const scoreFlat = s.rankNorm ? g.reshape(g.mul(relu, s.rankNorm), [B * n], "score_flat") : flat; // [B*n]
   const [top, flatIdx] = g.opN("TopK", [scoreFlat, g.constI([T])], 2, { axis: 0, largest: 1, sorted: 0 }, "batch_topk"); // [T], [T]
   const vals = s.rankNorm ? g.gather(flat, flatIdx!, 0, "kept_vals") : top!; // [T]
-  const nI = g.constI([n], []);
-  const rows = g.op("Div", [flatIdx!, nI], {}, "kept_rows"); // [T] token of each kept entry
-  const cols = g.op("Mod", [flatIdx!, nI], {}, "kept_cols"); // [T] latent of each kept entry
-  const cols2 = g.reshape(cols, [T, 1]);
-  // Row of the [G*B, d] reconstruction each entry adds to: its group's block, then its token.
-  const groupOf = Array.from({ length: n }, (_, i) => s.prefixes.filter((p) => p <= i).length);
-  const slot = G > 1 ? g.add(rows, g.mul(g.gather(g.constI(groupOf, [n]), cols, 0), g.constI([B], [])), "kept_slot") : rows; // [T]
+  const { rows, cols, cols2, slot, slot2 } = keptEntries(g, flatIdx!, s);
   const positive = g.greater(top!, g.constF(0)); // [T]
   const active = g.cast(positive, F32, "active"); // [T]
   const wDecSel = g.gather(s.W_dec, cols, 0, "w_dec_sel"); // [T, d]
   const contrib = g.mul(g.unsqueeze(vals, [1]), wDecSel); // [T, d]
   const recon =
     G > 1
-      ? g.reshape(g.scatterAdd(g.zeros([G * B, d]), g.reshape(slot, [T, 1]), contrib), [G, B, d], "recon") // [G, B, d]
-      : g.scatterAdd(g.zeros([B, d]), g.reshape(rows, [T, 1]), contrib, "recon"); // [B, d]
+      ? g.reshape(g.scatterAdd(g.zeros([G * B, d]), slot2, contrib), [G, B, d], "recon") // [G, B, d]
+      : g.scatterAdd(g.zeros([B, d]), slot2, contrib, "recon"); // [B, d]
   const fires = g.scatterAdd(g.zeros([n]), cols2, active, "fires"); // [n]
   const minAct = g.op("ReduceMin", [g.where(positive, top!, g.constF(3.0e38))], { keepdims: 0 }, "min_act"); // [] in score units
   return {
@@ -146,6 +156,48 @@ export function batchTopKCode(g: GraphBuilder, s: CodeInputs): Code {
       };
     },
   };
+}
+
+/** Where BatchTopK's kept entries sit: token, latent, and row of the (nested) reconstruction. */
+interface KeptEntries {
+  /** [T] token of each kept entry. */
+  rows: string;
+  /** [T] latent of each kept entry. */
+  cols: string;
+  /** [T, 1] int64 latents, ScatterND's indices. */
+  cols2: string;
+  /** [T] row of the [G*B, d] reconstruction each entry adds to: its group's block, then its token. */
+  slot: string;
+  /** [T, 1] int64 slots. */
+  slot2: string;
+}
+
+/**
+ * Splits the kept entries' flat ids into token and latent. In int64 (Div, Mod) on the CPU; with
+ * `int32Index`, in int32 from a 0..B*n-1 table onnxruntime folds into a constant, since its WebGPU
+ * provider has no int64 arithmetic and would copy the T ids to the CPU and back every step.
+ */
+function keptEntries(g: GraphBuilder, flatIdx: string, s: CodeInputs): KeptEntries {
+  const { B, n, k } = s;
+  const T = B * k;
+  const G = s.prefixes.length + 1;
+  const groupOf = Array.from({ length: n }, (_, i) => s.prefixes.filter((p) => p <= i).length);
+  const wide = (a: string) => g.cast(g.reshape(a, [T, 1]), I64); // [T, 1]
+  if (s.int32Index) {
+    const ids = g.op("Range", [g.constI32([0], []), g.constI32([B * n], []), g.constI32([1], [])], {}, "flat_ids"); // [B*n]
+    const flat = g.gather(ids, flatIdx, 0, "kept_flat"); // [T] int32
+    const nI = g.constI32([n], []);
+    const rows = g.op("Div", [flat, nI], {}, "kept_rows"); // [T]
+    const cols = g.sub(flat, g.mul(rows, nI), "kept_cols"); // [T]
+    const slot = G > 1 ? g.add(rows, g.mul(g.gather(g.constI32(groupOf, [n]), cols, 0), g.constI32([B], [])), "kept_slot") : rows; // [T]
+    const cols2 = wide(cols);
+    return { rows, cols, cols2, slot, slot2: G > 1 ? wide(slot) : wide(rows) };
+  }
+  const nI = g.constI([n], []);
+  const rows = g.op("Div", [flatIdx, nI], {}, "kept_rows"); // [T]
+  const cols = g.op("Mod", [flatIdx, nI], {}, "kept_cols"); // [T]
+  const slot = G > 1 ? g.add(rows, g.mul(g.gather(g.constI(groupOf, [n]), cols, 0), g.constI([B], [])), "kept_slot") : rows; // [T]
+  return { rows, cols, cols2: g.reshape(cols, [T, 1]), slot, slot2: g.reshape(slot, [T, 1]) };
 }
 
 /**

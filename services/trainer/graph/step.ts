@@ -1,6 +1,7 @@
 import { type ParamName, STEP_RECIPES, type StepRecipe } from "../../common/config/recipes.js";
 import { addAuxK } from "./auxk.js";
-import { F16, F32, GraphBuilder, I64 } from "./builder.js";
+import { decodeHalfWords } from "./half.js";
+import { F16, F32, GraphBuilder, I64, U32 } from "./builder.js";
 import { batchTopKCode, type Code, type CodeGrads, type CodeInputs, maskedCode, reluCode, topKCode } from "./codes.js";
 import { gatedCode } from "./gated.js";
 
@@ -20,8 +21,11 @@ export interface StepSpec {
   annealK: boolean;
   /** matryoshka: nested prefix sizes, increasing and below width; empty otherwise. */
   prefixes: readonly number[];
-  /** Element type of the fed batch; fp16 is cast inside the graph. */
-  input: "fp32" | "fp16";
+  /**
+   * Element type of the fed batch; fp16 is cast inside the graph; the -words forms are 16-bit rows
+   * fed as pairs of raw words ([B, d/2] uint32, d even) and widened inside it (graph/half.ts).
+   */
+  input: "fp32" | "fp16" | "fp16-words" | "bf16-words";
   beta1: number;
   beta2: number;
   eps: number;
@@ -33,6 +37,11 @@ export interface StepSpec {
   gradClipNorm: number;
   /** Also output the gradients Adam is given (gradient checks). */
   gradOutputs?: boolean;
+  /**
+   * Index arithmetic in int32, so that a GPU provider keeps it on the device (onnxruntime's WebGPU
+   * provider has no int64 arithmetic); costs BatchTopK a B*n int32 table. Same results either way.
+   */
+  int32Index?: boolean;
 }
 
 /** A parameter and its Adam first and second moments. */
@@ -62,16 +71,18 @@ export function stateShape(name: StateName, n: number, d: number): number[] {
  * Adam with bias correction, decoder renormalisation. State goes in and the next state comes out,
  * so the caller can swap two sets of buffers.
  *
- * Inputs: x [B, d]; scale []; lr_step [] = lr / (1 - beta1^t); sqrt_bc2 [] = sqrt(1 - beta2^t);
+ * Inputs: x [B, d] (or [B, d/2] uint32 word pairs); scale []; lr_step [] = lr / (1 - beta1^t); sqrt_bc2 [] = sqrt(1 - beta2^t);
  * l1_coef [] (relu, gated); k [1] (annealK); dead_idx [m], aux_k [1], aux_scale [] (auxK); the state.
  * Outputs: next_<state>; stats [7] (see STAT); fires [n]; grad_<param> when gradOutputs.
  */
 export function buildStepGraph(spec: StepSpec): Uint8Array {
   const { batchSize: B, dModel: d, width: n, k, recipe } = spec;
+  const words = spec.input === "fp16-words" ? "fp16" : spec.input === "bf16-words" ? "bf16" : undefined;
+  if (words && d % 2 !== 0) throw new Error(`${words} batches go in as word pairs: dModel ${d} must be even`);
   const { ranked, penalised, magnitudePath } = STEP_RECIPES[recipe];
   const g = new GraphBuilder(`sae_step_${recipe}`);
 
-  const xIn = g.input("x", spec.input === "fp16" ? F16 : F32, [B, d]);
+  const xIn = words ? g.input("x", U32, [B, d / 2]) : g.input("x", spec.input === "fp16" ? F16 : F32, [B, d]);
   const scale = g.input("scale", F32, []);
   const lrStep = g.input("lr_step", F32, []);
   const sqrtBc2 = g.input("sqrt_bc2", F32, []);
@@ -85,7 +96,7 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
   const s = Object.fromEntries(state.map((name) => [name, g.input(name, F32, stateShape(name, n, d))])) as Record<StateName, string>;
 
   // Forward.
-  const x = spec.input === "fp16" ? g.cast(xIn, F32, "x_f32") : xIn; // [B, d]
+  const x = words ? decodeHalfWords(g, xIn, B, d, words) : spec.input === "fp16" ? g.cast(xIn, F32, "x_f32") : xIn; // [B, d]
   const xNorm = g.mul(x, scale, "x_norm"); // [B, d] dataset-wide normalisation
   const xCent = g.sub(xNorm, s.b_dec, "x_cent"); // [B, d]
   const enc = magnitudePath ? g.gemm(xCent, s.W_enc, { transB: true }, "enc") : ""; // [B, n] shared by gated's two paths
@@ -101,6 +112,7 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
     W_dec: s.W_dec,
     rankNorm: rankByNorm ? g.reshape(decNormKeep, [n]) : "",
     prefixes: spec.prefixes,
+    int32Index: spec.int32Index ?? false,
   };
   const code = codeOf(g, spec, inputs, { kIn, l1Coef, decNormKeep, enc, xNorm, s });
 

@@ -92,6 +92,9 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- if and (eq (dig "producer" "executionProvider" "cpu" $c) "cuda") (eq (int .Values.producer.gpu) 0) -}}
 {{- fail "config.producer.executionProvider is cuda but producer.gpu is 0: give producers a GPU" -}}
 {{- end -}}
+{{- if and (ne (dig "trainer" "executionProvider" "cpu" $c) "cpu") (eq (int .Values.trainer.gpu) 0) -}}
+{{- fail (printf "config.trainer.executionProvider is %s but trainer.gpu is 0: give trainers a GPU" (dig "trainer" "executionProvider" "cpu" $c)) -}}
+{{- end -}}
 {{- if include "saeflow.grpcTls" . -}}
 {{- range $role := list "buffer" "producer" "trainer" -}}
 {{- if not (index $.Values.tls.grpcSecrets $role) -}}

@@ -142,6 +142,18 @@ export const TrainerSection = z
     exportOnFinish: z.boolean().default(true).describe("Write the SAELens export when training ends."),
     modelName: z.string().default("").describe("model_name in the exported cfg.json; empty takes the producer model's folder name."),
     threads: z.number().int().min(0).default(0).describe("onnxruntime intra-op threads; 0 lets onnxruntime choose."),
+    executionProvider: z
+      .enum(["cpu", "cuda", "webgpu"])
+      .default("cpu")
+      .describe(
+        "onnxruntime execution provider of the training step. webgpu keeps the SAE state on the GPU between steps; cuda runs the step on the GPU but moves the state across the bus each step (onnxruntime-node binds device outputs for WebGPU only).",
+      ),
+    deviceId: z
+      .number()
+      .int()
+      .min(0)
+      .default(0)
+      .describe("CUDA device ordinal; WebGPU takes the adapter Dawn prefers (a pod sees only its own GPU)."),
   })
   .strict()
   .superRefine((t, ctx) => {

@@ -1,0 +1,100 @@
+import { Worker } from "node:worker_threads";
+import { ConfigError, type RunConfig } from "../common/config/index.js";
+import type { DTypeName } from "../common/config/sections/dtype.js";
+import { Signal } from "../common/signal.js";
+import type { Batch, BatchSource } from "./batches.js";
+
+/** What the prefetch thread is started with. */
+export interface PrefetchInit {
+  config: RunConfig;
+  /** Batch dtypes widened to float32 there (the step takes float32) rather than handed over as raw words. */
+  widen: DTypeName[];
+  /** Batches that may wait, ready, on the training thread. */
+  depth: number;
+}
+
+/** An error crossing from the prefetch thread: a config error keeps its key, a gRPC error its code. */
+export interface WireError {
+  message: string;
+  key?: string;
+  rawMessage?: string;
+  code?: number;
+}
+
+export type FromWorker = { type: "batch"; batch: Batch } | { type: "end" } | { type: "error"; error: WireError };
+export type ToWorker = { type: "credit" } | { type: "close" };
+
+function unwire(e: WireError): Error {
+  if (e.key !== undefined && e.rawMessage !== undefined) return ConfigError.at(e.key, e.rawMessage);
+  return Object.assign(new Error(e.message), e.code === undefined ? {} : { code: e.code });
+}
+
+/**
+ * A worker running `file` (a module next to this one). Under tsx (the sources run as TypeScript)
+ * the worker registers tsx's loader first, since a worker thread does not inherit the parent's.
+ */
+function startWorker(file: string, workerData: unknown): Worker {
+  const url = new URL(`./${file}${import.meta.url.endsWith(".ts") ? ".ts" : ".js"}`, import.meta.url);
+  if (url.pathname.endsWith(".js")) return new Worker(url, { workerData });
+  const boot = `import { register } from ${JSON.stringify(import.meta.resolve("tsx/esm/api"))};\nregister();\nawait import(${JSON.stringify(url.href)});`;
+  return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`), { workerData });
+}
+
+/**
+ * The buffer's batches, received on a thread of their own (prefetch-worker.ts) so that the next
+ * batch is received, decoded and converted while the training thread runs a step: onnxruntime-node
+ * runs a session on the thread that calls it, so nothing else happens on that thread meanwhile.
+ */
+export class PrefetchedBatches implements BatchSource {
+  private readonly worker: Worker;
+  private readonly queue: Batch[] = [];
+  private readonly changed = new Signal();
+  private failure: Error | undefined;
+  private ended = false;
+  private closed = false;
+
+  constructor(config: RunConfig, widen: DTypeName[], depth = 1) {
+    const init: PrefetchInit = { config, widen, depth };
+    this.worker = startWorker("prefetch-worker", init);
+    this.worker.on("message", (m: FromWorker) => {
+      if (m.type === "batch") this.queue.push(m.batch);
+      else if (m.type === "error") this.failure ??= unwire(m.error);
+      else this.ended = true;
+      this.changed.notify();
+    });
+    this.worker.on("error", (err) => {
+      this.failure ??= err;
+      this.changed.notify();
+    });
+    this.worker.on("exit", () => {
+      this.ended = true;
+      this.changed.notify();
+    });
+  }
+
+  /** Batches received and ready, waiting for next(). */
+  get waiting(): number {
+    return this.queue.length;
+  }
+
+  async next(): Promise<Batch | undefined> {
+    await this.changed.until(() => this.queue.length > 0 || this.ended || this.failure !== undefined || this.closed);
+    const batch = this.closed ? undefined : this.queue.shift();
+    if (batch) {
+      this.worker.postMessage({ type: "credit" } satisfies ToWorker);
+      return batch;
+    }
+    if (this.failure && !this.closed) throw this.failure;
+    return undefined;
+  }
+
+  /** Ends the stream: the thread cancels its call and exits; one that does not within 5 s is stopped. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.changed.notify();
+    this.worker.postMessage({ type: "close" } satisfies ToWorker);
+    this.worker.unref();
+    setTimeout(() => void this.worker.terminate(), 5000).unref();
+  }
+}
