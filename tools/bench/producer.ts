@@ -114,15 +114,19 @@ async function until(ready: () => boolean): Promise<void> {
   while (!ready()) await new Promise((r) => setTimeout(r, 2));
 }
 
-/** Grants `passes` more passes and times them until the producer has used the grant and parked. */
+/**
+ * Grants `passes` more passes and times them until the producer has used the grant and parked.
+ * Grants count rows per hook point; Status's rows_sent counts them over every hook point.
+ */
 async function timedGrant(bus: Bus, runId: string, producer: RunningProducer, chunkRows: number, passes: number, cycle: number) {
   const before = producer.status();
-  const grant = Number(before.rowsSent) + passes * chunkRows;
+  const perHook = (s: typeof before) => Number(s.rowsSent) / s.hookPoints.length;
+  const grant = perHook(before) + passes * chunkRows;
   const t0 = performance.now();
   bus.publish(subjects("saeflow", runId).demand, Demand, { cycle, command: "refill", grants: { [producer.id]: grant }, freeRows: {} });
   await until(() => {
     const s = producer.status();
-    return s.state === ServiceState.PAUSED && Number(s.rowsSent) + chunkRows > grant;
+    return s.state === ServiceState.PAUSED && perHook(s) + chunkRows > grant;
   });
   const seconds = (performance.now() - t0) / 1000;
   const after = producer.status();
@@ -218,6 +222,65 @@ async function measureTruncation(setup: Setup): Promise<Record<string, number>> 
   return figures;
 }
 
+/** Hook points of an 8-block model: four per block, the last block's resid_post in every set, so every set runs the same forward pass. */
+const DEEP_LAYERS = 8;
+const DEEP_HOOKS = [
+  `blocks.${DEEP_LAYERS - 1}.hook_resid_post`,
+  ...Array.from({ length: DEEP_LAYERS }, (_, l) =>
+    ["hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"].map((k) => `blocks.${l}.${k}`),
+  )
+    .flat()
+    .filter((h) => h !== `blocks.${DEEP_LAYERS - 1}.hook_resid_post`),
+];
+
+/**
+ * One forward pass feeding 1, 8 and 32 hook points of an 8-block model at context 128: what each
+ * extra hook point costs (its conversion and push), as a fraction of a one-hook pass.
+ */
+async function measureHookPoints(setup: Setup): Promise<Record<string, number>> {
+  const deep = makeTinyLlama({ out: ".cache/tiny-llama-8l", layers: DEEP_LAYERS });
+  const contextLength = 128;
+  const batchContexts = TOKENS_PER_PASS / contextLength;
+  const chunkRows = batchContexts * (contextLength - 1);
+  const rates: number[] = [];
+  const figures: Record<string, number> = {};
+  for (const count of [1, 8, 32]) {
+    const hooks = DEEP_HOOKS.slice(0, count);
+    const runId = `bench-hooks-${count}`;
+    const config = loadConfig({
+      base: {
+        run: { id: runId, dir: setup.runDir },
+        nats: { url: setup.natsUrl },
+        buffer: { hookPoints: hooks.map((name) => ({ name, dModel: deep.params.dModel })) },
+        producer: { model: deep.modelPath, bufferAddress: setup.address, hookPoints: hooks, contextLength, batchContexts, resume: false },
+        trainer: { hookPoint: hooks[0], dModel: deep.params.dModel },
+      },
+    });
+    const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
+    await timedGrant(setup.bus, runId, producer, chunkRows, WARMUP_PASSES, 0);
+    const tps: number[] = [];
+    for (let r = 0; r < ROUNDS; r++) {
+      const p = await timedGrant(setup.bus, runId, producer, chunkRows, PASSES, r + 1);
+      tps.push(p.tokens / p.seconds);
+    }
+    await producer.stop();
+    const rate = median(tps);
+    rates.push(rate);
+    line(`producer, ${count} hook point(s), 8 blocks, context 128 x 16`, rate / 1000, "k tokens/s");
+    figures[`hooks${count}_tokens_per_s`] = round(rate, 0);
+  }
+  // Seconds per token grow by a hook point's conversion and push; as a share of a one-hook pass.
+  for (const [i, count] of [
+    [1, 8],
+    [2, 32],
+  ] as const) {
+    const extra = (1 / rates[i]! - 1 / rates[0]!) / (count - 1) / (1 / rates[0]!);
+    line(`  cost of each extra hook point (of ${count}), share of a one-hook pass`, extra, "");
+    figures[`hooks${count}_extra_hook_cost_ratio`] = round(extra, 4);
+  }
+  return figures;
+}
+
 export async function run(): Promise<Record<string, number>> {
   const model = makeTinyLlama({ out: ".cache/tiny-llama" });
   const nats = await startNatsServer();
@@ -236,7 +299,12 @@ export async function run(): Promise<Record<string, number>> {
     runDir: mkdtempSync(join(tmpdir(), "saeflow-bench-producer-")),
   };
   try {
-    return { ...(await measureContext(setup, 128)), ...(await measureContext(setup, 1024)), ...(await measureTruncation(setup)) };
+    return {
+      ...(await measureContext(setup, 128)),
+      ...(await measureContext(setup, 1024)),
+      ...(await measureHookPoints(setup)),
+      ...(await measureTruncation(setup)),
+    };
   } finally {
     await setup.bus.drain();
     peer.send("stop");
