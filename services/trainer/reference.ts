@@ -1,5 +1,6 @@
 import { STEP_RECIPES } from "../common/config/recipes.js";
-import { type CoreParam, type GatedParam, paramsOf, STAT, STAT_COUNT, type StepSpec } from "./graph/step.js";
+import { JUMPRELU_DEFAULTS } from "./graph/jumprelu.js";
+import { type CoreParam, type GatedParam, type JumpReluParam, paramsOf, STAT, STAT_COUNT, type StepSpec } from "./graph/step.js";
 import { type SaeState, stateTensor } from "./sae.js";
 
 /**
@@ -8,7 +9,7 @@ import { type SaeState, stateTensor } from "./sae.js";
  * on small sizes only.
  */
 
-export type Params64 = Record<CoreParam, Float64Array> & Partial<Record<GatedParam, Float64Array>>;
+export type Params64 = Record<CoreParam, Float64Array> & Partial<Record<GatedParam | JumpReluParam, Float64Array>>;
 
 export interface StepScalars {
   /** Normalisation factor applied to x. */
@@ -17,11 +18,13 @@ export interface StepScalars {
   lr: number;
   /** Adam step, from 1. */
   t: number;
-  /** relu, gated: L1 weight. */
-  l1Coef: number;
+  /** The sparsity penalty's weight: relu, gated: L1; jumprelu_trained: L0 (or tanh). */
+  sparsityCoef: number;
+  /** jumprelu_trained: the pre-activation loss's weight on dead latents (`deadIdx`), where its graph has that loss. */
+  preActCoef: number;
   /** Active latents per token at this step (ranked recipes). */
   k: number;
-  /** Dead latent ids (AuxK); empty for none. */
+  /** Dead latent ids (AuxK, and jumprelu_trained's pre-activation loss); empty for none. */
   deadIdx: readonly number[];
   /** Latents AuxK uses per token. */
   auxK: number;
@@ -127,9 +130,12 @@ export function evaluate(spec: StepSpec, P: Params64, x: Float32Array, sc: StepS
     W_dec: Float64Array.from(P.W_dec),
     b_dec: Float64Array.from(P.b_dec),
   };
-  const code = STEP_RECIPES[spec.recipe].magnitudePath
+  const { magnitudePath, thresholded } = STEP_RECIPES[spec.recipe];
+  const code = magnitudePath
     ? gatedCode(spec, P, xNorm, xCent, enc, pre, decNorm, sc, fixed, G)
-    : sparseCode(spec, P, xNorm, xCent, pre, decNorm, sc, G);
+    : thresholded
+      ? thresholdCode(spec, P, xNorm, xCent, pre, decNorm, sc, G)
+      : sparseCode(spec, P, xNorm, xCent, pre, decNorm, sc, G);
   stats[STAT.sse] = code.sse;
   stats[STAT.penalty] = code.penalty;
   stats[STAT.minAct] = code.minAct;
@@ -231,7 +237,7 @@ function sparseCode(
   const err = errs.at(-1)!;
   const sse = sumSq(err);
   const prefix = errs.slice(0, -1).reduce((a, e) => a + sumSq(e), 0);
-  const l1 = penalised ? sc.l1Coef / B : 0;
+  const l1 = penalised ? sc.sparsityCoef / B : 0;
   const penalty = actsSum.reduce((a, s, i) => a + s * decNorm[i]!, 0) * l1;
 
   // dL/d(group g's part) sums the errors of every prefix that holds group g.
@@ -286,7 +292,7 @@ function gatedCode(
   }
   const err = xHat.map((v, i) => v - xNorm[i]!);
   const gateErr = viaGate.map((v, i) => v - xNorm[i]!);
-  const l1 = sc.l1Coef / B;
+  const l1 = sc.sparsityCoef / B;
   const fires = new Float64Array(n);
   const gateSum = new Float64Array(n);
   const encoderSum = new Float64Array(n);
@@ -325,6 +331,86 @@ function gatedCode(
     dReconSum,
     encoderSum,
   };
+}
+
+/**
+ * JumpReLU trained directly, as graph/jumprelu.ts computes it: f = pre * 1[pre > t], t = relu(theta);
+ * the sparsity penalty (L0 or tanh) and the pre-activation loss on dead latents; the thresholds'
+ * straight-through gradients, with K((pre - t) / eps) taken as |pre - t| < eps / 2.
+ */
+function thresholdCode(
+  spec: StepSpec,
+  P: Params64,
+  xNorm: Float64Array,
+  xCent: Float64Array,
+  pre: Float64Array,
+  decNorm: Float64Array,
+  sc: StepScalars,
+  G: Params64,
+): CodeResult {
+  const { batchSize: B, dModel: d, width: n } = spec;
+  const { bandwidth: eps, sparsityLoss, tanhScale, preActLoss } = spec.jumpRelu ?? JUMPRELU_DEFAULTS;
+  const theta = P.threshold!;
+  const t = theta.map((v) => Math.max(v, 0));
+  const coef = sc.sparsityCoef / B;
+  const mu = preActLoss ? sc.preActCoef / B : 0;
+  const dead = new Set(sc.deadIdx);
+  const f = pre.map((v, i) => (v > t[i % n]! ? v : 0));
+  const xHat = new Float64Array(B * d);
+  const fires = new Float64Array(n);
+  for (let b = 0; b < B; b++) {
+    xHat.set(P.b_dec, b * d);
+    for (let i = 0; i < n; i++) {
+      if (pre[b * n + i]! > t[i]!) {
+        fires[i]! += 1;
+        axpy(f[b * n + i]!, P.W_dec, i * d, xHat, b * d, d);
+      }
+    }
+  }
+  const err = xHat.map((v, i) => v - xNorm[i]!);
+  const dT = new Float64Array(n);
+  const dNorm = new Float64Array(n);
+  G.threshold = new Float64Array(n);
+  let penalty = 0;
+  let aux = 0;
+  for (let b = 0; b < B; b++) {
+    for (let i = 0; i < n; i++) {
+      const at = b * n + i;
+      let dF = (2 / B) * dot(err, b * d, P.W_dec, i * d, d);
+      if (sparsityLoss === "tanh") {
+        const th = Math.tanh(tanhScale * f[at]! * decNorm[i]!);
+        penalty += coef * th;
+        dF += coef * tanhScale * decNorm[i]! * (1 - th * th);
+        dNorm[i]! += coef * tanhScale * (1 - th * th) * f[at]!;
+      } else if (pre[at]! > t[i]!) {
+        penalty += coef;
+      }
+      const near = Math.abs(pre[at]! - t[i]!) < eps / 2;
+      if (near) dT[i]! += -(t[i]! / eps) * dF - (sparsityLoss === "step" ? coef / eps : 0);
+      let dPre = 0;
+      if (pre[at]! > t[i]!) {
+        dPre = dF;
+        axpy((2 / B) * f[at]!, err, b * d, G.W_dec, i * d, d);
+      }
+      if (mu > 0 && dead.has(i) && t[i]! > pre[at]!) {
+        aux += mu * (t[i]! - pre[at]!) * decNorm[i]!;
+        dPre -= mu * decNorm[i]!;
+        dT[i]! += mu * decNorm[i]!;
+        dNorm[i]! += mu * (t[i]! - pre[at]!);
+      }
+      if (dPre !== 0) {
+        G.b_enc[i]! += dPre;
+        axpy(dPre, xCent, b * d, G.W_enc, i * d, d);
+      }
+    }
+  }
+  for (let i = 0; i < n; i++) {
+    G.threshold[i] = theta[i]! > 0 ? dT[i]! : 0;
+    if (dNorm[i] !== 0) axpy(dNorm[i]! / Math.max(decNorm[i]!, 1e-12), P.W_dec, i * d, G.W_dec, i * d, d);
+  }
+  const dReconSum = new Float64Array(d);
+  for (let b = 0; b < B; b++) axpy(2 / B, err, b * d, dReconSum, 0, d);
+  return { err, sse: sumSq(err), prefix: 0, penalty, aux, minAct: 0, fires, dReconSum };
 }
 
 export const toParams64 = (s: SaeState, recipe: StepSpec["recipe"] = "topk"): Params64 =>

@@ -5,10 +5,12 @@ import type { SaeSpec } from "../common/config/sections/trainer.js";
 import { type Checkpoint, firingOf } from "./checkpoint.js";
 import type { ExportInfo } from "./export.js";
 import { FiringWindows } from "./firing.js";
-import { STAT, type StepSpec } from "./graph/step.js";
+import { type JumpReluSpec, STAT, type StepSpec } from "./graph/step.js";
 import type { Placement } from "./placement.js";
+import type { StepScalars } from "./reference.js";
 import { Rng } from "./rng.js";
-import { decoderNorms, type SaeState } from "./sae.js";
+import { decoderNorms, type SaeState, stateTensor } from "./sae.js";
+import { rampedCoefficient } from "./schedule.js";
 import { type StepOutputs, StepSession } from "./session.js";
 
 /** Where a sweep stands: what a checkpoint and an export record of it. */
@@ -55,6 +57,42 @@ export class SaeRun {
 
   get metricsPath(): string {
     return join(this.dir, "metrics.jsonl");
+  }
+
+  /** jumprelu_trained's terms, as its step graph is built with them; undefined for the other recipes. */
+  get jumpRelu(): JumpReluSpec | undefined {
+    const { spec } = this;
+    if (!this.rules.thresholded) return undefined;
+    return {
+      bandwidth: spec.jumpreluBandwidth,
+      sparsityLoss: spec.jumpreluSparsityLossMode,
+      tanhScale: spec.jumpreluTanhScale,
+      preActLoss: spec.preActLossCoefficient > 0,
+    };
+  }
+
+  /**
+   * What this SAE's step from `at.step` is fed: the learning rate and k given, its sparsity weight
+   * warmed up (L1, or jumprelu_trained's L0), and the dead latents where a term of its revives them
+   * (AuxK, or the pre-activation loss).
+   */
+  scalars(cfg: TrainerConfig, at: { step: number; tokens: number; scale: number; lr: number; k: number }): StepScalars {
+    const { spec, rules } = this;
+    const revives = (rules.ranked && spec.auxKCoefficient > 0) || (rules.thresholded && spec.preActLossCoefficient > 0);
+    const dead = revives ? this.dead(at.tokens, cfg.deadWindowTokens) : [];
+    const kAux = spec.kAux || Math.max(1, Math.floor(cfg.dModel / 2));
+    const [coefficient, warmup] = rules.thresholded ? [spec.l0Coefficient, spec.l0WarmupSteps] : [spec.l1Coefficient, spec.l1WarmupSteps];
+    return {
+      scale: at.scale,
+      lr: at.lr,
+      t: at.step + 1,
+      sparsityCoef: rampedCoefficient(coefficient, warmup, at.step),
+      preActCoef: spec.preActLossCoefficient,
+      k: at.k,
+      deadIdx: dead,
+      auxK: Math.min(kAux, dead.length),
+      auxScale: spec.auxKCoefficient * Math.min(dead.length / kAux, 1),
+    };
   }
 
   /** Latents that have not fired within the dead window. */
@@ -135,7 +173,7 @@ export class SaeRun {
 
   /**
    * What the SAELens export of this SAE's `state` at `at` says of it; with the running threshold of the
-   * recipes that keep one. A calibrated threshold (JumpReLU) is the caller's to add.
+   * recipes that keep one, or the trained one. A calibrated threshold (JumpReLU converted) is the caller's to add.
    */
   exportInfo(config: RunConfig, at: Progress, state: SaeState): ExportInfo {
     const { spec } = this;
@@ -159,6 +197,17 @@ export class SaeRun {
         k: spec.k,
         lr: spec.lr,
         ...(this.rules.nested ? { prefixes: spec.prefixes } : {}),
+        ...(this.rules.thresholded
+          ? {
+              l0_coefficient: spec.l0Coefficient,
+              l0_warm_up_steps: spec.l0WarmupSteps,
+              jumprelu_bandwidth: spec.jumpreluBandwidth,
+              jumprelu_init_threshold: spec.jumpreluInitThreshold,
+              jumprelu_sparsity_loss_mode: spec.jumpreluSparsityLossMode,
+              jumprelu_tanh_scale: spec.jumpreluTanhScale,
+              pre_act_loss_coefficient: spec.preActLossCoefficient,
+            }
+          : {}),
         normalisation_scale_folded: at.scale,
         decoder_norms_folded: !cfg.unitNormDecoder,
         sparsity_tokens: firing.tokens,
@@ -170,6 +219,8 @@ export class SaeRun {
       const norms = cfg.unitNormDecoder ? new Float32Array(spec.width).fill(1) : decoderNorms(state, spec.width, cfg.dModel);
       info.threshold = Float32Array.from(norms, (c) => this.thresholdEma / Math.max(c, 1e-12));
     }
+    // A trained JumpReLU infers with the threshold it trained with, relu(theta), on the same pre-activations.
+    if (this.rules.thresholded) info.threshold = Float32Array.from(stateTensor(state, "threshold"), (v) => Math.max(v, 0));
     return info;
   }
 }

@@ -1,11 +1,22 @@
-import { type CoreParam, type GatedParam, type StateName, stateOf, stateShape, type StepRecipe, type WithMoments } from "./graph/step.js";
+import {
+  type CoreParam,
+  type GatedParam,
+  type JumpReluParam,
+  type StateName,
+  stateOf,
+  stateShape,
+  type StepRecipe,
+  type WithMoments,
+} from "./graph/step.js";
 import type { Rng } from "./rng.js";
 
 /**
  * Parameters and Adam moments of one SAE, latent-major: W_enc and W_dec are both [n, d]. gated adds
- * its magnitude path (r_mag, b_mag); b_enc is then its gate bias.
+ * its magnitude path (r_mag, b_mag); b_enc is then its gate bias. jumprelu_trained adds its
+ * threshold parameter.
  */
-export type SaeState = Record<WithMoments<CoreParam>, Float32Array> & Partial<Record<WithMoments<GatedParam>, Float32Array>>;
+export type SaeState = Record<WithMoments<CoreParam>, Float32Array> &
+  Partial<Record<WithMoments<GatedParam | JumpReluParam>, Float32Array>>;
 
 /** A state tensor the recipe holds; an error names it when the state lacks it. */
 export function stateTensor(state: SaeState, name: StateName): Float32Array {
@@ -25,14 +36,15 @@ export function copyState(from: SaeState, to: SaeState, recipe: StepRecipe = "to
 /**
  * Decoder rows drawn at random and scaled to `decoderNorm` (1 unless asked; Llama Scope used 0.5);
  * the encoder starts as the decoder's transpose (the same [n, d] matrix here), biases (and gated's
- * r_mag) at 0, b_dec at `bDec`, moments at 0.
+ * r_mag) at 0, b_dec at `bDec`, a JumpReLU's thresholds at `threshold` (SAELens' 0.01 unless
+ * asked), moments at 0.
  */
 export function initState(
   n: number,
   d: number,
   rng: Rng,
   bDec: Float32Array,
-  opts: { decoderNorm?: number; recipe?: StepRecipe } = {},
+  opts: { decoderNorm?: number; recipe?: StepRecipe; threshold?: number } = {},
 ): SaeState {
   const s = allocState(n, d, opts.recipe);
   const target = opts.decoderNorm ?? 1;
@@ -49,6 +61,7 @@ export function initState(
   }
   s.W_enc.set(s.W_dec);
   s.b_dec.set(bDec);
+  s.threshold?.fill(opts.threshold ?? 0.01);
   return s;
 }
 

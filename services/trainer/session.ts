@@ -4,10 +4,12 @@ import { openOrtSession, ortDeviceSessionOptions, ortSessionOptions } from "../c
 import { DeviceStateHolder } from "./device-state.js";
 import {
   buildStepGraph,
+  buildStepStages,
   nextName,
   type ParamName,
   paramsOf,
   STAT_COUNT,
+  type Stage,
   type StateName,
   stateOf,
   stateShape,
@@ -77,25 +79,86 @@ class HostStateHolder implements StateHolder {
 
 const scalar = () => new ort.Tensor("float32", new Float32Array(1), []);
 
+/** What runs a step graph: one onnxruntime session, or a chain of them over its stages. */
+interface StepRunner {
+  run(feeds: Record<string, ort.Tensor>, fetches: Record<string, ort.Tensor | null>): Promise<ort.InferenceSession.OnnxValueMapType>;
+  release(): Promise<void>;
+}
+
+/**
+ * A step graph cut into stages (buildStepStages), one session each, run in turn: serial stages on
+ * one thread, the others on `threads`. What a stage hands on is kept from the first run and written
+ * in place by the next ones, so nothing of the step's size is allocated or copied per step, except
+ * for tensors whose shape follows what is fed (AuxK's dead latents).
+ */
+class StagedRunner implements StepRunner {
+  private readonly held = new Map<string, ort.Tensor>();
+
+  private constructor(private readonly stages: Array<{ stage: Stage; session: ort.InferenceSession }>) {}
+
+  static async open(stages: Stage[], place: Placement): Promise<StagedRunner> {
+    const opened: Array<{ stage: Stage; session: ort.InferenceSession }> = [];
+    try {
+      for (const stage of stages) {
+        const options = ortSessionOptions({ ...place, threads: stage.serial ? 1 : place.threads });
+        opened.push({ stage, session: await openOrtSession(stage.model, options, place.provider, PROVIDER_KEY) });
+      }
+    } catch (err) {
+      for (const { session } of opened) await session.release();
+      throw err;
+    }
+    return new StagedRunner(opened);
+  }
+
+  async run(feeds: Record<string, ort.Tensor>, fetches: Record<string, ort.Tensor | null>): Promise<ort.InferenceSession.OnnxValueMapType> {
+    const all: Record<string, ort.Tensor> = {};
+    for (const { stage, session } of this.stages) {
+      const stageFeeds = Object.fromEntries(stage.inputs.map((name) => [name, feeds[name] ?? this.held.get(name)!]));
+      const kept = (name: string) => (stage.varying.includes(name) ? null : (this.held.get(name) ?? null));
+      const stageFetches = Object.fromEntries(stage.outputs.map((name) => [name, name in fetches ? fetches[name]! : kept(name)]));
+      const out = await session.run(stageFeeds, stageFetches);
+      for (const name of stage.outputs) {
+        if (!(name in fetches)) this.held.set(name, out[name]!);
+        all[name] = out[name]!;
+      }
+    }
+    return all;
+  }
+
+  async release(): Promise<void> {
+    for (const { session } of this.stages) await session.release();
+  }
+}
+
 /**
  * An onnxruntime session running one SAE's step graph on its placement, with the SAE's state: on
  * the host for the CPU (and CUDA), on the device for WebGPU, where per step only the batch goes up
  * and the stats and firing counts come down.
  */
 export class StepSession {
-  private readonly scalars = { scale: scalar(), lr_step: scalar(), sqrt_bc2: scalar(), l1_coef: scalar(), aux_scale: scalar() };
+  private readonly scalars = {
+    scale: scalar(),
+    lr_step: scalar(),
+    sqrt_bc2: scalar(),
+    sparsity_coef: scalar(),
+    aux_scale: scalar(),
+    pre_act_coef: scalar(),
+  };
+  /** jumprelu_trained's pre-activation loss: 1 on the latents fed as dead this step. */
+  private readonly deadMask: ort.Tensor;
   private readonly auxK = new ort.Tensor("int64", new BigInt64Array(1), [1]);
   private readonly k = new ort.Tensor("int64", new BigInt64Array(1), [1]);
   private readonly outputs: StepOutputs;
   private readonly fetchTensors: Record<string, ort.Tensor> = {};
 
   private constructor(
-    private readonly session: ort.InferenceSession,
+    private readonly session: StepRunner,
     readonly spec: StepSpec,
     private readonly holder: StateHolder,
     readonly placement: Placement,
   ) {
     const { width: n, dModel: d } = spec;
+    this.deadMask = new ort.Tensor("float32", new Float32Array(n), [n]);
     this.outputs = { stats: new Float32Array(STAT_COUNT), fires: new Float32Array(n) };
     this.fetchTensors.stats = new ort.Tensor("float32", this.outputs.stats, [STAT_COUNT]);
     this.fetchTensors.fires = new ort.Tensor("float32", this.outputs.fires, [n]);
@@ -116,6 +179,9 @@ export class StepSession {
    */
   static async create(spec: StepSpec, state: SaeState, threads: number, placement: Placement = onCpu(threads)): Promise<StepSession> {
     const place = { ...placement, threads };
+    // onnxruntime's CPU scatter-add loses adds to a repeated row when it runs on several threads.
+    const stages = place.provider === "cpu" && threads !== 1 ? buildStepStages(spec) : undefined;
+    if (stages) return new StepSession(await StagedRunner.open(stages, place), spec, new HostStateHolder(spec, state), place);
     const graph = buildStepGraph(spec);
     if (!keepsState(place)) {
       const session = await openOrtSession(graph, ortSessionOptions(place), place.provider, PROVIDER_KEY);
@@ -150,8 +216,9 @@ export class StepSession {
 
   /**
    * One step on batch `x` ([B, d] float32 or float16, or [B, d/2] uint32 bf16 word pairs, as the
-   * spec says). `deadIdx` lists dead latents for AuxK; with none, AuxK is fed one id and a zero
-   * weight so the graph keeps its shape. A graph built with a fixed k refuses another k.
+   * spec says). `deadIdx` lists dead latents for AuxK, and for jumprelu_trained's pre-activation
+   * loss as a mask; with none, AuxK is fed one id and a zero weight so the graph keeps its shape. A
+   * graph built with a fixed k refuses another k.
    */
   async run(x: ort.Tensor, sc: StepScalars): Promise<StepOutputs> {
     const feeds = { ...this.feeds(x, sc), ...this.holder.inputs() };
@@ -169,7 +236,7 @@ export class StepSession {
 
   private feeds(x: ort.Tensor, sc: StepScalars): Record<string, ort.Tensor> {
     const { beta1, beta2, recipe } = this.spec;
-    const { penalised, ranked } = STEP_RECIPES[recipe];
+    const { penalised, ranked, thresholded } = STEP_RECIPES[recipe];
     this.scalars.scale.data[0] = sc.scale;
     this.scalars.lr_step.data[0] = sc.lr / (1 - beta1 ** sc.t);
     this.scalars.sqrt_bc2.data[0] = Math.sqrt(1 - beta2 ** sc.t);
@@ -179,9 +246,17 @@ export class StepSession {
       lr_step: this.scalars.lr_step,
       sqrt_bc2: this.scalars.sqrt_bc2,
     };
-    if (penalised) {
-      this.scalars.l1_coef.data[0] = sc.l1Coef;
-      feeds.l1_coef = this.scalars.l1_coef;
+    if (penalised || thresholded) {
+      this.scalars.sparsity_coef.data[0] = sc.sparsityCoef;
+      feeds.sparsity_coef = this.scalars.sparsity_coef;
+    }
+    if (thresholded && this.spec.jumpRelu?.preActLoss) {
+      const mask = this.deadMask.data as Float32Array;
+      mask.fill(0);
+      for (const i of sc.deadIdx) mask[i] = 1;
+      this.scalars.pre_act_coef.data[0] = sc.preActCoef;
+      feeds.pre_act_coef = this.scalars.pre_act_coef;
+      feeds.dead_mask = this.deadMask;
     }
     if (ranked) {
       if (this.spec.annealK) {

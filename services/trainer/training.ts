@@ -17,7 +17,7 @@ import { type Placement, placementOf, wordsOnDevice } from "./placement.js";
 import type { StepScalars } from "./reference.js";
 import { type Progress, SaeRun } from "./sae-run.js";
 import { initialBDec, initState, normalisationScale } from "./sae.js";
-import { activeK, learningRate, rampedCoefficient } from "./schedule.js";
+import { activeK, learningRate } from "./schedule.js";
 import type { StepSession } from "./session.js";
 
 const tracer = trace.getTracer("saeflow.trainer");
@@ -211,7 +211,11 @@ export class Training {
     this.scale = this.cfg.normalizeActivations === "expected_average" ? normalisationScale(rows, d) : 1;
     const bDec = initialBDec(rows, d, this.scale, this.cfg.bDecInit);
     for (const sae of this.saes) {
-      sae.state = initState(sae.spec.width, d, sae.rng, bDec, { decoderNorm: this.cfg.decoderInitNorm, recipe: sae.rules.step });
+      sae.state = initState(sae.spec.width, d, sae.rng, bDec, {
+        decoderNorm: this.cfg.decoderInitNorm,
+        recipe: sae.rules.step,
+        threshold: sae.spec.jumpreluInitThreshold,
+      });
     }
     return first;
   }
@@ -295,6 +299,7 @@ export class Training {
       ...this.cfg.adam,
       unitNormDecoder: this.cfg.unitNormDecoder,
       auxK: sae.rules.ranked && sae.spec.auxKCoefficient > 0,
+      jumpRelu: sae.jumpRelu,
       gradClipNorm: this.cfg.gradClipNorm,
       int32Index: this.place.provider === "webgpu",
     };
@@ -302,19 +307,8 @@ export class Training {
   }
 
   private scalars(sae: SaeRun): StepScalars {
-    const { spec } = sae;
-    const dead = !sae.rules.ranked || spec.auxKCoefficient === 0 ? [] : sae.dead(this.tokens, this.cfg.deadWindowTokens);
-    const kAux = spec.kAux || Math.max(1, Math.floor(this.cfg.dModel / 2));
-    return {
-      scale: this.scale,
-      lr: this.learningRate(spec),
-      t: this.stepsDone + 1,
-      l1Coef: rampedCoefficient(spec.l1Coefficient, spec.l1WarmupSteps, this.stepsDone),
-      k: this.kAt(spec),
-      deadIdx: dead,
-      auxK: Math.min(kAux, dead.length),
-      auxScale: spec.auxKCoefficient * Math.min(dead.length / kAux, 1),
-    };
+    const at = { step: this.stepsDone, tokens: this.tokens, scale: this.scale, lr: this.learningRate(sae.spec), k: this.kAt(sae.spec) };
+    return sae.scalars(this.cfg, at);
   }
 
   private learningRate(spec: SaeSpec): number {

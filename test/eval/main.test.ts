@@ -6,6 +6,9 @@ import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { promisify } from "node:util";
 import { RunConfigSchema } from "../../services/common/config/index.js";
+import { exportSaeLens } from "../../services/trainer/export.js";
+import { SaeRun } from "../../services/trainer/sae-run.js";
+import { allocState } from "../../services/trainer/sae.js";
 import { runCli } from "../../tools/eval/main.js";
 import { EVAL_FILE, evaluateRun, exportDir } from "../../tools/eval/run.js";
 import type { SpliceResult } from "../../tools/eval/splice.js";
@@ -58,6 +61,44 @@ describe("eval CLI and run evaluation", () => {
       ],
     );
     assert.equal(rows[1]!.relative_reconstruction_bias, null, "an undefined ratio is null in JSON");
+  });
+
+  test("a trained JumpReLU's export evaluates: thresholds at zero keep the identity, thresholds above every activation ablate", async () => {
+    const config = RunConfigSchema.parse({
+      run: { dir: join(root, "jrt-run") },
+      producer: { model: tiny.modelPath, contextLength: 16 },
+      buffer: { hookPoints: [{ name: HOOK, dModel: d }] },
+      trainer: { hookPoint: HOOK, dModel: d, saes: [{ name: "jrt", recipe: "jumprelu_trained", width: 2 * d }] },
+    });
+    const recovered: number[] = [];
+    for (const theta of [-1, 1e9]) {
+      // The identity SAE's weights as jumprelu_trained holds them, exported through the trainer's own path.
+      const state = allocState(2 * d, d, "jumprelu_trained");
+      for (let i = 0; i < d; i++) {
+        state.W_enc[i * d + i] = state.W_dec[i * d + i] = 1;
+        state.W_enc[(d + i) * d + i] = state.W_dec[(d + i) * d + i] = -1;
+      }
+      state.threshold!.fill(theta);
+      const run = new SaeRun(config.trainer.saes[0]!, 0, join(root, `jrt-${theta}`), 0, config.trainer);
+      const info = run.exportInfo(config, { step: 1, tokens: 1, scale: 1 }, state);
+      const dir = exportSaeLens(run.exportDir, state, 2 * d, d, info);
+      const res = await cli([
+        "--model",
+        tiny.modelPath,
+        "--sae",
+        dir,
+        "--contexts",
+        "2",
+        "--context-length",
+        "16",
+        "--out",
+        join(root, `jrt-${theta}.json`),
+      ]);
+      assert.equal(res.code, 0, res.err);
+      const [row] = JSON.parse(readFileSync(join(root, `jrt-${theta}.json`), "utf8")) as SpliceResult[];
+      recovered.push(row!.fraction_loss_recovered!);
+    }
+    assert.deepEqual(recovered, [1, 0]);
   });
 
   test("refuses a missing --sae folder, naming the flag", async () => {

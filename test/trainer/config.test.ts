@@ -86,6 +86,38 @@ describe("trainer config", () => {
     );
   });
 
+  test("jumprelu_trained defaults to SAELens' JumpReLU training settings and refuses bad ones naming the key", () => {
+    const sae = loadConfig({ sets: ["trainer.saes=[{name: a, recipe: jumprelu_trained}]"] }).trainer.saes[0]!;
+    assert.deepEqual(
+      [
+        sae.l0Coefficient,
+        sae.l0WarmupSteps,
+        sae.jumpreluBandwidth,
+        sae.jumpreluInitThreshold,
+        sae.jumpreluSparsityLossMode,
+        sae.jumpreluTanhScale,
+        sae.preActLossCoefficient,
+      ],
+      [1, 0, 0.05, 0.01, "step", 4, 0],
+    );
+    const bad = (set: string) => refused(() => loadConfig({ sets: [`trainer.saes=[{name: a, recipe: jumprelu_trained, ${set}}]`] })).keys;
+    assert.deepEqual(bad("jumpreluBandwidth: 0"), ["trainer.saes.0.jumpreluBandwidth"]);
+    assert.deepEqual(bad("jumpreluInitThreshold: 0"), ["trainer.saes.0.jumpreluInitThreshold"]);
+    assert.deepEqual(bad("jumpreluSparsityLossMode: l1"), ["trainer.saes.0.jumpreluSparsityLossMode"]);
+    assert.deepEqual(bad("jumpreluTanhScale: -1"), ["trainer.saes.0.jumpreluTanhScale"]);
+    assert.deepEqual(bad("l0Coefficient: -1"), ["trainer.saes.0.l0Coefficient"]);
+    assert.deepEqual(bad("preActLossCoefficient: -3e-6"), ["trainer.saes.0.preActLossCoefficient"]);
+    assert.deepEqual(bad("kStart: 100"), ["trainer.saes.0.kStart"]);
+  });
+
+  test("jumprelu_trained's keys on another recipe (jumprelu trains as TopK) are refused naming the key", () => {
+    const err = refused(() =>
+      loadConfig({ sets: ["trainer.saes=[{name: a, recipe: jumprelu, l0Coefficient: 0.5, jumpreluTanhScale: 2}]"] }),
+    );
+    assert.deepEqual(err.keys.sort(), ["trainer.saes.0.jumpreluTanhScale", "trainer.saes.0.l0Coefficient"]);
+    assert.match(err.message, /only jumprelu_trained trains with l0Coefficient, not jumprelu/);
+  });
+
   test("a decoder init norm that unit-norm decoders would undo is refused naming trainer.decoderInitNorm", () => {
     const err = refused(() => loadConfig({ sets: ["trainer.decoderInitNorm=0.5"] }));
     assert.deepEqual(err.keys, ["trainer.decoderInitNorm"]);

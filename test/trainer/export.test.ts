@@ -5,8 +5,9 @@ import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { type ExportInfo, exportSaeLens, hookLayer, loadSaeLens, SPARSITY_FILE } from "../../services/trainer/export.js";
 import { evaluate, type StepScalars, toParams64 } from "../../services/trainer/reference.js";
+import { SaeRun } from "../../services/trainer/sae-run.js";
 import { loadSae, saeForward } from "../../tools/eval/sae.js";
-import { busyState, gaussianBatch, saeLensForward, smallSpec } from "./fixtures.js";
+import { busyState, gaussianBatch, saeLensForward, smallSpec, testConfig } from "./fixtures.js";
 
 const spec = smallSpec({ batchSize: 16, dModel: 6, width: 16, k: 3 });
 const { width: n, dModel: d } = spec;
@@ -23,7 +24,7 @@ const info = (over: Partial<ExportInfo>): ExportInfo => ({
   ...over,
 });
 
-const noStep: StepScalars = { scale, lr: 0, t: 1, l1Coef: 0, k: 3, deadIdx: [], auxK: 0, auxScale: 0 };
+const noStep: StepScalars = { scale, lr: 0, t: 1, sparsityCoef: 0, preActCoef: 0, k: 3, deadIdx: [], auxK: 0, auxScale: 0 };
 
 /** What the trained SAE reconstructs from raw x: x_hat_norm / scale = (err + x_norm) / scale. */
 const trainedRecon = (x: Float32Array, s: typeof spec, state: ReturnType<typeof busyState>) => {
@@ -129,6 +130,37 @@ describe("SAELens export", () => {
       assert.ok(codes.some((c) => c > 0) && codes.some((c, i) => c === 0 && i % n !== 0), "some latents gated on, some off");
       assertRecon(saeLensForward(exp, x).recon, expected, "gated");
       assertRecon(saeForward(loadSae(dir), x, gated.batchSize).recon, expected, "tools/eval gated");
+    }
+  });
+
+  test("a trained JumpReLU exports relu(theta) as SAELens' threshold and runs as trained, decoder norms folded or not", () => {
+    for (const unitNormDecoder of [true, false]) {
+      const jump = smallSpec({ recipe: "jumprelu_trained", batchSize: 16, width: 16, unitNormDecoder });
+      const jumpState = busyState(jump, `jump-${unitNormDecoder}`);
+      const config = testConfig(join(root, "cfg-run"), {
+        dModel: d,
+        unitNormDecoder,
+        ...(unitNormDecoder ? {} : { decoderInitNorm: 0.5 }),
+        saes: [{ name: "jrt", recipe: "jumprelu_trained", width: n, jumpreluBandwidth: 0.2 }],
+      });
+      const run = new SaeRun(config.trainer.saes[0]!, 0, join(root, `jrt-${unitNormDecoder}`), 5, config.trainer);
+      const exportInfo = run.exportInfo(config, { step: 10, tokens: 160, scale }, jumpState);
+      assert.equal(exportInfo.architecture, "jumprelu");
+      assert.deepEqual(
+        Array.from(exportInfo.threshold!),
+        Array.from(jumpState.threshold!, (v) => Math.max(v, 0)),
+      );
+      assert.equal(exportInfo.provenance.jumprelu_bandwidth, 0.2);
+      const dir = exportSaeLens(run.exportDir, jumpState, n, d, exportInfo);
+      const exp = loadSaeLens(dir);
+      assert.deepEqual(Object.keys(exp.tensors).sort(), ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]);
+      assert.equal(exp.cfg.activation_fn_str, "relu");
+      const x = gaussianBatch(jump.batchSize, d, "jump", 3);
+      const expected = trainedRecon(x, jump, jumpState);
+      const { codes } = saeLensForward(exp, x);
+      assert.ok(codes.some((c) => c > 0) && codes.some((c) => c === 0), "some latents clear their thresholds, some do not");
+      assertRecon(saeLensForward(exp, x).recon, expected, "jumprelu_trained");
+      assertRecon(saeForward(loadSae(dir), x, jump.batchSize).recon, expected, "tools/eval jumprelu_trained");
     }
   });
 

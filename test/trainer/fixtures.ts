@@ -35,7 +35,8 @@ export function gaussianBatch(rows: number, d: number, seed: string, scale = 1):
 
 /**
  * A state with nonzero biases, so every term of the step is exercised; decoder rows of unequal
- * norms when the spec leaves them free, and a live magnitude path for gated.
+ * norms when the spec leaves them free, a live magnitude path for gated, and thresholds amid the
+ * pre-activations for jumprelu_trained.
  */
 export function busyState(spec: StepSpec, seed: string): SaeState {
   const { width: n, dModel: d } = spec;
@@ -56,6 +57,8 @@ export function busyState(spec: StepSpec, seed: string): SaeState {
     }
   }
   if (s.r_mag && s.b_mag) for (let i = 0; i < n; i++) [s.r_mag[i], s.b_mag[i]] = [0.3 * rng.normal(), 0.1 * rng.normal()];
+  // Thresholds spread over the pre-activations' range; latent 0's below zero, where relu(theta) passes no gradient.
+  if (s.threshold) for (let i = 0; i < n; i++) s.threshold[i] = i === 0 ? -0.1 : 0.05 + 0.6 * rng.uniform();
   return s;
 }
 

@@ -11,4 +11,13 @@ export const CASES: Record<string, Partial<StepSpec>> = {
   "matryoshka while k anneals, fp16 word pairs": { recipe: "matryoshka", prefixes: [5, 9], annealK: true, k: 8, input: "fp16-words" },
   relu: { recipe: "relu", unitNormDecoder: false },
   gated: { recipe: "gated" },
+  "jumprelu_trained, L0 + pre-act loss": {
+    recipe: "jumprelu_trained",
+    jumpRelu: { bandwidth: 0.05, sparsityLoss: "step", tanhScale: 4, preActLoss: true },
+  },
+  "jumprelu_trained, tanh, free decoder norms": {
+    recipe: "jumprelu_trained",
+    unitNormDecoder: false,
+    jumpRelu: { bandwidth: 0.05, sparsityLoss: "tanh", tanhScale: 4, preActLoss: false },
+  },
 };

@@ -28,5 +28,6 @@ for (const [name, over] of Object.entries(CASES)) {
   await open(`step: ${name}`, buildStepGraph(spec), outputs);
 }
 await open("copy: gated", buildCopyGraph("gated", 16, 6), {});
+await open("copy: jumprelu_trained", buildCopyGraph("jumprelu_trained", 16, 6), {});
 await open("calibrate", buildCalibrateGraph({ batchSize: 8, dModel: 6, width: 16, k: 3, input: "fp32" }), {});
 mark("done");

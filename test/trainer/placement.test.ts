@@ -49,7 +49,7 @@ test(
     const code = await new Promise<number | null>((r) => child.once("close", r));
     assert.equal(code, 0, log.slice(-4000));
     const placed = cpuNodes(log);
-    const expected = [...Object.keys(CASES).map((c) => `step: ${c}`), "copy: gated", "calibrate", "done"];
+    const expected = [...Object.keys(CASES).map((c) => `step: ${c}`), "copy: gated", "copy: jumprelu_trained", "calibrate", "done"];
     assert.deepEqual([...placed.keys()], expected);
     for (const [name, nodes] of placed) {
       const stray = nodes.filter((n) => {

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import ort from "onnxruntime-node";
 import { fp32ToFp16, fp16ToFp32 } from "../../services/common/tensor-codec.js";
-import { paramsOf, STAT, stateOf, type StepSpec } from "../../services/trainer/graph/step.js";
+import { type JumpReluSpec, paramsOf, STAT, stateOf, type StepSpec } from "../../services/trainer/graph/step.js";
 import { clipFactor, evaluate, referenceStep, type StepScalars, toParams64 } from "../../services/trainer/reference.js";
 import { allocState, copyState, stateTensor } from "../../services/trainer/sae.js";
 import { StepSession } from "../../services/trainer/session.js";
@@ -12,7 +12,8 @@ const scalars = (over: Partial<StepScalars> = {}): StepScalars => ({
   scale: 1.3,
   lr: 1e-2,
   t: 1,
-  l1Coef: 0.05,
+  sparsityCoef: 0.05,
+  preActCoef: 0,
   k: 3,
   deadIdx: [],
   auxK: 0,
@@ -21,6 +22,31 @@ const scalars = (over: Partial<StepScalars> = {}): StepScalars => ({
 });
 
 const auxK = { deadIdx: [1, 4, 5, 9, 14], auxK: 2, auxScale: 0.5 };
+/** A bandwidth wide enough that some tokens of these small batches sit within it of each threshold. */
+const jump = (over: Partial<JumpReluSpec> = {}): JumpReluSpec => ({
+  bandwidth: 0.5,
+  sparsityLoss: "step",
+  tanhScale: 4,
+  preActLoss: false,
+  ...over,
+});
+const JUMP_CASES: Array<{ name: string; spec: StepSpec; sc: StepScalars }> = [
+  { name: "jumprelu_trained, L0", spec: smallSpec({ recipe: "jumprelu_trained", jumpRelu: jump() }), sc: scalars({ sparsityCoef: 0.3 }) },
+  {
+    name: "jumprelu_trained, tanh penalty + pre-act loss, free decoder norms",
+    spec: smallSpec({
+      recipe: "jumprelu_trained",
+      unitNormDecoder: false,
+      jumpRelu: jump({ sparsityLoss: "tanh", tanhScale: 2, preActLoss: true }),
+    }),
+    sc: scalars({ sparsityCoef: 0.2, preActCoef: 0.3, deadIdx: [0, 1, 4, 5, 9, 14] }),
+  },
+  {
+    name: "jumprelu_trained, L0 + pre-act loss, clipped",
+    spec: smallSpec({ recipe: "jumprelu_trained", gradClipNorm: 0.05, jumpRelu: jump({ bandwidth: 0.3, preActLoss: true }) }),
+    sc: scalars({ sparsityCoef: 0.1, preActCoef: 0.5, deadIdx: [0, 3, 7] }),
+  },
+];
 const CASES: Array<{ name: string; spec: StepSpec; sc: StepScalars }> = [
   { name: "topk", spec: smallSpec(), sc: scalars() },
   { name: "topk + AuxK", spec: smallSpec({ auxK: true }), sc: scalars(auxK) },
@@ -46,9 +72,10 @@ const CASES: Array<{ name: string; spec: StepSpec; sc: StepScalars }> = [
     sc: scalars({ k: 6 }),
   },
   { name: "relu + L1", spec: smallSpec({ recipe: "relu", unitNormDecoder: false }), sc: scalars() },
-  { name: "gated", spec: smallSpec({ recipe: "gated" }), sc: scalars({ l1Coef: 0.2 }) },
-  { name: "gated, free decoder norms", spec: smallSpec({ recipe: "gated", unitNormDecoder: false }), sc: scalars({ l1Coef: 0.2 }) },
+  { name: "gated", spec: smallSpec({ recipe: "gated" }), sc: scalars({ sparsityCoef: 0.2 }) },
+  { name: "gated, free decoder norms", spec: smallSpec({ recipe: "gated", unitNormDecoder: false }), sc: scalars({ sparsityCoef: 0.2 }) },
   { name: "topk + gradient clipping", spec: smallSpec({ auxK: true, gradClipNorm: 0.05 }), sc: scalars(auxK) },
+  ...JUMP_CASES,
 ];
 
 function assertClose(actual: ArrayLike<number>, expected: ArrayLike<number>, tol: number, what: string): void {
@@ -72,7 +99,8 @@ describe("reference step", () => {
       // AuxK's target and gated's frozen decoder are constants to the gradient, so hold them fixed.
       const lossAt = () => evaluate(spec, params, x, sc, base.frozen).loss;
       const h = 1e-6;
-      for (const p of paramsOf(spec.recipe)) {
+      // theta's straight-through gradient is no derivative of the loss: its own test checks it against the formula.
+      for (const p of paramsOf(spec.recipe).filter((q) => q !== "threshold")) {
         const values = params[p]!;
         for (let probe = 0; probe < Math.min(values.length, 24); probe++) {
           const i = (probe * 7919) % values.length;
@@ -88,9 +116,87 @@ describe("reference step", () => {
         }
       }
       assert.ok(base.stats[STAT.sse]! > 0);
-      if (spec.auxK || spec.recipe === "gated") assert.ok(base.stats[STAT.aux]! > 0, "the auxiliary term is live");
-      if (spec.recipe === "relu" || spec.recipe === "gated") assert.ok(base.stats[STAT.penalty]! > 0, "the L1 term is live");
+      if (spec.auxK || spec.recipe === "gated" || spec.jumpRelu?.preActLoss)
+        assert.ok(base.stats[STAT.aux]! > 0, "the auxiliary term is live");
+      if (["relu", "gated", "jumprelu_trained"].includes(spec.recipe))
+        assert.ok(base.stats[STAT.penalty]! > 0, "the sparsity term is live");
       if (spec.recipe === "matryoshka") assert.ok(base.stats[STAT.prefix]! > base.stats[STAT.sse]!, "inner prefixes reconstruct worse");
+    });
+  }
+});
+
+/**
+ * theta's gradient, from the formulas of Rajamanoharan et al. 2024 as SAELens writes them, computed
+ * here from a forward pass of its own: with t = relu(theta) and K(u) = 1[|u| < 1/2],
+ *   -(t_i / eps) sum_b K((pre_bi - t_i) / eps) dL/df_bi   (the jump's pseudo-derivative)
+ *   -(lambda / (B eps)) sum_b K(...)                       (step mode's L0)
+ * plus what is a true derivative, the pre-activation loss's, taken by central finite differences
+ * (nothing else in the loss moves with theta unless a pre-activation crosses the threshold); all of
+ * it zero where theta <= 0.
+ */
+function thresholdGradient(spec: StepSpec, params: ReturnType<typeof toParams64>, x: Float32Array, sc: StepScalars): Float64Array {
+  const { batchSize: B, dModel: d, width: n } = spec;
+  const { bandwidth: eps, sparsityLoss, tanhScale } = spec.jumpRelu!;
+  const { W_enc, b_enc, W_dec, b_dec } = params;
+  const theta = params.threshold!;
+  const norms = Array.from({ length: n }, (_, i) => Math.hypot(...W_dec.subarray(i * d, (i + 1) * d)));
+  const pre = (b: number, i: number) =>
+    b_enc[i]! + Array.from({ length: d }, (_, j) => (x[b * d + j]! * sc.scale - b_dec[j]!) * W_enc[i * d + j]!).reduce((a, v) => a + v);
+  const out = new Float64Array(n);
+  for (let b = 0; b < B; b++) {
+    const p = Array.from({ length: n }, (_, i) => pre(b, i));
+    const f = p.map((v, i) => (v > Math.max(theta[i]!, 0) ? v : 0));
+    const err = Array.from(
+      { length: d },
+      (_, j) => b_dec[j]! + f.reduce((a, v, i) => a + v * W_dec[i * d + j]!, 0) - x[b * d + j]! * sc.scale,
+    );
+    for (let i = 0; i < n; i++) {
+      const t = Math.max(theta[i]!, 0);
+      if (!(theta[i]! > 0) || !(Math.abs(p[i]! - t) < eps / 2)) continue;
+      let dF = (2 / B) * err.reduce((a, e, j) => a + e * W_dec[i * d + j]!, 0);
+      if (sparsityLoss === "tanh")
+        dF += (sc.sparsityCoef / B) * tanhScale * norms[i]! * (1 - Math.tanh(tanhScale * f[i]! * norms[i]!) ** 2);
+      out[i]! += -(t / eps) * dF - (sparsityLoss === "step" ? sc.sparsityCoef / (B * eps) : 0);
+    }
+  }
+  const h = 1e-7;
+  for (let i = 0; i < n; i++) {
+    const keep = theta[i]!;
+    theta[i] = keep + h;
+    const up = evaluate(spec, params, x, sc).loss;
+    theta[i] = keep - h;
+    const down = evaluate(spec, params, x, sc).loss;
+    theta[i] = keep;
+    out[i]! += (up - down) / (2 * h);
+  }
+  return out;
+}
+
+describe("JumpReLU's threshold gradient", () => {
+  for (const { name, spec, sc } of JUMP_CASES) {
+    test(`${name}: the straight-through estimator for theta matches the formula, kernel width and all`, () => {
+      const x = gaussianBatch(spec.batchSize, spec.dModel, name);
+      const params = toParams64(busyState(spec, name), spec.recipe);
+      const expected = thresholdGradient(spec, params, x, sc);
+      const got = evaluate(spec, params, x, sc).grads.threshold!;
+      for (let i = 0; i < spec.width; i++) {
+        assert.ok(
+          Math.abs(got[i]! - expected[i]!) <= 1e-6 * Math.max(1, Math.abs(expected[i]!)),
+          `threshold[${i}]: ${got[i]} vs ${expected[i]}`,
+        );
+      }
+      assert.equal(got[0], 0, "theta below zero: relu passes no gradient");
+      assert.ok(got.filter((v) => v !== 0).length >= 3, "several thresholds have tokens within the kernel");
+      // A kernel too narrow to hold any token leaves theta only the pre-activation loss's gradient.
+      const narrow = { ...spec, jumpRelu: { ...spec.jumpRelu!, bandwidth: 1e-9 } };
+      const still = evaluate(narrow, params, x, sc).grads.threshold!;
+      const preActOnly = thresholdGradient(narrow, params, x, sc);
+      for (let i = 0; i < spec.width; i++) assert.ok(Math.abs(still[i]! - preActOnly[i]!) <= 1e-6 * Math.max(1, Math.abs(preActOnly[i]!)));
+      if (!spec.jumpRelu!.preActLoss)
+        assert.ok(
+          still.every((v) => v === 0),
+          "and without it, none",
+        );
     });
   }
 });

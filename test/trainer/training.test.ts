@@ -126,6 +126,44 @@ describe("training on planted sparse directions", () => {
   });
 });
 
+describe("JumpReLU trained directly on planted sparse directions", () => {
+  test("with SAELens' defaults and an L0 warm-up, L0 falls to the planted 3, the directions are recovered, and the export infers as trained", async (t) => {
+    const dir = runDir();
+    const sae = { name: "jrt", recipe: "jumprelu_trained", width: 96, lr: 0.01, l0WarmupSteps: 50 };
+    const { result } = await train(dir, { steps: 300, exportOnFinish: true, saes: [sae] }, batches);
+    const lines = readJsonl(join(dir, "jrt", "metrics.jsonl"));
+    const [first, last] = [lines[0]!, lines.at(-1)!];
+    assert.ok((first.l0 as number) > 5 * (last.l0 as number), `the L0 penalty drives L0 down: ${first.l0} -> ${last.l0}`);
+    assert.ok((last.l0 as number) > 2 && (last.l0 as number) < 4.5, `L0 ${last.l0} near the planted 3`);
+    assert.ok(
+      (last.penalty as number) > 0 && Math.abs((last.penalty as number) - (last.l0 as number)) < 1e-3,
+      "penalty = l0Coefficient (1) x L0",
+    );
+    assert.ok((last.explained_variance as number) > 0.9);
+    const { state } = finalState(dir, "jrt", 96, 300, "jumprelu_trained");
+    const cos = bestCosines(data.directions, state.W_dec, D);
+    const exp = loadSaeLens(result.exports[0]!);
+    assert.equal(exp.cfg.architecture, "jumprelu");
+    assert.deepEqual(
+      Array.from(exp.tensors.threshold!.data as Float32Array),
+      Array.from(state.threshold!, (v) => Math.max(v, 0)),
+      "SAELens' threshold is relu(theta), unit decoder rows folding nothing",
+    );
+    assert.equal((exp.cfg.saeflow as { jumprelu_bandwidth: number }).jumprelu_bandwidth, 0.05);
+    const x = data.batches[599]!;
+    const { codes, recon } = saeLensForward(exp, x);
+    const l0 = codes.reduce((a, v) => a + (v > 0 ? 1 : 0), 0) / ROWS;
+    const ev = explainedVariance(x, recon, D);
+    const evEval = explainedVariance(x, saeForward(loadSae(result.exports[0]!), x, ROWS).recon, D);
+    t.diagnostic(
+      `recovered ${cos.filter((c) => c > 0.9).length}/48, L0 ${first.l0} -> ${last.l0}, export L0 ${l0}, explained variance ${ev}`,
+    );
+    assert.ok(cos.filter((c) => c > 0.9).length >= 0.9 * cos.length, `recovered ${cos.filter((c) => c > 0.9).length}/48`);
+    assert.ok(l0 > 2 && l0 < 4.5, `inference L0 ${l0}`);
+    assert.ok(ev > 0.9 && Math.abs(evEval - ev) < 1e-4, `export explained variance ${ev}, tools/eval ${evEval}`);
+  });
+});
+
 describe("Gated and Matryoshka-BatchTopK on planted sparse directions", () => {
   test("Gated: the loss falls, most directions are recovered, and the SAELens gated export reconstructs", async (t) => {
     const dir = runDir();
@@ -204,7 +242,7 @@ describe("sparsity.safetensors", () => {
     const fired = new Float64Array(96);
     for (let t = steps - window + 1; t <= steps; t++) {
       const before = finalState(dir, "s", 96, t - 1);
-      const sc = { scale: before.meta.scale, lr: 0, t, l1Coef: 0, k: 3, deadIdx: [], auxK: 0, auxScale: 0 };
+      const sc = { scale: before.meta.scale, lr: 0, t, sparsityCoef: 0, preActCoef: 0, k: 3, deadIdx: [], auxK: 0, auxScale: 0 };
       evaluate(spec, toParams64(before.state), data.batches[t - 1]!, sc).fires.forEach((f, i) => (fired[i]! += f));
     }
     const written = loadSaeLens(result.exports[0]!).sparsity!;
@@ -214,25 +252,27 @@ describe("sparsity.safetensors", () => {
   });
 });
 
-describe("AuxK", () => {
-  // Planted dead latents: encoder rows shrunk 1000x, so they never win a top-k slot on their own.
-  async function plantedRun(auxKCoefficient: number): Promise<number> {
+describe("reviving dead latents", () => {
+  /**
+   * Planted dead latents: encoder rows shrunk 1000x, so they never win a top-k slot on their own, nor
+   * (jumprelu_trained) clear their thresholds. Returns how many fired again.
+   */
+  async function plantedRun(recipe: "topk" | "jumprelu_trained", coefficient: number): Promise<number> {
     const dir = runDir();
     const width = 96;
     const planted = Array.from({ length: 24 }, (_, i) => 72 + i);
     const scale = normalisationScale(data.batches.slice(0, 4), D);
-    const state = initState(width, D, new Rng(1, "aux"), new Float32Array(D));
+    const state = initState(width, D, new Rng(1, "aux"), new Float32Array(D), { recipe });
     for (const i of planted) for (let j = 0; j < D; j++) state.W_enc[i * D + j]! *= 1e-3;
     const spec = {
       name: "sae",
-      recipe: "topk" as const,
+      recipe,
       width,
       k: 3,
       lr: 0.01,
       l1Coefficient: 0,
       l1WarmupSteps: 0,
-      auxKCoefficient,
-      kAux: 16,
+      ...(recipe === "topk" ? { auxKCoefficient: coefficient, kAux: 16 } : { preActLossCoefficient: coefficient }),
     };
     saveCheckpoint(
       join(dir, "sae", "checkpoints"),
@@ -250,7 +290,7 @@ describe("AuxK", () => {
         lastFired: new Float64Array(width),
         fired: [new Float64Array(width), new Float64Array(width)],
       },
-      "topk",
+      recipe,
       width,
       D,
       2,
@@ -259,16 +299,24 @@ describe("AuxK", () => {
     const t = new Training({ config, source: new ArrayBatchSource(batches) });
     const { step } = await t.run();
     // Revived: fired on some token after planting (last_fired counts tokens; 0 is never).
-    const { lastFired } = finalState(dir, "sae", width, step);
+    const { lastFired } = finalState(dir, "sae", width, step, recipe);
     return planted.filter((i) => lastFired[i]! > 0).length;
   }
 
-  test("revives planted dead latents that stay dead without it", async (t) => {
-    const revived = await plantedRun(1 / 32);
-    const control = await plantedRun(0);
+  test("AuxK revives planted dead latents that stay dead without it", async (t) => {
+    const revived = await plantedRun("topk", 1 / 32);
+    const control = await plantedRun("topk", 0);
     t.diagnostic(`revived ${revived}/24 with AuxK, ${control}/24 without`);
     assert.equal(control, 0, "without AuxK nothing brings them back");
     assert.ok(revived >= 18, `AuxK revived ${revived}/24`);
+  });
+
+  test("jumprelu_trained's pre-activation loss revives planted dead latents that stay dead without it", async (t) => {
+    const revived = await plantedRun("jumprelu_trained", 1e-3);
+    const control = await plantedRun("jumprelu_trained", 0);
+    t.diagnostic(`revived ${revived}/24 with the pre-activation loss, ${control}/24 without`);
+    assert.equal(control, 0, "without it nothing brings them back");
+    assert.ok(revived >= 18, `the pre-activation loss revived ${revived}/24`);
   });
 });
 
@@ -287,6 +335,15 @@ describe("checkpoints", () => {
         { name: "b", recipe: "batchtopk", width: 64, k: 4, lr: 0.005 },
         { name: "c", recipe: "gated", width: 64, lr: 0.01, l1Coefficient: 5 },
         { name: "d", recipe: "matryoshka", width: 64, k: 4, kStart: 16, prefixes: [16, 32], lr: 0.005 },
+        {
+          name: "e",
+          recipe: "jumprelu_trained",
+          width: 64,
+          lr: 0.01,
+          l0WarmupSteps: 50,
+          jumpreluSparsityLossMode: "tanh",
+          preActLossCoefficient: 1e-3,
+        },
       ],
     };
     const whole = runDir();
@@ -295,7 +352,7 @@ describe("checkpoints", () => {
     // The first process sees 70 batches (its stream ends: a crash after step 70 loses nothing the
     // checkpoint at 40 does not hold, so restart from 40 by dropping the final checkpoint).
     await train(split, settings, batches.slice(0, 70));
-    for (const sae of ["a", "b", "c", "d"]) {
+    for (const sae of ["a", "b", "c", "d", "e"]) {
       const dir = join(split, sae, "checkpoints");
       assert.deepEqual(checkpointSteps(dir), [40, 70]);
       rmSync(checkpointPath(dir, 70));
@@ -306,6 +363,7 @@ describe("checkpoints", () => {
       ["b", 64, "batchtopk"],
       ["c", 64, "gated"],
       ["d", 64, "matryoshka"],
+      ["e", 64, "jumprelu_trained"],
     ] as const;
     for (const [sae, width, recipe] of saes) {
       const x = finalState(whole, sae, width, 120, recipe);

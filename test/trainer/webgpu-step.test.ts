@@ -32,15 +32,30 @@ const CASES: Array<{ name: string; spec: Partial<StepSpec>; sc?: Partial<StepSca
     sc: { k: 6 },
   },
   { name: "relu + L1", spec: { recipe: "relu", unitNormDecoder: false } },
-  { name: "gated", spec: { recipe: "gated" }, sc: { l1Coef: 0.2 } },
+  { name: "gated", spec: { recipe: "gated" }, sc: { sparsityCoef: 0.2 } },
   { name: "topk + gradient clipping", spec: { auxK: true, gradClipNorm: 0.05 }, sc: aux },
+  {
+    name: "jumprelu_trained, L0 + pre-act loss",
+    spec: { recipe: "jumprelu_trained", jumpRelu: { bandwidth: 0.5, sparsityLoss: "step", tanhScale: 4, preActLoss: true } },
+    sc: { sparsityCoef: 0.1, preActCoef: 0.5, deadIdx: [0, 3, 7] },
+  },
+  {
+    name: "jumprelu_trained, tanh penalty, free decoder norms",
+    spec: {
+      recipe: "jumprelu_trained",
+      unitNormDecoder: false,
+      jumpRelu: { bandwidth: 0.5, sparsityLoss: "tanh", tanhScale: 2, preActLoss: false },
+    },
+    sc: { sparsityCoef: 0.2 },
+  },
 ];
 
 const scalars = (t: number, over: Partial<StepScalars> = {}): StepScalars => ({
   scale: 1.3,
   lr: 1e-2,
   t,
-  l1Coef: 0.05,
+  sparsityCoef: 0.05,
+  preActCoef: 0,
   k: 3,
   deadIdx: [],
   auxK: 0,

@@ -67,15 +67,26 @@ async function wholeAndResumed(settings: Record<string, unknown>, steps: number,
 }
 
 describe("training on WebGPU (SwiftShader)", { timeout: 600_000 }, () => {
-  test("ReLU and Gated resume from a device checkpoint bit-identical to an uninterrupted device run", async () => {
+  test("ReLU, Gated and a trained JumpReLU resume from a device checkpoint bit-identical to an uninterrupted device run", async () => {
     const saes = [
       { name: "relu", recipe: "relu", width: 48, lr: 0.01, l1Coefficient: 0.5 },
       { name: "gated", recipe: "gated", width: 48, lr: 0.01, l1Coefficient: 0.5 },
+      {
+        name: "jrt",
+        recipe: "jumprelu_trained",
+        width: 48,
+        lr: 0.01,
+        l0WarmupSteps: 4,
+        jumpreluBandwidth: 0.5,
+        preActLossCoefficient: 1e-3,
+      },
     ];
-    const { whole, split } = await wholeAndResumed({ steps: 16, checkpointEvery: 8, saes }, 16, 8, ["webgpu", "webgpu"]);
+    const settings = { steps: 16, checkpointEvery: 8, deadWindowTokens: 2 * ROWS, saes };
+    const { whole, split } = await wholeAndResumed(settings, 16, 8, ["webgpu", "webgpu"]);
     for (const [sae, recipe] of [
       ["relu", "relu"],
       ["gated", "gated"],
+      ["jrt", "jumprelu_trained"],
     ] as const) {
       assert.deepEqual(checkpointSteps(join(split, sae, "checkpoints")), [8, 16]);
       compareStates(checkpoint(whole, sae, recipe, 48, 16), checkpoint(split, sae, recipe, 48, 16), recipe, 0, sae);
@@ -152,24 +163,26 @@ describe("training on WebGPU (SwiftShader)", { timeout: 600_000 }, () => {
         { name: "mat", recipe: "matryoshka", width: 48, k: 3, kStart: 9, prefixes: [8, 24], lr: 0.01 },
         { name: "relu", recipe: "relu", width: 48, lr: 0.01, l1Coefficient: 0.5, l1WarmupSteps: 4 },
         { name: "gated", recipe: "gated", width: 48, lr: 0.01, l1Coefficient: 0.5 },
+        { name: "jrt", recipe: "jumprelu_trained", width: 48, lr: 0.01, jumpreluSparsityLossMode: "tanh", jumpreluBandwidth: 0.5 },
       ],
     };
     const [cpu, gpu] = [runDir(), runDir()];
     const a = await train(cpu, { ...settings, executionProvider: "cpu" }, bf16);
     const b = await train(gpu, { ...settings, executionProvider: "webgpu" }, bf16);
     assert.equal(b.step, 20);
-    assert.equal(b.exports.length, 5);
-    assert.equal(a.exports.length, 5);
+    assert.equal(b.exports.length, 6);
+    assert.equal(a.exports.length, 6);
     for (const [sae, recipe] of [
       ["jump", "topk"],
       ["btk", "batchtopk"],
       ["mat", "matryoshka"],
       ["relu", "relu"],
       ["gated", "gated"],
+      ["jrt", "jumprelu_trained"],
     ] as const) {
       compareStates(checkpoint(cpu, sae, recipe, 48, 20), checkpoint(gpu, sae, recipe, 48, 20), recipe, 1e-3, sae);
     }
-    for (const sae of ["jump", "btk", "mat"]) {
+    for (const sae of ["jump", "btk", "mat", "jrt"]) {
       const [x, y] = [loadSaeLens(join(cpu, sae, "sae_lens")), loadSaeLens(join(gpu, sae, "sae_lens"))];
       const [tx, ty] = [x.tensors.threshold!.data as Float32Array, y.tensors.threshold!.data as Float32Array];
       tx.forEach((v, i) =>

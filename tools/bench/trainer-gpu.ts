@@ -126,7 +126,9 @@ def setup(d, n, k, sparse, dtype):
 
 for command in sys.stdin:
     c = json.loads(command)
-    if c["op"] == "init":
+    if c["op"] == "about":
+        print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(dev), "blas": "cuBLAS"}), flush=True)
+    elif c["op"] == "init":
         step = setup(c["d"], c["n"], c["k"], c["sparse"], c["dtype"])
         print(json.dumps({"ok": True}), flush=True)
     else:
@@ -157,6 +159,11 @@ class TorchCuda {
     return JSON.parse(answer.value) as Record<string, number>;
   }
 
+  /** torch's version, its CUDA runtime and the GPU it runs on, for the bench's JSON. */
+  async about(): Promise<Record<string, string>> {
+    return (await this.ask({ op: "about" })) as unknown as Record<string, string>;
+  }
+
   async init(d: number, n: number, k: number, sparse: boolean, dtype: Input): Promise<void> {
     await this.ask({ op: "init", d, n, k, sparse, dtype });
   }
@@ -178,7 +185,8 @@ async function timeStepAndGemm(place: Placement, plan: typeof LLAMA_SCOPE, spec:
       const x = batchOf(input, B, d);
       const xf = batchOf("fp32", B, d);
       let t = 0;
-      const step = () => session.run(x, { scale: 1, lr: 1e-4, t: ++t, l1Coef: 0, k, deadIdx: [], auxK: 0, auxScale: 0 });
+      const step = () =>
+        session.run(x, { scale: 1, lr: 1e-4, t: ++t, sparsityCoef: 0, preActCoef: 0, k, deadIdx: [], auxK: 0, auxScale: 0 });
       return await medians([step, () => gemm.run({ x: xf })], plan.warmup, plan.repeats);
     } finally {
       await gemm.release();
@@ -247,14 +255,27 @@ async function stepAt(
 export async function run(): Promise<Record<string, number | string>> {
   const device = findDevice();
   const plan = device.gpu ? LLAMA_SCOPE : SMALL;
-  const figures: Record<string, number | string> = { device: device.name, provider: PROVIDER, gpu: device.gpu ? 1 : 0 };
+  const figures: Record<string, number | string> = {
+    device: device.name,
+    provider: PROVIDER,
+    gpu: device.gpu ? 1 : 0,
+    onnxruntime: ort.env.versions.common,
+  };
   process.stdout.write(`device: ${device.name}\n`);
   if (!device.gpu) {
     process.stdout.write(`no GPU here: small sizes (B=${plan.batch}) on SwiftShader; these figures measure the code path, not a GPU\n`);
   }
   const place: Placement = { provider: PROVIDER, deviceId: DEVICE_ID, threads: 0 };
   const torch = device.gpu ? TorchCuda.start(plan.batch) : "skipped: no GPU";
-  if (typeof torch === "string") process.stdout.write(`(b) PyTorch on the GPU ${torch}\n`);
+  if (typeof torch === "string") {
+    process.stdout.write(`(b) PyTorch on the GPU ${torch}\n`);
+    figures.torch = torch;
+  } else {
+    const about = await torch.about();
+    Object.assign(figures, { torch_version: about.torch, torch_cuda: about.cuda, torch_device: about.device, torch_blas: about.blas });
+    process.stdout.write(`(b) PyTorch ${about.torch}, CUDA ${about.cuda}, ${about.blas} on ${about.device}\n`);
+  }
+  process.stdout.write(`(a) onnxruntime ${figures.onnxruntime}, ${PROVIDER}\n`);
   try {
     for (const size of plan.sizes) {
       for (const input of INPUTS) {

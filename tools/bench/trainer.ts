@@ -1,5 +1,4 @@
-import { type ChildProcessWithoutNullStreams, spawn, spawnSync } from "node:child_process";
-import { createInterface } from "node:readline";
+import { cpus } from "node:os";
 import ort from "onnxruntime-node";
 import { ortSessionOptions } from "../../services/common/ort.js";
 import { F32, GraphBuilder } from "../../services/trainer/graph/builder.js";
@@ -9,15 +8,18 @@ import { Rng } from "../../services/trainer/rng.js";
 import { initState } from "../../services/trainer/sae.js";
 import { StepSession } from "../../services/trainer/session.js";
 import { line, round } from "./stats.js";
+import { describeBlas, TorchStep } from "./trainer-torch.js";
 
 /**
  * Tokens per second of one training step (forward, backward, Adam, renormalisation) as the ONNX
  * step graph runs it on 2 threads, beside (a) the encoder GEMM alone in onnxruntime, the TopK step's
  * one dense product and so its floor, and (b) the same recipe written in PyTorch (Debian's
- * python3-torch, OpenBLAS, 2 threads): TopK at two sizes, then BatchTopK, Matryoshka-BatchTopK,
- * Gated and the dense step that runs while Llama Scope's k anneals, at the smaller one. The figures
- * of one line are timed in turn, step by step, so a machine shared with other work slows them alike;
- * each is a median.
+ * python3-torch on OpenBLAS, 2 threads; see trainer-torch.ts, which refuses a reference BLAS): TopK
+ * at two sizes, then BatchTopK, Matryoshka-BatchTopK, Gated, JumpReLU trained directly and the
+ * dense step that runs while Llama Scope's k anneals, at the smaller one. The figures of one line
+ * are timed in turn, step by step, so a machine shared with other work slows them alike; each is a
+ * median. The output and the JSON say what the references ran on: onnxruntime's version and
+ * threads, torch's version, threads and BLAS library.
  */
 const THREADS = 2;
 const B = 4096;
@@ -35,153 +37,19 @@ const RECIPES: Array<{ name: string; spec: Partial<StepSpec>; torch: boolean; la
     label: "Matryoshka-BatchTopK, prefixes 1024, 4096",
   },
   { name: "gated", spec: { recipe: "gated" }, torch: true, label: "Gated" },
+  // As SAELens trains it: free decoder norms, step-mode L0 with its defaults (bandwidth 0.05, coefficient 1).
+  {
+    name: "jumprelu_trained",
+    spec: { recipe: "jumprelu_trained", unitNormDecoder: false },
+    torch: true,
+    label: "JumpReLU trained (L0, as SAELens)",
+  },
   { name: "topk_anneal", spec: { recipe: "topk", annealK: true, k: 512 }, torch: false, label: "TopK while k anneals (dense, k=512 fed)" },
 ];
 const WARMUP = 3;
 const REPEATS = 5;
 const RECIPE_WARMUP = 1;
 const RECIPE_REPEATS = 3;
-const PYTHON = "/usr/bin/python3";
-
-/**
- * The same steps in PyTorch. TopK: addmm, topk, gather + bmm decode, index_add_ gradients (hand
- * derived, as the ONNX graph is). The other recipes as the libraries users know write them, with
- * autograd: BatchTopK and Matryoshka as dictionary_learning's MatryoshkaBatchTopKTrainer (batch
- * top-k into a dense code, one loss per nested prefix, summed), Gated as SAELens' GatedTrainingSAE
- * (with the gate and magnitude paths sharing one GEMM). torch.optim.Adam, then unit decoder rows.
- */
-const TORCH_STEP = String.raw`
-import json, sys, time, torch
-torch.set_num_threads(int(sys.argv[1]))
-B = int(sys.argv[2])
-step = None
-
-def adam(params):
-    return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-
-def renorm(W_dec):
-    with torch.no_grad():
-        W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-def topk_step(d, n, k, W_dec, x):
-    W_enc = W_dec.clone(); b_enc = torch.zeros(n); b_dec = torch.zeros(d)
-    params = [W_enc, b_enc, W_dec, b_dec]
-    for p in params: p.grad = torch.zeros_like(p)
-    opt = adam(params)
-    def step():
-        with torch.no_grad():
-            xc = x - b_dec
-            pre = torch.addmm(b_enc, xc, W_enc.t())
-            vals, idx = pre.topk(k, dim=1)
-            acts = vals.relu()
-            wsel = W_dec[idx]
-            err = torch.bmm(acts.unsqueeze(1), wsel).squeeze(1) + b_dec - x
-            g = err * (2.0 / B)
-            dvals = torch.bmm(wsel, g.unsqueeze(2)).squeeze(2) * (vals > 0)
-            rows = idx.reshape(-1)
-            W_dec.grad.zero_().index_add_(0, rows, (acts.unsqueeze(2) * g.unsqueeze(1)).reshape(-1, d))
-            W_enc.grad.zero_().index_add_(0, rows, (dvals.unsqueeze(2) * xc.unsqueeze(1)).reshape(-1, d))
-            b_enc.grad.zero_().index_add_(0, rows, dvals.reshape(-1))
-            b_dec.grad.copy_(g.sum(0) - b_enc.grad @ W_enc)
-            opt.step()
-            renorm(W_dec)
-    return step
-
-def matryoshka_step(d, n, k, W_dec, x, prefixes):
-    W_dec.requires_grad_()
-    W_enc = W_dec.detach().clone().requires_grad_()
-    b_enc = torch.zeros(n, requires_grad=True); b_dec = torch.zeros(d, requires_grad=True)
-    bounds = [0] + prefixes + [n]
-    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-    opt = adam([W_enc, b_enc, W_dec, b_dec])
-    def step():
-        opt.zero_grad()
-        pre = torch.relu((x - b_dec) @ W_enc.t() + b_enc)
-        flat = pre.flatten()
-        top = flat.topk(B * k, sorted=False)
-        f = torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(B, n)
-        x_hat = b_dec
-        loss = 0.0
-        for f_g, W_g in zip(f.split(sizes, dim=1), W_dec.split(sizes, dim=0)):
-            x_hat = x_hat + f_g @ W_g
-            loss = loss + (x - x_hat).pow(2).sum(-1).mean()
-        loss.backward()
-        opt.step()
-        renorm(W_dec)
-    return step
-
-def gated_step(d, n, k, W_dec, x):
-    W_dec.requires_grad_()
-    W_enc = W_dec.detach().clone().requires_grad_()
-    b_gate, r_mag, b_mag = (torch.zeros(n, requires_grad=True) for _ in range(3))
-    b_dec = torch.zeros(d, requires_grad=True)
-    opt = adam([W_enc, b_gate, r_mag, b_mag, W_dec, b_dec])
-    def step():
-        opt.zero_grad()
-        enc = (x - b_dec) @ W_enc.t()
-        pi_gate = enc + b_gate
-        f = (pi_gate > 0).float() * torch.relu(enc * r_mag.exp() + b_mag)
-        recon = (f @ W_dec + b_dec - x).pow(2).sum(-1).mean()
-        gate = torch.relu(pi_gate)
-        l1 = (gate * W_dec.norm(dim=1)).sum(-1).mean()
-        aux = (gate @ W_dec.detach() + b_dec.detach() - x).pow(2).sum(-1).mean()
-        (recon + l1 + aux).backward()
-        opt.step()
-        renorm(W_dec)
-    return step
-
-for command in sys.stdin:
-    c = json.loads(command)
-    if c["op"] == "init":
-        d, n, k, recipe = c["d"], c["n"], c["k"], c["recipe"]
-        torch.manual_seed(0)
-        W_dec = torch.randn(n, d); W_dec /= W_dec.norm(dim=1, keepdim=True)
-        x = torch.randn(B, d)
-        if recipe == "topk": step = topk_step(d, n, k, W_dec, x)
-        elif recipe == "gated": step = gated_step(d, n, k, W_dec, x)
-        else: step = matryoshka_step(d, n, k, W_dec, x, c["prefixes"])
-        print(json.dumps({"ok": True}), flush=True)
-    else:
-        t = time.perf_counter(); step()
-        print(json.dumps({"ms": (time.perf_counter() - t) * 1000}), flush=True)
-`;
-
-/** A PyTorch process taking one JSON command per line and answering one JSON line each. */
-class TorchStep {
-  private readonly answers: AsyncIterator<string>;
-
-  constructor(private readonly child: ChildProcessWithoutNullStreams) {
-    this.answers = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
-  }
-
-  /** Starts PyTorch, or says why it cannot. */
-  static start(): TorchStep | string {
-    const probe = spawnSync(PYTHON, ["-c", "import torch"], { encoding: "utf8" });
-    if (probe.error || probe.status !== 0) return `skipped: python3-torch is not installed for ${PYTHON}`;
-    const env = { ...process.env, OMP_NUM_THREADS: String(THREADS), OPENBLAS_NUM_THREADS: String(THREADS) };
-    return new TorchStep(spawn(PYTHON, ["-c", TORCH_STEP, String(THREADS), String(B)], { env }));
-  }
-
-  private async ask(command: object): Promise<Record<string, number>> {
-    this.child.stdin.write(`${JSON.stringify(command)}\n`);
-    const answer = await this.answers.next();
-    if (answer.done) throw new Error(`PyTorch exited (${this.child.exitCode})`);
-    return JSON.parse(answer.value) as Record<string, number>;
-  }
-
-  /** Sets up `recipe` at these sizes (batchtopk is matryoshka without prefixes). */
-  async init(recipe: string, d: number, n: number, k: number, prefixes: readonly number[] = []): Promise<void> {
-    await this.ask({ op: "init", recipe, d, n, k, prefixes });
-  }
-
-  async stepMs(): Promise<number> {
-    return (await this.ask({ op: "step" })).ms!;
-  }
-
-  close(): void {
-    this.child.stdin.end();
-  }
-}
 
 async function gemmSession(d: number, n: number, x: ort.Tensor): Promise<{ run: () => Promise<void>; close: () => Promise<void> }> {
   const g = new GraphBuilder("encoder_gemm");
@@ -238,7 +106,7 @@ async function stepSession(spec: StepSpec, k: number): Promise<{ session: StepSe
     THREADS,
   );
   let t = 0;
-  const sc = (): StepScalars => ({ scale: 1, lr: 1e-4, t: ++t, l1Coef: 1, k, deadIdx: [], auxK: 0, auxScale: 0 });
+  const sc = (): StepScalars => ({ scale: 1, lr: 1e-4, t: ++t, sparsityCoef: 1, preActCoef: 0, k, deadIdx: [], auxK: 0, auxScale: 0 });
   return { session, step: (x) => session.run(x, sc()) };
 }
 
@@ -268,10 +136,16 @@ const BASE = {
   gradClipNorm: 0,
 } as const;
 
+/** PyTorch, or why there is no PyTorch reference. */
 type Torch = TorchStep | string;
 
 /** The TopK step at one size, beside the encoder GEMM and PyTorch; its figures go into `figures`, its step time comes back. */
-async function topkAt(size: (typeof SIZES)[number], x: ort.Tensor, torch: Torch, figures: Record<string, number>): Promise<number> {
+async function topkAt(
+  size: (typeof SIZES)[number],
+  x: ort.Tensor,
+  torch: Torch,
+  figures: Record<string, number | string>,
+): Promise<number> {
   const { d, n, k } = size;
   const topk = await stepSession({ ...BASE, recipe: "topk", dModel: d, width: n, k }, k);
   const gemm = await gemmSession(d, n, x);
@@ -313,14 +187,14 @@ async function recipesAt(
   x: ort.Tensor,
   topkMs: number,
   torch: Torch,
-  figures: Record<string, number>,
+  figures: Record<string, number | string>,
 ): Promise<void> {
   const { d, n, k } = size;
   process.stdout.write(`recipes at d=${d} n=${n} k=${k} B=${B}, ${THREADS} threads, median of ${RECIPE_REPEATS}\n`);
   for (const recipe of RECIPES) {
     const spec: StepSpec = { ...BASE, recipe: "topk", dModel: d, width: n, k, ...recipe.spec };
     const ours = await stepSession(spec, spec.k);
-    const withTorch = recipe.torch && typeof torch !== "string";
+    const withTorch = recipe.torch && typeof torch !== "string" && torch.has(spec.recipe);
     if (withTorch) await torch.init(spec.recipe, d, n, k, spec.prefixes);
     const [oursMs, theirsMs] = await medians(
       [() => ours.step(x), ...(withTorch ? [() => torch.stepMs()] : [])],
@@ -350,10 +224,33 @@ async function recipesAt(
   }
 }
 
-export async function run(): Promise<Record<string, number>> {
-  const figures: Record<string, number> = {};
-  const torch = TorchStep.start();
-  if (typeof torch === "string") process.stdout.write(`(b) PyTorch reference ${torch}\n`);
+/** Starts PyTorch and states what both references run on, in the output and in `figures`. */
+async function references(figures: Record<string, number | string>): Promise<Torch> {
+  const onnxruntime = ort.env.versions.common;
+  Object.assign(figures, { threads: THREADS, onnxruntime, cpu: cpus()[0]?.model ?? "unknown" });
+  process.stdout.write(`(a) onnxruntime ${onnxruntime} (CPU provider), ${THREADS} intra-op threads; CPU ${figures.cpu}\n`);
+  const { torch, about, reason } = await TorchStep.start(THREADS, B);
+  if (about) {
+    Object.assign(figures, {
+      torch_version: about.torch,
+      torch_threads: about.threads,
+      torch_blas: describeBlas(about),
+      torch_blas_kind: about.blas.kind,
+    });
+    process.stdout.write(`(b) PyTorch ${about.torch}, ${about.threads} threads, BLAS: ${describeBlas(about)}\n`);
+  } else {
+    figures.torch_blas = "none: no PyTorch";
+  }
+  if (reason) {
+    figures.torch_refused = reason;
+    process.stdout.write(`(b) PyTorch reference ${reason}\n`);
+  }
+  return torch ?? reason!;
+}
+
+export async function run(): Promise<Record<string, number | string>> {
+  const figures: Record<string, number | string> = {};
+  const torch = await references(figures);
   try {
     for (const [i, size] of SIZES.entries()) {
       const rng = new Rng(0, "x");

@@ -4,20 +4,26 @@
  * the training loop and `saeflow export` all read their recipe rules from here.
  */
 
-/** The step graphs the trainer builds; JumpReLU trains as TopK and is converted at export. */
-export type StepRecipe = "topk" | "batchtopk" | "matryoshka" | "relu" | "gated";
+/** The step graphs the trainer builds; `jumprelu` trains as TopK and is converted at export, `jumprelu_trained` has its own. */
+export type StepRecipe = "topk" | "batchtopk" | "matryoshka" | "relu" | "gated" | "jumprelu_trained";
 
 /** Trained tensors of every recipe, in state order. */
 export const CORE_PARAMS = ["W_enc", "b_enc", "W_dec", "b_dec"] as const;
 /** Gated's magnitude path, after the core tensors. */
 export const GATED_PARAMS = ["r_mag", "b_mag"] as const;
+/** A trained JumpReLU's per-latent threshold, after the core tensors. */
+export const JUMPRELU_PARAMS = ["threshold"] as const;
 export type CoreParam = (typeof CORE_PARAMS)[number];
 export type GatedParam = (typeof GATED_PARAMS)[number];
-export type ParamName = CoreParam | GatedParam;
+export type JumpReluParam = (typeof JUMPRELU_PARAMS)[number];
+export type ParamName = CoreParam | GatedParam | JumpReluParam;
 
 export interface StepRules {
-  /** What the code keeps of the pre-activations: each token's top k, the batch's top B*k, or every positive one. */
-  keeps: "token-top-k" | "batch-top-k" | "positive";
+  /**
+   * What the code keeps of the pre-activations: each token's top k, the batch's top B*k, every
+   * positive one, or every one above its latent's learned threshold.
+   */
+  keeps: "token-top-k" | "batch-top-k" | "positive" | "above-threshold";
   /** Keeps a top k: k and kStart apply, and AuxK can revive dead latents. */
   ranked: boolean;
   /** A decoder-norm-weighted L1 penalty on the codes, weighted by l1Coefficient. */
@@ -26,23 +32,31 @@ export interface StepRules {
   batchThreshold: boolean;
   /** Separate gate and magnitude paths sharing the encoder product (Gated). */
   magnitudePath: boolean;
+  /**
+   * A learned per-latent threshold trained through straight-through estimators, with an L0 (or
+   * tanh) penalty weighted by l0Coefficient and an optional pre-activation loss on dead latents (JumpReLU).
+   */
+  thresholded: boolean;
   /** Trained tensors, in state order. */
   params: readonly ParamName[];
 }
 
 const rank = (keeps: StepRules["keeps"]): Pick<StepRules, "keeps" | "ranked" | "batchThreshold"> => ({
   keeps,
-  ranked: keeps !== "positive",
+  ranked: keeps === "token-top-k" || keeps === "batch-top-k",
   batchThreshold: keeps === "batch-top-k",
 });
 
+const plain = { penalised: false, magnitudePath: false, thresholded: false, params: CORE_PARAMS } as const;
+
 /** Per step recipe: the code it keeps and the terms its step has. */
 export const STEP_RECIPES: Readonly<Record<StepRecipe, StepRules>> = {
-  topk: { ...rank("token-top-k"), penalised: false, magnitudePath: false, params: CORE_PARAMS },
-  batchtopk: { ...rank("batch-top-k"), penalised: false, magnitudePath: false, params: CORE_PARAMS },
-  matryoshka: { ...rank("batch-top-k"), penalised: false, magnitudePath: false, params: CORE_PARAMS },
-  relu: { ...rank("positive"), penalised: true, magnitudePath: false, params: CORE_PARAMS },
-  gated: { ...rank("positive"), penalised: true, magnitudePath: true, params: [...CORE_PARAMS, ...GATED_PARAMS] },
+  topk: { ...rank("token-top-k"), ...plain },
+  batchtopk: { ...rank("batch-top-k"), ...plain },
+  matryoshka: { ...rank("batch-top-k"), ...plain },
+  relu: { ...rank("positive"), ...plain, penalised: true },
+  gated: { ...rank("positive"), ...plain, penalised: true, magnitudePath: true, params: [...CORE_PARAMS, ...GATED_PARAMS] },
+  jumprelu_trained: { ...rank("above-threshold"), ...plain, thresholded: true, params: [...CORE_PARAMS, ...JUMPRELU_PARAMS] },
 };
 
 /** The `architecture` of a SAELens export. */
@@ -72,8 +86,8 @@ const recipe = (step: StepRecipe, rules: Pick<RecipeRules, "exportsAs" | "descri
 
 /**
  * Per config recipe (`trainer.saes[].recipe`), in the order the schema lists them. BatchTopK and
- * Matryoshka export their running threshold as a JumpReLU; JumpReLU trains as TopK and calibrates
- * per-latent thresholds at export.
+ * Matryoshka export their running threshold as a JumpReLU; `jumprelu` trains as TopK and calibrates
+ * per-latent thresholds at export; `jumprelu_trained` learns its thresholds and exports them.
  */
 export const RECIPES = {
   topk: recipe("topk", { exportsAs: "topk", description: "Llama Scope" }),
@@ -82,6 +96,10 @@ export const RECIPES = {
   matryoshka: recipe("matryoshka", { exportsAs: "jumprelu", nested: true, description: "Matryoshka-BatchTopK" }),
   relu: recipe("relu", { exportsAs: "standard", description: "ReLU + L1" }),
   gated: recipe("gated", { exportsAs: "gated", description: "Gated SAE" }),
+  jumprelu_trained: recipe("jumprelu_trained", {
+    exportsAs: "jumprelu",
+    description: "JumpReLU with learned thresholds and an L0 penalty, trained directly as SAELens does",
+  }),
 } satisfies Record<string, RecipeRules>;
 
 export type Recipe = keyof typeof RECIPES;

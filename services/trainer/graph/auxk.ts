@@ -42,12 +42,13 @@ export function addAuxK(g: GraphBuilder, s: AuxKInputs, grads: CodeGrads): { los
   const dCode = g.gemm(dResid, wDecDead, { transB: true }); // [B,d]@[d,m] -> [B, m]
   const dPreDead = g.mul(dCode, g.cast(g.greater(codeDead, g.constF(0)), F32), "aux_d_pre"); // [B, m] kept and positive only
   const rows = g.unsqueeze(s.deadIdx, [1], "dead_rows"); // [m, 1]: on the CPU under WebGPU (no int64 Unsqueeze there), where dead_idx is fed anyway
+  const unique = { unique: true }; // the dead ids are distinct, so the adds may run on every thread
   return {
     loss,
     grads: {
-      W_dec: g.scatterAdd(grads.W_dec, rows, g.gemm(codeDead, dResid, { transA: true }), "g_W_dec_aux"), // + [m,B]@[B,d]
-      W_enc: g.scatterAdd(grads.W_enc, rows, g.gemm(dPreDead, s.xCent, { transA: true }), "g_W_enc_aux"), // + [m,B]@[B,d]
-      b_enc: g.scatterAdd(grads.b_enc, rows, g.reduceSum(dPreDead, [0]), "g_b_enc_aux"), // + [m]
+      W_dec: g.scatterAdd(grads.W_dec, rows, g.gemm(codeDead, dResid, { transA: true }), "g_W_dec_aux", unique), // + [m,B]@[B,d]
+      W_enc: g.scatterAdd(grads.W_enc, rows, g.gemm(dPreDead, s.xCent, { transA: true }), "g_W_enc_aux", unique), // + [m,B]@[B,d]
+      b_enc: g.scatterAdd(grads.b_enc, rows, g.reduceSum(dPreDead, [0]), "g_b_enc_aux", unique), // + [m]
     },
   };
 }

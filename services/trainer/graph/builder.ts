@@ -1,4 +1,5 @@
 import onnxProto from "onnx-proto";
+import { cutStages, type Stage } from "./stages.js";
 
 const { onnx } = onnxProto;
 type INode = onnxProto.onnx.INodeProto;
@@ -14,7 +15,13 @@ export const I64 = onnx.TensorProto.DataType.INT64;
 export const I32 = onnx.TensorProto.DataType.INT32;
 /** bf16 batches go in as pairs of raw 16-bit words (onnxruntime-node has no bf16 tensors). */
 export const U32 = onnx.TensorProto.DataType.UINT32;
-export type ElemType = typeof F32 | typeof F16 | typeof I64 | typeof I32 | typeof U32;
+/** Comparisons' results. */
+export const BOOL = onnx.TensorProto.DataType.BOOL;
+export type ElemType = typeof F32 | typeof F16 | typeof I64 | typeof I32 | typeof U32 | typeof BOOL;
+
+/** Ops whose outputs are int64 whatever their inputs, and comparisons, whose outputs are bool. */
+const I64_OUT = new Set(["Shape", "ArgMax", "ArgMin", "NonZero"]);
+const BOOL_OUT = new Set(["Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"]);
 
 /** A dimension: a fixed size or a symbolic name (dynamic at run time). */
 export type Dim = number | string;
@@ -58,6 +65,14 @@ export class GraphBuilder {
   private readonly outputs: IValueInfo[] = [];
   private readonly initializers: ITensor[] = [];
   private readonly used = new Set<string>();
+  /** Element type of every named tensor, for the inputs and outputs of stages. */
+  private readonly types = new Map<string, ElemType>();
+  /** Nodes that must run on one thread: scatter-adds whose rows may repeat, and what feeds them only (see serially()). */
+  private readonly serialNodes = new Set<INode>();
+  private inSerial = false;
+  /** Nodes to stage as late as their readers allow (see late()). */
+  private readonly lateNodes = new Set<INode>();
+  private inLate = false;
 
   constructor(private readonly graphName: string) {}
 
@@ -73,6 +88,7 @@ export class GraphBuilder {
     if (this.used.has(name)) throw new Error(`graph ${this.graphName}: duplicate name ${name}`);
     this.used.add(name);
     this.inputs.push(valueInfo(name, elemType, dims));
+    this.types.set(name, elemType);
     return name;
   }
 
@@ -91,6 +107,7 @@ export class GraphBuilder {
     const name = this.fresh(hint);
     const floatData = typeof values === "number" ? [values] : [...values];
     this.initializers.push({ name, dataType: F32, dims: [...dims], floatData });
+    this.types.set(name, F32);
     return name;
   }
 
@@ -98,6 +115,7 @@ export class GraphBuilder {
   constI(values: readonly number[], dims: readonly number[] = [values.length], hint = "i"): string {
     const name = this.fresh(hint);
     this.initializers.push({ name, dataType: I64, dims: [...dims], int64Data: [...values] });
+    this.types.set(name, I64);
     return name;
   }
 
@@ -105,6 +123,7 @@ export class GraphBuilder {
   constI32(values: readonly number[], dims: readonly number[] = [values.length], hint = "i32"): string {
     const name = this.fresh(hint);
     this.initializers.push({ name, dataType: I32, dims: [...dims], int32Data: [...values] });
+    this.types.set(name, I32);
     return name;
   }
 
@@ -112,6 +131,7 @@ export class GraphBuilder {
   constU32(values: readonly number[], dims: readonly number[] = [values.length], hint = "u32"): string {
     const name = this.fresh(hint);
     this.initializers.push({ name, dataType: U32, dims: [...dims], uint64Data: [...values] });
+    this.types.set(name, U32);
     return name;
   }
 
@@ -131,7 +151,52 @@ export class GraphBuilder {
       output,
       attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
     });
+    output.forEach((out, i) => this.types.set(out, this.outputType(opType, inputs, attrs, i)));
+    if (this.inSerial) this.serialNodes.add(this.nodes.at(-1)!);
+    if (this.inLate) this.lateNodes.add(this.nodes.at(-1)!);
     return output;
+  }
+
+  /**
+   * Builds `fn`'s nodes to be staged as late as their readers allow (see stages()): for a large
+   * tensor made from small ones, read only by a later stage, so that the small ones cross instead.
+   * One graph computes them where it always does.
+   */
+  late<T>(fn: () => T): T {
+    const was = this.inLate;
+    this.inLate = true;
+    try {
+      return fn();
+    } finally {
+      this.inLate = was;
+    }
+  }
+
+  /**
+   * Builds `fn`'s nodes as one-thread nodes: on onnxruntime's CPU provider they run in a stage of
+   * their own on one thread (see stages()). Scatter-adds over rows that may repeat must be built
+   * here, with the nodes that make their updates, so that only the small tensors those updates are
+   * made from cross between stages (onnxruntime-node copies whatever a session returns).
+   */
+  serially<T>(fn: () => T): T {
+    const was = this.inSerial;
+    this.inSerial = true;
+    try {
+      return fn();
+    } finally {
+      this.inSerial = was;
+    }
+  }
+
+  /** The element type of output `index` of an op, from its inputs' types and its attributes. */
+  private outputType(opType: string, inputs: readonly string[], attrs: Record<string, AttrValue>, index: number): ElemType {
+    if (opType === "Cast") return attrs.to as ElemType;
+    if (I64_OUT.has(opType) || (opType === "TopK" && index === 1)) return I64;
+    if (BOOL_OUT.has(opType)) return BOOL;
+    const from = opType === "Where" ? inputs[1] : inputs[0];
+    const type = from === undefined ? undefined : this.types.get(from);
+    if (type === undefined) throw new Error(`graph ${this.graphName}: ${opType} reads ${from}, which has no known type`);
+    return type;
   }
 
   // Sugar for the ops the step graphs use, so they read like the math.
@@ -184,8 +249,18 @@ export class GraphBuilder {
     return this.op("ReduceL2", [a, this.constI([axis])], { keepdims: 1 }, hint);
   }
 
-  /** data with `updates` added at `indices` ([m, 1] rows); duplicates accumulate. */
-  scatterAdd(data: string, indices: string, updates: string, hint?: string): string {
+  /**
+   * data with `updates` added at `indices` ([m, 1] rows); duplicates accumulate. onnxruntime's CPU
+   * kernel adds the rows on several threads with nothing between two that hit the same row, so a
+   * repeated row can lose an add: unless the caller knows the rows are `unique`, build it inside
+   * serially().
+   */
+  scatterAdd(data: string, indices: string, updates: string, hint?: string, opts: { unique?: boolean } = {}): string {
+    if (!opts.unique && !this.inSerial) {
+      throw new Error(
+        `graph ${this.graphName}: a scatter-add over rows that may repeat (${hint ?? "scatternd"}) must be built inside serially()`,
+      );
+    }
     return this.op("ScatterND", [data, indices, updates], { reduction: "add" }, hint);
   }
 
@@ -193,6 +268,7 @@ export class GraphBuilder {
   zeros(dims: readonly number[], hint = "zeros"): string {
     const value = { name: "value", type: onnx.AttributeProto.AttributeType.TENSOR, t: { dataType: F32, dims: [1], floatData: [0] } };
     const out = this.fresh(hint);
+    this.types.set(out, F32);
     this.nodes.push({
       opType: "ConstantOfShape",
       name: this.fresh(`n_${hint}`),
@@ -211,6 +287,26 @@ export class GraphBuilder {
       { axis: 0 },
       hint,
     );
+  }
+
+  /**
+   * The graph cut into stages for onnxruntime's CPU provider: the scatter-adds over rows that may
+   * repeat in stages of their own, run on one thread, the rest on every thread. Undefined when the
+   * graph has no such node and runs whole.
+   */
+  stages(): Stage[] | undefined {
+    return cutStages({
+      name: this.graphName,
+      nodes: this.nodes,
+      inputs: this.inputs,
+      outputs: this.outputs,
+      initializers: this.initializers,
+      types: this.types,
+      serial: this.serialNodes,
+      late: this.lateNodes,
+      opset: OPSET,
+      irVersion: IR_VERSION,
+    });
   }
 
   /** The serialized model. */

@@ -36,6 +36,8 @@ export interface CodeGrads {
   /** gated's magnitude path. */
   r_mag?: string; // [n]
   b_mag?: string; // [n]
+  /** jumprelu_trained's threshold parameter. */
+  threshold?: string; // [n]
   /**
    * [n] sum over tokens of dL/d(x_cent . W_enc_i), which carries b_dec's encoder-side gradient;
    * equal to b_enc's gradient, and so absent, for every code but gated.
@@ -83,14 +85,15 @@ function scatterRows(g: GraphBuilder, idx: string, n: number, hint: string): str
 export function topKCode(g: GraphBuilder, s: CodeInputs): Code {
   const { B, d, n, k } = s;
   const score = s.rankNorm ? g.mul(g.relu(s.pre), s.rankNorm, "score") : s.pre; // [B, n]
-  const [top, idx] = g.opN("TopK", [score, g.constI([k])], 2, { axis: 1, largest: 1, sorted: 1 }, "topk"); // [B, k], [B, k]
+  // Unsorted: the kept set is the same, and nothing downstream needs it in order (one less sort per row).
+  const [top, idx] = g.opN("TopK", [score, g.constI([k])], 2, { axis: 1, largest: 1, sorted: 0 }, "topk"); // [B, k], [B, k]
   const vals = s.rankNorm ? g.op("GatherElements", [s.pre, idx!], { axis: 1 }, "topk_pre") : top!; // [B, k]
   const acts = g.relu(vals, "acts"); // [B, k]
   const active = g.cast(g.greater(vals, g.constF(0)), F32, "active"); // [B, k] 1 where the latent fires
   const rows = scatterRows(g, idx!, n, "active_rows"); // [B, k, 1]
   const wDecSel = g.gather(s.W_dec, idx!, 0, "w_dec_sel"); // [B, k, d]
   const recon = g.reshape(g.matmul(g.unsqueeze(acts, [1]), wDecSel), [B, d], "recon"); // [B,1,k]@[B,k,d] -> [B, d]
-  const fires = g.scatterAdd(g.zeros([n]), rows, active, "fires"); // [n]
+  const fires = g.serially(() => g.scatterAdd(g.zeros([n]), rows, active, "fires")); // [n]
   return {
     recon,
     fires,
@@ -100,13 +103,15 @@ export function topKCode(g: GraphBuilder, s: CodeInputs): Code {
     backward(dRecon, xCent) {
       const dActs = g.reshape(g.matmul(wDecSel, g.unsqueeze(dRecon, [2])), [B, k], "d_acts"); // [B,k,d]@[B,d,1] -> [B, k]
       const dVals = g.mul(dActs, active, "d_vals"); // [B, k] through the ReLU
-      const decUpd = g.mul(g.unsqueeze(acts, [2]), g.unsqueeze(dRecon, [1])); // [B, k, d]
-      const encUpd = g.mul(g.unsqueeze(dVals, [2]), g.unsqueeze(xCent, [1])); // [B, k, d]
-      return {
-        W_dec: g.scatterAdd(g.zeros([n, d]), rows, decUpd, "g_W_dec"), // [n, d]
-        W_enc: g.scatterAdd(g.zeros([n, d]), rows, encUpd, "g_W_enc"), // [n, d]
-        b_enc: g.scatterAdd(g.zeros([n]), rows, dVals, "g_b_enc"), // [n]
-      };
+      return g.serially(() => {
+        const decUpd = g.mul(g.unsqueeze(acts, [2]), g.unsqueeze(dRecon, [1])); // [B, k, d]
+        const encUpd = g.mul(g.unsqueeze(dVals, [2]), g.unsqueeze(xCent, [1])); // [B, k, d]
+        return {
+          W_dec: g.scatterAdd(g.zeros([n, d]), rows, decUpd, "g_W_dec"), // [n, d]
+          W_enc: g.scatterAdd(g.zeros([n, d]), rows, encUpd, "g_W_enc"), // [n, d]
+          b_enc: g.scatterAdd(g.zeros([n]), rows, dVals, "g_b_enc"), // [n]
+        };
+      });
     },
   };
 }
@@ -129,13 +134,20 @@ export function batchTopKCode(g: GraphBuilder, s: CodeInputs): Code {
   const { rows, cols, cols2, slot, slot2 } = keptEntries(g, flatIdx!, s);
   const positive = g.greater(top!, g.constF(0)); // [T]
   const active = g.cast(positive, F32, "active"); // [T]
-  const wDecSel = g.gather(s.W_dec, cols, 0, "w_dec_sel"); // [T, d]
-  const contrib = g.mul(g.unsqueeze(vals, [1]), wDecSel); // [T, d]
-  const recon =
-    G > 1
-      ? g.reshape(g.scatterAdd(g.zeros([G * B, d]), slot2, contrib), [G, B, d], "recon") // [G, B, d]
-      : g.scatterAdd(g.zeros([B, d]), slot2, contrib, "recon"); // [B, d]
-  const fires = g.scatterAdd(g.zeros([n]), cols2, active, "fires"); // [n]
+  // A token holds several kept entries, so the reconstruction is a scatter-add over repeated rows.
+  const { recon, fires } = g.serially(() => {
+    const contrib = g.mul(g.unsqueeze(vals, [1]), g.gather(s.W_dec, cols, 0)); // [T, d]
+    return {
+      recon:
+        G > 1
+          ? g.reshape(g.scatterAdd(g.zeros([G * B, d]), slot2, contrib), [G, B, d], "recon") // [G, B, d]
+          : g.scatterAdd(g.zeros([B, d]), slot2, contrib, "recon"), // [B, d]
+      fires: g.scatterAdd(g.zeros([n]), cols2, active, "fires"), // [n]
+    };
+  });
+  // The same rows as the reconstruction's, gathered again where the backward pass reads them: on the
+  // CPU they would otherwise cross between stages, and one graph makes them once (common subexpressions).
+  const wDecSel = g.late(() => g.gather(s.W_dec, cols, 0, "w_dec_sel")); // [T, d]
   const minAct = g.op("ReduceMin", [g.where(positive, top!, g.constF(3.0e38))], { keepdims: 0 }, "min_act"); // [] in score units
   return {
     recon,
@@ -147,13 +159,16 @@ export function batchTopKCode(g: GraphBuilder, s: CodeInputs): Code {
       const dRows = g.gather(G > 1 ? g.reshape(dRecon, [G * B, d]) : dRecon, slot, 0, "d_recon_rows"); // [T, d]
       const dActs = g.reduceSum(g.mul(wDecSel, dRows), [1], "d_acts"); // [T]
       const dVals = g.mul(dActs, active, "d_vals"); // [T] through the ReLU
-      const decUpd = g.mul(g.unsqueeze(vals, [1]), dRows); // [T, d]
-      const encUpd = g.mul(g.unsqueeze(dVals, [1]), g.gather(xCent, rows, 0)); // [T, d]
-      return {
-        W_dec: g.scatterAdd(g.zeros([n, d]), cols2, decUpd, "g_W_dec"), // [n, d]
-        W_enc: g.scatterAdd(g.zeros([n, d]), cols2, encUpd, "g_W_enc"), // [n, d]
-        b_enc: g.scatterAdd(g.zeros([n]), cols2, dVals, "g_b_enc"), // [n]
-      };
+      // dRows again rather than handed over: on the CPU the update is made where it is scattered (see serially()).
+      return g.serially(() => {
+        const decUpd = g.mul(g.unsqueeze(vals, [1]), g.gather(G > 1 ? g.reshape(dRecon, [G * B, d]) : dRecon, slot, 0)); // [T, d]
+        const encUpd = g.mul(g.unsqueeze(dVals, [1]), g.gather(xCent, rows, 0)); // [T, d]
+        return {
+          W_dec: g.scatterAdd(g.zeros([n, d]), cols2, decUpd, "g_W_dec"), // [n, d]
+          W_enc: g.scatterAdd(g.zeros([n, d]), cols2, encUpd, "g_W_enc"), // [n, d]
+          b_enc: g.scatterAdd(g.zeros([n]), cols2, dVals, "g_b_enc"), // [n]
+        };
+      });
     },
   };
 }

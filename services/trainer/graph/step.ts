@@ -4,8 +4,12 @@ import { decodeHalfWords } from "./half.js";
 import { F16, F32, GraphBuilder, I64, U32 } from "./builder.js";
 import { batchTopKCode, type Code, type CodeGrads, type CodeInputs, maskedCode, reluCode, topKCode } from "./codes.js";
 import { gatedCode } from "./gated.js";
+import type { Stage } from "./stages.js";
+import { JUMPRELU_DEFAULTS, jumpReluCode, jumpReluNeedsNorms, type JumpReluSpec } from "./jumprelu.js";
 
-export type { CoreParam, GatedParam, ParamName, StepRecipe } from "../../common/config/recipes.js";
+export type { CoreParam, GatedParam, JumpReluParam, ParamName, StepRecipe } from "../../common/config/recipes.js";
+export type { JumpReluSpec } from "./jumprelu.js";
+export type { Stage } from "./stages.js";
 
 export interface StepSpec {
   recipe: StepRecipe;
@@ -37,6 +41,8 @@ export interface StepSpec {
   gradClipNorm: number;
   /** Also output the gradients Adam is given (gradient checks). */
   gradOutputs?: boolean;
+  /** jumprelu_trained: the thresholds' kernel bandwidth and the sparsity terms; SAELens' defaults when absent. */
+  jumpRelu?: JumpReluSpec;
   /**
    * Index arithmetic in int32, so that a GPU provider keeps it on the device (onnxruntime's WebGPU
    * provider has no int64 arithmetic); costs BatchTopK a B*n int32 table. Same results either way.
@@ -72,21 +78,39 @@ export function stateShape(name: StateName, n: number, d: number): number[] {
  * so the caller can swap two sets of buffers.
  *
  * Inputs: x [B, d] (or [B, d/2] uint32 word pairs); scale []; lr_step [] = lr / (1 - beta1^t); sqrt_bc2 [] = sqrt(1 - beta2^t);
- * l1_coef [] (relu, gated); k [1] (annealK); dead_idx [m], aux_k [1], aux_scale [] (auxK); the state.
+ * sparsity_coef [] (relu, gated: L1; jumprelu_trained: L0); k [1] (annealK); dead_idx [m], aux_k [1], aux_scale [] (auxK);
+ * pre_act_coef [], dead_mask [n] (jumprelu_trained's pre-activation loss); the state.
  * Outputs: next_<state>; stats [7] (see STAT); fires [n]; grad_<param> when gradOutputs.
  */
 export function buildStepGraph(spec: StepSpec): Uint8Array {
+  return stepBuilder(spec).build();
+}
+
+/**
+ * The step graph of `spec` cut into stages for onnxruntime's CPU provider on more than one thread:
+ * its scatter-adds over rows that may repeat (the sparse codes' gradients, BatchTopK's
+ * reconstruction, firing counts) run alone on one thread, since the CPU kernel would lose adds to
+ * a repeated row on several. Undefined for graphs without them (the dense codes), which run whole.
+ */
+export function buildStepStages(spec: StepSpec): Stage[] | undefined {
+  return stepBuilder(spec).stages();
+}
+
+function stepBuilder(spec: StepSpec): GraphBuilder {
   const { batchSize: B, dModel: d, width: n, k, recipe } = spec;
   const words = spec.input === "fp16-words" ? "fp16" : spec.input === "bf16-words" ? "bf16" : undefined;
   if (words && d % 2 !== 0) throw new Error(`${words} batches go in as word pairs: dModel ${d} must be even`);
-  const { ranked, penalised, magnitudePath } = STEP_RECIPES[recipe];
+  const { ranked, penalised, magnitudePath, thresholded } = STEP_RECIPES[recipe];
+  const jump = thresholded ? (spec.jumpRelu ?? JUMPRELU_DEFAULTS) : undefined;
   const g = new GraphBuilder(`sae_step_${recipe}`);
 
   const xIn = words ? g.input("x", U32, [B, d / 2]) : g.input("x", spec.input === "fp16" ? F16 : F32, [B, d]);
   const scale = g.input("scale", F32, []);
   const lrStep = g.input("lr_step", F32, []);
   const sqrtBc2 = g.input("sqrt_bc2", F32, []);
-  const l1Coef = penalised ? g.input("l1_coef", F32, []) : "";
+  const sparsityCoef = penalised || jump ? g.input("sparsity_coef", F32, []) : "";
+  const preActCoef = jump?.preActLoss ? g.input("pre_act_coef", F32, []) : "";
+  const deadMask = jump?.preActLoss ? g.input("dead_mask", F32, [n]) : "";
   const kIn = spec.annealK && ranked ? g.input("k", I64, [1]) : "";
   const aux = spec.auxK && ranked;
   const deadIdx = aux ? g.input("dead_idx", I64, ["m"]) : "";
@@ -102,7 +126,8 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
   const enc = magnitudePath ? g.gemm(xCent, s.W_enc, { transB: true }, "enc") : ""; // [B, n] shared by gated's two paths
   const pre = magnitudePath ? g.add(enc, s.b_enc, "pre") : g.gemm(xCent, s.W_enc, { bias: s.b_enc, transB: true }, "pre"); // [B,d]@[d,n] -> [B, n], the one dense GEMM
   const rankByNorm = ranked && !spec.unitNormDecoder;
-  const decNormKeep = rankByNorm || penalised ? g.reduceL2Keep(s.W_dec, 1, "dec_norm") : ""; // [n, 1]
+  const normed = rankByNorm || penalised || (jump !== undefined && jumpReluNeedsNorms(jump));
+  const decNormKeep = normed ? g.reduceL2Keep(s.W_dec, 1, "dec_norm") : ""; // [n, 1]
   const inputs: CodeInputs = {
     B,
     d,
@@ -114,7 +139,7 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
     prefixes: spec.prefixes,
     int32Index: spec.int32Index ?? false,
   };
-  const code = codeOf(g, spec, inputs, { kIn, l1Coef, decNormKeep, enc, xNorm, s });
+  const code = codeOf(g, spec, inputs, { kIn, sparsityCoef, preActCoef, deadMask, decNormKeep, enc, xNorm, s });
 
   // Reconstruction loss: one, or one per nested prefix (G of them), summed.
   const G = spec.prefixes.length + 1;
@@ -197,7 +222,7 @@ export function buildStepGraph(spec: StepSpec): Uint8Array {
   g.output(g.stack([sse, variance, auxLoss, code.penalty, code.minAct, prefixSse, gradNorm], "stats"), "stats", F32, [STAT_COUNT]);
   g.output(code.fires, "fires", F32, [n]);
   if (spec.gradOutputs) for (const p of params) g.output(gradOf[p], `grad_${p}`, F32, stateShape(p, n, d));
-  return g.build();
+  return g;
 }
 
 /** The code of the spec's recipe. */
@@ -205,9 +230,18 @@ function codeOf(
   g: GraphBuilder,
   spec: StepSpec,
   inputs: CodeInputs,
-  extra: { kIn: string; l1Coef: string; decNormKeep: string; enc: string; xNorm: string; s: Record<StateName, string> },
+  extra: {
+    kIn: string;
+    sparsityCoef: string;
+    preActCoef: string;
+    deadMask: string;
+    decNormKeep: string;
+    enc: string;
+    xNorm: string;
+    s: Record<StateName, string>;
+  },
 ): Code {
-  const { kIn, l1Coef, decNormKeep, s } = extra;
+  const { kIn, sparsityCoef, decNormKeep, s } = extra;
   switch (spec.recipe) {
     case "topk":
       return spec.annealK ? maskedCode(g, inputs, { batch: false, kIn }) : topKCode(g, inputs);
@@ -215,7 +249,7 @@ function codeOf(
     case "matryoshka":
       return spec.annealK ? maskedCode(g, inputs, { batch: true, kIn }) : batchTopKCode(g, inputs);
     case "relu":
-      return reluCode(g, inputs, l1Coef, decNormKeep);
+      return reluCode(g, inputs, sparsityCoef, decNormKeep);
     case "gated":
       return gatedCode(g, {
         B: inputs.B,
@@ -228,7 +262,20 @@ function codeOf(
         b_dec: s.b_dec,
         xNorm: extra.xNorm,
         decNormKeep,
-        l1Coef,
+        l1Coef: sparsityCoef,
+      });
+    case "jumprelu_trained":
+      return jumpReluCode(g, {
+        B: inputs.B,
+        n: inputs.n,
+        pre: inputs.pre,
+        W_dec: s.W_dec,
+        threshold: s.threshold,
+        decNormKeep,
+        sparsityCoef,
+        preActCoef: extra.preActCoef,
+        deadMask: extra.deadMask,
+        spec: spec.jumpRelu ?? JUMPRELU_DEFAULTS,
       });
   }
 }

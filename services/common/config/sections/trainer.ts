@@ -35,9 +35,60 @@ export const SaeSpec = z
       .default(1 / 32)
       .describe("AuxK loss weight (topk, jumprelu, batchtopk, matryoshka); 0 turns AuxK off."),
     kAux: z.number().int().min(0).default(0).describe("Dead latents AuxK uses per token; 0 means dModel / 2."),
+    l0Coefficient: z.number().min(0).default(1).describe("jumprelu_trained: weight of the sparsity penalty (SAELens' l0_coefficient)."),
+    l0WarmupSteps: z
+      .number()
+      .int()
+      .min(0)
+      .default(0)
+      .describe("jumprelu_trained: steps over which the sparsity weight ramps up from 0 (SAELens' l0_warm_up_steps)."),
+    jumpreluBandwidth: z
+      .number()
+      .positive()
+      .default(0.05)
+      .describe(
+        "jumprelu_trained: width of the rectangle kernel through which the thresholds get their straight-through gradients, in normalised units (SAELens' jumprelu_bandwidth).",
+      ),
+    jumpreluInitThreshold: z
+      .number()
+      .positive()
+      .default(0.01)
+      .describe(
+        "jumprelu_trained: every latent's threshold at step 0, in normalised units (SAELens' jumprelu_init_threshold); positive, since a threshold at or below 0 gets no gradient.",
+      ),
+    jumpreluSparsityLossMode: z
+      .enum(["step", "tanh"])
+      .default("step")
+      .describe(
+        "jumprelu_trained: the sparsity penalty: step counts active latents (L0, Google DeepMind's), tanh sums tanh(jumpreluTanhScale * f_i * |W_dec_i|) (Anthropic's); SAELens' jumprelu_sparsity_loss_mode.",
+      ),
+    jumpreluTanhScale: z
+      .number()
+      .positive()
+      .default(4)
+      .describe("jumprelu_trained, tanh mode: the scale inside the tanh (SAELens' jumprelu_tanh_scale)."),
+    preActLossCoefficient: z
+      .number()
+      .min(0)
+      .default(0)
+      .describe(
+        "jumprelu_trained: weight of the pre-activation loss on dead latents, mean over tokens of sum_i relu(threshold_i - pre_i) |W_dec_i| (Anthropic's; SAELens' pre_act_loss_coefficient, 3e-6 there); 0 turns it off.",
+      ),
   })
   .strict();
 export type SaeSpec = z.infer<typeof SaeSpec>;
+
+/** The keys only jumprelu_trained reads, and their defaults: set on another recipe, they would be silently ignored. */
+const JUMPRELU_TRAINED_KEYS = [
+  "l0Coefficient",
+  "l0WarmupSteps",
+  "jumpreluBandwidth",
+  "jumpreluInitThreshold",
+  "jumpreluSparsityLossMode",
+  "jumpreluTanhScale",
+  "preActLossCoefficient",
+] as const;
+const SAE_DEFAULTS = SaeSpec.parse({ name: "defaults" });
 
 export const AdamSection = z
   .object({
@@ -162,7 +213,12 @@ export const TrainerSection = z
       if (names.has(sae.name)) ctx.addIssue({ code: "custom", path: ["saes", i, "name"], message: `duplicate SAE name "${sae.name}"` });
       names.add(sae.name);
       const issue = (key: string, message: string) => ctx.addIssue({ code: "custom", path: ["saes", i, key], message });
-      const { ranked, nested } = RECIPES[sae.recipe];
+      const { ranked, nested, thresholded } = RECIPES[sae.recipe];
+      if (!thresholded) {
+        for (const key of JUMPRELU_TRAINED_KEYS) {
+          if (sae[key] !== SAE_DEFAULTS[key]) issue(key, `only jumprelu_trained trains with ${key}, not ${sae.recipe}`);
+        }
+      }
       if (ranked && sae.k > sae.width) issue("k", `k (${sae.k}) exceeds width (${sae.width})`);
       if (sae.kAux > sae.width) issue("kAux", `kAux (${sae.kAux}) exceeds width (${sae.width})`);
       if (sae.kStart > 0 && !ranked) issue("kStart", `${sae.recipe} keeps no top k to anneal; leave kStart at 0`);
