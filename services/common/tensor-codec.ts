@@ -35,6 +35,12 @@ export function toTensor(array: HostArray, dtype: DType, shape: readonly number[
   return create(TensorSchema, { dtype, shape: [...shape], data: new Uint8Array(array.buffer, array.byteOffset, array.byteLength) });
 }
 
+/** Most dimensions a tensor without an expected shape may have. */
+const MAX_RANK = 8;
+
+/** A shape for an error message, e.g. "[4096, 64]". */
+const shapeText = (shape: readonly number[]) => `[${shape.join(", ")}]`;
+
 export interface TensorExpectation {
   dtype?: DType;
   /** Expected size of each dimension; undefined entries are free. */
@@ -54,22 +60,30 @@ export function checkTensor(tensor: Tensor | undefined, field: string, expect: T
   if (expect.dtype !== undefined && tensor.dtype !== expect.dtype) {
     throw new FieldError(`${field}.dtype`, `got ${DType[tensor.dtype]}, expected ${DType[expect.dtype]}`);
   }
-  if (tensor.shape.length === 0) throw new FieldError(`${field}.shape`, "empty shape");
+  const { shape } = tensor;
+  if (shape.length === 0) throw new FieldError(`${field}.shape`, "empty shape");
   if (expect.shape) {
-    if (tensor.shape.length !== expect.shape.length) {
-      throw new FieldError(`${field}.shape`, `rank ${tensor.shape.length}, expected ${expect.shape.length}`);
-    }
+    if (shape.length !== expect.shape.length)
+      throw new FieldError(`${field}.shape`, `rank ${shape.length}, expected ${expect.shape.length}`);
     expect.shape.forEach((want, i) => {
-      if (want !== undefined && tensor.shape[i] !== want) {
-        throw new FieldError(`${field}.shape`, `dimension ${i} is ${tensor.shape[i]}, expected ${want}`);
-      }
+      if (want !== undefined && shape[i] !== want)
+        throw new FieldError(`${field}.shape`, `dimension ${i} is ${shape[i]}, expected ${want}`);
     });
+  } else if (shape.length > MAX_RANK) {
+    throw new FieldError(`${field}.shape`, `rank ${shape.length}; at most ${MAX_RANK} dimensions`);
   }
-  const elements = tensor.shape.reduce((a, b) => a * b, 1);
+  // A product past 2^53 is no longer exact: compare it with the payload only while it is.
+  const elements = shape.reduce((a, b) => a * b, 1);
+  if (!Number.isSafeInteger(elements * size)) {
+    throw new FieldError(
+      `${field}.shape`,
+      `${shapeText(shape)} x ${size} bytes is past 2^53 bytes; the payload holds ${tensor.data.byteLength}`,
+    );
+  }
   if (elements * size !== tensor.data.byteLength) {
     throw new FieldError(
       `${field}.data`,
-      `${tensor.data.byteLength} bytes, but shape [${tensor.shape.join(", ")}] x ${size} bytes = ${elements * size}`,
+      `${tensor.data.byteLength} bytes, but shape ${shapeText(shape)} x ${size} bytes = ${elements * size}`,
     );
   }
   if (expect.maxBytes !== undefined && tensor.data.byteLength > expect.maxBytes) {

@@ -5,30 +5,18 @@ import {
   type ClientDuplexStream,
   type ClientReadableStream,
   type ClientWritableStream,
-  type handleBidiStreamingCall,
-  type handleClientStreamingCall,
-  type handleServerStreamingCall,
-  type handleUnaryCall,
-  type sendUnaryData,
   Client,
   Metadata,
-  type ServerDuplexStream,
-  type ServerReadableStream,
-  type ServerUnaryCall,
-  type ServerWritableStream,
   type ServiceDefinition,
-  type ServiceError,
-  status,
-  type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
-import type { EventEmitter } from "node:events";
 import { context, propagation } from "@opentelemetry/api";
 import type { TransportConfig } from "../config/index.js";
-import { FieldError } from "../errors.js";
-import type { CallGuard } from "./authorize.js";
 import { channelCredentials } from "./credentials.js";
 import { channelOptions } from "./options.js";
+import { decodeRequest } from "./malformed.js";
 import { decodeMessage, encodeMessage } from "./wire.js";
+
+export { serviceImplementation, type ServerLimits, toServiceError } from "./implementation.js";
 
 /**
  * The one gRPC adapter: protobuf-es service descriptors to grpc-js service definitions, typed
@@ -101,7 +89,8 @@ export function serviceDefinition(service: DescService): ServiceDefinition {
       requestStream: method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming",
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
       requestSerialize: (m: MessageShape<DescMessage>) => encodeMessage(method.input, m),
-      requestDeserialize: (b: Buffer) => decodeMessage(method.input, b),
+      // A request that does not parse reaches the handler's adapter as a MalformedRequest naming the field.
+      requestDeserialize: (b: Buffer) => decodeRequest(method.input, b, () => decodeMessage(method.input, b)),
       responseSerialize: (m: MessageShape<DescMessage>) => encodeMessage(method.output, m),
       responseDeserialize: (b: Buffer) => decodeMessage(method.output, b),
       originalName: method.localName,
@@ -110,153 +99,7 @@ export function serviceDefinition(service: DescService): ServiceDefinition {
   return def as ServiceDefinition;
 }
 
-/** Maps anything a handler threw to a status the peer can act on, naming the field where known. */
-export function toServiceError(err: unknown): Partial<ServiceError> {
-  if (err instanceof FieldError) return { code: err.code, details: err.message };
-  const e = err as Partial<ServiceError> | undefined;
-  if (e && typeof e.code === "number" && e.code in status) return { code: e.code, details: e.details ?? e.message ?? "" };
-  return { code: status.INTERNAL, details: (err as Error | undefined)?.message ?? String(err) };
-}
-
-const metadataGetter = {
-  keys: (carrier: Metadata) => Object.keys(carrier.getMap()),
-  get: (carrier: Metadata, key: string) => {
-    const v = carrier.get(key);
-    return v.length ? v.map(String) : undefined;
-  },
-};
 const metadataSetter = { set: (carrier: Metadata, key: string, value: string) => carrier.set(key, value) };
-
-function withCallContext<T>(metadata: Metadata, fn: () => T): T {
-  return context.with(propagation.extract(context.active(), metadata, metadataGetter), fn);
-}
-
-type AnyServerCall = ServerUnaryCall<unknown, unknown> | ServerReadableStream<unknown, unknown> | ServerWritableStream<unknown, unknown>;
-type OutputCall = ServerWritableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>;
-
-/** The handler's context: its signal aborts on cancel, on the deadline, and once the call is over. */
-function handlerContext(call: AnyServerCall): { ctx: HandlerContext; done: () => void } {
-  const controller = new AbortController();
-  const abort = (why: string) => {
-    if (!controller.signal.aborted) controller.abort(new Error(why));
-  };
-  (call as EventEmitter).once("cancelled", () => abort("the call was cancelled"));
-  const deadline = call.getDeadline();
-  const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
-  // setTimeout fires at once past 2^31 - 1 ms; a deadline that far off is no deadline.
-  const timer = ms < 2 ** 31 - 1 ? setTimeout(() => abort("the deadline passed"), Math.max(0, ms)) : undefined;
-  return {
-    ctx: { signal: controller.signal, metadata: call.metadata, peer: call.getPeer() },
-    done: () => {
-      clearTimeout(timer);
-      abort("the call is over");
-    },
-  };
-}
-
-/**
- * The requests of a client or bidi stream, one at a time. Not the Readable's own `for await`: leaving
- * that loop destroys the call, and a destroyed grpc-js call never sends its status.
- */
-function requestsOf(call: ServerReadableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>): AsyncIterable<unknown> {
-  return { [Symbol.asyncIterator]: () => call.iterator({ destroyOnReturn: false }) };
-}
-
-/** Writes one message; resolves true once grpc-js has serialised it and handed it to HTTP/2, false if the call ended first. */
-function write(call: OutputCall, message: unknown, signal: AbortSignal): Promise<boolean> {
-  return new Promise((resolve) => {
-    if (signal.aborted || call.destroyed) return resolve(false);
-    const onAbort = () => resolve(false);
-    signal.addEventListener("abort", onAbort, { once: true });
-    call.write(message, () => {
-      signal.removeEventListener("abort", onAbort);
-      resolve(true);
-    });
-  });
-}
-
-/** Sends every message of `out`, then the status: OK when it ends, the error's status when it throws. */
-async function pump(call: OutputCall, out: AsyncIterable<unknown>, asMessage: (v: unknown) => unknown, signal: AbortSignal): Promise<void> {
-  try {
-    for await (const value of out) {
-      if (!(await write(call, asMessage(value), signal))) return;
-    }
-    if (!call.destroyed && !signal.aborted) call.end();
-  } catch (err) {
-    // grpc-js sends a stream's status from its own 'error' listener; destroy() would skip it and leave the peer waiting.
-    if (!call.cancelled && !call.destroyed) call.emit("error", Object.assign(new Error(), toServiceError(err)) as ServiceError);
-  }
-}
-
-/**
- * grpc-js implementation object for typed handlers: errors become statuses, never crashes. A guard
- * (mTLS authorization) answers a refused call before its handler runs or reads a request.
- */
-export function serviceImplementation<S extends DescService>(
-  service: S,
-  handlers: ServiceHandlers<S>,
-  guard?: CallGuard,
-): UntypedServiceImplementation {
-  const impl: UntypedServiceImplementation = {};
-  const table = handlers as unknown as Record<string, (input: unknown, ctx: HandlerContext) => Promise<unknown> | AsyncIterable<unknown>>;
-  const refused = (method: DescMethod, c: AnyServerCall) => {
-    const refusal = guard?.(method, c);
-    return refusal && (Object.assign(new Error(refusal.details), refusal) as ServiceError);
-  };
-  for (const method of service.methods) {
-    const handler = table[method.localName];
-    if (!handler) throw new Error(`${service.typeName}: no handler for ${method.name}`);
-    const output = method.output;
-    const asMessage = (value: unknown) => (isMessage(value, output) ? value : create(output, value as MessageInitShape<DescMessage>));
-    const call = <T>(c: AnyServerCall, input: unknown) => {
-      const { ctx, done } = handlerContext(c);
-      return { result: withCallContext(c.metadata, () => handler(input, ctx)) as T, done, signal: ctx.signal };
-    };
-    switch (method.methodKind) {
-      case "unary":
-      case "client_streaming":
-        impl[method.localName] = ((
-          c: ServerUnaryCall<unknown, unknown> | ServerReadableStream<unknown, unknown>,
-          callback: sendUnaryData<unknown>,
-        ) => {
-          const refusal = refused(method, c);
-          if (refusal) return callback(refusal);
-          const input =
-            method.methodKind === "unary"
-              ? (c as ServerUnaryCall<unknown, unknown>).request
-              : requestsOf(c as ServerReadableStream<unknown, unknown>);
-          const { result, done } = call<Promise<unknown>>(c, input);
-          Promise.resolve(result)
-            .then(
-              (res) => callback(null, asMessage(res)),
-              (err: unknown) => callback(toServiceError(err) as ServiceError),
-            )
-            .finally(done);
-        }) satisfies handleUnaryCall<unknown, unknown> & handleClientStreamingCall<unknown, unknown>;
-        break;
-      case "server_streaming":
-      case "bidi_streaming":
-        impl[method.localName] = ((c: OutputCall) => {
-          const refusal = refused(method, c);
-          if (refusal) return void c.emit("error", refusal);
-          const input =
-            method.methodKind === "server_streaming"
-              ? (c as ServerWritableStream<unknown, unknown>).request
-              : requestsOf(c as ServerDuplexStream<unknown, unknown>);
-          let started: { result: AsyncIterable<unknown>; done: () => void; signal: AbortSignal };
-          try {
-            started = call<AsyncIterable<unknown>>(c, input);
-          } catch (err) {
-            c.emit("error", Object.assign(new Error(), toServiceError(err)) as ServiceError);
-            return;
-          }
-          void withCallContext(c.metadata, () => pump(c, started.result, asMessage, started.signal)).finally(started.done);
-        }) satisfies handleServerStreamingCall<unknown, unknown> & handleBidiStreamingCall<unknown, unknown>;
-        break;
-    }
-  }
-  return impl;
-}
 
 /** Metadata carrying the active trace context, so the server's spans join the caller's trace. */
 function tracedOptions(options: CallOptions | undefined): [Metadata, CallOptions] {
@@ -265,9 +108,15 @@ function tracedOptions(options: CallOptions | undefined): [Metadata, CallOptions
   return [metadata, options ?? {}];
 }
 
+/** A unary call's options with a deadline: the caller's, or transport.limits.callDeadlineMs from now. */
+function withDeadline(options: CallOptions, ms: number): CallOptions {
+  return options.deadline === undefined ? { ...options, deadline: Date.now() + ms } : options;
+}
+
 /**
  * A typed client for `service` at `address` (host:port), with the transport's channel options and
- * credentials: plaintext, or TLS presenting this process's certificate (transport.tls).
+ * credentials: plaintext, or TLS presenting this process's certificate (transport.tls). Every unary
+ * call carries a deadline, the caller's or transport.limits.callDeadlineMs.
  */
 export function createClient<S extends DescService>(service: S, address: string, transport: TransportConfig): ServiceClient<S> {
   const def = serviceDefinition(service);
@@ -285,7 +134,8 @@ export function createClient<S extends DescService>(service: S, address: string,
         client[method.localName] = (request: unknown, options?: CallOptions) =>
           new Promise((resolve, reject) => {
             const [md, opts] = tracedOptions(options);
-            raw.makeUnaryRequest(d.path, d.requestSerialize, d.responseDeserialize, make(request), md, opts, (err, res) =>
+            const timed = withDeadline(opts, transport.limits.callDeadlineMs);
+            raw.makeUnaryRequest(d.path, d.requestSerialize, d.responseDeserialize, make(request), md, timed, (err, res) =>
               err ? reject(err) : resolve(res),
             );
           });

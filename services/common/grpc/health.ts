@@ -3,6 +3,7 @@ import { FieldError } from "../errors.js";
 import { Health, HealthCheckResponse_ServingStatus as Serving } from "../../gen/grpc/health/v1/health_pb.js";
 import { Signal } from "../signal.js";
 import type { ServiceHandlers } from "./adapter.js";
+import { quoted } from "./limits.js";
 
 export { Serving };
 
@@ -34,7 +35,7 @@ export class HealthState {
     return {
       check: async (req) => {
         const s = this.statuses.get(req.service);
-        if (s === undefined) throw new FieldError("service", `unknown service "${req.service}"`, status.NOT_FOUND);
+        if (s === undefined) throw new FieldError("service", `unknown service ${quoted(req.service)}`, status.NOT_FOUND);
         return { status: s };
       },
       watch: (req, ctx) => this.watch(req.service, ctx.signal),

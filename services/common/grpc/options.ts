@@ -30,5 +30,7 @@ export function serverOptions(t: TransportConfig): ChannelOptions {
     "grpc.keepalive_timeout_ms": Math.max(5000, Math.floor(t.keepaliveMs / 2)),
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.min_ping_interval_without_data_ms": 1000,
+    // A client's calls past this wait for one of its streams to end (HTTP/2 SETTINGS), never pile up here.
+    "grpc.max_concurrent_streams": t.limits.maxConcurrentStreams,
   };
 }

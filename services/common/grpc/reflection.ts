@@ -5,8 +5,9 @@ import { type DescriptorProto, type FileDescriptorProto, FileDescriptorProtoSche
 import type { Server } from "@grpc/grpc-js";
 import * as v1 from "../../gen/grpc/reflection/v1/reflection_pb.js";
 import * as v1alpha from "../../gen/grpc/reflection/v1alpha/reflection_pb.js";
-import { serviceDefinition, serviceImplementation } from "./adapter.js";
+import { type ServerLimits, serviceDefinition, serviceImplementation } from "./adapter.js";
 import type { CallGuard } from "./authorize.js";
+import { quoted } from "./limits.js";
 
 /**
  * Server reflection, v1 and v1alpha, answering from the descriptor set `npm run gen` writes with
@@ -78,11 +79,11 @@ function answer(services: string[], req: Request) {
     case "listServices":
       return { case: "listServicesResponse" as const, value: { service: services.map((name) => ({ name })) } };
     case "fileByFilename":
-      return files(idx.files.has(r.value) ? r.value : undefined, `file ${r.value}`);
+      return files(idx.files.has(r.value) ? r.value : undefined, `file ${quoted(r.value)}`);
     case "fileContainingSymbol":
-      return files(idx.symbols.get(r.value.replace(/^\./, "")), `symbol ${r.value}`);
+      return files(idx.symbols.get(r.value.replace(/^\./, "")), `symbol ${quoted(r.value)}`);
     case "fileContainingExtension":
-      return error(`extension ${r.value.containingType}/${r.value.extensionNumber} not found`);
+      return error(`extension ${quoted(r.value.containingType)}/${r.value.extensionNumber} not found`);
     case "allExtensionNumbersOfType":
       return { case: "allExtensionNumbersResponse" as const, value: { baseTypeName: r.value, extensionNumber: [] } };
     default:
@@ -91,7 +92,7 @@ function answer(services: string[], req: Request) {
 }
 
 /** Adds both reflection versions to `server`, listing `services` plus reflection itself; `guard` as for every service. */
-export function addReflection(server: Server, services: string[], guard?: CallGuard): void {
+export function addReflection(server: Server, services: string[], guard?: CallGuard, limits?: ServerLimits): void {
   const listed = [...new Set([...services, v1.ServerReflection.typeName, v1alpha.ServerReflection.typeName])].sort();
   // v1alpha is v1 under another package name: the same answers, built with each version's schema.
   server.addService(
@@ -110,6 +111,7 @@ export function addReflection(server: Server, services: string[], guard?: CallGu
         },
       },
       guard,
+      limits,
     ),
   );
   server.addService(
@@ -128,6 +130,7 @@ export function addReflection(server: Server, services: string[], guard?: CallGu
         },
       },
       guard,
+      limits,
     ),
   );
 }

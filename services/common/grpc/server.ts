@@ -3,10 +3,12 @@ import { Server, ServerCredentials } from "@grpc/grpc-js";
 import type { Http2SecureServer, Http2Server, ServerHttp2Session } from "node:http2";
 import type { TransportConfig } from "../config/index.js";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
-import { type ServiceHandlers, serviceDefinition, serviceImplementation } from "./adapter.js";
+import { type ServerLimits, type ServiceHandlers, serviceDefinition, serviceImplementation } from "./adapter.js";
 import { type CallGuard, mtlsGuard, PeerVerdicts } from "./authorize.js";
 import { serverCredentials } from "./credentials.js";
+import { refuseCompression } from "./compression.js";
 import { HealthState } from "./health.js";
+import { StreamCounts } from "./limits.js";
 import { serverOptions } from "./options.js";
 import { addReflection } from "./reflection.js";
 
@@ -86,15 +88,18 @@ async function startPlainHealth(
   health: HealthState,
 ): Promise<{ server: Server; address: string }> {
   const server = new Server(serverOptions(transport));
-  server.addService(serviceDefinition(Health), serviceImplementation(Health, health.handlers()));
+  const limits: ServerLimits = { counts: new StreamCounts(transport.limits), idleMs: transport.limits.idleStreamMs };
+  server.addService(serviceDefinition(Health), serviceImplementation(Health, health.handlers(), undefined, limits));
   const port = await bindTo(server, address, ServerCredentials.createInsecure());
+  for (const http2 of http2Servers(server)) refuseCompression(http2);
   return { server, address: `${hostOf(address)}:${port}` };
 }
 
 /**
  * Starts a gRPC server with the given services, health and reflection, on `address` (host:port),
  * plaintext or under TLS (transport.tls); under mTLS every call is authorized by the caller's
- * certificate before its handler runs (authorize.ts).
+ * certificate before its handler runs (authorize.ts). Every call is held to transport.limits:
+ * streams per connection, producers and trainers per run, idle streams.
  */
 export async function startServer(address: string, transport: TransportConfig, bindings: ServiceBinding[]): Promise<RunningServer> {
   const tls = transport.tls;
@@ -104,12 +109,14 @@ export async function startServer(address: string, transport: TransportConfig, b
   const verdicts = new PeerVerdicts();
   const guard: CallGuard | undefined = tls.mode === "mtls" ? mtlsGuard(tls, verdicts) : undefined;
   const health = new HealthState(bindings.map((b) => b.service.typeName));
+  const limits: ServerLimits = { counts: new StreamCounts(transport.limits), idleMs: transport.limits.idleStreamMs };
   for (const b of [...bindings, bind(Health, health.handlers())]) {
-    server.addService(serviceDefinition(b.service), serviceImplementation(b.service, b.handlers, guard));
+    server.addService(serviceDefinition(b.service), serviceImplementation(b.service, b.handlers, guard, limits));
   }
-  addReflection(server, [...bindings.map((b) => b.service.typeName), Health.typeName], guard);
+  addReflection(server, [...bindings.map((b) => b.service.typeName), Health.typeName], guard, limits);
   const port = await bindTo(server, address, credentials);
   widenSessions(server, transport.flowControlWindowBytes);
+  for (const http2 of http2Servers(server)) refuseCompression(http2);
   if (guard) for (const http2 of http2Servers(server)) verdicts.watch(http2 as Http2SecureServer);
   const plain =
     tls.mode !== "off" && tls.healthAddress

@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { LimitsSection } from "./limits.js";
 import { checkNatsCredentials, GrpcTlsSection, natsCredentials, NatsTlsSection } from "./security.js";
 
 /** Identity of a run and where it writes; shared by every role. */
@@ -56,6 +57,7 @@ export const TransportSection = z
       .default(64 << 20)
       .describe("HTTP/2 stream and connection window; large windows lift a stream from ~0.3 to ~1 GB/s."),
     keepaliveMs: z.number().int().positive().default(30000).describe("Keepalive ping interval on idle connections."),
+    limits: LimitsSection.prefault({}),
     tls: GrpcTlsSection.prefault({}),
   })
   .strict();
