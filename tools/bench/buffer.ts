@@ -38,6 +38,9 @@ const IN_FLIGHT = 8;
 const E2E_POOL_BYTES = 64 << 20;
 const E2E_BYTES = 512 << 20;
 const E2E_ROUNDS = 5;
+/** Buffer shards side by side: 1, 2 and 4, each moving this many bytes. */
+const SHARDS = [1, 2, 4] as const;
+const SHARD_BYTES = 256 << 20;
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const PEER_FLAG = "SAEFLOW_BUFFER_BENCH_PEER";
 const transport = RunConfigSchema.parse({}).transport;
@@ -147,6 +150,13 @@ async function produce(address: string, dModel: number, rows: number): Promise<v
 async function grpcEndToEnd(peer: Peer, dModel: number, rows: number): Promise<number> {
   const capacity = Math.floor(E2E_POOL_BYTES / (dModel * 4));
   const address = await peer.ask<string>({ kind: "buffer", dModel, capacity });
+  const ms = await pushAndServe(address, dModel, rows);
+  await peer.ask({ kind: "close" });
+  return ms;
+}
+
+/** A producer and a trainer of one buffer at `address`: rows pushed, all of them served; the milliseconds it took. */
+async function pushAndServe(address: string, dModel: number, rows: number): Promise<number> {
   const client = createClient(BufferService, address, transport);
   const t0 = performance.now();
   const trainer = (async () => {
@@ -160,9 +170,26 @@ async function grpcEndToEnd(peer: Peer, dModel: number, rows: number): Promise<n
   const got = await trainer;
   const ms = performance.now() - t0;
   client.close();
-  await peer.ask({ kind: "close" });
   if (got !== rows) throw new Error(`trainer got ${got} of ${rows} rows`);
   return ms;
+}
+
+/**
+ * Buffer shards side by side on loopback: `n` buffer processes, each fed and drained by its own
+ * producer-and-trainer process, all at once. Served rows/s of them all together.
+ */
+async function shardsRowsPerSecond(n: number, dModel: number, rowsPerShard: number): Promise<number> {
+  const buffers = await Promise.all(Array.from({ length: n }, () => startPeer()));
+  const loads = await Promise.all(Array.from({ length: n }, () => startPeer()));
+  try {
+    const capacity = Math.floor(E2E_POOL_BYTES / (dModel * 4));
+    const addresses = await Promise.all(buffers.map((b) => b.ask<string>({ kind: "buffer", dModel, capacity })));
+    const t0 = performance.now();
+    await Promise.all(loads.map((l, i) => l.ask<number>({ kind: "load", address: addresses[i]!, dModel, rows: rowsPerShard })));
+    return (n * rowsPerShard) / ((performance.now() - t0) / 1000);
+  } finally {
+    await Promise.all([...buffers, ...loads].map((p) => p.close()));
+  }
 }
 
 /** The same bytes producer -> relay -> trainer over raw TCP, in the same chunk and batch sizes. */
@@ -196,7 +223,7 @@ async function tcpEndToEnd(port: number, dModel: number, rows: number): Promise<
 
 interface Peer {
   tcpPort: number;
-  ask<T>(message: { kind: string; dModel?: number; capacity?: number }): Promise<T>;
+  ask<T>(message: { kind: string; dModel?: number; capacity?: number; address?: string; rows?: number }): Promise<T>;
   close(): Promise<void>;
 }
 
@@ -254,8 +281,10 @@ async function peerMain(): Promise<void> {
   await new Promise<void>((r) => tcp.listen(0, "127.0.0.1", r));
   const address = tcp.address();
   process.send!(typeof address === "object" && address ? address.port : 0);
-  process.on("message", async (m: { kind: string; dModel: number; capacity: number }) => {
-    if (m.kind === "buffer") {
+  process.on("message", async (m: { kind: string; dModel: number; capacity: number; address: string; rows: number }) => {
+    if (m.kind === "load") {
+      process.send!(await pushAndServe(m.address, m.dModel, m.rows));
+    } else if (m.kind === "buffer") {
       running = await startBuffer(benchConfig(m.dModel, m.capacity), { address: "127.0.0.1:0", bus: null, log: () => undefined });
       process.send!(running.address);
     } else if (m.kind === "close") {
@@ -317,6 +346,19 @@ export async function run(): Promise<Record<string, number>> {
     }
   } finally {
     await peer.close();
+  }
+  // Served rows/s as buffer shards are added, each with its own producer and trainer process.
+  const d = 2048;
+  const perShard = Math.floor(SHARD_BYTES / (d * 4) / CHUNK) * CHUNK;
+  const one = await shardsRowsPerSecond(1, d, perShard);
+  for (const n of SHARDS) {
+    const rate = n === 1 ? one : await shardsRowsPerSecond(n, d, perShard);
+    line(`${n} buffer shard(s), 8 KiB rows, push+serve together`, rate / 1e3, "krows/s", {
+      label: `${n} x one shard`,
+      value: (n * one) / 1e3,
+    });
+    out[`shards${n}_rows_per_s`] = Math.round(rate);
+    out[`shards${n}_vs_linear_ratio`] = round(rate / (n * one));
   }
   return out;
 }
