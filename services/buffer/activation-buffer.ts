@@ -7,13 +7,15 @@ import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
 import { DROP_REASONS } from "./accounting.js";
 import { HookPoint } from "./hook-point.js";
 import { Instruments } from "./instruments.js";
+import { Marks } from "./marks.js";
 import { seedFor } from "./shuffle.js";
+import type { BufferState, BufferStateFile } from "./state-file.js";
 
 /** What the NATS side listens to. Calls are synchronous and frequent: coalesce. */
 export interface BufferObserver {
   /** Rows went in or out, a refill cycle started or ended, or the state changed. */
   changed(): void;
-  /** `rows` rows of a chunk from `producerId` passed the checks (duplicates excluded). */
+  /** `rows` rows of a chunk from `producerId` passed the checks (duplicates too: they count against its grant). */
   received(producerId: string, hookPoint: string, rows: number): void;
   stateChanged(state: ServiceState, previous: ServiceState): void;
 }
@@ -25,7 +27,12 @@ export interface BufferOptions {
   config: BufferConfig;
   /** Largest single pool allocation (tests use small ones to cover segmented pools). */
   segmentBytes?: number;
+  /** Where the ledger and marks are kept across restarts; absent, a restart starts them afresh. */
+  stateFile?: BufferStateFile;
 }
+
+/** Why the buffer stopped: its pools drained empty, the run ended (every trainer done), or it was closed. */
+export type StopCause = "drained" | "run_ended" | "closed";
 
 /**
  * The activation buffer, usable in-process: one HookPoint per configured hook point, allocated
@@ -44,6 +51,11 @@ export class ActivationBuffer {
   private observer: BufferObserver | undefined;
   private nextRowId = 0;
   private readonly producerIndex = new Map<string, number>();
+  /** Per (producer, hook point), the first row not yet answered: re-sent rows below it are duplicates. */
+  readonly marks = new Marks();
+  private readonly stateFile: BufferStateFile | undefined;
+  private stopCause: StopCause | undefined;
+  private runEnding = false;
 
   constructor(options: BufferOptions) {
     this.stopped = new Promise<void>((resolve) => (this.markStopped = resolve));
@@ -51,6 +63,8 @@ export class ActivationBuffer {
     this.config = options.config;
     this.dtype = dtypeFromName(options.config.dtype);
     this.instruments = new Instruments(() => [...this.hooks.values()].map((h) => [h.name, h.pool.held / h.pool.capacity]));
+    this.stateFile = options.stateFile;
+    const saved = this.stateFile?.load();
     for (const { name, dModel } of options.config.hookPoints) {
       this.hooks.set(
         name,
@@ -66,10 +80,47 @@ export class ActivationBuffer {
           instruments: this.instruments,
           onChange: () => this.changed(),
           segmentBytes: options.segmentBytes,
+          cyclesBefore: saved?.hooks[name]?.cycle ?? 0,
         }),
       );
     }
+    if (saved) this.restore(saved);
+    this.stateFile?.prepare();
+    this.commit();
     this.currentState = ServiceState.RUNNING;
+  }
+
+  /**
+   * Goes on from the ledger the buffer before this one left: its counts, its row ids and its marks.
+   * The rows its pool held are gone with it, counted by why.
+   */
+  private restore(saved: BufferState): void {
+    this.nextRowId = saved.nextRowId;
+    this.marks.restore(saved.marks);
+    for (const [name, ledger] of Object.entries(saved.hooks)) {
+      this.hooks.get(name)?.accounting.restore(ledger, ledger.held, saved.clean ? "left_at_stop" : "lost_with_buffer");
+    }
+  }
+
+  /**
+   * Saves the ledger and marks (when a state file is configured). Called wherever a change is about to
+   * become visible to a peer, before it does (see state-file.ts).
+   */
+  commit(): void {
+    this.stateFile?.save(this.snapshot(this.currentState === ServiceState.STOPPED));
+  }
+
+  private snapshot(clean: boolean): BufferState {
+    return {
+      version: 1,
+      runId: this.runId,
+      clean,
+      nextRowId: this.nextRowId,
+      hooks: Object.fromEntries(
+        [...this.hooks.values()].map((h) => [h.name, { ...h.accounting.counts(), held: h.pool.held, cycle: h.cycle }]),
+      ),
+      marks: this.marks.save(),
+    };
   }
 
   /** Resolves once the buffer is stopped: drained empty, or closed. Never rejects. */
@@ -84,6 +135,11 @@ export class ActivationBuffer {
   /** Pool bytes allocated, all hook points together. */
   get bytes(): number {
     return [...this.hooks.values()].reduce((sum, h) => sum + h.pool.bytes, 0);
+  }
+
+  /** Why the buffer stopped; undefined while it has not. */
+  get stoppedBecause(): StopCause | undefined {
+    return this.stopCause;
   }
 
   /** Whether pushes are refused: draining or stopped. */
@@ -133,11 +189,27 @@ export class ActivationBuffer {
     return this.currentState;
   }
 
-  /** Ends every stream and span; the pools stay readable for a last Status. */
-  close(): void {
+  /** The run is over (every trainer done): pushes are refused from now on and producers are told to stop. */
+  endRun(): void {
+    this.runEnding = true;
+    this.drain();
+  }
+
+  /** True once endRun() was called. */
+  get endingRun(): boolean {
+    return this.runEnding;
+  }
+
+  /**
+   * Ends every stream and span; the pools stay readable for a last Status. Closed for any other cause
+   * than the run's end, trainers' streams end UNAVAILABLE, so that they reconnect to its successor.
+   */
+  close(cause: StopCause = "closed"): void {
+    this.stopCause ??= cause;
     if (this.currentState !== ServiceState.STOPPED) this.setState(ServiceState.STOPPED);
     for (const h of this.hooks.values()) h.close();
     this.instruments.close();
+    this.commit();
   }
 
   status(producers: readonly string[]): MessageInitShape<typeof StatusResponseSchema> {
@@ -174,7 +246,9 @@ export class ActivationBuffer {
 
   private changed(): void {
     if (this.currentState === ServiceState.DRAINING && [...this.hooks.values()].every((h) => h.pool.held === 0)) {
+      this.stopCause ??= "drained";
       this.setState(ServiceState.STOPPED);
+      this.commit();
     }
     this.observer?.changed();
   }

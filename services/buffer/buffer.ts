@@ -2,14 +2,17 @@ import { create } from "@bufbuild/protobuf";
 import type { RunConfig } from "../common/config/index.js";
 import { Serving } from "../common/grpc/health.js";
 import { bind, startServer } from "../common/grpc/server.js";
+import { subjects } from "../common/coordination.js";
 import { type Bus, connectBus } from "../common/nats.js";
 import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js";
 import { BufferService, type StatusResponse, StatusResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import { ActivationBuffer } from "./activation-buffer.js";
 import { Ingest } from "./ingest.js";
 import { RefillCoordinator } from "./refill.js";
+import { RunEnd } from "./run-end.js";
 import { BatchServer } from "./serve.js";
 import { bufferHandlers } from "./service.js";
+import { BufferStateFile } from "./state-file.js";
 
 export interface BufferDeps extends Omit<RoleDeps, "bus"> {
   /** null runs without NATS: producers are then held back by gRPC flow control alone (benches). */
@@ -34,18 +37,39 @@ export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Pro
       ? await connectBus({ url: config.nats.url, security: config.nats, name: `buffer-${config.run.id}`, log })
       : undefined;
   const bus = deps.bus ?? ownBus;
-  const buffer = new ActivationBuffer({
-    runId: config.run.id,
-    seed: config.run.seed,
-    config: config.buffer,
-    segmentBytes: deps.segmentBytes,
-  });
-  const ingest = new Ingest(buffer);
-  const refill = bus ? new RefillCoordinator({ bus, prefix: config.nats.subjectPrefix, buffer, ingest }) : undefined;
+  let buffer: ActivationBuffer;
+  try {
+    buffer = new ActivationBuffer({
+      runId: config.run.id,
+      seed: config.run.seed,
+      config: config.buffer,
+      segmentBytes: deps.segmentBytes,
+      stateFile: config.buffer.stateFile ? new BufferStateFile(config.buffer.stateFile, config.run.id) : undefined,
+    });
+  } catch (err) {
+    await ownBus?.drain();
+    throw err;
+  }
+  logRestored(buffer, config.buffer.stateFile, log);
+  const ingest = new Ingest(buffer, config.transport.limits);
+  const batches = new BatchServer(buffer);
+  const refill = bus ? new RefillCoordinator({ bus, prefix: config.nats.subjectPrefix, buffer, log }) : undefined;
+  const runEnd =
+    bus && refill
+      ? new RunEnd({
+          bus,
+          subjects: subjects(config.nats.subjectPrefix, config.run.id),
+          buffer,
+          consumers: batches.consumers,
+          expected: config.buffer.trainers,
+          producers: () => refill.producers(),
+          log,
+        })
+      : undefined;
   const status = (): StatusResponse => create(StatusResponseSchema, buffer.status(refill?.producers() ?? []));
   let server;
   try {
-    const handlers = bufferHandlers(buffer, ingest, new BatchServer(buffer), status);
+    const handlers = bufferHandlers(buffer, ingest, batches, status);
     server = await startServer(deps.address ?? config.buffer.address, config.transport, [bind(BufferService, handlers)]);
   } catch (err) {
     buffer.close();
@@ -53,6 +77,7 @@ export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Pro
     throw err;
   }
   refill?.start();
+  runEnd?.start();
   server.health.set(Serving.SERVING);
   const mib = (buffer.bytes / 2 ** 20).toFixed(0);
   log(
@@ -63,10 +88,24 @@ export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Pro
   const stop = () =>
     (stopping ??= (async () => {
       server.health.set(Serving.NOT_SERVING);
+      runEnd?.close();
       refill?.close();
+      batches.consumers.close();
       buffer.close();
       await server.close(2000);
       await ownBus?.drain();
     })());
   return { address: server.address, buffer, finished: outcome(buffer.closed()), status, stop };
+}
+
+/** Says what a buffer took over from the one before it: rows its pool lost, and where the ledger stands. */
+function logRestored(buffer: ActivationBuffer, stateFile: string, log: (line: string) => void): void {
+  for (const h of buffer.hooks.values()) {
+    const { accepted, lost } = h.accounting.balance(0);
+    if (accepted === 0) continue;
+    const { lost_with_buffer: died, left_at_stop: left } = h.accounting.dropped;
+    log(
+      `${h.name}: went on from the ledger in ${stateFile}: ${accepted} rows accepted so far, ${lost} lost with earlier buffers (${died} when one died, ${left} left in one that stopped)`,
+    );
+  }
 }

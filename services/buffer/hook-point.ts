@@ -19,6 +19,8 @@ export interface HookPointOptions {
   /** Called after anything that may change refill demand: rows in or out, a refill cycle starting or ending. */
   onChange: () => void;
   segmentBytes?: number;
+  /** Refill cycles the buffer this one replaces had begun, so that cycles count on across a restart. */
+  cyclesBefore?: number;
 }
 
 /** What Status shows of one trainer stream. */
@@ -85,6 +87,7 @@ export class HookPoint {
       segmentBytes: options.segmentBytes,
     });
     this.accounting = new Accounting(options.name, options.instruments);
+    this.cycle = options.cyclesBefore ?? 0;
     this.lowRows = Math.floor(options.lowWatermark * options.capacity);
     this.floorRows = Math.ceil(options.mixFloor * options.capacity);
     this.settle();

@@ -4,7 +4,6 @@ import type { Bus } from "../common/nats.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import type { ActivationBuffer, BufferObserver } from "./activation-buffer.js";
 import type { HookPoint } from "./hook-point.js";
-import type { Ingest } from "./ingest.js";
 
 /** A producer of the run, as the buffer sees it. */
 interface Member {
@@ -23,7 +22,8 @@ export interface RefillOptions {
   /** First token of every subject (nats.subjectPrefix). */
   prefix: string;
   buffer: ActivationBuffer;
-  ingest: Ingest;
+  /** Membership lines: a producer lapsed, or came back. */
+  log?: (line: string) => void;
 }
 
 /**
@@ -43,12 +43,12 @@ export class RefillCoordinator implements BufferObserver {
   private lastPublished = "";
   private readonly bus: Bus;
   private readonly buffer: ActivationBuffer;
-  private readonly ingest: Ingest;
+  private readonly log: (line: string) => void;
 
   constructor(options: RefillOptions) {
     this.bus = options.bus;
     this.buffer = options.buffer;
-    this.ingest = options.ingest;
+    this.log = options.log ?? (() => undefined);
     this.subjects = subjects(options.prefix, options.buffer.runId);
   }
 
@@ -101,20 +101,34 @@ export class RefillCoordinator implements BufferObserver {
   received(producerId: string, hookPoint: string, rows: number): void {
     const member = this.members.get(producerId);
     if (member) member.received.set(hookPoint, (member.received.get(hookPoint) ?? 0) + rows);
+    // Duplicates fill no slot, so nothing else would grant the credit they used up again.
+    this.changed();
   }
 
   stateChanged(state: ServiceState, previous: ServiceState): void {
-    if (state === ServiceState.DRAINING) this.bus.publish(this.subjects.runState, RunState, { state: "draining", reason: "buffer drain" });
+    const ending = this.buffer.endingRun;
+    if (state === ServiceState.DRAINING) {
+      this.bus.publish(this.subjects.runState, RunState, { state: "draining", reason: ending ? "every trainer is done" : "buffer drain" });
+    }
     if (state === ServiceState.STOPPED && previous === ServiceState.DRAINING) {
-      this.bus.publish(this.subjects.runState, RunState, { state: "stopped", reason: "buffer drained" });
+      this.bus.publish(this.subjects.runState, RunState, { state: "stopped", reason: ending ? "every trainer is done" : "buffer drained" });
     }
   }
 
-  /** A hello, or a join from a producer not yet a member: counting starts again from 0. */
+  /**
+   * A hello, or a join from a producer not yet a member: its grant counts again from 0. What it sent
+   * before is still known (its marks), so what it re-sends is not accepted twice.
+   */
   private join(announce: MemberAnnounce): void {
     this.members.set(announce.producerId, fresh(announce));
-    this.ingest.forget(announce.producerId);
+    this.adopt(announce);
     this.membershipChanged();
+  }
+
+  /** Learns a producer's lineage and how far its rows were answered (see marks.ts). */
+  private adopt(announce: MemberAnnounce): void {
+    const answered = Object.fromEntries(Object.entries(announce.marks ?? {}).map(([hook, m]) => [hook, m.answered]));
+    this.buffer.marks.adopt(announce.producerId, announce.lineage, answered);
   }
 
   /**
@@ -123,6 +137,7 @@ export class RefillCoordinator implements BufferObserver {
    * a lapsed member revives it with its counts.
    */
   private heartbeat(announce: MemberAnnounce): void {
+    this.adopt(announce);
     const member = this.members.get(announce.producerId);
     if (!member) {
       this.members.set(announce.producerId, fresh(announce));
@@ -130,6 +145,10 @@ export class RefillCoordinator implements BufferObserver {
     }
     const before = member.announce;
     const revived = !member.live;
+    if (revived)
+      this.log(
+        `${announce.producerId} is back (heartbeat after ${((Date.now() - member.lastSeen) / 1000).toFixed(1)} s); it gets grants again`,
+      );
     member.announce = announce;
     member.lastSeen = Date.now();
     member.live = true;
@@ -153,6 +172,9 @@ export class RefillCoordinator implements BufferObserver {
         member.live = false;
         member.grant = Math.max(0, ...member.received.values());
         lapsed = true;
+        this.log(
+          `${member.announce.producerId} lapsed: no heartbeat for ${MEMBER_TIMEOUT_MS / 1000} s; its unused credit goes to the others`,
+        );
       }
     }
     if (lapsed) this.membershipChanged();

@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { status } from "@grpc/grpc-js";
 import { FieldError } from "../common/errors.js";
+import { MAX_ID_CHARS, quoted } from "../common/grpc/limits.js";
 import { wireBuffer } from "../common/grpc/wire.js";
 import { linkFrom } from "../common/telemetry.js";
 import { type HostArray, toTensor } from "../common/tensor-codec.js";
@@ -9,16 +10,8 @@ import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import { DType } from "../gen/saeflow/v1/tensor_pb.js";
 import type { ActivationBuffer } from "./activation-buffer.js";
 import type { HookPoint, StreamStats } from "./hook-point.js";
+import { Consumers } from "./consumers.js";
 import type { Cursor, GatheredIds } from "./pool.js";
-
-type Share = "fan_out" | "split";
-
-/** Trainers of one group on one hook point. A split group reads through one shared cursor. */
-interface Group {
-  share: Share;
-  members: number;
-  shared: Cursor | undefined;
-}
 
 const WAIT = -1;
 
@@ -30,9 +23,12 @@ const WAIT = -1;
  * for rows.
  */
 export class BatchServer {
-  private readonly groups = new Map<HookPoint, Map<string, Group>>();
+  /** Who reads each pool; a trainer whose stream broke keeps its place for a while (consumers.ts). */
+  readonly consumers: Consumers;
 
-  constructor(private readonly buffer: ActivationBuffer) {}
+  constructor(private readonly buffer: ActivationBuffer) {
+    this.consumers = new Consumers(buffer.config.defaultShare, buffer.config.trainerAwayMs);
+  }
 
   /** Batches until max_batches are sent, the buffer drains or stops, or `signal` aborts. */
   async *serve(request: BatchesRequest, signal: AbortSignal): AsyncGenerator<BatchesResponse> {
@@ -40,16 +36,25 @@ export class BatchServer {
     if (!hook) {
       throw new FieldError(
         "hook_point",
-        `unknown hook point "${request.hookPoint}"; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`,
+        `unknown hook point ${quoted(request.hookPoint)}; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`,
       );
     }
     const { capacity, rowBytes, dModel } = hook.pool;
+    // The batch buffer is allocated once per stream: the pool's capacity bounds it.
     if (request.batchSize < 1 || request.batchSize > capacity) {
       throw new FieldError("batch_size", `${request.batchSize} is outside 1..${capacity} (the pool capacity)`);
     }
     if (!request.trainerId) throw new FieldError("trainer_id", "empty");
+    for (const [field, id] of [
+      ["trainer_id", request.trainerId],
+      ["group", request.group],
+    ] as const) {
+      if (id.length > MAX_ID_CHARS) throw new FieldError(field, `${id.length} characters; at most ${MAX_ID_CHARS}`);
+    }
+    if (!(request.share in ShareMode))
+      throw new FieldError("share", `${request.share} is not a ShareMode (0 unspecified, 1 fan-out, 2 split)`);
     const group = request.group || "default";
-    const cursor = this.attach(hook, group, request.share);
+    const cursor = this.consumers.attach(hook, group, request.share, request.trainerId);
     const stats: StreamStats = { trainerId: request.trainerId, group, batches: 0, rows: 0, waitMs: 0 };
     hook.streams.add(stats);
     try {
@@ -71,6 +76,8 @@ export class BatchServer {
         const span = this.buffer.instruments.tracer.startSpan("buffer.batch", { attributes });
         const ids: GatheredIds | undefined = request.includeIds ? { rowIds: [], tokenIds: [], contextIds: [] } : undefined;
         const batch = hook.take(cursor, rows, out, ids);
+        // The ledger says these rows were served before the trainer can have them.
+        this.buffer.commit();
         const link = linkFrom(batch.traceparent);
         if (link) span.addLink(link);
         stats.batches++;
@@ -96,7 +103,9 @@ export class BatchServer {
       }
     } finally {
       hook.streams.delete(stats);
-      this.detach(hook, group, cursor);
+      // Cut off while the buffer runs on: the trainer may come back for its place.
+      const broken = signal.aborted && !this.buffer.closedToPushes;
+      this.consumers.detach(hook, group, request.trainerId, cursor, broken);
     }
   }
 
@@ -109,44 +118,15 @@ export class BatchServer {
     const unread = hook.pool.unread(cursor);
     switch (this.buffer.state) {
       case ServiceState.STOPPED:
-        return 0;
+        if (this.buffer.stoppedBecause !== "closed") return 0;
+        // Not the run's end: this buffer is going away, and the trainer should reconnect to the next.
+        throw new FieldError("buffer", "stopping without a drain (a restart or an eviction); reconnect", status.UNAVAILABLE);
       case ServiceState.DRAINING:
         return Math.min(unread, batchSize);
       case ServiceState.RUNNING:
         return hook.primed && unread >= Math.max(batchSize, hook.floorRows) ? batchSize : WAIT;
       default:
         return WAIT;
-    }
-  }
-
-  private attach(hook: HookPoint, name: string, requested: ShareMode): Cursor {
-    let groups = this.groups.get(hook);
-    if (!groups) this.groups.set(hook, (groups = new Map()));
-    const asked: Share | undefined = requested === ShareMode.SPLIT ? "split" : requested === ShareMode.FAN_OUT ? "fan_out" : undefined;
-    let group = groups.get(name);
-    if (!group) {
-      const share = asked ?? this.buffer.config.defaultShare;
-      group = { share, members: 0, shared: share === "split" ? hook.pool.openCursor() : undefined };
-      groups.set(name, group);
-    } else if (asked && asked !== group.share) {
-      throw new FieldError(
-        "share",
-        `group "${name}" on ${hook.name} is ${group.share}; this trainer asked for ${asked}`,
-        status.FAILED_PRECONDITION,
-      );
-    }
-    group.members++;
-    return group.shared ?? hook.pool.openCursor();
-  }
-
-  private detach(hook: HookPoint, name: string, cursor: Cursor): void {
-    const groups = this.groups.get(hook)!;
-    const group = groups.get(name)!;
-    group.members--;
-    if (!group.shared) hook.closeCursor(cursor);
-    if (group.members === 0) {
-      groups.delete(name);
-      if (group.shared) hook.closeCursor(group.shared);
     }
   }
 }

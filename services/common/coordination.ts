@@ -1,4 +1,5 @@
 import { z } from "zod";
+import type { Bus } from "./nats.js";
 
 /**
  * The NATS contract between buffer and producers (documented in the README). NATS carries control
@@ -10,6 +11,7 @@ import { z } from "zod";
  *   <p>.<run>.buffer.demand      buffer → producers Demand           refill grants or pause, on change and every heartbeat
  *   <p>.<run>.buffer.hello       producer → buffer  request MemberAnnounce, reply Demand (join without waiting)
  *   <p>.<run>.run.state          any → all          RunState         draining / stopped
+ *   <p>.<run>.trainers.done      trainer → buffer   TrainerDone      a trainer finished its run (the run ends once all have)
  */
 export const HEARTBEAT_MS = 1000;
 export const MEMBER_TIMEOUT_MS = 3 * HEARTBEAT_MS;
@@ -23,9 +25,20 @@ export function subjects(prefix: string, runId: string) {
     demand: `${base}.buffer.demand`,
     hello: `${base}.buffer.hello`,
     runState: `${base}.run.state`,
+    trainerDone: `${base}.trainers.done`,
   } as const;
 }
 export type Subjects = ReturnType<typeof subjects>;
+
+/**
+ * How far a producer's contexts of one hook point have gone, as next context ids: every context
+ * below `sent` was written to a Push stream, every context below `answered` was answered by a buffer.
+ */
+export const HookMarks = z.object({
+  sent: z.number().int().min(0),
+  answered: z.number().int().min(0),
+});
+export type HookMarks = z.infer<typeof HookMarks>;
 
 /** Who a producer is and what it feeds. */
 export const MemberAnnounce = z.object({
@@ -35,6 +48,17 @@ export const MemberAnnounce = z.object({
   address: z.string(),
   /** Rows per hook point the producer sends per chunk, so grants can be sized in whole chunks. */
   chunkRows: z.number().int().positive(),
+  /**
+   * Which pass through its shard the producer's context ids count in: made when it starts the shard
+   * afresh, kept (in its position file) across restarts that resume. A context id names the same rows
+   * within one lineage only.
+   */
+  lineage: z.string().optional(),
+  /**
+   * Per hook point, how far its contexts have gone. A buffer that restarted without its state file
+   * learns from `answered` which re-sent rows it must not accept again.
+   */
+  marks: z.record(z.string(), HookMarks).optional(),
 });
 export type MemberAnnounce = z.infer<typeof MemberAnnounce>;
 
@@ -63,3 +87,72 @@ export const RunState = z.object({
   reason: z.string().default(""),
 });
 export type RunState = z.infer<typeof RunState>;
+
+/**
+ * A trainer's run is over (its steps done, or stopped by an operator): it will pull no more batches.
+ * Not sent when a trainer is stopped by a signal, since it will be started again and resume.
+ */
+export const TrainerDone = z.object({
+  trainerId: z.string().min(1),
+  hookPoint: z.string(),
+  /** The step it finished at. */
+  step: z.number().int().min(0),
+});
+export type TrainerDone = z.infer<typeof TrainerDone>;
+
+/** How long a trainer keeps trying to get its TrainerDone to the NATS server before it gives up. */
+const ANNOUNCE_MS = 30_000;
+const RECONNECT_MS = 2000;
+
+/** A trainer's way to say it is done: its own NATS connection, made in the background so NATS is never on its start-up path. */
+export interface DoneAnnouncer {
+  /** Publishes `done` and waits until the server has it; false (and a line saying so) when it could not within 30 s. */
+  announce(done: TrainerDone): Promise<boolean>;
+  /** Lets go of the connection. */
+  close(): Promise<void>;
+}
+
+/**
+ * Connects (again and again, until it works or is closed) with `connect`, so that a trainer started
+ * while NATS is down can still announce its end once NATS is back.
+ */
+export function doneAnnouncer(connect: () => Promise<Bus>, subject: string, log: (line: string) => void): DoneAnnouncer {
+  let closed = false;
+  let bus: Bus | undefined;
+  let said = false;
+  void (async () => {
+    while (!closed) {
+      try {
+        bus = await connect();
+        if (closed) await bus.drain();
+        return;
+      } catch (err) {
+        if (!said) log(`nats: not connected yet (${(err as Error).message}); retrying, the run's end is announced over it`);
+        said = true;
+        await new Promise((r) => setTimeout(r, RECONNECT_MS).unref());
+      }
+    }
+  })();
+  return {
+    announce: async (done) => {
+      const until = Date.now() + ANNOUNCE_MS;
+      // A connection that never came up will not now: NATS is not there for this trainer at all.
+      if (!bus) log(`nats: never connected, so ${done.trainerId} cannot say it is done; the buffer will not end the run by itself`);
+      while (bus && Date.now() < until) {
+        bus.publish(subject, TrainerDone, done);
+        const left = new Promise<boolean>((r) => setTimeout(() => r(false), Math.max(0, until - Date.now())).unref());
+        if (await Promise.race([bus.flush(), left])) return true;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      log(
+        `nats: could not announce that ${done.trainerId} is done within ${ANNOUNCE_MS / 1000} s; the buffer will not end the run by itself`,
+      );
+      return false;
+    },
+    close: async () => {
+      // An attempt under way drains what it gets by itself; nothing here waits for it.
+      closed = true;
+      await bus?.drain();
+    },
+  };
+}

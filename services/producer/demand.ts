@@ -40,7 +40,15 @@ export class DemandGate {
     private readonly log: (line: string) => void,
     /** Upper bound on one context's rows per hook point; chunkRows is a whole pass of them. */
     private readonly rowsPerContext: number = member.chunkRows,
+    /** How far the contexts have gone at the moment of each announcement (see MemberAnnounce.marks). */
+    private readonly marks: () => MemberAnnounce["marks"] = () => undefined,
   ) {}
+
+  /** This producer as announced now: who it is, and how far its contexts have gone. */
+  private announcement(me: MemberAnnounce): MemberAnnounce {
+    const marks = this.marks();
+    return marks ? { ...me, marks } : me;
+  }
 
   /**
    * Joins the run as the producer whose control server is at `address`: listens for demand and run
@@ -58,15 +66,16 @@ export class DemandGate {
         this.changed.notify();
       }),
     );
-    this.heartbeat = setInterval(() => bus.publish(this.subjects.heartbeat, MemberAnnounce, me), HEARTBEAT_MS);
+    this.heartbeat = setInterval(() => bus.publish(this.subjects.heartbeat, MemberAnnounce, this.announcement(me)), HEARTBEAT_MS);
     await this.announce(bus, me);
   }
 
   /**
    * Joins again after the push stream had to reconnect (the buffer may have restarted). The hello
-   * makes the buffer count this producer afresh, as a join does; the chunks re-sent on the new
-   * stream count as sent, which can only leave some of the new grant unused, never overshoot it.
-   * The old grant counted from the old join, so the gate stays shut until the next Demand.
+   * makes the buffer count this producer's grant afresh, as a join does (what it sent before stays
+   * known to the buffer by context id, so a re-sent row is a duplicate, not a second copy); the
+   * chunks re-sent on the new stream count as sent on both sides. The old grant counted from the old
+   * join, so the gate stays shut until the next Demand.
    */
   async rejoin(rowsResent: number): Promise<void> {
     // A pass taken but not pushed yet goes out on the new stream too.
@@ -153,9 +162,10 @@ export class DemandGate {
   }
 
   private async announce(bus: Bus, me: MemberAnnounce): Promise<void> {
-    bus.publish(this.subjects.join, MemberAnnounce, me);
+    const now = this.announcement(me);
+    bus.publish(this.subjects.join, MemberAnnounce, now);
     try {
-      this.apply(await bus.request(this.subjects.hello, MemberAnnounce, me, Demand, HELLO_TIMEOUT_MS));
+      this.apply(await bus.request(this.subjects.hello, MemberAnnounce, now, Demand, HELLO_TIMEOUT_MS));
     } catch (err) {
       // No buffer yet: it will learn of this producer from its heartbeat and include it in the next Demand.
       this.log(`demand: no answer to hello (${(err as Error).message}); waiting for the buffer's demand`);

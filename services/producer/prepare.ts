@@ -1,4 +1,4 @@
-import { createHash } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import { join } from "node:path";
 import { ConfigError, type RunConfig } from "../common/config/index.js";
 import { DTYPE_BYTES, dtypeFromName } from "../common/tensor-codec.js";
@@ -40,7 +40,9 @@ export function prepare(config: RunConfig, id: string, log: (line: string) => vo
     const c = saved.cursor;
     log(`${id}: resuming at file ${c.fileIndex} byte ${c.offset} (epoch ${c.epoch}, ${saved.contexts} contexts done)`);
   }
-  return { tokenizer, files, store, from: saved ?? freshPosition() };
+  // A position saved before lineages existed goes on under a new one: its ids were never announced.
+  const from = saved ? { ...saved, lineage: saved.lineage || randomUUID() } : freshPosition();
+  return { tokenizer, files, store, from };
 }
 
 /** Cross-checks that need the loaded tokenizer and model, each naming the key at fault. */

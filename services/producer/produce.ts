@@ -36,6 +36,9 @@ export class ProduceStep {
   private readonly hooks: readonly string[];
   private readonly dtype: DType;
   private readonly nextSequence: Map<string, number>;
+  /** Rows per hook point and tokens of every pass so far, the saved ones included. */
+  private readonly produced: Position["produced"];
+  private readonly lineage: string;
   /** Settles once the last batch handed to produce() is pushed (or failed). */
   private delivered: Promise<void> = Promise.resolve();
 
@@ -46,6 +49,8 @@ export class ProduceStep {
     this.hooks = parts.config.producer.hookPoints;
     this.dtype = dtypeFromName(parts.config.producer.dtype);
     this.nextSequence = new Map(this.hooks.map((h) => [h, from.nextSequence[h] ?? 0]));
+    this.produced = { ...from.produced };
+    this.lineage = from.lineage;
   }
 
   /**
@@ -116,12 +121,16 @@ export class ProduceStep {
   /** Where the shard stands once this batch is delivered. */
   private positionAfter(batch: Batch): Position {
     const last = batch.contexts[batch.contexts.length - 1]!;
+    this.produced.rows += batch.rows;
+    this.produced.tokens += batch.tokens;
     return {
       cursor: last.end,
       documentsDone: last.documentsDone,
       contexts: last.id + 1,
       exhausted: false,
       nextSequence: Object.fromEntries(this.nextSequence),
+      lineage: this.lineage,
+      produced: { ...this.produced },
     };
   }
 

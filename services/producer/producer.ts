@@ -87,10 +87,13 @@ async function open(config: RunConfig, deps: RoleDeps, id: string, prepared: Pre
     }));
   if (!deps.bus) made.add(() => bus.drain());
   const chunkRows = p.batchContexts * (p.contextLength - (p.prependBos && p.excludeBos ? 1 : 0));
-  const member = { producerId: id, hookPoints: p.hookPoints, chunkRows };
-  const gate = new DemandGate(subjects(config.nats.subjectPrefix, config.run.id), member, log, chunkRows / p.batchContexts);
-  const progress = new ProducerProgress();
   const ledger = new InFlightLedger(prepared.store, prepared.from);
+  // Saved now, so a crash before the first answer still resumes under this lineage.
+  ledger.save();
+  const member = { producerId: id, hookPoints: p.hookPoints, chunkRows, lineage: prepared.from.lineage };
+  const marks = () => ledger.marks(p.hookPoints);
+  const gate = new DemandGate(subjects(config.nats.subjectPrefix, config.run.id), member, log, chunkRows / p.batchContexts, marks);
+  const progress = new ProducerProgress();
   const status = () =>
     producerStatus({
       id,

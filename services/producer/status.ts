@@ -59,8 +59,9 @@ export function producerStatus(s: StatusSources): StatusResponse {
     state: progress.state,
     producerId: s.id,
     hookPoints: p.hookPoints,
-    tokens: BigInt(progress.tokens),
-    rowsSent: BigInt(progress.rows * p.hookPoints.length),
+    // Delivered passes, counted across restarts (the saved position carries them): the ledger's "produced".
+    tokens: BigInt(delivered.produced.tokens),
+    rowsSent: BigInt(delivered.produced.rows * p.hookPoints.length),
     bytesSent: BigInt(progress.bytes),
     tokensPerSecond: progress.tokensPerSecond(),
     position: {

@@ -21,7 +21,8 @@ export interface WireError {
   code?: number;
 }
 
-export type FromWorker = { type: "batch"; batch: Batch } | { type: "end" } | { type: "error"; error: WireError };
+export type FromWorker =
+  { type: "batch"; batch: Batch } | { type: "end" } | { type: "error"; error: WireError } | { type: "log"; line: string };
 export type ToWorker = { type: "credit" } | { type: "close" };
 
 function unwire(e: WireError): Error {
@@ -53,10 +54,12 @@ export class PrefetchedBatches implements BatchSource {
   private ended = false;
   private closed = false;
 
-  constructor(config: RunConfig, widen: DTypeName[], depth = 1) {
+  /** `log` hears what the stream's thread says (a broken stream, its reconnection). */
+  constructor(config: RunConfig, widen: DTypeName[], depth = 1, log: (line: string) => void = () => undefined) {
     const init: PrefetchInit = { config, widen, depth };
     this.worker = startWorker("prefetch-worker", init);
     this.worker.on("message", (m: FromWorker) => {
+      if (m.type === "log") return log(m.line);
       if (m.type === "batch") this.queue.push(m.batch);
       else if (m.type === "error") this.failure ??= unwire(m.error);
       else this.ended = true;

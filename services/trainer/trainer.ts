@@ -1,8 +1,10 @@
 import { create } from "@bufbuild/protobuf";
 import type { RunConfig } from "../common/config/index.js";
+import { doneAnnouncer, subjects } from "../common/coordination.js";
 import { createClient } from "../common/grpc/adapter.js";
 import { Serving } from "../common/grpc/health.js";
 import { bind, type RunningServer, startServer } from "../common/grpc/server.js";
+import { type Bus, connectBus } from "../common/nats.js";
 import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js";
 import { BufferService } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import { type StatusResponse, StatusResponseSchema, TrainerService } from "../gen/saeflow/trainer/v1/trainer_pb.js";
@@ -52,7 +54,7 @@ function statusOf(training: Training, hookPoint: string): StatusResponse {
  * The buffer's Batches stream, once the buffer answers and serves the configured pool, received on
  * its own thread so that batches arrive while steps run (prefetch.ts).
  */
-async function bufferSource(config: RunConfig): Promise<BatchSource> {
+async function bufferSource(config: RunConfig, log: (line: string) => void): Promise<BatchSource> {
   const client = createClient(BufferService, config.trainer.bufferAddress, config.transport);
   try {
     await client.ready(60_000);
@@ -61,8 +63,12 @@ async function bufferSource(config: RunConfig): Promise<BatchSource> {
     client.close();
   }
   const t = config.trainer;
-  return new PrefetchedBatches(config, widenedByStream(placementOf(t), t.dModel));
+  return new PrefetchedBatches(config, widenedByStream(placementOf(t), t.dModel), 1, log);
 }
+
+/** The trainer's own NATS connection, used for nothing but announcing that it is done. */
+const trainerBus = (config: RunConfig, log: (line: string) => void): Promise<Bus> =>
+  connectBus({ url: config.nats.url, security: config.nats, name: `trainer-${config.trainer.id}`, log });
 
 /**
  * Starts a trainer: connects the buffer (unless handed a source) and checks its pool, serves the
@@ -74,7 +80,7 @@ export async function startTrainer(config: RunConfig, deps: TrainerDeps = {}): P
   const t = config.trainer;
   const log = deps.log ?? stderrLog;
   const device = await checkDevice(t);
-  const source = deps.source ?? (await bufferSource(config));
+  const source = deps.source ?? (await bufferSource(config, log));
   let training: Training;
   let server: RunningServer;
   const status = () => statusOf(training, t.hookPoint);
@@ -90,17 +96,32 @@ export async function startTrainer(config: RunConfig, deps: TrainerDeps = {}): P
     `serving control RPCs on ${server.address}; training ${t.saes.length} SAE(s) on ${t.hookPoint} from ${from}, run folder ${config.run.dir}`,
   );
   log(device);
-  const finished = outcome(training.run());
+  // Trainers on the buffer's stream tell the run when they are done, so that it ends by itself.
+  const done = deps.source
+    ? undefined
+    : doneAnnouncer(
+        () => (deps.bus ? Promise.resolve(deps.bus) : trainerBus(config, log)),
+        subjects(config.nats.subjectPrefix, config.run.id).trainerDone,
+        log,
+      );
+  let stopping: Promise<void> | undefined;
+  const finished = outcome(
+    training.run().then(async (result) => {
+      // Stopped by a signal, the trainer is to be started again and resume: the run is not over.
+      if (!stopping) await done?.announce({ trainerId: t.id, hookPoint: t.hookPoint, step: result.step });
+    }),
+  );
   const ready = Promise.race([training.ready.then(() => true), finished.then(() => false)]);
   void ready.then((up) => up && server.health.set(Serving.SERVING));
 
-  let stopping: Promise<void> | undefined;
   const stop = () =>
     (stopping ??= (async () => {
       // After a finished run this settles at once; on a signal it checkpoints the step reached.
       await training.stop({ skipExport: true }).catch(() => undefined);
+      await finished;
       server.health.set(Serving.NOT_SERVING);
       await server.close();
+      if (!deps.bus) await done?.close();
     })());
   return { address: server.address, finished, ready, status, stop };
 }

@@ -99,6 +99,30 @@ describe("saeflow up, end to end", { timeout: 300_000 }, () => {
     }
   });
 
+  it("ends by itself once its trainer is done, with a ledger that reconciles in final-status.json and the report", () => {
+    // The trainer says it is done over NATS; the buffer then stops the producer and ends: no drain, no signal.
+    assert.match(readFileSync(join(runDir, "logs", "buffer.log"), "utf8"), /trainer-0 is done at step 40; every trainer is done/);
+    assert.match(readFileSync(join(runDir, "logs", "producer-0.log"), "utf8"), /run is draining \(every trainer is done\); stopping/);
+    assert.doesNotMatch(output, /did not end by themselves/);
+    const { ledger } = JSON.parse(readFileSync(join(runDir, "final-status.json"), "utf8")) as {
+      ledger: Array<{
+        produced: number;
+        accepted: number;
+        served: number;
+        held: number;
+        producedReconciles: boolean;
+        acceptedReconciles: boolean;
+      }>;
+    };
+    assert.equal(ledger.length, 1);
+    assert.ok(ledger[0]!.produced > 0 && ledger[0]!.producedReconciles && ledger[0]!.acceptedReconciles, JSON.stringify(ledger));
+    assert.match(
+      output,
+      /saeflow: rows blocks\.1\.hook_resid_post: produced \d+ = accepted \d+ \+ refused \d+.*; accepted = served \d+ \+ held \d+ \+ lost 0/,
+    );
+    assert.match(readFileSync(join(runDir, "report.html"), "utf8"), /<h2>Rows ledger per hook point/);
+  });
+
   it("exports SAELens folders that load back, evaluates them and draws the report", () => {
     for (const sae of ["topk-k4", "relu"]) {
       const loaded = loadSaeLens(join(runDir, sae, "sae_lens"));

@@ -1,14 +1,11 @@
-import { writeFileSync } from "node:fs";
-import { resolve } from "node:path";
 import type { TransportConfig } from "../../services/common/config/index.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { Serving } from "../../services/common/grpc/health.js";
 import { Health } from "../../services/gen/grpc/health/v1/health_pb.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
-import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
 import { TrainerService } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
-import { exitReport, isRunning, type RoleProcess } from "./processes.js";
-import { collectStatus, type RunStatus, statusJson } from "./status.js";
+import { exitReport, type RoleProcess } from "./processes.js";
+import type { RunStatus } from "./status.js";
 
 /**
  * The control RPCs `saeflow up` and `saeflow stop` make to the roles of a local run, over the
@@ -38,39 +35,6 @@ export async function waitServing(p: RoleProcess, service: string, transport: Tr
   }
   if (code === undefined) throw new Error(`${p.id} at ${p.address} not serving after ${timeoutMs} ms (see ${p.log})`);
   throw new Error(`during start-up, ${exitReport(p, code)}`);
-}
-
-/**
- * Pauses the producers, waits until no rows are moving, and writes final-status.json: every
- * service's last status at one quiet moment, so rows sent, accepted, served and trained reconcile.
- * Returns that status.
- */
-export async function settleAndSnapshot(runDir: string, procs: RoleProcess[], transport: TransportConfig): Promise<RunStatus> {
-  const live = () => procs.filter(isRunning).map((p) => ({ ...p, pid: 0 }));
-  await Promise.all(
-    live()
-      .filter((p) => p.role === "producer")
-      .map(async (p) => {
-        const client = createClient(ProducerService, p.address, transport);
-        await client.pause({}, { deadline: Date.now() + 5000 }).catch(() => undefined);
-        client.close();
-      }),
-  );
-  let last = "";
-  const until = Date.now() + 15_000;
-  for (;;) {
-    const st = await collectStatus({ services: live() }, transport);
-    const moving = JSON.stringify([
-      st.producers.map((p) => String(p.status?.rowsSent ?? "")),
-      st.buffer.map((b) => b.status?.hookPoints.map((h) => [String(h.rowsIn), String(h.rowsOut), h.dropped.map((d) => String(d.rows))])),
-    ]);
-    if (moving === last || Date.now() > until) {
-      writeFileSync(resolve(runDir, "final-status.json"), `${JSON.stringify(statusJson(st), null, 2)}\n`);
-      return st;
-    }
-    last = moving;
-    await sleep(300);
-  }
 }
 
 /** Asks the buffer to serve what it holds, then end the trainers' streams. */

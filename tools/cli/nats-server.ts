@@ -10,8 +10,20 @@ import { delimiter, join } from "node:path";
 export interface NatsServer {
   url: string;
   port: number;
+  pid: number;
+  /** Resolves once the process has ended, with how (exit code, or the signal that killed it). */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   /** Stops the server; resolves when the process has exited. */
   stop(): Promise<void>;
+}
+
+/**
+ * setpriv (util-linux) sets a parent-death signal before it execs nats-server, so the server dies
+ * with whoever started it, even a SIGKILLed CLI (nats-server cannot watch a pipe as the roles do).
+ */
+function withParentDeath(binary: string, args: string[]): [string, string[]] {
+  const setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].find((p) => existsSync(p));
+  return setpriv ? [setpriv, ["--pdeathsig", "SIGKILL", "--", binary, ...args]] : [binary, args];
 }
 
 export function findNatsServer(cwd = process.cwd()): string | undefined {
@@ -44,8 +56,10 @@ export async function startNatsServer(options: NatsServerOptions = {}): Promise<
   if (!binary) throw new Error("nats-server not found: install it (apt-get install nats-server) or set NATS_URL");
   const port = options.port ?? (await freePort());
   const args = [...(options.configFile ? ["-c", options.configFile] : []), "-a", "127.0.0.1", "-p", String(port)];
-  const child: ChildProcess = spawn(binary, args, { stdio: ["ignore", "ignore", "pipe"] });
-  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  const child: ChildProcess = spawn(...withParentDeath(binary, args), { stdio: ["ignore", "ignore", "pipe"] });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once("exit", (code, signal) => resolve({ code, signal })),
+  );
   // A test or CLI that dies without stopping the server must not leave it running.
   const killOnExit = () => child.kill("SIGKILL");
   process.once("exit", killOnExit);
@@ -72,6 +86,8 @@ export async function startNatsServer(options: NatsServerOptions = {}): Promise<
   return {
     url: `nats://127.0.0.1:${port}`,
     port,
+    pid: child.pid ?? -1,
+    exited,
     stop: async () => {
       if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
       await exited;

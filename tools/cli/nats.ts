@@ -12,6 +12,8 @@ export interface NatsForRun {
   url: string;
   /** Set when this run started the server; stop it at the end. */
   server?: NatsServer;
+  /** Starts the same server again on the same port (after it died), when this run started it. */
+  restart?: () => Promise<NatsServer>;
 }
 
 function fetchDebianNats(root: string, log: (line: string) => void): string | undefined {
@@ -45,6 +47,7 @@ export async function natsForRun(
         "  NATS_URL=nats://HOST:4222 npm start      (use a running server)",
     );
   }
-  const server = await startNatsServer({ binary, ...(configFile ? { configFile } : {}) });
-  return { url: server.url, server };
+  const options = { binary, ...(configFile ? { configFile } : {}) };
+  const server = await startNatsServer(options);
+  return { url: server.url, server, restart: () => startNatsServer({ ...options, port: server.port }) };
 }

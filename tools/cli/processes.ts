@@ -1,11 +1,15 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { createWriteStream, existsSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { PARENT_FD_ENV, STATUS_FILE_ENV } from "../../services/common/service-main.js";
 import { roleEnv } from "./role-env.js";
 
 /**
  * Role processes of a local run: each is `node --import tsx services/<role>/main.ts --config FILE`
- * with its own --set flags, its output in logs/<id>.log, and an exit promise the CLI waits on.
+ * with its own --set flags, its output in logs/<id>.log (appended to across restarts), an exit
+ * promise the CLI waits on, and a pipe on fd 3 that the CLI holds open: when the CLI dies, even
+ * SIGKILLed, the pipe closes and the role stops (serviceMain watches it), so no role outlives it.
+ * On exit the role writes its last Status to status/<id>.json in the run folder.
  */
 export interface RoleProcess {
   id: string;
@@ -15,7 +19,24 @@ export interface RoleProcess {
   child: ChildProcess;
   /** Resolves with the exit code (or 128 + signal) once the process ended and its log holds all it wrote. */
   exited: Promise<number>;
+  /** The signal that ended it, once it has; undefined while it runs or when it exited by itself. */
+  signal?: NodeJS.Signals;
+  /** Where it writes its last Status when it exits. */
+  statusFile: string;
 }
+
+/** Where a role of the run writes its last Status. */
+export const statusFileOf = (runDir: string, id: string) => join(runDir, "status", `${id}.json`);
+
+const SIGNAL_NUMBERS: Partial<Record<NodeJS.Signals, number>> = {
+  SIGHUP: 1,
+  SIGINT: 2,
+  SIGQUIT: 3,
+  SIGABRT: 6,
+  SIGKILL: 9,
+  SIGSEGV: 11,
+  SIGTERM: 15,
+};
 
 export function spawnRole(
   root: string,
@@ -31,18 +52,27 @@ export function spawnRole(
   const log = join(logs, `${id}.log`);
   const out = createWriteStream(log, { flags: "a" });
   const args = ["--import", "tsx", join(root, "services", role, "main.ts"), "--config", configFile, ...sets.flatMap((s) => ["--set", s])];
-  const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "pipe"], env: roleEnv() });
+  const statusFile = statusFileOf(runDir, id);
+  const env = { ...roleEnv(), [PARENT_FD_ENV]: "3", [STATUS_FILE_ENV]: statusFile };
+  const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "pipe", "pipe"], env });
   child.stdout!.pipe(out, { end: false });
   child.stderr!.pipe(out, { end: false });
+  // The CLI never writes to the launcher pipe; it only has to stay open while the CLI lives.
+  (child.stdio[3] as NodeJS.ReadableStream & { unref?: () => void }).unref?.();
+  const p: RoleProcess = { id, role, address, log, child, exited: Promise.resolve(0), statusFile };
   // "close" comes after the pipes emptied, and end's callback once the log file holds it all, so
   // whoever awaits the exit can read the role's last words.
-  const exited = new Promise<number>((resolve) => {
+  p.exited = new Promise<number>((resolve) => {
     child.once("close", (code, signal) => {
-      out.end(() => resolve(code ?? 128 + (signal === "SIGKILL" ? 9 : signal === "SIGTERM" ? 15 : 2)));
+      if (signal) p.signal = signal;
+      out.end(() => resolve(code ?? 128 + (SIGNAL_NUMBERS[signal!] ?? 2)));
     });
   });
-  return { id, role, address, log, child, exited };
+  return p;
 }
+
+/** "exit code 1" or "signal SIGKILL": how a role process ended. */
+export const howEnded = (p: RoleProcess, code: number): string => (p.signal ? `signal ${p.signal}` : `exit code ${code}`);
 
 export const isRunning = (p: RoleProcess): boolean => p.child.exitCode === null && p.child.signalCode === null;
 

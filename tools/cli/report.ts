@@ -2,6 +2,7 @@ import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "
 import { dirname, join, relative } from "node:path";
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
+import type { HookLedger } from "./ledger.js";
 
 /**
  * `saeflow report RUN_DIR`: one self-contained HTML page (inline SVG charts drawn with Vega-Lite,
@@ -62,6 +63,23 @@ function table(rows: Row[]): string {
     .join("")}</table>`;
 }
 
+/** final-status.json's ledger (saeflow up writes it), one row per hook point, reasons spread into columns. */
+function ledgerRows(runDir: string): Row[] {
+  const file = join(runDir, "final-status.json");
+  if (!existsSync(file)) return [];
+  const { ledger = [] } = JSON.parse(readFileSync(file, "utf8")) as { ledger?: HookLedger[] };
+  return ledger.map((l) => ({
+    hook_point: l.hookPoint,
+    produced: l.produced,
+    accepted: l.accepted,
+    ...Object.fromEntries(Object.entries(l.refused).map(([k, v]) => [`refused ${k}`, v])),
+    served: l.served,
+    held: l.held,
+    ...Object.fromEntries(Object.entries(l.lost).map(([k, v]) => [k, v])),
+    reconciles: l.producedReconciles && l.acceptedReconciles ? "yes" : "NO",
+  }));
+}
+
 export async function writeReport(runDir: string): Promise<string> {
   // Named by folder (topk-k8, or trainer-1/topk-k8 when several trainers train the same sweep).
   const metrics = findFiles(runDir, "metrics.jsonl").flatMap((f) => readJsonl(f).map((r) => ({ ...r, sae: relative(runDir, dirname(f)) })));
@@ -83,7 +101,7 @@ export async function writeReport(runDir: string): Promise<string> {
   if (pipeline.length) {
     const long = pipeline.flatMap((r) => [
       { elapsedS: r.elapsedS!, series: "buffer fill", value: r.bufferFill! },
-      { elapsedS: r.elapsedS!, series: "trainer wait (fraction of wall)", value: r.trainerWaitFraction! },
+      { elapsedS: r.elapsedS!, series: "trainer wait (fraction of the last 5 s)", value: r.trainerWaitFraction! },
       { elapsedS: r.elapsedS!, series: "batches held for producers (fraction of wall)", value: r.bufferHoldFraction ?? 0 },
     ]);
     charts.push(await svg(lineChart("Buffer fill and trainer wait over time", long, "elapsedS", "value", "series")));
@@ -100,12 +118,16 @@ export async function writeReport(runDir: string): Promise<string> {
     l0: r.l0!,
     dead_fraction: r.dead_fraction!,
   }));
+  const ledger = ledgerRows(runDir);
+  const events = existsSync(join(runDir, "events.jsonl")) ? readJsonl(join(runDir, "events.jsonl")) : [];
   const html = `<!doctype html><html><head><meta charset="utf-8"><title>saeflow run ${escape(runDir)}</title>
 <style>body{font:14px system-ui,sans-serif;margin:24px;color:#222}h1{font-size:20px}section{display:flex;flex-wrap:wrap;gap:16px}
 table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}</style></head>
 <body><h1>saeflow run: ${escape(runDir)}</h1>
 <h2>Final metrics per SAE</h2>${table(summary)}
 ${evaluation.length ? `<h2>Splice evaluation (LM loss with the SAE in the model)</h2>${table(evaluation)}` : ""}
+${ledger.length ? `<h2>Rows ledger per hook point (produced = accepted + refused; accepted = served + held + lost)</h2>${table(ledger)}` : ""}
+${events.length ? `<h2>Faults and restarts</h2>${table(events.map((e) => ({ t: "", who: "", event: "", ended: "", restart: "", seconds: "", ...e })))}` : ""}
 <h2>Training</h2><section>${charts.join("\n")}</section></body></html>\n`;
   const out = join(runDir, "report.html");
   writeFileSync(out, html);

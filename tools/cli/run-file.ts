@@ -14,6 +14,7 @@ export const RunFile = z.object({
   runId: z.string(),
   config: z.string().describe("The resolved run.yaml every process read."),
   natsUrl: z.string(),
+  natsPid: z.number().int().optional().describe("The nats-server saeflow up started (and supervises), if it started one."),
   startedAt: z.string(),
   services: z.array(
     z.object({

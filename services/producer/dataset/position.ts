@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { z } from "zod";
@@ -22,12 +23,27 @@ export const Position = z.object({
   documentsDone: z.number().int().min(0),
   contexts: z.number().int().min(0),
   exhausted: z.boolean(),
-  /** Next chunk sequence per hook point, so a restarted producer's re-sent chunks keep their ids. */
+  /** Next chunk sequence per hook point (chunk names in Push answers; the buffer de-duplicates by context id). */
   nextSequence: z.record(z.string(), z.number().int().min(0)),
+  /**
+   * The pass through the shard these context ids count in, made when the shard starts afresh: the
+   * buffer de-duplicates re-sent rows by (lineage, context id), see docs/nats.md.
+   */
+  lineage: z.string().default(""),
+  /** Rows per hook point and tokens of every pass delivered so far, across restarts: the run's ledger starts here. */
+  produced: z.object({ rows: z.number().int().min(0), tokens: z.number().int().min(0) }).default({ rows: 0, tokens: 0 }),
 });
 export type Position = z.infer<typeof Position>;
 
-export const freshPosition = (): Position => ({ cursor: { ...START }, documentsDone: 0, contexts: 0, exhausted: false, nextSequence: {} });
+export const freshPosition = (): Position => ({
+  cursor: { ...START },
+  documentsDone: 0,
+  contexts: 0,
+  exhausted: false,
+  nextSequence: {},
+  lineage: randomUUID(),
+  produced: { rows: 0, tokens: 0 },
+});
 
 const StateFile = z.object({
   version: z.literal(1),
@@ -65,7 +81,7 @@ export class PositionStore {
     return parsed.position;
   }
 
-  save(position: Position): void {
+  save(position: z.input<typeof Position>): void {
     mkdirSync(dirname(this.path), { recursive: true });
     const tmp = `${this.path}.tmp`;
     writeFileSync(tmp, JSON.stringify({ version: 1, fingerprint: this.fingerprint, position }));

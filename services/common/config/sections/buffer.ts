@@ -48,6 +48,28 @@ export const BufferSection = z
       .positive()
       .default(30000)
       .describe("How long a chunk may wait for free rows (holding its stream) before the rest is dropped as pool_full."),
+    trainerAwayMs: z
+      .number()
+      .int()
+      .positive()
+      .default(60000)
+      .describe(
+        "How long a trainer may be away from the buffer: one whose stream broke keeps reconnecting this long before it stops with an error (its checkpoint kept), and the buffer keeps its place in the pool this long, so that it reads on from there when it comes back, reconnected or restarted.",
+      ),
+    stateFile: z
+      .string()
+      .default("")
+      .describe(
+        "Where the buffer keeps its row ledger and de-duplication marks, so that a restarted buffer goes on with them (rows its predecessor held are counted lost, never accepted twice); put it on a volume that outlives the pod. Empty keeps nothing (saeflow up sets <run.dir>/buffer.state.json).",
+      ),
+    trainers: z
+      .number()
+      .int()
+      .min(0)
+      .default(0)
+      .describe(
+        "Trainers in the run: once this many have announced over NATS that they are done, the buffer stops producers and ends, so the run ends by itself (saeflow up sets it; in a cluster set it to trainer.replicas). 0 leaves the end to a Drain.",
+      ),
   })
   .strict()
   .refine((b) => b.mixFloor < b.lowWatermark, {

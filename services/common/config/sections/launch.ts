@@ -21,5 +21,19 @@ export const LaunchSection = z
     evaluate: z.boolean().default(true).describe("After training, measure each SAE's spliced LM loss (delta and fraction recovered)."),
     evalContexts: z.number().int().positive().default(16).describe("Contexts of the corpus used for the splice evaluation."),
     report: z.boolean().default(true).describe("Write report.html into the run folder when the run ends."),
+    restarts: z
+      .number()
+      .int()
+      .min(0)
+      .default(3)
+      .describe(
+        "Times each role (and the nats-server saeflow up started) is restarted after it exits abnormally; it resumes (trainers from their newest checkpoint, producers from their saved position, the buffer from its state file). Spent, the run stops with an error.",
+      ),
+    watchdogMs: z
+      .number()
+      .int()
+      .positive()
+      .default(30000)
+      .describe("After this long without a trainer step, and as often again while it lasts, saeflow up says who waits for what."),
   })
   .strict();
