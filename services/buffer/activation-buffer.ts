@@ -1,9 +1,11 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { BufferConfig } from "../common/config/index.js";
+import { ownShard, type Shard, shardsOf } from "../common/shards.js";
 import { dtypeFromName } from "../common/tensor-codec.js";
 import type { StatusResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
+import { quoted } from "../common/grpc/limits.js";
 import { DROP_REASONS } from "./accounting.js";
 import { HookPoint } from "./hook-point.js";
 import { Instruments } from "./instruments.js";
@@ -35,13 +37,16 @@ export interface BufferOptions {
 export type StopCause = "drained" | "run_ended" | "closed";
 
 /**
- * The activation buffer, usable in-process: one HookPoint per configured hook point, allocated
- * here once, and the lifecycle (running, paused, draining, stopped). The gRPC handlers (service.ts)
- * and the NATS side (refill.ts) both work through it.
+ * The activation buffer, usable in-process: one HookPoint per pool of its shard (buffer.shard of
+ * buffer.shards; every pool in a one-buffer run), allocated here once, and the lifecycle (running,
+ * paused, draining, stopped). The gRPC handlers (service.ts) and the NATS side (refill.ts) both work
+ * through it.
  */
 export class ActivationBuffer {
   readonly runId: string;
   readonly config: BufferConfig;
+  /** Which shard of the run this buffer is, and the pools it holds. */
+  readonly shard: Shard;
   readonly dtype: DType;
   readonly hooks = new Map<string, HookPoint>();
   readonly instruments: Instruments;
@@ -61,11 +66,13 @@ export class ActivationBuffer {
     this.stopped = new Promise<void>((resolve) => (this.markStopped = resolve));
     this.runId = options.runId;
     this.config = options.config;
+    this.shard = ownShard(options.config);
     this.dtype = dtypeFromName(options.config.dtype);
     this.instruments = new Instruments(() => [...this.hooks.values()].map((h) => [h.name, h.pool.held / h.pool.capacity]));
     this.stateFile = options.stateFile;
     const saved = this.stateFile?.load();
     for (const { name, dModel } of options.config.hookPoints) {
+      if (!this.shard.hookPoints.includes(name)) continue;
       this.hooks.set(
         name,
         new HookPoint({
@@ -76,7 +83,8 @@ export class ActivationBuffer {
           lowWatermark: options.config.lowWatermark,
           mixFloor: options.config.mixFloor,
           epochs: options.config.epochsPerFill,
-          seed: seedFor(options.seed, `buffer/${name}`),
+          // Shards holding the same pool shuffle differently; shard 0 keeps a one-buffer run's seed.
+          seed: seedFor(options.seed, this.shard.index === 0 ? `buffer/${name}` : `buffer/${this.shard.index}/${name}`),
           instruments: this.instruments,
           onChange: () => this.changed(),
           segmentBytes: options.segmentBytes,
@@ -91,14 +99,17 @@ export class ActivationBuffer {
   }
 
   /**
-   * Goes on from the ledger the buffer before this one left: its counts, its row ids and its marks.
+   * Goes on from the ledger the buffer before this one left: its counts, its row ids, its marks and
+   * the trainers done with each pool.
    * The rows its pool held are gone with it, counted by why.
    */
   private restore(saved: BufferState): void {
     this.nextRowId = saved.nextRowId;
     this.marks.restore(saved.marks);
     for (const [name, ledger] of Object.entries(saved.hooks)) {
-      this.hooks.get(name)?.accounting.restore(ledger, ledger.held, saved.clean ? "left_at_stop" : "lost_with_buffer");
+      const hook = this.hooks.get(name);
+      hook?.accounting.restore(ledger, ledger.held, saved.clean ? "left_at_stop" : "lost_with_buffer");
+      for (const trainer of ledger.doneReaders) hook?.doneReaders.add(trainer);
     }
   }
 
@@ -117,10 +128,25 @@ export class ActivationBuffer {
       clean,
       nextRowId: this.nextRowId,
       hooks: Object.fromEntries(
-        [...this.hooks.values()].map((h) => [h.name, { ...h.accounting.counts(), held: h.pool.held, cycle: h.cycle }]),
+        [...this.hooks.values()].map((h) => [
+          h.name,
+          { ...h.accounting.counts(), held: h.pool.held, cycle: h.cycle, doneReaders: [...h.doneReaders] },
+        ]),
       ),
       marks: this.marks.save(),
     };
+  }
+
+  /**
+   * Why `hookPoint` has no pool here, for a refusal naming the field: the shards that hold it, or that
+   * no shard of the run does.
+   */
+  notHeld(hookPoint: string): string {
+    const mine = `this buffer (shard ${this.shard.index}) holds ${[...this.hooks.keys()].join(", ")}`;
+    const holding = shardsOf(this.config).filter((s) => s.hookPoints.includes(hookPoint));
+    if (holding.length === 0) return `unknown hook point ${quoted(hookPoint)}; ${mine}`;
+    const where = holding.map((s) => `shard ${s.index} (${s.address})`).join(", ");
+    return `${quoted(hookPoint)} is held by ${where}, not here; ${mine}`;
   }
 
   /** Resolves once the buffer is stopped: drained empty, or closed. Never rejects. */
@@ -217,6 +243,8 @@ export class ActivationBuffer {
       state: this.currentState,
       runId: this.runId,
       producers: [...producers],
+      shard: this.shard.index,
+      shardCount: shardsOf(this.config).length,
       hookPoints: [...this.hooks.values()].map((h) => ({
         hookPoint: h.name,
         dModel: h.pool.dModel,

@@ -4,6 +4,7 @@ import { Serving } from "../common/grpc/health.js";
 import { bind, startServer } from "../common/grpc/server.js";
 import { subjects } from "../common/coordination.js";
 import { type Bus, connectBus } from "../common/nats.js";
+import { shardsOf } from "../common/shards.js";
 import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js";
 import { BufferService, type StatusResponse, StatusResponseSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import { ActivationBuffer } from "./activation-buffer.js";
@@ -27,7 +28,7 @@ export interface RunningBuffer extends Role<StatusResponse> {
 }
 
 /**
- * Starts a buffer: allocates every pool once, serves Push, Batches and the control RPCs, and runs
+ * Starts a buffer (shard buffer.shard of buffer.shards): allocates its pools once, serves Push, Batches and the control RPCs, and runs
  * the NATS refill handshake. Finishes once drained empty; stop() ends streams and leaves at once.
  */
 export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Promise<RunningBuffer> {
@@ -58,10 +59,11 @@ export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Pro
     bus && refill
       ? new RunEnd({
           bus,
-          subjects: subjects(config.nats.subjectPrefix, config.run.id),
+          subjects: subjects(config.nats.subjectPrefix, config.run.id, buffer.shard.index),
           buffer,
           consumers: batches.consumers,
           expected: config.buffer.trainers,
+          trainerHookPoints: config.trainer.hookPoints,
           producers: () => refill.producers(),
           log,
         })
@@ -80,8 +82,10 @@ export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Pro
   runEnd?.start();
   server.health.set(Serving.SERVING);
   const mib = (buffer.bytes / 2 ** 20).toFixed(0);
+  const shards = shardsOf(config.buffer).length;
+  const which = shards > 1 ? ` as shard ${buffer.shard.index} of ${shards} (${[...buffer.hooks.keys()].join(", ")})` : "";
   log(
-    `serving ${server.address} for run ${config.run.id}: ${buffer.hooks.size} pool(s) of ${config.buffer.capacityRows} rows, ${mib} MiB allocated`,
+    `serving ${server.address} for run ${config.run.id}${which}: ${buffer.hooks.size} pool(s) of ${config.buffer.capacityRows} rows, ${mib} MiB allocated`,
   );
 
   let stopping: Promise<void> | undefined;

@@ -32,7 +32,7 @@ interface Parked {
 export class Consumers {
   private readonly groups = new Map<HookPoint, Map<string, Group>>();
   private readonly parked = new Map<string, Parked>();
-  /** Trainers that said they are done: a stream of theirs that ends now keeps no place. */
+  /** (hook point, trainer) pairs said done: a stream of theirs that ends now keeps no place. */
   private readonly finished = new Set<string>();
 
   constructor(
@@ -74,7 +74,7 @@ export class Consumers {
     const groups = this.groups.get(hook)!;
     const group = groups.get(name)!;
     group.members--;
-    broken &&= !this.finished.has(trainerId);
+    broken &&= !this.finished.has(doneKey(hook.name, trainerId));
     if (!group.shared) {
       if (broken) this.park(parkKey(hook, name, trainerId), hook, cursor);
       else hook.closeCursor(cursor);
@@ -86,11 +86,11 @@ export class Consumers {
     group.parked.unref();
   }
 
-  /** `trainerId` is done with the run: the places it kept are given up. */
-  done(trainerId: string): void {
-    this.finished.add(trainerId);
+  /** `trainerId` is done with `hookPoints`: the places it kept on them are given up (it may still read others). */
+  done(trainerId: string, hookPoints: readonly string[]): void {
+    for (const h of hookPoints) this.finished.add(doneKey(h, trainerId));
     for (const [key, p] of this.parked) {
-      if (!key.endsWith(`\0${trainerId}`)) continue;
+      if (!key.endsWith(`\0${trainerId}`) || !hookPoints.includes(p.hook.name)) continue;
       clearTimeout(p.timer);
       this.parked.delete(key);
       p.hook.closeCursor(p.cursor);
@@ -122,3 +122,4 @@ export class Consumers {
 }
 
 const parkKey = (hook: HookPoint, group: string, trainerId: string) => `${hook.name}\0${group}\0${trainerId}`;
+const doneKey = (hookPoint: string, trainerId: string) => `${hookPoint}\0${trainerId}`;

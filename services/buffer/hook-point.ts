@@ -60,6 +60,13 @@ export class HookPoint {
   readonly streams = new Set<StreamStats>();
   cycle = 0;
   refilling = false;
+  /** Trainers that announced they are done with this pool (see run-end.ts). */
+  readonly doneReaders = new Set<string>();
+  /**
+   * Every trainer reading this pool is done: it asks for no rows (grants and pause ignore it) and
+   * rows pushed to it are refused as draining; what it holds stays held.
+   */
+  readersDone = false;
   primed = false;
   waitMs = 0;
   private fullSlack = 0;
@@ -111,6 +118,15 @@ export class HookPoint {
     this.settle();
     // Being full may now start serving (primed) without a row added.
     this.rowsAdded.notify();
+    this.onChange();
+  }
+
+  /** No trainer will read this pool any more (see readersDone). */
+  finishReaders(): void {
+    if (this.readersDone) return;
+    this.readersDone = true;
+    // A push waiting for room is refused now rather than after pushWaitMs.
+    this.spaceFreed.notify();
     this.onChange();
   }
 

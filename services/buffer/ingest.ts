@@ -81,12 +81,7 @@ export class Ingest {
   private check(chunk: ActivationChunk | undefined): [HookPoint, number] {
     if (!chunk) throw new FieldError("chunk", "missing");
     const hook = this.buffer.hooks.get(chunk.hookPoint);
-    if (!hook) {
-      throw new FieldError(
-        "chunk.hook_point",
-        `unknown hook point ${quoted(chunk.hookPoint)}; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`,
-      );
-    }
+    if (!hook) throw new FieldError("chunk.hook_point", this.buffer.notHeld(chunk.hookPoint));
     const producer = chunk.producerId;
     if (!producer) throw new FieldError("chunk.producer_id", "empty");
     if (producer.length > MAX_ID_CHARS) throw new FieldError("chunk.producer_id", `${producer.length} characters; at most ${MAX_ID_CHARS}`);
@@ -144,6 +139,7 @@ export class Ingest {
     if (this.buffer.closedToPushes) {
       return this.dropRest(hook, skip, skip, rows, "draining", status.FAILED_PRECONDITION, "buffer is draining: the chunk was not pooled");
     }
+    if (hook.readersDone) return this.dropRest(hook, skip, skip, rows, "draining", status.FAILED_PRECONDITION, readersDone(hook));
     const tensor = chunk.activations!;
     if (this.buffer.config.checkFinite) {
       // One bad row refuses the chunk: a NaN in one position of a forward pass makes the rest suspect.
@@ -170,6 +166,7 @@ export class Ingest {
         const message = `buffer is draining: ${rows - placed} of ${rows} rows not pooled`;
         return this.dropRest(hook, skip, placed, rows, "draining", status.FAILED_PRECONDITION, message);
       }
+      if (hook.readersDone) return this.dropRest(hook, skip, placed, rows, "draining", status.FAILED_PRECONDITION, readersDone(hook));
       const fits = Math.min(hook.pool.free, rows - placed);
       if (fits > 0) {
         source.cycle = hook.cycle;
@@ -203,6 +200,9 @@ export class Ingest {
     return { placed: from - skip, dropped: skip + rows - from, code, message };
   }
 }
+
+const readersDone = (hook: HookPoint) =>
+  `${hook.name}: every trainer reading this pool is done; the rows were not pooled (the producer may go on feeding the other pools)`;
 
 /** The producer span that made a chunk becomes the parent of its push span. */
 function parentOf(traceparent: string): Context {

@@ -1,6 +1,7 @@
 import type { Subscription } from "@nats-io/transport-node";
 import { Demand, HEARTBEAT_MS, MEMBER_TIMEOUT_MS, MemberAnnounce, RunState, type Subjects, subjects } from "../common/coordination.js";
 import type { Bus } from "../common/nats.js";
+import { shardsOf } from "../common/shards.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import type { ActivationBuffer, BufferObserver } from "./activation-buffer.js";
 import type { HookPoint } from "./hook-point.js";
@@ -44,12 +45,14 @@ export class RefillCoordinator implements BufferObserver {
   private readonly bus: Bus;
   private readonly buffer: ActivationBuffer;
   private readonly log: (line: string) => void;
+  private readonly shardCount: number;
 
   constructor(options: RefillOptions) {
     this.bus = options.bus;
     this.buffer = options.buffer;
     this.log = options.log ?? (() => undefined);
-    this.subjects = subjects(options.prefix, options.buffer.runId);
+    this.shardCount = shardsOf(options.buffer.config).length;
+    this.subjects = subjects(options.prefix, options.buffer.runId, options.buffer.shard.index);
   }
 
   /** Subscribes, answers hello, and sends Demand now and every heartbeat. */
@@ -62,7 +65,8 @@ export class RefillCoordinator implements BufferObserver {
       bus.subscribe(s.heartbeat, MemberAnnounce, (m) => this.heartbeat(m)),
       bus.subscribe(s.leave, MemberAnnounce, (m) => this.leave(m.producerId)),
       bus.subscribe(s.runState, RunState, (m) => {
-        if (m.state !== "running") this.buffer.drain();
+        // Another shard's end is not this one's: its producers go on feeding this shard.
+        if (m.state !== "running" && (m.shard === undefined || m.shard === this.buffer.shard.index)) this.buffer.drain();
       }),
       bus.reply(s.hello, MemberAnnounce, Demand, (m) => {
         this.join(m);
@@ -107,11 +111,16 @@ export class RefillCoordinator implements BufferObserver {
 
   stateChanged(state: ServiceState, previous: ServiceState): void {
     const ending = this.buffer.endingRun;
+    // Said of this shard only: the others' trainers may still be training.
+    const shard = this.buffer.shard.index;
+    const sharded = this.shardCount > 1;
+    const done = sharded ? `every trainer reading buffer shard ${shard} is done` : "every trainer is done";
+    const who = sharded ? `buffer shard ${shard}` : "buffer";
     if (state === ServiceState.DRAINING) {
-      this.bus.publish(this.subjects.runState, RunState, { state: "draining", reason: ending ? "every trainer is done" : "buffer drain" });
+      this.bus.publish(this.subjects.runState, RunState, { state: "draining", reason: ending ? done : `${who} drain`, shard });
     }
     if (state === ServiceState.STOPPED && previous === ServiceState.DRAINING) {
-      this.bus.publish(this.subjects.runState, RunState, { state: "stopped", reason: ending ? "every trainer is done" : "buffer drained" });
+      this.bus.publish(this.subjects.runState, RunState, { state: "stopped", reason: ending ? done : `${who} drained`, shard });
     }
   }
 
@@ -200,40 +209,48 @@ export class RefillCoordinator implements BufferObserver {
     if (this.closed) return;
     this.grant();
     const demand = this.demand();
-    const key = JSON.stringify([demand.cycle, demand.command, demand.grants]);
+    const key = JSON.stringify([demand.cycle, demand.command, demand.grants, demand.done]);
     if (!always && key === this.lastPublished) return;
     this.lastPublished = key;
     this.bus.publish(this.subjects.demand, Demand, demand);
   }
 
+  /** Pools that still ask for rows: those whose readers are all done neither refill nor pause the shard. */
+  private gating(): HookPoint[] {
+    return [...this.buffer.hooks.values()].filter((h) => !h.readersDone);
+  }
+
   private demand(): Demand {
     const hooks = [...this.buffer.hooks.values()];
-    const refill = this.buffer.state === ServiceState.RUNNING && hooks.some((h) => h.refilling);
+    const refill = this.buffer.state === ServiceState.RUNNING && this.gating().some((h) => h.refilling);
     return {
       cycle: hooks.reduce((sum, h) => sum + h.cycle, 0),
       command: refill ? "refill" : "pause",
       grants: Object.fromEntries([...this.live()].map((m) => [m.announce.producerId, m.grant])),
       freeRows: Object.fromEntries(hooks.map((h) => [h.name, h.pool.free])),
+      done: hooks.filter((h) => h.readersDone).map((h) => h.name),
     };
   }
 
   /**
    * Raises grants by whole chunks into the free rows nobody has been promised. A producer qualifies
    * while one of its pools is refilling; one forward pass feeds all its hook points, so its share is
-   * bounded by the fullest of them. Equal shares first, then leftover chunks to the members with the
+   * bounded by the fullest of them (pools whose readers are all done aside). Equal shares first, then leftover chunks to the members with the
    * least outstanding credit.
    */
   private grant(): void {
     if (this.buffer.state !== ServiceState.RUNNING) return;
     const open = new Map<HookPoint, number>();
-    for (const hook of this.buffer.hooks.values()) {
+    for (const hook of this.gating()) {
       let promised = 0;
       for (const m of this.members.values()) if (m.announce.hookPoints.includes(hook.name)) promised += outstanding(m, hook.name);
       open.set(hook, Math.max(0, hook.pool.free - promised));
     }
     const eligible: Array<{ member: Member; hooks: HookPoint[] }> = [];
     for (const member of this.live()) {
-      const hooks = member.announce.hookPoints.map((n) => this.buffer.hooks.get(n)).filter((h): h is HookPoint => h !== undefined);
+      const hooks = member.announce.hookPoints
+        .map((n) => this.buffer.hooks.get(n))
+        .filter((h): h is HookPoint => h !== undefined && open.has(h));
       if (hooks.some((h) => h.refilling)) eligible.push({ member, hooks });
     }
     if (eligible.length === 0) return;

@@ -1,7 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { status } from "@grpc/grpc-js";
 import { FieldError } from "../common/errors.js";
-import { MAX_ID_CHARS, quoted } from "../common/grpc/limits.js";
+import { MAX_ID_CHARS } from "../common/grpc/limits.js";
 import { wireBuffer } from "../common/grpc/wire.js";
 import { linkFrom } from "../common/telemetry.js";
 import { type HostArray, toTensor } from "../common/tensor-codec.js";
@@ -33,12 +33,7 @@ export class BatchServer {
   /** Batches until max_batches are sent, the buffer drains or stops, or `signal` aborts. */
   async *serve(request: BatchesRequest, signal: AbortSignal): AsyncGenerator<BatchesResponse> {
     const hook = this.buffer.hooks.get(request.hookPoint);
-    if (!hook) {
-      throw new FieldError(
-        "hook_point",
-        `unknown hook point ${quoted(request.hookPoint)}; this buffer holds ${[...this.buffer.hooks.keys()].join(", ")}`,
-      );
-    }
+    if (!hook) throw new FieldError("hook_point", this.buffer.notHeld(request.hookPoint));
     const { capacity, rowBytes, dModel } = hook.pool;
     // The batch buffer is allocated once per stream: the pool's capacity bounds it.
     if (request.batchSize < 1 || request.batchSize > capacity) {

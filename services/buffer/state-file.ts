@@ -11,6 +11,8 @@ const HookLedger = z.object({
   held: z.number().int().min(0),
   cycle: z.number().int().min(0),
   dropped: z.record(z.string(), z.number().int().min(0)),
+  /** Trainers that announced they are done with the pool: a restarted buffer does not wait for them again. */
+  doneReaders: z.array(z.string()).default([]),
 });
 
 /** What a buffer keeps on disk so that the one that replaces it goes on with the run's ledger. */

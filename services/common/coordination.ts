@@ -3,27 +3,30 @@ import type { Bus } from "./nats.js";
 
 /**
  * The NATS contract between buffer and producers (documented in the README). NATS carries control
- * only; tensors travel over gRPC. Every subject starts with `<prefix>.<runId>.`.
+ * only; tensors travel over gRPC. Every subject starts with `<prefix>.<runId>.`; those between a
+ * buffer shard and its producers continue with `shard.<i>.` (i = buffer.shard, 0 in a one-buffer run).
  *
- *   <p>.<run>.members.join       producer → all     MemberAnnounce   a producer joins the run
- *   <p>.<run>.members.leave      producer → all     MemberAnnounce   a producer leaves cleanly
- *   <p>.<run>.members.heartbeat  producer → all     MemberAnnounce   every heartbeatMs; 3 missed = gone
- *   <p>.<run>.buffer.demand      buffer → producers Demand           refill grants or pause, on change and every heartbeat
- *   <p>.<run>.buffer.hello       producer → buffer  request MemberAnnounce, reply Demand (join without waiting)
- *   <p>.<run>.run.state          any → all          RunState         draining / stopped
- *   <p>.<run>.trainers.done      trainer → buffer   TrainerDone      a trainer finished its run (the run ends once all have)
+ *   <p>.<run>.shard.<i>.members.join       producer → all     MemberAnnounce   a producer joins the shard
+ *   <p>.<run>.shard.<i>.members.leave      producer → all     MemberAnnounce   a producer leaves cleanly
+ *   <p>.<run>.shard.<i>.members.heartbeat  producer → all     MemberAnnounce   every heartbeatMs; 3 missed = gone
+ *   <p>.<run>.shard.<i>.buffer.demand      buffer → producers Demand           refill grants or pause, on change and every heartbeat
+ *   <p>.<run>.shard.<i>.buffer.hello       producer → buffer  request MemberAnnounce, reply Demand (join without waiting)
+ *   <p>.<run>.run.state                    any → all          RunState         draining / stopped (of one shard, or the whole run)
+ *   <p>.<run>.trainers.done                trainer → buffers  TrainerDone      a trainer finished hook points (a pool is done once all reading it are)
  */
 export const HEARTBEAT_MS = 1000;
 export const MEMBER_TIMEOUT_MS = 3 * HEARTBEAT_MS;
 
-export function subjects(prefix: string, runId: string) {
+export function subjects(prefix: string, runId: string, shard = 0) {
   const base = `${prefix}.${runId}`;
+  // Membership and grants are per buffer shard: a producer is a member of each shard it pushes to.
+  const own = `${base}.shard.${shard}`;
   return {
-    join: `${base}.members.join`,
-    leave: `${base}.members.leave`,
-    heartbeat: `${base}.members.heartbeat`,
-    demand: `${base}.buffer.demand`,
-    hello: `${base}.buffer.hello`,
+    join: `${own}.members.join`,
+    leave: `${own}.members.leave`,
+    heartbeat: `${own}.members.heartbeat`,
+    demand: `${own}.buffer.demand`,
+    hello: `${own}.buffer.hello`,
     runState: `${base}.run.state`,
     trainerDone: `${base}.trainers.done`,
   } as const;
@@ -79,22 +82,37 @@ export const Demand = z.object({
   grants: z.record(z.string(), z.number().int().min(0)),
   /** Free rows per hook point at the time of sending. */
   freeRows: z.record(z.string(), z.number().int().min(0)),
+  /**
+   * Pools of the shard whose trainers are all done: they take no more rows. A producer that feeds
+   * the shard only such pools leaves it, so that its other shards are not held back by a grant that
+   * will never come.
+   */
+  done: z.array(z.string()).default([]),
 });
 export type Demand = z.infer<typeof Demand>;
 
+/**
+ * The run's state. With `shard`, it is one buffer shard's part of the run that drains or stops (its
+ * trainers are done, or an operator drained that buffer): its producers stop feeding it and leave it,
+ * and go on feeding the other shards. Without, it is the whole run.
+ */
 export const RunState = z.object({
   state: z.enum(["running", "draining", "stopped"]),
   reason: z.string().default(""),
+  shard: z.number().int().min(0).optional(),
 });
 export type RunState = z.infer<typeof RunState>;
 
 /**
- * A trainer's run is over (its steps done, or stopped by an operator): it will pull no more batches.
- * Not sent when a trainer is stopped by a signal, since it will be started again and resume.
+ * A trainer is done with hook points (their steps done, or stopped by an operator): it will pull no
+ * more batches of them. A trainer process of several hook points sends one per hook point, as each
+ * one's training ends, so that its pools stop waiting for it while it trains the others. Not sent
+ * when a trainer is stopped by a signal, since it will be started again and resume.
  */
 export const TrainerDone = z.object({
   trainerId: z.string().min(1),
-  hookPoint: z.string(),
+  /** The hook points it is done with: each buffer shard holding one of them counts it for that pool. */
+  hookPoints: z.array(z.string()),
   /** The step it finished at. */
   step: z.number().int().min(0),
 });

@@ -5,8 +5,25 @@ import { Signal } from "../common/signal.js";
 
 const HELLO_TIMEOUT_MS = 2000;
 
-/** What the gate says to the production loop. */
-export type Go = "produce" | "stop";
+export interface DemandGateOptions {
+  /** The subjects of the buffer shard it talks to. */
+  subjects: Subjects;
+  /** Who this producer is to that shard: the hook points it sends there. */
+  member: Omit<MemberAnnounce, "address">;
+  log: (line: string) => void;
+  /** Upper bound on one context's rows per hook point; chunkRows is a whole pass of them. */
+  rowsPerContext?: number;
+  /** How far the contexts have gone at the moment of each announcement (see MemberAnnounce.marks). */
+  marks?: () => MemberAnnounce["marks"];
+  /** Which buffer shard it talks to: a RunState of another shard does not concern it. */
+  shard?: number;
+  /** What its log lines call the end it hears of: "run", or "buffer shard <i>" in a sharded run. */
+  scope?: string;
+  /** Shared by the gates of one producer (one per shard), so that one wait sees every gate change. */
+  changed?: Signal;
+  /** Called once when its shard (or the whole run) stops taking rows. */
+  onEnded?: () => void;
+}
 
 /**
  * The producer's side of the NATS handshake. It announces the producer (join, heartbeat, leave),
@@ -16,11 +33,14 @@ export type Go = "produce" | "stop";
  * worth: packed contexts hold fewer rows than the bound (BOS positions are dropped), so the credit
  * left after whole chunks is spent by a smaller pass instead of stranding the pool short of full.
  * The producer never sends rows it was not promised. The check happens before each pass, so a
- * pause takes effect within one chunk. An operator's Pause RPC closes the same gate.
+ * pause takes effect within one chunk. An operator's Pause RPC closes the same gate. A producer
+ * feeding several buffer shards has one gate per shard (see feeds.ts).
  */
 export class DemandGate {
   private demand: Demand | undefined;
   private runState: RunState["state"] = "running";
+  /** Every pool this producer feeds on the shard is done (its trainers finished). */
+  private poolsDone = false;
   private operatorPaused = false;
   private stopped = false;
   /** Rows per hook point taken since joining: sent, or in a pass still on its way. */
@@ -29,20 +49,24 @@ export class DemandGate {
   private taken = 0;
   private subs: Subscription[] = [];
   private heartbeat: NodeJS.Timeout | undefined;
-  private readonly changed = new Signal();
+  private readonly changed: Signal;
   private bus: Bus | undefined;
   /** Who this producer is to the run; its address is known once it serves. */
   private me: MemberAnnounce | undefined;
+  private readonly subjects: Subjects;
+  private readonly member: Omit<MemberAnnounce, "address">;
+  private readonly log: (line: string) => void;
+  private readonly rowsPerContext: number;
+  private readonly marks: () => MemberAnnounce["marks"];
 
-  constructor(
-    private readonly subjects: Subjects,
-    private readonly member: Omit<MemberAnnounce, "address">,
-    private readonly log: (line: string) => void,
-    /** Upper bound on one context's rows per hook point; chunkRows is a whole pass of them. */
-    private readonly rowsPerContext: number = member.chunkRows,
-    /** How far the contexts have gone at the moment of each announcement (see MemberAnnounce.marks). */
-    private readonly marks: () => MemberAnnounce["marks"] = () => undefined,
-  ) {}
+  constructor(private readonly options: DemandGateOptions) {
+    this.subjects = options.subjects;
+    this.member = options.member;
+    this.log = options.log;
+    this.rowsPerContext = options.rowsPerContext ?? options.member.chunkRows;
+    this.marks = options.marks ?? (() => undefined);
+    this.changed = options.changed ?? new Signal();
+  }
 
   /** This producer as announced now: who it is, and how far its contexts have gone. */
   private announcement(me: MemberAnnounce): MemberAnnounce {
@@ -60,11 +84,7 @@ export class DemandGate {
     this.me = me;
     this.subs.push(
       bus.subscribe(this.subjects.demand, Demand, (d) => this.apply(d)),
-      bus.subscribe(this.subjects.runState, RunState, (s) => {
-        this.runState = s.state;
-        if (s.state !== "running") this.log(`demand: run is ${s.state}${s.reason ? ` (${s.reason})` : ""}; stopping`);
-        this.changed.notify();
-      }),
+      bus.subscribe(this.subjects.runState, RunState, (s) => this.applyRunState(s)),
     );
     this.heartbeat = setInterval(() => bus.publish(this.subjects.heartbeat, MemberAnnounce, this.announcement(me)), HEARTBEAT_MS);
     await this.announce(bus, me);
@@ -98,18 +118,6 @@ export class DemandGate {
     this.taken -= rows;
   }
 
-  /**
-   * Resolves "produce" once a pass already forwarded may go out: the buffer says refill and no
-   * operator paused the producer (its rows are within the grant, counted when it was taken); "stop"
-   * when the run ends or the producer stops. So a pause holds back everything but the pass being
-   * pushed when it came: it takes effect within one chunk.
-   */
-  async deliverable(): Promise<Go> {
-    const ending = () => this.stopped || this.runState !== "running";
-    await this.changed.until(() => ending() || (!this.operatorPaused && this.demand?.command === "refill"));
-    return ending() ? "stop" : "produce";
-  }
-
   setOperatorPaused(paused: boolean): void {
     this.operatorPaused = paused;
     this.changed.notify();
@@ -117,6 +125,21 @@ export class DemandGate {
 
   get pausedByOperator(): boolean {
     return this.operatorPaused;
+  }
+
+  /** True once its shard (or the whole run) drains or stops: it takes no more rows from this producer. */
+  get shardEnded(): boolean {
+    return this.runState !== "running" || this.poolsDone;
+  }
+
+  /** True once its shard ended or the producer stops: no more passes for it. */
+  get ended(): boolean {
+    return this.stopped || this.shardEnded;
+  }
+
+  /** True while a pass already taken may go out to its shard: the buffer says refill and no operator holds it. */
+  get deliverableNow(): boolean {
+    return !this.operatorPaused && this.demand?.command === "refill";
   }
 
   /** True while the buffer's latest word is pause. */
@@ -134,13 +157,6 @@ export class DemandGate {
   /** True when the loop may start a forward pass now. */
   get open(): boolean {
     return this.runState === "running" && !this.operatorPaused && this.demand?.command === "refill" && this.contextsAllowed > 0;
-  }
-
-  /** Resolves "produce" when a pass may start, "stop" when the run ends or the producer stops. */
-  async wait(): Promise<Go> {
-    const ending = () => this.stopped || this.runState !== "running";
-    await this.changed.until(() => ending() || this.open);
-    return ending() ? "stop" : "produce";
   }
 
   /** Wakes the loop for good (shutdown). */
@@ -172,8 +188,26 @@ export class DemandGate {
     }
   }
 
+  private applyRunState(s: RunState): void {
+    const { shard, scope = "run", onEnded } = this.options;
+    if (s.shard !== undefined && shard !== undefined && s.shard !== shard) return;
+    const was = this.runState;
+    this.runState = s.state;
+    if (s.state !== "running" && was === "running") {
+      this.log(`demand: ${scope} is ${s.state}${s.reason ? ` (${s.reason})` : ""}; stopping`);
+      onEnded?.();
+    }
+    this.changed.notify();
+  }
+
   private apply(d: Demand): void {
     this.demand = d;
+    if (!this.poolsDone && this.member.hookPoints.every((h) => d.done.includes(h))) {
+      const { scope = "run", onEnded } = this.options;
+      this.poolsDone = true;
+      this.log(`demand: every pool this producer feeds on ${scope} is done (their trainers finished); leaving it`);
+      onEnded?.();
+    }
     this.changed.notify();
   }
 }

@@ -12,6 +12,10 @@ const SAVE_EVERY_MS = 200;
 interface Pass {
   position: Position;
   unanswered: number;
+  /** Rows per hook point of its chunks written to a stream (a shard that ended meanwhile gets none). */
+  sent: Map<string, number>;
+  /** Its chunks written at least once: one re-sent after a broken stream is not made twice. */
+  written: Set<string>;
 }
 
 const chunkKey = (chunk: ActivationChunk) => `${chunk.hookPoint}#${chunk.sequence}`;
@@ -27,12 +31,21 @@ export class InFlightLedger {
   private lastSave = 0;
   /** Next context id after the last pass sent (or about to be): how far the contexts have gone out. */
   private sentContexts: number;
+  /** Hook points whose buffer shard ended: their chunks are not sent, so no pass waits for them. */
+  private readonly ended = new Set<string>();
 
+  /**
+   * `hookPoints` are the producer's: a position saved before per-hook counts sent every pass to all
+   * of them.
+   */
   constructor(
     private readonly store: PositionStore,
     private position: Position,
+    hookPoints: readonly string[],
   ) {
     this.sentContexts = position.contexts;
+    const hooks = Object.fromEntries(hookPoints.map((h) => [h, position.produced.hooks?.[h] ?? position.produced.rows]));
+    this.position = { ...position, produced: { ...position.produced, hooks } };
   }
 
   /** How far this producer's contexts have gone, per hook point, for its announcements (see docs/nats.md). */
@@ -48,11 +61,27 @@ export class InFlightLedger {
 
   /** Records a pass whose `chunks` are about to be sent; once they are all answered, `position` is delivered. */
   opened(position: Position, chunks: readonly ActivationChunk[]): void {
-    const pass: Pass = { position, unanswered: chunks.length };
+    const awaited = chunks.filter((c) => !this.ended.has(c.hookPoint));
+    const pass: Pass = { position, unanswered: awaited.length, sent: new Map(), written: new Set() };
     this.sentContexts = Math.max(this.sentContexts, position.contexts);
     this.passes.push(pass);
-    for (const chunk of chunks) this.passOf.set(chunkKey(chunk), pass);
+    for (const chunk of awaited) this.passOf.set(chunkKey(chunk), pass);
     this.settle();
+  }
+
+  /**
+   * `chunk` of an opened pass is being written to its stream, before any answer to it can come: its
+   * rows count as produced for its hook point once the pass is delivered, once however often it is
+   * re-sent (a re-sent row the buffer had is answered as a duplicate, which the ledger sets aside). A chunk of a shard that
+   * ended before it went out is never written, so what a shard is said to have been sent is what it
+   * answered (accepted or refused), and its ledger reconciles.
+   */
+  sending(chunk: ActivationChunk): void {
+    const key = chunkKey(chunk);
+    const pass = this.passOf.get(key);
+    if (!pass || pass.written.has(key)) return;
+    pass.written.add(key);
+    pass.sent.set(chunk.hookPoint, (pass.sent.get(chunk.hookPoint) ?? 0) + (chunk.activations?.shape[0] ?? 0));
   }
 
   /** The buffer answered `chunk` (accepted or refused: either way it is not sent again). */
@@ -61,6 +90,21 @@ export class InFlightLedger {
     const pass = this.passOf.get(key);
     this.passOf.delete(key);
     if (pass) pass.unanswered--;
+    this.settle();
+  }
+
+  /**
+   * The buffer shard holding `hookPoints` for this producer ended (its trainers are done, or it was
+   * drained): their chunks still unanswered will never be, and later ones are not sent. Passes stop
+   * waiting for them, so the position goes on with the shards still fed.
+   */
+  endHooks(hookPoints: readonly string[]): void {
+    for (const hook of hookPoints) this.ended.add(hook);
+    for (const [key, pass] of this.passOf) {
+      if (!hookPoints.includes(key.slice(0, key.lastIndexOf("#")))) continue;
+      this.passOf.delete(key);
+      pass.unanswered--;
+    }
     this.settle();
   }
 
@@ -77,7 +121,12 @@ export class InFlightLedger {
   }
 
   private settle(): void {
-    while (this.passes.length && this.passes[0]!.unanswered === 0) this.position = this.passes.shift()!.position;
+    while (this.passes.length && this.passes[0]!.unanswered === 0) {
+      const pass = this.passes.shift()!;
+      const hooks = { ...this.position.produced.hooks };
+      for (const [hook, rows] of pass.sent) hooks[hook] = (hooks[hook] ?? 0) + rows;
+      this.position = { ...pass.position, produced: { ...pass.position.produced, hooks } };
+    }
     if (Date.now() - this.lastSave >= SAVE_EVERY_MS) this.save();
   }
 }

@@ -4,11 +4,10 @@ import { inSpan } from "../common/telemetry.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import { type Batch, makeBatch } from "./batch.js";
 import type { Context } from "./dataset/pack.js";
-import type { DemandGate } from "./demand.js";
+import type { Feeds } from "./feeds.js";
 import type { InFlightLedger } from "./in-flight.js";
 import type { ProduceStep } from "./produce.js";
 import type { ProducerProgress } from "./status.js";
-import type { PushStream } from "./stream.js";
 
 /** How long the producer waits for the buffer to answer the chunks in flight when it ends. */
 export const FLUSH_MS = 10_000;
@@ -20,18 +19,18 @@ export interface LoopParts {
   id: string;
   producer: ProducerConfig;
   contexts: AsyncGenerator<Context>;
-  gate: DemandGate;
+  /** The buffer shards it feeds: a pass starts when every one still fed grants it. */
+  feeds: Feeds;
   step: ProduceStep;
-  stream: PushStream;
   ledger: InFlightLedger;
   progress: ProducerProgress;
   log: (line: string) => void;
 }
 
 /** The next pass's contexts, as many as the grant allows (at least one), or undefined once the shard is done. */
-async function nextBatch({ producer: p, contexts, gate }: LoopParts): Promise<Batch | undefined> {
+async function nextBatch({ producer: p, contexts, feeds }: LoopParts): Promise<Batch | undefined> {
   const picked: Context[] = [];
-  const want = Math.max(1, Math.min(p.batchContexts, gate.contextsAllowed));
+  const want = Math.max(1, Math.min(p.batchContexts, feeds.contextsAllowed));
   while (picked.length < want) {
     const next = await contexts.next();
     if (next.done) break;
@@ -45,14 +44,14 @@ async function nextBatch({ producer: p, contexts, gate }: LoopParts): Promise<Ba
  * PAUSED while parked at the gate. Rejects when a pass fails (the buffer refused the stream for good).
  */
 export async function produceUntilDone(parts: LoopParts): Promise<void> {
-  const { gate, progress, producer: p } = parts;
+  const { feeds, progress, producer: p } = parts;
   progress.started();
   // At most two passes in the pipe: one being converted and pushed while the next runs forward.
   let previous: Promise<void> | undefined;
   try {
     for (;;) {
-      if (!gate.open) progress.state = ServiceState.PAUSED;
-      if ((await gate.wait()) === "stop") return;
+      if (!feeds.open) progress.state = ServiceState.PAUSED;
+      if ((await feeds.wait()) === "stop") return;
       progress.state = ServiceState.RUNNING;
       const batch = await inSpan(tracer, "producer.tokenize", {}, async (span) => {
         const b = await nextBatch(parts);
@@ -63,11 +62,11 @@ export async function produceUntilDone(parts: LoopParts): Promise<void> {
         await previous;
         parts.log(`${parts.id}: shard ${p.shardIndex}/${p.shardCount} done after ${p.epochs} epoch(s)`);
         // Exhausted only once every chunk is answered; otherwise a restart produces the rest again.
-        if (await parts.stream.drain(FLUSH_MS)) parts.ledger.exhausted();
+        if (await parts.feeds.drainStreams(FLUSH_MS)) parts.ledger.exhausted();
         return;
       }
       // Counted against the grant when picked, so the next pass is sized by what is left of it.
-      gate.take(batch.rows);
+      feeds.take(batch.rows);
       const current = parts.step.produce(batch);
       current.catch(() => undefined); // awaited below, one pass later
       await previous;

@@ -8,11 +8,10 @@ import type { DType } from "../gen/saeflow/v1/tensor_pb.js";
 import type { Batch } from "./batch.js";
 import { gatherRows } from "./convert.js";
 import type { Position } from "./dataset/position.js";
-import type { DemandGate } from "./demand.js";
+import type { Feeds } from "./feeds.js";
 import type { InFlightLedger } from "./in-flight.js";
 import type { ModelSession } from "./session.js";
 import type { ProducerProgress } from "./status.js";
-import type { PushStream } from "./stream.js";
 
 const tracer = trace.getTracer("saeflow.producer");
 
@@ -21,16 +20,17 @@ export interface ProduceParts {
   config: RunConfig;
   id: string;
   model: ModelSession;
-  stream: PushStream;
+  /** The buffer shards it pushes to, each with its gate. */
+  feeds: Feeds;
   ledger: InFlightLedger;
-  gate: DemandGate;
   progress: ProducerProgress;
 }
 
 /**
  * One batch through the producer: a forward pass computing every hook tensor, their kept rows in
  * the wire dtype, one chunk per hook point (sequences counted per hook point, carried across
- * restarts by the saved position), pushed to the buffer. Each stage is a span.
+ * restarts by the saved position), pushed to the buffer shard holding it. Hook points whose shard
+ * ended are left out. Each stage is a span.
  */
 export class ProduceStep {
   private readonly hooks: readonly string[];
@@ -64,13 +64,14 @@ export class ProduceStep {
     const done = inSpan(tracer, "producer.produce", attributes, async (span) => {
       const { outputs, traceparent } = await this.forward(batch);
       await previous;
-      if ((await this.parts.gate.deliverable()) === "stop") {
+      if ((await this.parts.feeds.deliverable()) === "stop") {
         // Not delivered, so the saved position stays before these contexts: a restart produces them again.
         span.setAttribute("dropped_on_stop", true);
         return;
       }
-      const arrays = await this.convert(batch, outputs);
-      const chunks = this.chunksOf(batch, arrays, traceparent);
+      const hooks = this.hooks.filter((h) => this.parts.feeds.fed(h));
+      const arrays = await this.convert(batch, outputs, hooks);
+      const chunks = this.chunksOf(batch, arrays, hooks, traceparent);
       const bytes = arrays.reduce((n, a) => n + a.byteLength, 0);
       this.parts.ledger.opened(this.positionAfter(batch), batch.rows === 0 ? [] : chunks);
       if (batch.rows > 0) await this.push(batch, chunks, bytes);
@@ -86,10 +87,10 @@ export class ProduceStep {
     }));
   }
 
-  private convert(batch: Batch, outputs: Awaited<ReturnType<ModelSession["run"]>>): Promise<HostArray[]> {
-    const attributes = { tokens: batch.tokens, rows: batch.rows, hook_points: this.hooks.length };
+  private convert(batch: Batch, outputs: Awaited<ReturnType<ModelSession["run"]>>, hooks: readonly string[]): Promise<HostArray[]> {
+    const attributes = { tokens: batch.tokens, rows: batch.rows, hook_points: hooks.length };
     return inSpan(tracer, "producer.convert", attributes, async (span) => {
-      const out = this.hooks.map((hook) => gatherRows(outputs.get(hook)!, batch.spans, batch.rows, this.parts.model.dModel, this.dtype));
+      const out = hooks.map((hook) => gatherRows(outputs.get(hook)!, batch.spans, batch.rows, this.parts.model.dModel, this.dtype));
       span.setAttribute(
         "bytes",
         out.reduce((n, a) => n + a.byteLength, 0),
@@ -99,9 +100,9 @@ export class ProduceStep {
   }
 
   /** One chunk per hook point, each taking that hook point's next sequence. */
-  private chunksOf(batch: Batch, arrays: HostArray[], traceparent: string): ActivationChunk[] {
+  private chunksOf(batch: Batch, arrays: HostArray[], hooks: readonly string[], traceparent: string): ActivationChunk[] {
     const { config, id, model } = this.parts;
-    return this.hooks.map((hook, h) => {
+    return hooks.map((hook, h) => {
       const sequence = this.nextSequence.get(hook)!;
       this.nextSequence.set(hook, sequence + 1);
       return create(ActivationChunkSchema, {
@@ -135,11 +136,11 @@ export class ProduceStep {
   }
 
   private async push(batch: Batch, chunks: ActivationChunk[], bytes: number): Promise<void> {
-    const { stream, progress, gate } = this.parts;
+    const { feeds, progress } = this.parts;
     await inSpan(tracer, "producer.push", { tokens: batch.tokens, rows: batch.rows * chunks.length, bytes }, async () => {
-      for (const chunk of chunks) await stream.send(chunk);
+      for (const chunk of chunks) await feeds.send(chunk);
     });
-    gate.sent(batch.rows);
+    feeds.sent(batch.rows);
     progress.sent(batch.tokens, batch.rows, bytes);
   }
 }

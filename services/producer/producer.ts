@@ -1,5 +1,4 @@
 import { ConfigError, type RunConfig } from "../common/config/index.js";
-import { subjects } from "../common/coordination.js";
 import { Serving } from "../common/grpc/health.js";
 import { bind, type RunningServer, startServer } from "../common/grpc/server.js";
 import { type Bus, connectBus } from "../common/nats.js";
@@ -7,7 +6,7 @@ import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js"
 import { ProducerService, type StatusResponse } from "../gen/saeflow/producer/v1/producer_pb.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import { shardContexts } from "./dataset/contexts.js";
-import { DemandGate } from "./demand.js";
+import { Feeds, type FeedStatus } from "./feeds.js";
 import { InFlightLedger } from "./in-flight.js";
 import { FLUSH_MS, produceUntilDone } from "./loop.js";
 import { checkAgainstRun, type Prepared, prepare } from "./prepare.js";
@@ -15,11 +14,12 @@ import { ProduceStep } from "./produce.js";
 import { type ProducerControl, producerHandlers } from "./service.js";
 import { type ModelSession, openModelSession } from "./session.js";
 import { ProducerProgress, producerStatus } from "./status.js";
-import { PushStream } from "./stream.js";
 
 export interface RunningProducer extends Role<StatusResponse> {
   /** producer.id, or producer-<shardIndex> when that is empty: the name it joins the run under. */
   readonly id: string;
+  /** The buffer shards it feeds, with their streams and gates (Status's proto has no room for them yet). */
+  shards(): FeedStatus[];
 }
 
 /** What start-up has made so far, let go in reverse order when a later step fails. */
@@ -42,11 +42,10 @@ interface Parts extends Prepared {
   model: ModelSession;
   bus: Bus;
   ownBus: boolean;
-  gate: DemandGate;
+  feeds: Feeds;
   progress: ProducerProgress;
   ledger: InFlightLedger;
   server: RunningServer;
-  stream: PushStream;
   status: () => StatusResponse;
 }
 
@@ -55,24 +54,24 @@ interface Parts extends Prepared {
  * out, RUNNING once the operator's hold is lifted. Whether the buffer is granting rows at the moment
  * is Status's paused_by_buffer, not the answer to Resume.
  */
-function controlOf(gate: DemandGate, progress: ProducerProgress, status: () => StatusResponse): ProducerControl {
+function controlOf(feeds: Feeds, progress: ProducerProgress, status: () => StatusResponse): ProducerControl {
   return {
     status,
     pause: () => {
-      gate.setOperatorPaused(true);
+      feeds.setOperatorPaused(true);
       return progress.state === ServiceState.RUNNING ? ServiceState.PAUSED : progress.state;
     },
     resume: () => {
-      gate.setOperatorPaused(false);
+      feeds.setOperatorPaused(false);
       return progress.state === ServiceState.PAUSED ? ServiceState.RUNNING : progress.state;
     },
   };
 }
 
 /**
- * Opens the model, the NATS connection, the control server and the push stream, and joins the run,
- * in that order: each step uses only what the ones before it made (the control handlers included),
- * and `made` holds what to let go should a later step fail.
+ * Opens the model, the NATS connection, a push stream per buffer shard it feeds, the control server,
+ * and joins each of those shards, in that order: each step uses only what the ones before it made
+ * (the control handlers included), and `made` holds what to let go should a later step fail.
  */
 async function open(config: RunConfig, deps: RoleDeps, id: string, prepared: Prepared, made: Acquired): Promise<Parts> {
   const p = config.producer;
@@ -87,12 +86,21 @@ async function open(config: RunConfig, deps: RoleDeps, id: string, prepared: Pre
     }));
   if (!deps.bus) made.add(() => bus.drain());
   const chunkRows = p.batchContexts * (p.contextLength - (p.prependBos && p.excludeBos ? 1 : 0));
-  const ledger = new InFlightLedger(prepared.store, prepared.from);
+  const ledger = new InFlightLedger(prepared.store, prepared.from, config.producer.hookPoints);
   // Saved now, so a crash before the first answer still resumes under this lineage.
   ledger.save();
-  const member = { producerId: id, hookPoints: p.hookPoints, chunkRows, lineage: prepared.from.lineage };
-  const marks = () => ledger.marks(p.hookPoints);
-  const gate = new DemandGate(subjects(config.nats.subjectPrefix, config.run.id), member, log, chunkRows / p.batchContexts, marks);
+  const feeds = new Feeds({
+    config,
+    id,
+    chunkRows,
+    rowsPerContext: chunkRows / p.batchContexts,
+    lineage: prepared.from.lineage,
+    ledger,
+    flushMs: FLUSH_MS,
+    log,
+  });
+  made.add(() => feeds.close());
+  made.add(() => feeds.leaveAll());
   const progress = new ProducerProgress();
   const status = () =>
     producerStatus({
@@ -101,26 +109,14 @@ async function open(config: RunConfig, deps: RoleDeps, id: string, prepared: Pre
       files: prepared.files,
       progress,
       delivered: () => ledger.delivered,
-      pausedByBuffer: () => gate.pausedByBuffer,
+      pausedByBuffer: () => feeds.pausedByBuffer,
+      feeds: () => feeds.status(),
     });
-  const handlers = producerHandlers(controlOf(gate, progress, status));
+  const handlers = producerHandlers(controlOf(feeds, progress, status));
   const server = await startServer(deps.address ?? p.address, config.transport, [bind(ProducerService, handlers)]);
   made.add(() => server.close(0));
-  const stream = new PushStream({
-    address: p.bufferAddress,
-    transport: config.transport,
-    maxInFlight: p.maxInFlightChunks,
-    onAnswer: (chunk) => ledger.answered(chunk),
-    onReconnected: (resent) => {
-      const rows = resent.filter((c) => c.hookPoint === p.hookPoints[0]).reduce((n, c) => n + (c.activations?.shape[0] ?? 0), 0);
-      gate.rejoin(rows).catch((err: Error) => log(`${id}: rejoining the run failed: ${err.message}`));
-    },
-    log,
-  });
-  made.add(() => stream.close());
-  made.add(() => gate.drain());
-  await gate.join(bus, server.address);
-  return { ...prepared, id, model, bus, ownBus: !deps.bus, gate, progress, ledger, server, stream, status };
+  await feeds.join(bus, server.address);
+  return { ...prepared, id, model, bus, ownBus: !deps.bus, feeds, progress, ledger, server, status };
 }
 
 /**
@@ -140,7 +136,7 @@ export async function startProducer(config: RunConfig, deps: RoleDeps = {}): Pro
     await made.close();
     throw err;
   }
-  const { server, gate, progress, stream, ledger } = parts;
+  const { server, feeds, progress, ledger } = parts;
   const contexts = shardContexts(
     {
       files: parts.files,
@@ -159,20 +155,21 @@ export async function startProducer(config: RunConfig, deps: RoleDeps = {}): Pro
     parts.from,
   );
   server.health.set(Serving.SERVING);
-  log(`${id} serving control on ${server.address}, pushing ${p.hookPoints.join(", ")} to ${p.bufferAddress}`);
-  const step = new ProduceStep({ config, id, model: parts.model, stream, ledger, gate, progress }, parts.from);
-  const finished = outcome(produceUntilDone({ id, producer: p, contexts, gate, step, stream, ledger, progress, log }));
+  const where = feeds.list.map((f) => `${f.hooks.join(", ")} to ${f.shard.address}`).join("; ");
+  log(`${id} serving control on ${server.address}, pushing ${where}`);
+  const step = new ProduceStep({ config, id, model: parts.model, feeds, ledger, progress }, parts.from);
+  const finished = outcome(produceUntilDone({ id, producer: p, contexts, feeds, step, ledger, progress, log }));
 
   let stopping: Promise<void> | undefined;
   const stop = () =>
     (stopping ??= (async () => {
       if (progress.state !== ServiceState.STOPPED) progress.state = ServiceState.DRAINING;
-      gate.stop();
+      feeds.stop();
       await finished;
-      if (!(await stream.drain(FLUSH_MS)))
-        log(`${id}: ${stream.inFlight} chunks unanswered after ${FLUSH_MS} ms; they will be produced again on resume`);
+      if (!(await feeds.drainStreams(FLUSH_MS)))
+        log(`${id}: ${feeds.inFlight} chunks unanswered after ${FLUSH_MS} ms; they will be produced again on resume`);
       ledger.save();
-      await gate.drain();
+      await feeds.leaveAll();
       if (parts.ownBus) await parts.bus.drain();
       await contexts.return(undefined);
       server.health.set(Serving.NOT_SERVING);
@@ -180,5 +177,5 @@ export async function startProducer(config: RunConfig, deps: RoleDeps = {}): Pro
       await parts.model.close();
       progress.state = ServiceState.STOPPED;
     })());
-  return { id, address: server.address, finished, status: parts.status, stop };
+  return { id, address: server.address, finished, status: parts.status, shards: () => feeds.status(), stop };
 }

@@ -1,3 +1,4 @@
+import type { FeedStatus } from "./feeds.js";
 import { create } from "@bufbuild/protobuf";
 import type { ProducerConfig } from "../common/config/index.js";
 import { type StatusResponse, StatusResponseSchema } from "../gen/saeflow/producer/v1/producer_pb.js";
@@ -48,6 +49,7 @@ export interface StatusSources {
   progress: ProducerProgress;
   delivered: () => Position;
   pausedByBuffer: () => boolean;
+  feeds: () => FeedStatus[];
 }
 
 /** The producer's Status answer, as the RPC and the in-process handle both give it. */
@@ -73,5 +75,15 @@ export function producerStatus(s: StatusSources): StatusResponse {
     },
     executionProvider: p.executionProvider,
     pausedByBuffer: s.pausedByBuffer(),
+    feeds: s.feeds().map((f) => ({
+      shard: f.shard,
+      address: f.address,
+      hookPoints: f.hookPoints,
+      chunksInFlight: f.inFlight,
+      pausedByBuffer: f.pausedByBuffer,
+      ended: f.ended,
+      contextsAllowed: BigInt(f.contextsAllowed),
+      rowsSent: BigInt(f.rowsSent),
+    })),
   });
 }

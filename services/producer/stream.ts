@@ -58,6 +58,7 @@ export class PushStream {
   private readonly changed = new Signal();
   private fatal: Error | undefined;
   private draining: Promise<boolean> | undefined;
+  private readonly saidRefused = new Set<string>();
 
   constructor(private readonly options: PushStreamOptions) {
     this.client = createClient(BufferService, options.address, options.transport);
@@ -188,11 +189,23 @@ export class PushStream {
     this.changed.notify();
   }
 
+  /**
+   * Logs a refusal. A pool whose trainers are done refuses every chunk of the passes that go on
+   * feeding the other pools (FAILED_PRECONDITION, the shard draining too): said once per hook point.
+   */
+  private refused(res: PushResponse): void {
+    const key = `${res.hookPoint}\0${res.code}`;
+    if (res.code === status.FAILED_PRECONDITION && this.saidRefused.has(key)) return;
+    this.saidRefused.add(key);
+    const more = res.code === status.FAILED_PRECONDITION ? "; later refusals of it for the same reason are not logged" : "";
+    this.options.log(`push: buffer refused ${res.hookPoint} #${res.sequence} (code ${res.code}): ${res.message}${more}`);
+  }
+
   private answer(res: PushResponse): void {
     const at = this.pending.findIndex((r) => r.chunk!.hookPoint === res.hookPoint && r.chunk!.sequence === res.sequence);
     if (at < 0) return; // an answer to a chunk answered before the stream broke
     const [request] = this.pending.splice(at, 1);
-    if (res.code !== 0) this.options.log(`push: buffer refused ${res.hookPoint} #${res.sequence} (code ${res.code}): ${res.message}`);
+    if (res.code !== 0) this.refused(res);
     this.options.onAnswer(request!.chunk!, res);
     this.changed.notify();
   }

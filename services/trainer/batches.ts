@@ -5,7 +5,9 @@ import { ConfigError, type RunConfig } from "../common/config/index.js";
 import type { DTypeName } from "../common/config/sections/dtype.js";
 import type { ServiceClient } from "../common/grpc/adapter.js";
 import { checkTensor, decodeFloats, dtypeFromName, dtypeName, fromTensor } from "../common/tensor-codec.js";
+import { shardsHolding } from "../common/shards.js";
 import { type BatchesResponse, BufferService, ShareMode } from "../gen/saeflow/buffer/v1/buffer_pb.js";
+import { checkWidth, processHookPoints } from "./hook.js";
 
 /** One minibatch of activations, [rows, dModel], in the wire dtype (fp16 and bf16 as raw words). */
 export interface Batch {
@@ -74,21 +76,37 @@ export class ArrayBatchSource implements BatchSource {
 
 type BufferClient = ServiceClient<typeof BufferService>;
 
+/** One Batches stream of a trainer: a hook point, from one buffer shard holding it. */
+export interface StreamOf {
+  hookPoint: string;
+  /** The shard's address. */
+  address: string;
+}
+
+/** The stream of the process's first hook point from the first shard holding it: a one-shard, one-hook run's only stream. */
+export function firstStream(config: RunConfig): StreamOf {
+  const hookPoint = processHookPoints(config)[0]!;
+  const shard = shardsHolding(config.buffer, hookPoint)[0];
+  if (!shard) throw ConfigError.at("buffer.shards", `no shard holds the pool ${hookPoint}`);
+  return { hookPoint, address: shard.address };
+}
+
 /**
- * Checks the buffer serves the configured hook point at the configured width, so a mismatch is
- * refused before training with an error naming the trainer key at fault.
+ * Checks the buffer shard serves the stream's hook point at its pool's width, so a mismatch is
+ * refused before training with an error naming the key at fault.
  */
-export async function checkBufferPool(client: BufferClient, config: RunConfig): Promise<void> {
-  const t = config.trainer;
+export async function checkBufferPool(client: BufferClient, config: RunConfig, stream: StreamOf = firstStream(config)): Promise<void> {
+  const { hookPoint, address } = stream;
   const status = await client.status({});
-  const pool = status.hookPoints.find((h) => h.hookPoint === t.hookPoint);
+  const pool = status.hookPoints.find((h) => h.hookPoint === hookPoint);
   if (!pool) {
     const served = status.hookPoints.map((h) => h.hookPoint).join(", ") || "none";
-    throw ConfigError.at("trainer.hookPoint", `the buffer at ${t.bufferAddress} has no pool "${t.hookPoint}" (it serves ${served})`);
+    throw ConfigError.at(
+      `trainer.hookPoints.${config.trainer.hookPoints.indexOf(hookPoint)}`,
+      `the buffer at ${address} has no pool "${hookPoint}" (it serves ${served})`,
+    );
   }
-  if (pool.dModel !== t.dModel) {
-    throw ConfigError.at("trainer.dModel", `${t.dModel}, but the buffer's pool "${t.hookPoint}" holds rows of width ${pool.dModel}`);
-  }
+  checkWidth(config, hookPoint, pool.dModel, `the buffer at ${address} holds`);
 }
 
 /**
@@ -108,10 +126,11 @@ export class GrpcBatchSource implements BatchSource {
     client: BufferClient,
     private readonly config: RunConfig,
     private readonly prefetch = 2,
+    private readonly stream: StreamOf = firstStream(config),
   ) {
     const t = config.trainer;
     this.call = client.batches({
-      hookPoint: t.hookPoint,
+      hookPoint: stream.hookPoint,
       trainerId: t.id,
       group: t.group,
       batchSize: t.batchSize,
@@ -132,9 +151,7 @@ export class GrpcBatchSource implements BatchSource {
     checkTensor(msg.activations, "batch.activations", { shape: [undefined, undefined] });
     const tensor = msg.activations!;
     const [rows, width] = tensor.shape as [number, number];
-    if (width !== t.dModel) {
-      throw ConfigError.at("trainer.dModel", `${t.dModel}, but the buffer sent rows of width ${width}`);
-    }
+    checkWidth(this.config, this.stream.hookPoint, width, `the buffer at ${this.stream.address} sent`);
     if (rows !== t.batchSize) throw new Error(`the buffer sent a batch of ${rows} rows; trainer.batchSize is ${t.batchSize}`);
     return { data: fromTensor(tensor), dtype: dtypeName(tensor.dtype), rows, dModel: width, traceparent: msg.traceparent };
   }

@@ -1,8 +1,8 @@
-import type { TrainerConfig } from "../common/config/index.js";
 import { RECIPES } from "../common/config/recipes.js";
 import type { SaeSpec } from "../common/config/sections/trainer.js";
 import { type Batch, batchTensor } from "./batches.js";
 import { jumpReluThresholds } from "./jumprelu.js";
+import type { HookConfig } from "./hook.js";
 import type { Placement } from "./placement.js";
 import type { SaeState } from "./sae.js";
 
@@ -17,7 +17,7 @@ export class CalibrationCache {
   private readonly needed: boolean;
 
   constructor(
-    private readonly cfg: TrainerConfig,
+    private readonly cfg: HookConfig,
     private readonly placement: Placement,
   ) {
     this.want = Math.ceil(cfg.jumprelu.calibrationTokens / cfg.batchSize);

@@ -1,13 +1,14 @@
 import { spawnSync } from "node:child_process";
 import ort from "onnxruntime-node";
-import { ConfigError, type TrainerConfig } from "../common/config/index.js";
+import { ConfigError } from "../common/config/index.js";
 import { RECIPES } from "../common/config/recipes.js";
 import { openOrtSession, ortDeviceSessionOptions, ortSessionOptions } from "../common/ort.js";
 import { F32, GraphBuilder, I64 } from "./graph/builder.js";
+import type { HookConfig } from "./hook.js";
 import { formatBytes, largestTensor, stateBytes, stepBytes } from "./memory.js";
 import { type Placement, placementOf, PROVIDER_KEY } from "./placement.js";
 
-/** What a sweep needs of its device: every SAE's state held at once, and one SAE's step at a time. */
+/** What a trainer process needs of its device: every SAE's state (of every hook point) held at once, and one SAE's step at a time. */
 export interface DeviceNeeds {
   /** Bytes of every SAE's weights and Adam moments. */
   state: number;
@@ -17,8 +18,27 @@ export interface DeviceNeeds {
   largest: { bytes: number; what: string; sae: string };
 }
 
-/** What the sweep of `t` needs of its device, computed from the config (while k anneals the step is dense, so both graphs count). */
-export function deviceNeeds(t: TrainerConfig): DeviceNeeds {
+/**
+ * What the sweeps of `hooks` (every hook point the process trains) need of its device, computed from
+ * the config (while k anneals the step is dense, so both graphs count). Each hook point's Training
+ * runs its steps on its own, so several steps may be in flight at once: one per hook point.
+ */
+export function deviceNeeds(hooks: readonly HookConfig[]): DeviceNeeds {
+  let state = 0;
+  let step = 0;
+  let largest = { bytes: 0, what: "", sae: "" };
+  for (const t of hooks) {
+    const needs = sweepNeeds(t);
+    state += needs.state;
+    step += needs.step;
+    const sae = hooks.length > 1 ? `${t.hookPoint}/${needs.largest.sae}` : needs.largest.sae;
+    if (needs.largest.bytes > largest.bytes) largest = { ...needs.largest, sae };
+  }
+  return { state, step, largest };
+}
+
+/** What one hook point's sweep needs of its device. */
+function sweepNeeds(t: HookConfig): DeviceNeeds {
   let state = 0;
   let step = 0;
   let largest = { bytes: 0, what: "", sae: "" };
@@ -109,9 +129,9 @@ function cudaFreeBytes(id: number): number | undefined {
  * where that can be known: WebGPU by trying the allocations, CUDA by asking nvidia-smi for its free
  * memory. Returns what the sweep needs of its device, as a line for the log.
  */
-export async function checkDevice(t: TrainerConfig): Promise<string> {
-  const place = placementOf(t);
-  const needs = deviceNeeds(t);
+export async function checkDevice(hooks: readonly HookConfig[]): Promise<string> {
+  const place = placementOf(hooks[0]!);
+  const needs = deviceNeeds(hooks);
   const line = `${place.provider}: ${describeNeeds(needs)}`;
   if (place.provider === "webgpu") await probeWebGpu(place, needs);
   if (place.provider !== "cuda") return line;

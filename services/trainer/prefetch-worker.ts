@@ -18,11 +18,11 @@ import type { FromWorker, PrefetchInit, ToWorker, WireError } from "./prefetch.j
  * up to buffer.trainerAwayMs, under the same trainer id, so the buffer gives back this trainer's place
  * in its pool; the training thread just waits for its next batch meanwhile, at the same step.
  */
-const { config, widen, depth } = workerData as PrefetchInit;
+const { config, stream, widen, depth } = workerData as PrefetchInit;
 const port = parentPort!;
-const client = createClient(BufferService, config.trainer.bufferAddress, config.transport);
+const client = createClient(BufferService, stream.address, config.transport);
 const budgetMs = config.buffer.trainerAwayMs;
-let source: BatchSource = new GrpcBatchSource(client, config, 1);
+let source: BatchSource = new GrpcBatchSource(client, config, 1, stream);
 const changed = new Signal();
 let credit = depth;
 let closing = false;
@@ -75,14 +75,14 @@ async function reopen(err: unknown, lostAt: number): Promise<void> {
     const away = Date.now() - lostAt;
     if (away >= budgetMs) {
       throw new Error(
-        `the buffer at ${config.trainer.bufferAddress} gave no batch for ${(away / 1000).toFixed(0)} s (buffer.trainerAwayMs is ${budgetMs}); last: ${(last as Error).message}`,
+        `the buffer at ${stream.address} gave no ${stream.hookPoint} batch for ${(away / 1000).toFixed(0)} s (buffer.trainerAwayMs is ${budgetMs}); last: ${(last as Error).message}`,
       );
     }
     await changed.wait(undefined, backoff);
     if (closing) return;
     try {
       await client.ready(Math.min(MAX_BACKOFF_MS, budgetMs - away));
-      source = new GrpcBatchSource(client, config, 1);
+      source = new GrpcBatchSource(client, config, 1, stream);
       return;
     } catch (e) {
       last = Object.assign(new Error((e as Error).message), { code: grpcStatus.UNAVAILABLE });
@@ -96,14 +96,17 @@ async function next(): Promise<Batch | undefined> {
   for (;;) {
     try {
       const batch = await source.next();
-      if (lostAt !== undefined && batch) log(`stream from the buffer back after ${Date.now() - lostAt} ms; training goes on`);
+      if (lostAt !== undefined && batch)
+        log(`stream of ${stream.hookPoint} from the buffer at ${stream.address} back after ${Date.now() - lostAt} ms; training goes on`);
       return batch;
     } catch (err) {
       if (closing) return undefined;
       source.close();
       if (lostAt === undefined) {
         lostAt = Date.now();
-        log(`stream from the buffer lost (${(err as Error).message}); reconnecting for up to ${budgetMs / 1000} s`);
+        log(
+          `stream of ${stream.hookPoint} from the buffer at ${stream.address} lost (${(err as Error).message}); reconnecting for up to ${budgetMs / 1000} s`,
+        );
       }
       await reopen(err, lostAt);
       if (closing) return undefined;

@@ -2,11 +2,13 @@ import { Worker } from "node:worker_threads";
 import { ConfigError, type RunConfig } from "../common/config/index.js";
 import type { DTypeName } from "../common/config/sections/dtype.js";
 import { Signal } from "../common/signal.js";
-import type { Batch, BatchSource } from "./batches.js";
+import type { Batch, BatchSource, StreamOf } from "./batches.js";
 
 /** What the prefetch thread is started with. */
 export interface PrefetchInit {
   config: RunConfig;
+  /** The hook point and the buffer shard streamed from. */
+  stream: StreamOf;
   /** Batch dtypes widened to float32 there (the step takes float32) rather than handed over as raw words. */
   widen: DTypeName[];
   /** Batches that may wait, ready, on the training thread. */
@@ -42,9 +44,10 @@ function startWorker(file: string, workerData: unknown): Worker {
 }
 
 /**
- * The buffer's batches, received on a thread of their own (prefetch-worker.ts) so that the next
- * batch is received, decoded and converted while the training thread runs a step: onnxruntime-node
- * runs a session on the thread that calls it, so nothing else happens on that thread meanwhile.
+ * One buffer shard's batches of one hook point, received on a thread of their own (prefetch-worker.ts)
+ * so that the next batch is received, decoded and converted while the training thread runs a step:
+ * onnxruntime-node runs a session on the thread that calls it, so nothing else happens on that
+ * thread meanwhile.
  */
 export class PrefetchedBatches implements BatchSource {
   private readonly worker: Worker;
@@ -55,8 +58,8 @@ export class PrefetchedBatches implements BatchSource {
   private closed = false;
 
   /** `log` hears what the stream's thread says (a broken stream, its reconnection). */
-  constructor(config: RunConfig, widen: DTypeName[], depth = 1, log: (line: string) => void = () => undefined) {
-    const init: PrefetchInit = { config, widen, depth };
+  constructor(config: RunConfig, stream: StreamOf, widen: DTypeName[], depth = 1, log: (line: string) => void = () => undefined) {
+    const init: PrefetchInit = { config, stream, widen, depth };
     this.worker = startWorker("prefetch-worker", init);
     this.worker.on("message", (m: FromWorker) => {
       if (m.type === "log") return log(m.line);

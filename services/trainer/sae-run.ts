@@ -1,11 +1,12 @@
 import { basename, dirname, join } from "node:path";
-import type { RunConfig, TrainerConfig } from "../common/config/index.js";
+import type { RunConfig } from "../common/config/index.js";
 import { RECIPES, type RecipeRules } from "../common/config/recipes.js";
 import type { SaeSpec } from "../common/config/sections/trainer.js";
 import { type Checkpoint, firingOf } from "./checkpoint.js";
 import type { ExportInfo } from "./export.js";
 import { FiringWindows } from "./firing.js";
 import { type JumpReluSpec, STAT, type StepSpec } from "./graph/step.js";
+import type { HookConfig } from "./hook.js";
 import type { Placement } from "./placement.js";
 import type { StepScalars } from "./reference.js";
 import { Rng } from "./rng.js";
@@ -39,7 +40,7 @@ export class SaeRun {
     readonly index: number,
     readonly dir: string,
     seed: number,
-    cfg: TrainerConfig,
+    private readonly cfg: HookConfig,
   ) {
     this.rng = new Rng(seed, spec.name);
     this.rules = RECIPES[spec.recipe];
@@ -76,8 +77,8 @@ export class SaeRun {
    * warmed up (L1, or jumprelu_trained's L0), and the dead latents where a term of its revives them
    * (AuxK, or the pre-activation loss).
    */
-  scalars(cfg: TrainerConfig, at: { step: number; tokens: number; scale: number; lr: number; k: number }): StepScalars {
-    const { spec, rules } = this;
+  scalars(at: { step: number; tokens: number; scale: number; lr: number; k: number }): StepScalars {
+    const { spec, rules, cfg } = this;
     const revives = (rules.ranked && spec.auxKCoefficient > 0) || (rules.thresholded && spec.preActLossCoefficient > 0);
     const dead = revives ? this.dead(at.tokens, cfg.deadWindowTokens) : [];
     const kAux = spec.kAux || Math.max(1, Math.floor(cfg.dModel / 2));
@@ -154,7 +155,8 @@ export class SaeRun {
   }
 
   /** This SAE's checkpoint of `state` (read by read()) at `at`. */
-  checkpoint(at: Progress, cfg: TrainerConfig, state: SaeState): Checkpoint {
+  checkpoint(at: Progress, state: SaeState): Checkpoint {
+    const { cfg } = this;
     return {
       meta: {
         step: at.step,
@@ -176,8 +178,7 @@ export class SaeRun {
    * recipes that keep one, or the trained one. A calibrated threshold (JumpReLU converted) is the caller's to add.
    */
   exportInfo(config: RunConfig, at: Progress, state: SaeState): ExportInfo {
-    const { spec } = this;
-    const cfg = config.trainer;
+    const { spec, cfg } = this;
     const firing = this.firing.latest();
     const info: ExportInfo = {
       architecture: this.rules.exportsAs,

@@ -1,24 +1,24 @@
 import { status as grpcStatus } from "@grpc/grpc-js";
 import { FieldError } from "../common/errors.js";
 import type { ServiceHandlers } from "../common/grpc/adapter.js";
-import { type StatusResponse, TrainerService } from "../gen/saeflow/trainer/v1/trainer_pb.js";
-import type { Training } from "./training.js";
+import { TrainerService } from "../gen/saeflow/trainer/v1/trainer_pb.js";
+import type { Trainings } from "./trainings.js";
 
-/** TrainerService over a training run: status, checkpoint now, pause, resume, stop. */
-export function trainerHandlers(training: Training, status: () => StatusResponse): ServiceHandlers<typeof TrainerService> {
+/** TrainerService over a trainer process's Trainings (every hook point at once): status, checkpoint now, pause, resume, stop. */
+export function trainerHandlers(trainings: Trainings): ServiceHandlers<typeof TrainerService> {
   return {
-    status: async () => status(),
+    status: async () => trainings.status(),
     checkpoint: async () => {
-      if (!training.initialised) {
+      if (!trainings.initialised) {
         throw new FieldError("trainer", "no SAE is initialised yet; nothing to checkpoint", grpcStatus.FAILED_PRECONDITION);
       }
-      const { paths, step } = await training.checkpointNow();
+      const { paths, step } = await trainings.checkpointNow();
       return { paths, step: BigInt(step) };
     },
-    pause: async () => ({ state: training.pause() }),
-    resume: async () => ({ state: training.resume() }),
+    pause: async () => ({ state: await trainings.pause() }),
+    resume: async () => ({ state: trainings.resume() }),
     stop: async (req) => {
-      const result = await training.stop({ skipExport: req.skipExport });
+      const result = await trainings.stop({ skipExport: req.skipExport });
       return { checkpoints: result.checkpoints, exports: result.exports };
     },
   };

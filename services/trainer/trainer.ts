@@ -1,23 +1,24 @@
-import { create } from "@bufbuild/protobuf";
 import type { RunConfig } from "../common/config/index.js";
 import { doneAnnouncer, subjects } from "../common/coordination.js";
-import { createClient } from "../common/grpc/adapter.js";
 import { Serving } from "../common/grpc/health.js";
 import { bind, type RunningServer, startServer } from "../common/grpc/server.js";
 import { type Bus, connectBus } from "../common/nats.js";
 import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js";
-import { BufferService } from "../gen/saeflow/buffer/v1/buffer_pb.js";
-import { type StatusResponse, StatusResponseSchema, TrainerService } from "../gen/saeflow/trainer/v1/trainer_pb.js";
-import { type BatchSource, checkBufferPool } from "./batches.js";
+import { type StatusResponse, TrainerService } from "../gen/saeflow/trainer/v1/trainer_pb.js";
+import type { BatchSource } from "./batches.js";
 import { checkDevice } from "./device.js";
-import { placementOf, widenedByStream } from "./placement.js";
-import { PrefetchedBatches } from "./prefetch.js";
+import { hookConfig, processHookPoints } from "./hook.js";
 import { trainerHandlers } from "./service.js";
+import { bufferSource, streamsOf } from "./sources.js";
 import { Training } from "./training.js";
+import { Trainings } from "./trainings.js";
 
 export interface TrainerDeps extends RoleDeps {
-  /** Batches to train on instead of the buffer's stream (tests, benches); no buffer is connected then. */
-  source?: BatchSource;
+  /**
+   * Batches to train on instead of the buffers' streams (tests, benches); no buffer is connected
+   * then. One source serves a process training one hook point; a function gives each hook point its own.
+   */
+  source?: BatchSource | ((hookPoint: string) => BatchSource);
 }
 
 export interface RunningTrainer extends Role<StatusResponse> {
@@ -25,45 +26,20 @@ export interface RunningTrainer extends Role<StatusResponse> {
   readonly ready: Promise<boolean>;
 }
 
-/** The Status RPC's answer for `training`. */
-function statusOf(training: Training, hookPoint: string): StatusResponse {
-  const report = training.report();
-  return create(StatusResponseSchema, {
-    state: training.state,
-    hookPoint,
-    runDir: training.runDir,
-    waitMs: report.waitMs,
-    wallMs: report.wallMs,
-    saes: report.saes.map((s) => ({
-      name: s.name,
-      recipe: s.recipe,
-      step: BigInt(s.step),
-      tokens: BigInt(s.tokens),
-      mse: s.latest?.mse ?? 0,
-      explainedVariance: s.latest?.explained_variance ?? 0,
-      l0: s.latest?.l0 ?? 0,
-      deadFraction: s.deadFraction,
-      tokensPerSecond: s.latest?.tokens_per_second ?? 0,
-      loss: s.latest?.loss ?? 0,
-      learningRate: s.learningRate,
-    })),
-  });
-}
-
-/**
- * The buffer's Batches stream, once the buffer answers and serves the configured pool, received on
- * its own thread so that batches arrive while steps run (prefetch.ts).
- */
-async function bufferSource(config: RunConfig, log: (line: string) => void): Promise<BatchSource> {
-  const client = createClient(BufferService, config.trainer.bufferAddress, config.transport);
-  try {
-    await client.ready(60_000);
-    await checkBufferPool(client, config);
-  } finally {
-    client.close();
+/** Each hook point's batch source: the one handed in, or its buffer shards' streams. All are closed if one cannot be had. */
+async function sourcesFor(config: RunConfig, hooks: string[], given: TrainerDeps["source"], log: (line: string) => void) {
+  if (given && typeof given !== "function" && hooks.length > 1)
+    throw new Error(`one batch source cannot feed ${hooks.length} hook points; pass a function of the hook point`);
+  const made = await Promise.allSettled(
+    hooks.map(async (h) => (given ? (typeof given === "function" ? given(h) : given) : bufferSource(config, h, log))),
+  );
+  const sources = made.flatMap((m) => (m.status === "fulfilled" ? [m.value] : []));
+  const failed = made.find((m) => m.status === "rejected");
+  if (failed) {
+    for (const s of sources) s.close();
+    throw failed.reason;
   }
-  const t = config.trainer;
-  return new PrefetchedBatches(config, widenedByStream(placementOf(t), t.dModel), 1, log);
+  return sources;
 }
 
 /** The trainer's own NATS connection, used for nothing but announcing that it is done. */
@@ -71,32 +47,39 @@ const trainerBus = (config: RunConfig, log: (line: string) => void): Promise<Bus
   connectBus({ url: config.nats.url, security: config.nats, name: `trainer-${config.trainer.id}`, log });
 
 /**
- * Starts a trainer: connects the buffer (unless handed a source) and checks its pool, serves the
- * control RPCs, and trains until `steps`, the end of the stream, or a Stop RPC (checkpoint and
- * export). `finished` settles once training is over. stop() checkpoints the step reached without
- * exporting (the next start resumes from it) and closes the server and the buffer's stream.
+ * Starts a trainer process: one Training per hook point it trains (trainer.hookPoints, its
+ * shardIndex of shardCount), each fed by every buffer shard holding that hook point (unless handed a
+ * source) after checking their pools; serves the control RPCs over all of them, and trains until
+ * `steps`, the end of the streams, or a Stop RPC (checkpoint and export). `finished` settles once
+ * every hook point's training is over. stop() checkpoints the step reached without exporting (the
+ * next start resumes from it) and closes the server and the buffers' streams.
  */
 export async function startTrainer(config: RunConfig, deps: TrainerDeps = {}): Promise<RunningTrainer> {
   const t = config.trainer;
   const log = deps.log ?? stderrLog;
-  const device = await checkDevice(t);
-  const source = deps.source ?? (await bufferSource(config, log));
-  let training: Training;
+  const hooks = processHookPoints(config);
+  const device = await checkDevice(hooks.map((h) => hookConfig(config, h)));
+  const sources = await sourcesFor(config, hooks, deps.source, log);
+  let trainings: Trainings;
   let server: RunningServer;
-  const status = () => statusOf(training, t.hookPoint);
   try {
-    training = new Training({ config, source, log });
-    server = await startServer(deps.address ?? t.address, config.transport, [bind(TrainerService, trainerHandlers(training, status))]);
+    // Several hook points' lines interleave in one log: each says whose it is.
+    const logOf = (h: string) => (hooks.length > 1 ? (line: string) => log(`${h}: ${line}`) : log);
+    const all = hooks.map((hookPoint, i) => new Training({ config, hookPoint, source: sources[i]!, log: logOf(hookPoint) }));
+    trainings = new Trainings(config, all);
+    server = await startServer(deps.address ?? t.address, config.transport, [bind(TrainerService, trainerHandlers(trainings))]);
   } catch (err) {
-    source.close();
+    for (const s of sources) s.close();
     throw err;
   }
-  const from = deps.source ? "in-memory batches" : t.bufferAddress;
+  const from = deps.source
+    ? "in-memory batches"
+    : [...new Set(hooks.flatMap((h) => streamsOf(config, h).map((s) => s.address)))].join(", ");
   log(
-    `serving control RPCs on ${server.address}; training ${t.saes.length} SAE(s) on ${t.hookPoint} from ${from}, run folder ${config.run.dir}`,
+    `serving control RPCs on ${server.address}; training ${t.saes.length} SAE(s) on each of ${hooks.join(", ")} from ${from}, run folder ${config.run.dir}`,
   );
   log(device);
-  // Trainers on the buffer's stream tell the run when they are done, so that it ends by itself.
+  // Trainers on the buffers' streams tell the run when they are done, so that it ends by itself.
   const done = deps.source
     ? undefined
     : doneAnnouncer(
@@ -105,23 +88,27 @@ export async function startTrainer(config: RunConfig, deps: TrainerDeps = {}): P
         log,
       );
   let stopping: Promise<void> | undefined;
+  // Each hook point is announced as its training ends, so that its pools stop holding rows (and
+  // their shard stop holding back the producers) for it while the process trains the others on.
+  // Stopped by a signal, the trainer is to be started again and resume: its run is not over.
   const finished = outcome(
-    training.run().then(async (result) => {
-      // Stopped by a signal, the trainer is to be started again and resume: the run is not over.
-      if (!stopping) await done?.announce({ trainerId: t.id, hookPoint: t.hookPoint, step: result.step });
-    }),
+    trainings
+      .run(async (training, result) => {
+        if (!stopping) await done?.announce({ trainerId: t.id, hookPoints: [training.hookPoint], step: result.step });
+      })
+      .then(() => undefined),
   );
-  const ready = Promise.race([training.ready.then(() => true), finished.then(() => false)]);
+  const ready = Promise.race([trainings.ready.then(() => true), finished.then(() => false)]);
   void ready.then((up) => up && server.health.set(Serving.SERVING));
 
   const stop = () =>
     (stopping ??= (async () => {
       // After a finished run this settles at once; on a signal it checkpoints the step reached.
-      await training.stop({ skipExport: true }).catch(() => undefined);
+      await trainings.stop({ skipExport: true }).catch(() => undefined);
       await finished;
       server.health.set(Serving.NOT_SERVING);
       await server.close();
       if (!deps.bus) await done?.close();
     })());
-  return { address: server.address, finished, ready, status, stop };
+  return { address: server.address, finished, ready, status: () => trainings.status(), stop };
 }

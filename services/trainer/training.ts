@@ -1,7 +1,7 @@
 import { type Link, trace } from "@opentelemetry/api";
 import { join } from "node:path";
 import type ort from "onnxruntime-node";
-import { ConfigError, type RunConfig, type TrainerConfig } from "../common/config/index.js";
+import { ConfigError, type RunConfig } from "../common/config/index.js";
 import type { SaeSpec } from "../common/config/sections/trainer.js";
 import { decodeFloats, dtypeFromName } from "../common/tensor-codec.js";
 import { linkFrom } from "../common/telemetry.js";
@@ -11,6 +11,7 @@ import { CalibrationCache } from "./calibration.js";
 import { checkpointPath, checkpointSteps, loadCheckpoint, saveCheckpoint } from "./checkpoint.js";
 import { RunControl } from "./control.js";
 import { exportSaeLens } from "./export.js";
+import { checkWidth, type HookConfig, hookConfig, hookDir, processHookPoints, widthKey } from "./hook.js";
 import type { StepSpec } from "./graph/step.js";
 import { MetricWindows, type WindowMetrics } from "./metrics.js";
 import { type Placement, placementOf, wordsOnDevice } from "./placement.js";
@@ -25,6 +26,8 @@ const tracer = trace.getTracer("saeflow.trainer");
 export interface TrainingOptions {
   config: RunConfig;
   source: BatchSource;
+  /** The hook point trained on; the first of the process's (trainer.hookPoints, shardIndex, shardCount) when absent. */
+  hookPoint?: string;
   /** Progress and problem lines (one per SAE every logEvery steps); none when absent. */
   log?: (line: string) => void;
 }
@@ -59,12 +62,12 @@ class Lock {
 }
 
 /**
- * A training run: one stream of batches, one or several SAEs trained on each batch, metrics every
+ * A training run of one hook point: one stream of batches, one or several SAEs trained on each batch, metrics every
  * logEvery steps, checkpoints that resume bit for bit, SAELens export at the end. startTrainer
  * serves it over gRPC; tests and tools use it in-process.
  */
 export class Training {
-  private readonly cfg: TrainerConfig;
+  private readonly cfg: HookConfig;
   private readonly saes: SaeRun[];
   private readonly lock = new Lock();
   private readonly control = new RunControl();
@@ -92,13 +95,11 @@ export class Training {
   readonly ready = new Promise<void>((resolve) => (this.markReady = resolve));
 
   constructor(private readonly options: TrainingOptions) {
-    this.cfg = options.config.trainer;
+    this.cfg = hookConfig(options.config, options.hookPoint ?? processHookPoints(options.config)[0]!);
     this.log = options.log ?? (() => undefined);
     this.place = placementOf(this.cfg);
     this.exportAtEnd = this.cfg.exportOnFinish;
-    this.saes = this.cfg.saes.map(
-      (spec, i) => new SaeRun(spec, i, join(options.config.run.dir, spec.name), options.config.run.seed, this.cfg),
-    );
+    this.saes = this.cfg.saes.map((spec, i) => new SaeRun(spec, i, join(this.dir, spec.name), options.config.run.seed, this.cfg));
     this.windows = new MetricWindows(
       this.saes.map((s) => ({ name: s.spec.name, metricsPath: s.metricsPath })),
       this.cfg.steps,
@@ -111,8 +112,13 @@ export class Training {
     return this.control.state;
   }
 
-  get runDir(): string {
-    return this.options.config.run.dir;
+  get hookPoint(): string {
+    return this.cfg.hookPoint;
+  }
+
+  /** The folder of this hook point's SAEs (see hookDir). */
+  get dir(): string {
+    return hookDir(this.options.config, this.cfg.hookPoint);
   }
 
   /** Every SAE has had its session opened, so there is a state to checkpoint. */
@@ -138,7 +144,7 @@ export class Training {
   async exportCheckpoints(): Promise<string[]> {
     try {
       if (!this.restore()) {
-        throw ConfigError.at("run.dir", `${this.runDir} holds no checkpoint of ${this.saes.map((s) => s.spec.name).join(", ")}`);
+        throw ConfigError.at("run.dir", `${this.dir} holds no checkpoint of ${this.saes.map((s) => s.spec.name).join(", ")}`);
       }
       return await this.lock.run(() => this.exportAll());
     } finally {
@@ -158,6 +164,8 @@ export class Training {
         const batch = pending.shift() ?? (await this.nextBatch());
         const waited = performance.now() - asked;
         if (!batch) break;
+        // A pause that came while the batch was awaited holds it until resumed (or stopped).
+        await this.control.unpaused();
         await this.lock.run(() => this.trainStep(batch, waited));
       }
       return await this.finish();
@@ -193,7 +201,7 @@ export class Training {
       await this.lock.run(() => this.checkpointAll());
     } catch (err) {
       const names = this.saes.map((s) => s.spec.name).join(", ");
-      this.log(`the checkpoint of ${names} at step ${this.stepsDone} in ${this.runDir} failed: ${(err as Error).message}`);
+      this.log(`the checkpoint of ${names} at step ${this.stepsDone} in ${this.dir} failed: ${(err as Error).message}`);
     }
   }
 
@@ -242,13 +250,16 @@ export class Training {
       this.tokens = ckpt.meta.tokens;
     }
     this.stepsDone = this.lastCheckpointStep = step;
-    this.log(`resumed ${this.saes.length} SAE(s) at step ${step} from ${this.runDir}`);
+    this.log(`resumed ${this.saes.length} SAE(s) at step ${step} from ${this.dir}`);
     return true;
   }
 
   private checkResumable(sae: SaeRun, was: { sae?: SaeSpec; dModel?: number }): void {
     if (was.dModel !== undefined && was.dModel !== this.cfg.dModel) {
-      throw ConfigError.at("trainer.dModel", `${this.cfg.dModel}, but the checkpoint of ${sae.spec.name} was trained at ${was.dModel}`);
+      throw ConfigError.at(
+        widthKey(this.options.config, this.cfg.hookPoint),
+        `${this.cfg.dModel} for ${this.cfg.hookPoint}, but the checkpoint of ${sae.spec.name} was trained at ${was.dModel}`,
+      );
     }
     const trainedAs = was.sae?.recipe;
     if (trainedAs && trainedAs !== sae.spec.recipe) {
@@ -308,7 +319,7 @@ export class Training {
 
   private scalars(sae: SaeRun): StepScalars {
     const at = { step: this.stepsDone, tokens: this.tokens, scale: this.scale, lr: this.learningRate(sae.spec), k: this.kAt(sae.spec) };
-    return sae.scalars(this.cfg, at);
+    return sae.scalars(at);
   }
 
   private learningRate(spec: SaeSpec): number {
@@ -319,12 +330,10 @@ export class Training {
     );
   }
 
-  /** The next batch from the source, refused when its rows do not have the configured width. */
+  /** The next batch from the source, refused when its rows do not have the pool's width. */
   private async nextBatch(): Promise<Batch | undefined> {
     const batch = await this.options.source.next();
-    if (batch && batch.dModel !== this.cfg.dModel) {
-      throw ConfigError.at("trainer.dModel", `${this.cfg.dModel}, but batches have rows of width ${batch.dModel}`);
-    }
+    if (batch) checkWidth(this.options.config, this.cfg.hookPoint, batch.dModel, "the batches have");
     return batch;
   }
 
@@ -382,7 +391,7 @@ export class Training {
       const c = this.cfg;
       const paths: string[] = [];
       for (const sae of this.saes) {
-        const ckpt = sae.checkpoint(this.progress, c, await sae.read());
+        const ckpt = sae.checkpoint(this.progress, await sae.read());
         paths.push(saveCheckpoint(sae.checkpointDir, ckpt, sae.rules.step, sae.spec.width, c.dModel, c.keepCheckpoints));
       }
       this.lastCheckpointStep = this.stepsDone;
@@ -423,12 +432,15 @@ export class Training {
       return { step: this.stepsDone, checkpoints, exports };
     });
     this.control.stopped();
-    this.log(`stopped at step ${result.step}; checkpoints in ${this.runDir}`);
+    this.log(`stopped at step ${result.step}; checkpoints in ${this.dir}`);
     return result;
   }
 
-  pause(): ServiceState {
-    return this.control.pause();
+  /** Holds the loop before its next step; settles once no step is in flight, so that none runs after it until resume(). */
+  async pause(): Promise<ServiceState> {
+    this.control.pause();
+    await this.lock.run(async () => undefined);
+    return this.control.state;
   }
 
   resume(): ServiceState {

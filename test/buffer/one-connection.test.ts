@@ -14,7 +14,7 @@ import { HOOK, makeChunk, PushClient, startHarness } from "./support.js";
 test("a producer and a trainer in one process, one buffer address: every row pushed is served", { timeout: 60_000 }, async () => {
   // The shape that stalled: 1.5 KiB rows, 1.5 MiB chunks with eight in flight, a 12 MiB pool, default windows.
   const d = 384;
-  const h = await startHarness([`buffer.hookPoints=[{name: ${HOOK}, dModel: ${d}}]`, `trainer.dModel=${d}`, "buffer.capacityRows=8192"]);
+  const h = await startHarness([`buffer.hookPoints=[{name: ${HOOK}, dModel: ${d}}]`, "buffer.capacityRows=8192"]);
   const batchClient = createClient(BufferService, h.running.address, h.config.transport);
   const pushClient = createClient(BufferService, h.running.address, h.config.transport);
   const push = new PushClient(pushClient);

@@ -44,8 +44,7 @@ export async function startHarness(sets: string[] = []): Promise<Harness> {
         `nats.url=${nats.url}`,
         `buffer.hookPoints=[{name: ${HOOK}, dModel: ${D_MODEL}}]`,
         "buffer.capacityRows=1024",
-        `trainer.hookPoint=${HOOK}`,
-        `trainer.dModel=${D_MODEL}`,
+        `trainer.hookPoints=[${HOOK}]`,
         ...sets,
       ],
     });
@@ -57,7 +56,7 @@ export async function startHarness(sets: string[] = []): Promise<Harness> {
       nats,
       running,
       client,
-      subjects: subjects(config.nats.subjectPrefix, config.run.id),
+      subjects: subjects(config.nats.subjectPrefix, config.run.id, config.buffer.shard),
       close: async () => {
         client.close();
         await running.stop();

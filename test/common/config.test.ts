@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
 import { ConfigError, loadConfig } from "../../services/common/config/index.js";
+import { ownShard, poolWidth, shardFor, shardsOf, trainerHookPoints } from "../../services/common/shards.js";
 
 const refusedKeys = (fn: () => unknown): string[] => {
   try {
@@ -164,12 +165,12 @@ describe("text values from flags and environment", () => {
 describe("config consistency across roles", () => {
   it("refuses a trainer or producer that does not match the buffer's pools, naming the key", () => {
     assert.deepEqual(
-      refusedKeys(() => loadConfig({ sets: ["trainer.hookPoint=blocks.0.hook_resid_post"] })),
-      ["trainer.hookPoint"],
+      refusedKeys(() => loadConfig({ sets: ["trainer.hookPoints=[blocks.1.hook_resid_post, blocks.0.hook_resid_post]"] })),
+      ["trainer.hookPoints.1"],
     );
     assert.deepEqual(
-      refusedKeys(() => loadConfig({ sets: ["trainer.dModel=128"] })),
-      ["trainer.dModel"],
+      refusedKeys(() => loadConfig({ sets: ["trainer.shardIndex=2", "trainer.shardCount=2"] })),
+      ["trainer.shardIndex"],
     );
     assert.deepEqual(
       refusedKeys(() => loadConfig({ sets: ["producer.hookPoints=[blocks.1.hook_resid_post, blocks.0.hook_mlp_out]"] })),
@@ -178,6 +179,70 @@ describe("config consistency across roles", () => {
     assert.deepEqual(
       refusedKeys(() => loadConfig({ sets: ["producer.dtype=bf16"] })),
       ["producer.dtype"],
+    );
+  });
+});
+
+describe("buffer shards", () => {
+  const pools = "buffer.hookPoints=[{name: a, dModel: 8}, {name: b, dModel: 16}, {name: c, dModel: 8}]";
+  const roles = ["producer.hookPoints=[a, b, c]", "trainer.hookPoints=[a, b, c]"];
+  const sharded = [pools, ...roles, "buffer.shards=[{address: 'h0:1', hookPoints: [a, b]}, {address: 'h1:1', hookPoints: [b, c]}]"];
+
+  it("places each pool, spreads a pool held by several shards over the producers, and splits hook points over trainers", () => {
+    const c = loadConfig({ sets: sharded });
+    assert.deepEqual(
+      shardsOf(c.buffer).map((s) => [s.index, s.address, s.hookPoints]),
+      [
+        [0, "h0:1", ["a", "b"]],
+        [1, "h1:1", ["b", "c"]],
+      ],
+    );
+    assert.deepEqual(
+      [0, 1, 2, 3].map((p) => shardFor(c.buffer, "b", p).index),
+      [0, 1, 0, 1],
+    );
+    assert.deepEqual(
+      [0, 1].map((p) => shardFor(c.buffer, "a", p).index),
+      [0, 0],
+    );
+    assert.equal(poolWidth(c.buffer, "b"), 16);
+    assert.deepEqual(
+      [0, 1].map((i) => trainerHookPoints(c.trainer, i, 2)),
+      [["a", "c"], ["b"]],
+    );
+    assert.deepEqual(
+      [0, 1, 2, 3, 4].map((i) => trainerHookPoints(c.trainer, i, 5)),
+      [["a"], ["b"], ["c"], ["a"], ["b"]],
+    );
+    const one = loadConfig({ sets: [pools, ...roles] });
+    assert.deepEqual(shardsOf(one.buffer), [{ index: 0, address: one.buffer.address, hookPoints: ["a", "b", "c"] }]);
+    assert.deepEqual(ownShard(loadConfig({ sets: [...sharded, "buffer.shard=1"] }).buffer).hookPoints, ["b", "c"]);
+  });
+
+  it("refuses a shard table that misses a pool, names an unknown one, repeats an address, or a shard index past it", () => {
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: [pools, ...roles, "buffer.shards=[{address: 'h0:1', hookPoints: [a, b]}]"] })),
+      ["buffer.shards"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: [pools, ...roles, "buffer.shards=[{address: 'h0:1', hookPoints: [a, b, c, d]}]"] })),
+      ["buffer.shards.0.hookPoints.3"],
+    );
+    assert.deepEqual(
+      refusedKeys(() =>
+        loadConfig({
+          sets: [pools, ...roles, "buffer.shards=[{address: 'h0:1', hookPoints: [a, b]}, {address: 'h0:1', hookPoints: [c]}]"],
+        }),
+      ),
+      ["buffer.shards.1.address"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: [...sharded, "buffer.shard=2"] })),
+      ["buffer.shard"],
+    );
+    assert.deepEqual(
+      refusedKeys(() => loadConfig({ sets: ["buffer.shard=1"] })),
+      ["buffer.shard"],
     );
   });
 });

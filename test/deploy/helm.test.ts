@@ -2,30 +2,21 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import type { IJob } from "kubernetes-models/batch/v1";
-import type { IConfigMap, IContainer, IService } from "kubernetes-models/v1";
+import type { IConfigMap, IService } from "kubernetes-models/v1";
 import { parse as parseYaml } from "yaml";
 import { loadConfig } from "../../services/common/config/index.js";
+import { shardsOf } from "../../services/common/shards.js";
 import { BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
 import { TrainerService } from "../../services/gen/saeflow/trainer/v1/trainer_pb.js";
-import { CHART, helm, type K8sObject, offlineChart, parseManifests, validateObject } from "./chart.js";
+import { CHART, helm, offlineChart, validateObject } from "./chart.js";
+import { podEnv, ROLES, type Rendered, type Role, render as renderChart } from "./helm-render.js";
 
-const ROLES = ["buffer", "producer", "trainer"] as const;
-type Role = (typeof ROLES)[number];
 const GRPC_SERVICE: Record<Role, string> = {
   buffer: BufferService.typeName,
   producer: ProducerService.typeName,
   trainer: TrainerService.typeName,
 };
-
-interface Rendered {
-  objects: K8sObject[];
-  get<T>(kind: string, name: string): T;
-  job(role: Role): IJob;
-  container(role: Role): IContainer;
-  values: { config: unknown };
-}
 
 let chart: ReturnType<typeof offlineChart>;
 before(() => {
@@ -33,42 +24,7 @@ before(() => {
 });
 after(() => chart.close());
 
-function render(release: string, valueFiles: string[], sets: string[] = []): Rendered {
-  const args = [
-    "template",
-    release,
-    chart.dir,
-    ...valueFiles.flatMap((f) => ["-f", join(chart.dir, f)]),
-    ...sets.flatMap((s) => ["--set", s]),
-  ];
-  const r = helm(args);
-  assert.equal(r.code, 0, `helm ${args.join(" ")} failed:\n${r.stderr}`);
-  const objects = parseManifests(r.stdout);
-  const get = <T>(kind: string, name: string): T => {
-    const o = objects.find((x) => x.kind === kind && x.metadata.name === name);
-    assert.ok(o, `no ${kind} ${name} among ${objects.map((x) => `${x.kind}/${x.metadata.name}`).join(", ")}`);
-    return o as unknown as T;
-  };
-  const job = (role: Role) => get<IJob>("Job", `${release}-saeflow-${role}`);
-  const container = (role: Role) => job(role).spec!.template.spec!.containers[0]!;
-  const cm = get<IConfigMap>("ConfigMap", `${release}-saeflow-run`);
-  return { objects, get, job, container, values: { config: parseYaml(cm.data!["run.yaml"]!) } };
-}
-
-/**
- * The env a container sees in the pod of completion index `index`, resolved as the kubelet does:
- * downward-API fields, and $(NAME) references to variables defined earlier in the list.
- */
-function podEnv(c: IContainer, index: number): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const e of c.env ?? []) {
-    const field = e.valueFrom?.fieldRef?.fieldPath;
-    if (field === "metadata.annotations['batch.kubernetes.io/job-completion-index']") env[e.name] = String(index);
-    else if (field !== undefined) assert.fail(`${c.name}: env ${e.name} reads unhandled field ${field}`);
-    else env[e.name] = (e.value ?? "").replace(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (ref, name: string) => env[name] ?? ref);
-  }
-  return env;
-}
+const render = (release: string, valueFiles: string[], sets: string[] = []): Rendered => renderChart(chart.dir, release, valueFiles, sets);
 
 const GPU_FILES = ["values-gpu.yaml"];
 
@@ -115,21 +71,28 @@ describe("rendered objects", () => {
 
   test("each pod's run config loads with the services' loader: addresses, shards, ids and run.dir per pod", () => {
     const r = render("l15", GPU_FILES, ["producer.replicas=3", "trainer.replicas=2"]);
-    const bufferSvc = r.get<IService>("Service", "l15-saeflow-buffer");
+    const bufferSvc = r.get<IService>("Service", "l15-saeflow-buffer-0");
     const bufferAddress = `${bufferSvc.metadata!.name}:${bufferSvc.spec!.ports![0]!.port}`;
     for (const role of ROLES) {
       const spec = r.job(role).spec!;
-      assert.equal(spec.completionMode, role === "buffer" ? undefined : "Indexed", role);
+      assert.equal(spec.completionMode, "Indexed", role);
       assert.equal(spec.parallelism, spec.completions, role);
       for (let i = 0; i < spec.completions!; i++) {
         const c = r.container(role);
         const cfg = loadConfig({ base: r.values.config, env: podEnv(c, i) });
         assert.equal(cfg[role].address, `0.0.0.0:${c.ports![0]!.containerPort}`, `${role} ${i} binds its container port`);
         assert.equal(cfg.run.dir, "/var/lib/saeflow/llama31-8b-l15r");
-        if (role === "producer") {
-          assert.deepEqual([cfg.producer.shardIndex, cfg.producer.shardCount, cfg.producer.bufferAddress], [i, 3, bufferAddress]);
+        // One shard when values give none: the producers and trainers reach it at its Service.
+        assert.deepEqual(
+          shardsOf(cfg.buffer).map((s) => s.address),
+          [bufferAddress],
+          role,
+        );
+        if (role === "producer") assert.deepEqual([cfg.producer.shardIndex, cfg.producer.shardCount], [i, 3]);
+        if (role === "trainer") {
+          assert.deepEqual([cfg.trainer.id, cfg.trainer.shardIndex, cfg.trainer.shardCount], [`trainer-${i}`, i, 2]);
         }
-        if (role === "trainer") assert.deepEqual([cfg.trainer.id, cfg.trainer.bufferAddress], [`trainer-${i}`, bufferAddress]);
+        if (role === "buffer") assert.deepEqual([cfg.buffer.shard, cfg.buffer.trainers], [0, 2]);
       }
     }
     assert.deepEqual(
@@ -156,7 +119,7 @@ describe("rendered objects", () => {
       assert.deepEqual(c.startupProbe?.grpc, { port, service: "" }, role);
       assert.deepEqual(c.livenessProbe?.grpc, { port, service: "" }, role);
       assert.deepEqual(c.readinessProbe?.grpc, { port, service: GRPC_SERVICE[role] }, role);
-      const svc = r.get<IService>("Service", `rel-saeflow-${role}`);
+      const svc = r.get<IService>("Service", role === "buffer" ? "rel-saeflow-buffer-0" : `rel-saeflow-${role}`);
       assert.deepEqual([svc.spec!.ports![0]!.port, svc.spec!.ports![0]!.targetPort], [port, "grpc"]);
     }
   });
@@ -237,14 +200,14 @@ describe("rendered objects", () => {
     const r = render("l15", GPU_FILES);
     const notes = r.get<IConfigMap>("ConfigMap", "notes-under-test").data!.notes!;
     for (const line of [
-      "kubectl -n default port-forward svc/l15-saeflow-buffer 50051:50051",
+      "kubectl -n default port-forward svc/l15-saeflow-buffer-0 50051:50051",
       "grpcurl -plaintext localhost:50051 saeflow.buffer.v1.BufferService/Status",
       `grpcurl -plaintext -d '{"service":"saeflow.buffer.v1.BufferService"}' localhost:50051 grpc.health.v1.Health/Watch`,
       "get pod -o name -l app.kubernetes.io/instance=l15,app.kubernetes.io/component=trainer,batch.kubernetes.io/job-completion-index=0",
       "kubectl -n default port-forward $TRAINER 50071:50071",
       "grpcurl -plaintext localhost:50071 saeflow.trainer.v1.TrainerService/Status",
       "kubectl -n default port-forward $PRODUCER 50061:50061",
-      "buffer (36864Mi)",
+      "1 buffer shard(s) (36864Mi each)",
       "http://jaeger-collector.observability.svc:4318",
     ]) {
       assert.ok(notes.includes(line), `NOTES lack: ${line}\n${notes}`);
@@ -285,6 +248,21 @@ describe("bad values are refused with a message naming them", () => {
       "the cuda provider without a GPU",
       ["config.producer.executionProvider=cuda"],
       /config\.producer\.executionProvider is cuda but producer\.gpu is 0/,
+    ],
+    [
+      "a shard given an address (the chart sets it)",
+      ["config.buffer.shards[0].address=b:1", "config.buffer.shards[0].hookPoints={blocks.1.hook_resid_post}"],
+      /config\.buffer\.shards\.0\.address: the chart sets each shard's address to its Service \(<release>-saeflow-buffer-0\)/,
+    ],
+    [
+      "a shard naming no pool",
+      ["config.buffer.shards[0].hookPoints={blocks.9.hook_mlp_out}"],
+      /config\.buffer\.shards\.0\.hookPoints\.0: "blocks\.9\.hook_mlp_out" has no pool in config\.buffer\.hookPoints/,
+    ],
+    [
+      "a shard without pools",
+      ["config.buffer.shards[0].hookPoints=null"],
+      /config\.buffer\.shards\.0\.hookPoints: Invalid type\. Expected: array, given: null/,
     ],
     [
       "a GPU provider for trainers without a GPU",

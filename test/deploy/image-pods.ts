@@ -9,7 +9,8 @@ import type { K8sObject } from "./chart.js";
  * one machine: the container's args and env (downward-API index and $(VAR) references resolved),
  * its user and capabilities, and a host folder for each volume mount (ConfigMap files written out,
  * claims mapped to given folders, emptyDirs made fresh). The cluster's Service names resolve to
- * 127.0.0.1 on the ports the test gives them, since every process shares the host's network.
+ * 127.0.0.1 on the ports the test gives them, in env and in ConfigMap files, since every process
+ * shares the host's network.
  */
 
 export interface Mount {
@@ -66,11 +67,18 @@ function resolveEnv(c: IContainer, services: Record<string, number>): Record<str
       throw new Error(`${c.name}: env ${e.name} reads ${field ?? "a source"} this harness does not know`);
     else env[e.name] = (e.value ?? "").replace(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (ref, name: string) => env[name] ?? ref);
   }
+  for (const key of Object.keys(env)) env[key] = toLoopback(env[key]!, services);
+  return env;
+}
+
+/** `text` with every Service host:port in it rewritten to 127.0.0.1 and the port standing for it. */
+function toLoopback(text: string, services: Record<string, number>): string {
+  let out = text;
   for (const [from, port] of Object.entries(services)) {
     const name = new RegExp(`(?<![\\w.-])${from.replace(/[.]/g, "\\.")}(?!\\d)`, "g");
-    for (const key of Object.keys(env)) env[key] = env[key]!.replace(name, `127.0.0.1:${port}`);
+    out = out.replace(name, `127.0.0.1:${port}`);
   }
-  return env;
+  return out;
 }
 
 /** The host folder standing for `volume` (or the file `subPath` in it), made as the kubelet makes it. */
@@ -87,7 +95,8 @@ function hostPath(cluster: Cluster, spec: IPodSpec, role: string, volume: IVolum
     if (!cm?.data) throw new Error(`${role}: volume ${volume.name} names ConfigMap ${volume.configMap.name}, which the release lacks`);
     const dir = join(cluster.scratch, role, `configmap-${volume.name}`);
     mkdirSync(dir, { recursive: true });
-    for (const [key, text] of Object.entries(cm.data)) writeFileSync(join(dir, key), text, { mode: 0o644 });
+    // The run config names the buffer shards by their Services, as env does the other addresses.
+    for (const [key, text] of Object.entries(cm.data)) writeFileSync(join(dir, key), toLoopback(text, cluster.services), { mode: 0o644 });
     return subPath ? join(dir, subPath) : dir;
   }
   if (volume.persistentVolumeClaim) {

@@ -137,8 +137,7 @@ function renderChart(ports: Record<string, number>): K8sObject[] {
         threads: 1,
       },
       trainer: {
-        hookPoint: HOOK,
-        dModel: 64,
+        hookPoints: [HOOK],
         batchSize: 256,
         steps: STEPS,
         lrWarmupSteps: 5,
@@ -148,7 +147,9 @@ function renderChart(ports: Record<string, number>): K8sObject[] {
         saes: [{ name: SAE, recipe: "topk", width: 128, k: 4, lr: 0.004 }],
       },
     },
-    buffer: { port: ports.buffer },
+    // The chart sets buffer.trainers, so the buffer would end the run as soon as the trainer is done,
+    // before the health probe has seen every role; 0 leaves the end to SIGTERM, which this test checks.
+    buffer: { port: ports.buffer, env: [{ name: "SAEFLOW_BUFFER__TRAINERS", value: "0" }] },
     producer: { port: ports.producer },
     trainer: { port: ports.trainer },
   };

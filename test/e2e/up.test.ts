@@ -63,7 +63,7 @@ describe("saeflow up with a config that cannot run", { timeout: 240_000 }, () =>
       "launch.basePort=0",
       "producer.hookPoints=[blocks.9.hook_resid_post]",
       "buffer.hookPoints=[{name: blocks.9.hook_resid_post, dModel: 64}]",
-      "trainer.hookPoint=blocks.9.hook_resid_post",
+      "trainer.hookPoints=[blocks.9.hook_resid_post]",
     ]);
     assert.equal(ran.code, 2, ran.output);
     assert.match(ran.output, /saeflow: producer\.hookPoints: .*blocks\.9\.hook_resid_post/);

@@ -8,6 +8,7 @@ import { promisify } from "node:util";
 import { RunConfigSchema } from "../../services/common/config/index.js";
 import { exportSaeLens } from "../../services/trainer/export.js";
 import { SaeRun } from "../../services/trainer/sae-run.js";
+import { hookConfig } from "../../services/trainer/hook.js";
 import { allocState } from "../../services/trainer/sae.js";
 import { runCli } from "../../tools/eval/main.js";
 import { EVAL_FILE, evaluateRun, exportDir } from "../../tools/eval/run.js";
@@ -68,7 +69,7 @@ describe("eval CLI and run evaluation", () => {
       run: { dir: join(root, "jrt-run") },
       producer: { model: tiny.modelPath, contextLength: 16 },
       buffer: { hookPoints: [{ name: HOOK, dModel: d }] },
-      trainer: { hookPoint: HOOK, dModel: d, saes: [{ name: "jrt", recipe: "jumprelu_trained", width: 2 * d }] },
+      trainer: { hookPoints: [HOOK], saes: [{ name: "jrt", recipe: "jumprelu_trained", width: 2 * d }] },
     });
     const recovered: number[] = [];
     for (const theta of [-1, 1e9]) {
@@ -79,7 +80,7 @@ describe("eval CLI and run evaluation", () => {
         state.W_enc[(d + i) * d + i] = state.W_dec[(d + i) * d + i] = -1;
       }
       state.threshold!.fill(theta);
-      const run = new SaeRun(config.trainer.saes[0]!, 0, join(root, `jrt-${theta}`), 0, config.trainer);
+      const run = new SaeRun(config.trainer.saes[0]!, 0, join(root, `jrt-${theta}`), 0, hookConfig(config, HOOK));
       const info = run.exportInfo(config, { step: 1, tokens: 1, scale: 1 }, state);
       const dir = exportSaeLens(run.exportDir, state, 2 * d, d, info);
       const res = await cli([
@@ -146,11 +147,11 @@ describe("eval CLI and run evaluation", () => {
 
   test("evaluateRun finds the run's exports, skips an SAE without one, and writes eval.json named by SAE", async () => {
     const runDir = join(root, "run");
-    identitySae(exportDir(runDir, "id"), HOOK, d);
+    identitySae(exportDir(join(runDir, "id")), HOOK, d);
     const config = RunConfigSchema.parse({
       run: { dir: runDir },
       producer: { model: tiny.modelPath, contextLength: 16 },
-      trainer: { hookPoint: HOOK, saes: [{ name: "id" }, { name: "never-exported" }] },
+      trainer: { hookPoints: [HOOK], saes: [{ name: "id" }, { name: "never-exported" }] },
       launch: { evalContexts: 2 },
     });
     const lines: string[] = [];
@@ -165,5 +166,31 @@ describe("eval CLI and run evaluation", () => {
 
     const empty = RunConfigSchema.parse({ ...config, trainer: { saes: [{ name: "never-exported" }] } });
     await assert.rejects(evaluateRun(runDir, empty), /no SAE of the run has an export/);
+  });
+
+  test("a run of several hook points keeps each hook point's sweep in its own folder, and names its rows by hook point", async () => {
+    const runDir = join(root, "run-hooks");
+    const other = "blocks.0.hook_resid_post";
+    for (const hook of [HOOK, other]) identitySae(exportDir(join(runDir, hook, "id")), hook, d);
+    const config = RunConfigSchema.parse({
+      run: { dir: runDir },
+      buffer: {
+        hookPoints: [
+          { name: HOOK, dModel: d },
+          { name: other, dModel: d },
+        ],
+      },
+      producer: { model: tiny.modelPath, contextLength: 16, hookPoints: [HOOK, other] },
+      trainer: { hookPoints: [HOOK, other], saes: [{ name: "id" }] },
+      launch: { evalContexts: 2 },
+    });
+    const rows = await evaluateRun(runDir, config);
+    assert.deepEqual(
+      rows.map((r) => [r.sae, r.hook, r.fraction_loss_recovered]),
+      [
+        [`${HOOK}/id`, HOOK, 1],
+        [`${other}/id`, other, 1],
+      ],
+    );
   });
 });

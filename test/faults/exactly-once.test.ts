@@ -208,7 +208,7 @@ describe("trainers that go away", () => {
       await push.send(chunk(0, [0]));
       const stream = collectBatches(h.client, { trainerId: "t", batchSize: 64 });
       await new Promise((r) => setTimeout(r, 200));
-      bus.publish(h.subjects.trainerDone, TrainerDone, { trainerId: "t", hookPoint: HOOK, step: 10 });
+      bus.publish(h.subjects.trainerDone, TrainerDone, { trainerId: "t", hookPoints: [HOOK], step: 10 });
       await h.running.finished;
       await stream;
       assert.equal(h.running.status().state, ServiceState.STOPPED);

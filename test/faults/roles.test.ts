@@ -60,8 +60,8 @@ describe("kill -9 of a role mid-run", { timeout: 600_000 }, () => {
     const buffer = readFileSync(join(r.runDir, "logs", "buffer.log"), "utf8");
     assert.match(buffer, /went on from the ledger in .*buffer\.state\.json: \d+ rows accepted so far, \d+ lost with earlier buffers/);
     const trainer = readFileSync(join(r.runDir, "logs", "trainer-0.log"), "utf8");
-    assert.match(trainer, /stream from the buffer lost .*; reconnecting for up to 60 s/);
-    const back = /stream from the buffer back after (\d+) ms; training goes on/.exec(trainer);
+    assert.match(trainer, /stream of \S+ from the buffer at \S+ lost .*; reconnecting for up to 60 s/);
+    const back = /stream of \S+ from the buffer at \S+ back after (\d+) ms; training goes on/.exec(trainer);
     assert.ok(back, trainer);
     figure(`kill -9 buffer: the trainer's stream was back after ${back[1]} ms`);
     assert.doesNotMatch(trainer, /resumed/, "the trainer rode through: it was not restarted");

@@ -61,7 +61,7 @@ export const alive = (pid: number): boolean => {
   }
 };
 
-/** `saeflow up` as a child process, its output gathered. */
+/** `saeflow up` of deploy/configs/tiny.yaml with the fault suite's settings. */
 export function startUp(
   runDir: string,
   name: string,
@@ -86,14 +86,15 @@ export function startUp(
     `trainer.saes=[{name: ${SAE}, recipe: topk, width: 128, k: 8, lr: 0.004}]`,
     ...sets,
   ];
-  const child = spawn(
-    process.execPath,
-    ["--import", "tsx", "tools/cli/main.ts", "up", "deploy/configs/tiny.yaml", ...all.flatMap((s) => ["--set", s])],
-    {
-      cwd: root,
-      stdio: ["ignore", "pipe", "pipe"],
-    },
-  );
+  return spawnUp("deploy/configs/tiny.yaml", all);
+}
+
+/** `saeflow up CONFIG --set ...` as a child process, its output gathered. */
+export function spawnUp(config: string, sets: string[]): { child: ChildProcess; output: () => string; exited: Promise<number | null> } {
+  const child = spawn(process.execPath, ["--import", "tsx", "tools/cli/main.ts", "up", config, ...sets.flatMap((s) => ["--set", s])], {
+    cwd: root,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   let output = "";
   child.stdout!.on("data", (d: Buffer) => (output += d.toString()));
   child.stderr!.on("data", (d: Buffer) => (output += d.toString()));

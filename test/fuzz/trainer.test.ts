@@ -24,13 +24,16 @@ const BATCH = 32;
 
 describe("fuzz: trainer", () => {
   const root = mkdtempSync(join(tmpdir(), "saeflow-fuzz-trainer-"));
-  const config = testConfig(root, {
-    dModel: D,
-    batchSize: BATCH,
-    steps: 40,
-    logEvery: 10,
-    saes: [{ name: "s", width: 32, k: 4, lr: 0.01 }],
-  });
+  const config = testConfig(
+    root,
+    {
+      batchSize: BATCH,
+      steps: 40,
+      logEvery: 10,
+      saes: [{ name: "s", width: 32, k: 4, lr: 0.01 }],
+    },
+    { dModel: D },
+  );
   let trainer: RunningTrainer;
   let raw: RawClient;
   const rng = new Rng(181818);

@@ -186,7 +186,7 @@ export class RecordingBuffer {
 
 /** Plays the buffer's side of NATS: publishes Demand and answers hello with the latest one. */
 export class DemandPlayer {
-  private latest: Demand = { cycle: 0, command: "pause", grants: {}, freeRows: {} };
+  private latest: Demand = { cycle: 0, command: "pause", grants: {}, freeRows: {}, done: [] };
 
   private constructor(
     readonly bus: Bus,
@@ -203,7 +203,7 @@ export class DemandPlayer {
 
   /** Grants rows (absolute, per producer) and says refill. */
   async grant(grants: Record<string, number>, cycle = 1): Promise<void> {
-    await this.send({ cycle, command: "refill", grants, freeRows: {} });
+    await this.send({ cycle, command: "refill", grants, freeRows: {}, done: [] });
   }
 
   async pause(): Promise<void> {
@@ -263,9 +263,10 @@ export async function startWorld(): Promise<World> {
               { name: "blocks.1.hook_resid_post", dModel: D_MODEL },
               { name: "blocks.1.hook_mlp_out", dModel: D_MODEL },
             ],
+            address: world.buffer.address,
             ...buffer,
           },
-          producer: { model: model.modelPath, bufferAddress: world.buffer.address, address: "127.0.0.1:0", ...producer },
+          producer: { model: model.modelPath, address: "127.0.0.1:0", ...producer },
         },
       }),
     close: async () => {

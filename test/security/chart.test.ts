@@ -41,8 +41,15 @@ const named = <T>(objects: K8sObject[], kind: string, name: string): T => {
 };
 const container = (objects: K8sObject[], role: string): IContainer =>
   named<IJob>(objects, "Job", `rel-saeflow-${role}`).spec!.template.spec!.containers[0]!;
-const envOf = (c: IContainer): NodeJS.ProcessEnv =>
-  Object.fromEntries((c.env ?? []).filter((e) => e.value !== undefined).map((e) => [e.name, e.value]));
+/** A container's environment as the kubelet makes it for the pod of completion index 0: $(NAME) expanded. */
+function envOf(c: IContainer): NodeJS.ProcessEnv {
+  const env: Record<string, string> = {};
+  for (const e of c.env ?? []) {
+    if (e.valueFrom?.fieldRef?.fieldPath.includes("job-completion-index")) env[e.name] = "0";
+    else if (e.value !== undefined) env[e.name] = e.value.replace(/\$\((\w+)\)/g, (ref, name: string) => env[name] ?? ref);
+  }
+  return env;
+}
 
 describe("the chart under TLS and NATS credentials", () => {
   it("mounts each role's own Secret and gives every role the same keys, which the services' loader reads", () => {
@@ -90,7 +97,8 @@ describe("the chart under TLS and NATS credentials", () => {
       );
       for (const probe of [c.startupProbe, c.livenessProbe, c.readinessProbe]) assert.equal(probe?.grpc?.port, 9000, role);
       assert.equal(loadConfig({ base: {}, env: envOf(c) }).transport.tls.healthAddress, "0.0.0.0:9000");
-      const svc = named<IService>(r.objects, "Service", `rel-saeflow-${role}`);
+      // Buffers are an indexed set of shards, each with its own Service.
+      const svc = named<IService>(r.objects, "Service", role === "buffer" ? "rel-saeflow-buffer-0" : `rel-saeflow-${role}`);
       assert.equal(svc.spec!.ports![0]!.appProtocol, undefined, "not h2c: the port speaks TLS");
     }
     const plain = render([]);
@@ -105,7 +113,7 @@ describe("the chart under TLS and NATS credentials", () => {
     const notes = named<IConfigMap>(render(SECURED).objects, "ConfigMap", "notes-under-test").data!.notes!;
     assert.ok(
       notes.includes(
-        "grpcurl -cacert ca.crt -cert operator.crt -key operator.key -authority rel-saeflow-buffer localhost:50051 saeflow.buffer.v1.BufferService/Status",
+        "grpcurl -cacert ca.crt -cert operator.crt -key operator.key -authority rel-saeflow-buffer-0 localhost:50051 saeflow.buffer.v1.BufferService/Status",
       ),
       notes,
     );

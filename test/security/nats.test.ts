@@ -23,8 +23,7 @@ const runConfig = (url: string, sets: string[], env: NodeJS.ProcessEnv = {}): Ru
       `nats.url=${url}`,
       `buffer.hookPoints=[{name: ${HOOK}, dModel: ${D_MODEL}}]`,
       "buffer.capacityRows=1024",
-      `trainer.hookPoint=${HOOK}`,
-      `trainer.dModel=${D_MODEL}`,
+      `trainer.hookPoints=[${HOOK}]`,
       ...sets,
     ],
   });
@@ -171,7 +170,8 @@ describe("two runs on one nats-server", () => {
     const runOf = (subject: string) => /^saeflow\.(run-[ab])\./.exec(subject)?.[1];
     const scoped = heard.filter((m) => runOf(m.subject));
     assert.ok(
-      scoped.some((m) => m.subject === "saeflow.run-a.buffer.demand") && scoped.some((m) => m.subject === "saeflow.run-b.buffer.demand"),
+      scoped.some((m) => m.subject === "saeflow.run-a.shard.0.buffer.demand") &&
+        scoped.some((m) => m.subject === "saeflow.run-b.shard.0.buffer.demand"),
     );
     for (const m of scoped) {
       const other = runOf(m.subject) === "run-a" ? "run-b" : "run-a";

@@ -4,7 +4,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { ConfigError, loadConfig } from "../../services/common/config/index.js";
+import { trainerHookPoints } from "../../services/common/shards.js";
 import { ArrayBatchSource } from "../../services/trainer/batches.js";
+import { hookConfig, hookDir, processHookPoints } from "../../services/trainer/hook.js";
 import { activeK, learningRate, rampedCoefficient } from "../../services/trainer/schedule.js";
 import { Training } from "../../services/trainer/training.js";
 import { gaussianBatch, testConfig } from "./fixtures.js";
@@ -124,21 +126,73 @@ describe("trainer config", () => {
     assert.equal(loadConfig({ sets: ["trainer.decoderInitNorm=0.5", "trainer.unitNormDecoder=false"] }).trainer.decoderInitNorm, 0.5);
   });
 
-  test("a dModel that differs from the buffer's pool in the same run config is refused naming trainer.dModel", () => {
+  test("a hook point with no pool in the same run config is refused naming trainer.hookPoints", () => {
     const err = refused(() =>
-      loadConfig({ sets: ["buffer.hookPoints=[{name: blocks.1.hook_resid_post, dModel: 128}]", "trainer.dModel=64"] }),
+      loadConfig({
+        sets: [
+          "buffer.hookPoints=[{name: blocks.1.hook_resid_post, dModel: 128}]",
+          "trainer.hookPoints=[blocks.1.hook_resid_post, blocks.2.hook_resid_post]",
+        ],
+      }),
     );
-    assert.deepEqual(err.keys, ["trainer.dModel"]);
+    assert.deepEqual(err.keys, ["trainer.hookPoints.1"]);
+    assert.deepEqual(refused(() => loadConfig({ sets: ["trainer.shardCount=2", "trainer.shardIndex=2"] })).keys, ["trainer.shardIndex"]);
+    assert.deepEqual(refused(() => loadConfig({ sets: ["trainer.hookPoints=[]"] })).keys, ["trainer.hookPoints"]);
+  });
+
+  test("trainer.dModel, trainer.hookPoint and trainer.bufferAddress are gone: widths and addresses come from the buffer's table", () => {
+    for (const gone of ["trainer.dModel=64", "trainer.hookPoint=blocks.1.hook_resid_post", "trainer.bufferAddress=127.0.0.1:1"])
+      assert.ok(refused(() => loadConfig({ sets: [gone] })).message.includes(gone.split("=")[0]!.split(".")[1]!), gone);
+  });
+
+  test("trainer processes share trainer.hookPoints round-robin: 3 trainers x 4 hook points", () => {
+    const hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.3.hook_resid_post"];
+    const c = loadConfig({
+      sets: [`buffer.hookPoints=[${hooks.map((h) => `{name: ${h}, dModel: 16}`).join(", ")}]`, `trainer.hookPoints=[${hooks.join(", ")}]`],
+    });
+    const split = [0, 1, 2].map((i) => trainerHookPoints(c.trainer, i, 3));
+    assert.deepEqual(split, [[hooks[0], hooks[3]], [hooks[1]], [hooks[2]]]);
+    assert.deepEqual(split.flat().sort(), [...hooks].sort(), "every hook point is trained, by one trainer");
+    // The process's own share, from its shardIndex/shardCount, and its folders: one per hook point.
+    const second = loadConfig({
+      sets: [
+        `buffer.hookPoints=[${hooks.map((h) => `{name: ${h}, dModel: ${16 + hooks.indexOf(h)}}`).join(", ")}]`,
+        `trainer.hookPoints=[${hooks.join(", ")}]`,
+        "trainer.shardIndex=0",
+        "trainer.shardCount=3",
+        "run.dir=/runs/r",
+      ],
+    });
+    assert.deepEqual(processHookPoints(second), [hooks[0], hooks[3]]);
+    assert.deepEqual(
+      processHookPoints(second).map((h) => [hookDir(second, h), hookConfig(second, h).dModel]),
+      [
+        [`/runs/r/${hooks[0]}`, 16],
+        [`/runs/r/${hooks[3]}`, 19],
+      ],
+    );
+    // One hook point in the run: its SAEs live in the run folder itself, as before.
+    assert.equal(hookDir(loadConfig({ sets: ["run.dir=/runs/one"] }), "blocks.1.hook_resid_post"), "/runs/one");
+    // More trainers than hook points: several trainers train one hook point's sweep.
+    assert.deepEqual(
+      [0, 1, 2].map((i) => trainerHookPoints({ hookPoints: hooks.slice(0, 2) }, i, 3)),
+      [[hooks[0]], [hooks[1]], [hooks[0]]],
+    );
   });
 
   const dir = mkdtempSync(join(tmpdir(), "saeflow-trainer-cfg-"));
   after(() => rmSync(dir, { recursive: true, force: true }));
 
-  test("batches of another width than trainer.dModel stop training with an error naming the key", async () => {
-    const config = testConfig(dir, { dModel: 16, batchSize: 8, steps: 5, saes: [{ name: "a", width: 32, k: 4 }] });
+  test("batches of another width than the pool's stop training with an error naming buffer.hookPoints", async () => {
+    const config = testConfig(dir, { batchSize: 8, steps: 5, saes: [{ name: "a", width: 32, k: 4 }] }, { dModel: 16 });
     const wrong = [{ data: gaussianBatch(8, 12, "w"), dtype: "fp32" as const, rows: 8, dModel: 12, traceparent: "" }];
     const training = new Training({ config, source: new ArrayBatchSource(wrong) });
-    await assert.rejects(training.run(), (err: unknown) => err instanceof ConfigError && err.keys[0] === "trainer.dModel");
+    await assert.rejects(training.run(), (err: unknown) => {
+      assert.ok(err instanceof ConfigError);
+      assert.deepEqual(err.keys, ["buffer.hookPoints.0.dModel"]);
+      assert.match(err.message, /16 for blocks\.1\.hook_resid_post, but the batches have rows of width 12/);
+      return true;
+    });
   });
 });
 

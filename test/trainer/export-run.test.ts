@@ -22,23 +22,24 @@ describe("saeflow export over an fp16 buffer", () => {
   let buffer: RunningServer;
   let config: RunConfig;
   before(async () => {
-    const base = testConfig(root, {
-      address: "127.0.0.1:0",
-      hookPoint: HOOK,
-      dModel: D,
-      batchSize: 128,
-      steps: 30,
-      jumprelu: { calibrationTokens: 512 },
-      saes: [
-        { name: "jump", recipe: "jumprelu", width: 64, k: 4, lr: 0.01 },
-        { name: "btk", recipe: "batchtopk", width: 64, k: 4, lr: 0.01 },
-      ],
-    });
+    const base = testConfig(
+      root,
+      {
+        address: "127.0.0.1:0",
+        batchSize: 128,
+        steps: 30,
+        jumprelu: { calibrationTokens: 512 },
+        saes: [
+          { name: "jump", recipe: "jumprelu", width: 64, k: 4, lr: 0.01 },
+          { name: "btk", recipe: "batchtopk", width: 64, k: 4, lr: 0.01 },
+        ],
+      },
+      { hookPoint: HOOK, dModel: D },
+    );
     buffer = await startSyntheticBuffer({ config: base, hookPoint: HOOK, dModel: D, rows, dtype: DType.FP16 });
     config = {
       ...base,
       buffer: { ...base.buffer, address: buffer.address, dtype: "fp16" },
-      trainer: { ...base.trainer, bufferAddress: buffer.address },
     };
   });
   after(async () => {

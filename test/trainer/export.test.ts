@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { type ExportInfo, exportSaeLens, hookLayer, loadSaeLens, SPARSITY_FILE } from "../../services/trainer/export.js";
 import { evaluate, type StepScalars, toParams64 } from "../../services/trainer/reference.js";
+import { hookConfig } from "../../services/trainer/hook.js";
 import { SaeRun } from "../../services/trainer/sae-run.js";
 import { loadSae, saeForward } from "../../tools/eval/sae.js";
 import { busyState, gaussianBatch, saeLensForward, smallSpec, testConfig } from "./fixtures.js";
@@ -137,13 +138,17 @@ describe("SAELens export", () => {
     for (const unitNormDecoder of [true, false]) {
       const jump = smallSpec({ recipe: "jumprelu_trained", batchSize: 16, width: 16, unitNormDecoder });
       const jumpState = busyState(jump, `jump-${unitNormDecoder}`);
-      const config = testConfig(join(root, "cfg-run"), {
-        dModel: d,
-        unitNormDecoder,
-        ...(unitNormDecoder ? {} : { decoderInitNorm: 0.5 }),
-        saes: [{ name: "jrt", recipe: "jumprelu_trained", width: n, jumpreluBandwidth: 0.2 }],
-      });
-      const run = new SaeRun(config.trainer.saes[0]!, 0, join(root, `jrt-${unitNormDecoder}`), 5, config.trainer);
+      const config = testConfig(
+        join(root, "cfg-run"),
+        {
+          unitNormDecoder,
+          ...(unitNormDecoder ? {} : { decoderInitNorm: 0.5 }),
+          saes: [{ name: "jrt", recipe: "jumprelu_trained", width: n, jumpreluBandwidth: 0.2 }],
+        },
+        { dModel: d },
+      );
+      const cfg = hookConfig(config, config.trainer.hookPoints[0]!);
+      const run = new SaeRun(config.trainer.saes[0]!, 0, join(root, `jrt-${unitNormDecoder}`), 5, cfg);
       const exportInfo = run.exportInfo(config, { step: 10, tokens: 160, scale }, jumpState);
       assert.equal(exportInfo.architecture, "jumprelu");
       assert.deepEqual(

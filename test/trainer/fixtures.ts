@@ -121,11 +121,24 @@ export function bestCosines(directions: Float32Array, wDec: Float32Array, d: num
   });
 }
 
-/** A run config for library tests: small, single-threaded, writing under `dir`. */
-export function testConfig(dir: string, trainer: Record<string, unknown>): RunConfig {
+/** The pools of a test run and where its buffer is: `dModel` and `hookPoint` make one pool, `pools` several. */
+export interface TestPools {
+  hookPoint?: string;
+  dModel?: number;
+  pools?: Array<{ name: string; dModel: number }>;
+  /** buffer.address: the one buffer's, with no shards. */
+  address?: string;
+  shards?: Array<{ address: string; hookPoints: string[] }>;
+}
+
+/**
+ * A run config for library tests: small, single-threaded, writing under `dir`. Its pools (widths
+ * live there) come from `pools`, by default one of width 64; trainer.hookPoints defaults to every pool.
+ */
+export function testConfig(dir: string, trainer: Record<string, unknown>, pools: TestPools = {}): RunConfig {
+  const hookPoints = pools.pools ?? [{ name: pools.hookPoint ?? "blocks.1.hook_resid_post", dModel: pools.dModel ?? 64 }];
   const t = {
-    hookPoint: "blocks.1.hook_resid_post",
-    dModel: 64,
+    hookPoints: hookPoints.map((h) => h.name),
     logEvery: 25,
     checkpointEvery: 0,
     lrWarmupSteps: 10,
@@ -135,8 +148,12 @@ export function testConfig(dir: string, trainer: Record<string, unknown>): RunCo
   };
   return RunConfigSchema.parse({
     run: { dir, seed: 5 },
-    buffer: { hookPoints: [{ name: t.hookPoint, dModel: t.dModel }] },
-    producer: { hookPoints: [t.hookPoint] },
+    buffer: {
+      hookPoints,
+      ...(pools.address ? { address: pools.address } : {}),
+      ...(pools.shards ? { shards: pools.shards } : {}),
+    },
+    producer: { hookPoints: hookPoints.map((h) => h.name) },
     trainer: t,
   });
 }

@@ -18,7 +18,7 @@ import { checkpointPath, checkpointSteps } from "../../services/trainer/checkpoi
 import { loadSaeLens } from "../../services/trainer/export.js";
 import { startTrainer } from "../../services/trainer/trainer.js";
 import { OtlpReceiver } from "../support/otlp-receiver.js";
-import { readJsonl, sparseData, testConfig } from "./fixtures.js";
+import { readJsonl, sparseData, testConfig, type TestPools } from "./fixtures.js";
 import { startSyntheticBuffer } from "./synthetic-buffer.js";
 
 const D = 32;
@@ -48,20 +48,22 @@ describe("trainer over gRPC", () => {
     rmSync(root, { recursive: true, force: true });
   });
 
-  const config = (dir: string, over: Record<string, unknown> = {}) =>
-    testConfig(dir, { bufferAddress: buffer.address, address: "127.0.0.1:0", hookPoint: HOOK, dModel: D, batchSize: 128, ...over });
+  const config = (dir: string, over: Record<string, unknown> = {}, pools: TestPools = {}) =>
+    testConfig(dir, { address: "127.0.0.1:0", batchSize: 128, ...over }, { address: buffer.address, hookPoint: HOOK, dModel: D, ...pools });
 
-  test("a pool of another width or a missing hook point is refused naming the trainer key", async () => {
+  test("a pool of another width or a missing hook point is refused naming the key at fault", async () => {
     const client = createClient(BufferService, buffer.address, base.transport);
     try {
       await checkBufferPool(client, config(join(root, "ok")));
+      await assert.rejects(checkBufferPool(client, config(join(root, "w"), {}, { dModel: 64 })), (e: unknown) => {
+        assert.ok(e instanceof ConfigError);
+        assert.deepEqual(e.keys, ["buffer.hookPoints.0.dModel"]);
+        assert.match(e.message, new RegExp(`64 for ${HOOK}, but the buffer at ${buffer.address} holds rows of width ${D}`));
+        return true;
+      });
       await assert.rejects(
-        checkBufferPool(client, config(join(root, "w"), { dModel: 64 })),
-        (e: unknown) => e instanceof ConfigError && e.keys[0] === "trainer.dModel",
-      );
-      await assert.rejects(
-        checkBufferPool(client, config(join(root, "h"), { hookPoint: "blocks.9.hook_mlp_out" })),
-        (e: unknown) => e instanceof ConfigError && e.keys[0] === "trainer.hookPoint",
+        checkBufferPool(client, config(join(root, "h"), {}, { hookPoint: "blocks.9.hook_mlp_out" })),
+        (e: unknown) => e instanceof ConfigError && e.keys[0] === "trainer.hookPoints.0",
       );
     } finally {
       client.close();
@@ -84,7 +86,7 @@ describe("trainer over gRPC", () => {
     const trainer = await startTrainer(cfg, { log: (line) => lines.push(line) });
     assert.match(
       lines[0]!,
-      new RegExp(`serving control RPCs on ${trainer.address}; training 2 SAE\\(s\\) on ${HOOK} from ${buffer.address}`),
+      new RegExp(`serving control RPCs on ${trainer.address}; training 2 SAE\\(s\\) on each of ${HOOK} from ${buffer.address}`),
     );
     const client = createClient(TrainerService, trainer.address, cfg.transport);
     const health = createClient(Health, trainer.address, cfg.transport);
@@ -94,7 +96,11 @@ describe("trainer over gRPC", () => {
         (s) => s.saes.every((x) => x.step >= 10n),
       );
       assert.equal(st.state, ServiceState.RUNNING);
-      assert.equal(st.hookPoint, HOOK);
+      assert.deepEqual(st.hookPoints, [HOOK]);
+      assert.deepEqual(
+        st.saes.map((s) => s.hookPoint),
+        [HOOK, HOOK],
+      );
       assert.equal(st.runDir, dir);
       assert.deepEqual(
         st.saes.map((s) => [s.name, s.recipe]),
@@ -161,13 +167,11 @@ describe("trainer over gRPC", () => {
       file,
       [
         `run: { dir: ${dir} }`,
-        `buffer: { hookPoints: [{ name: ${HOOK}, dModel: ${D} }] }`,
+        `buffer: { address: "${buffer.address}", hookPoints: [{ name: ${HOOK}, dModel: ${D} }] }`,
         `producer: { hookPoints: [${HOOK}] }`,
         "trainer:",
-        `  bufferAddress: "${buffer.address}"`,
         '  address: "127.0.0.1:0"',
-        `  hookPoint: ${HOOK}`,
-        `  dModel: ${D}`,
+        `  hookPoints: [${HOOK}]`,
         "  batchSize: 128",
         "  steps: 1000000",
         "  threads: 1",
@@ -219,7 +223,7 @@ describe("trainer over gRPC", () => {
     assert.ok(otlp.spans.some((s) => s.name === "trainer.checkpoint"));
   });
 
-  test("main.ts refuses a dModel that does not match the buffer's pool, naming the key", async () => {
+  test("main.ts refuses a pool width the live buffer does not serve, naming buffer.hookPoints", async () => {
     const child = spawn(
       process.execPath,
       // The file agrees with itself (the loader checks that); the live buffer serves width 32.
@@ -228,11 +232,9 @@ describe("trainer over gRPC", () => {
         "tsx",
         "services/trainer/main.ts",
         "--set",
-        `trainer.bufferAddress=${buffer.address}`,
+        `buffer.address=${buffer.address}`,
         "--set",
-        `trainer.hookPoint=${HOOK}`,
-        "--set",
-        "trainer.dModel=48",
+        `trainer.hookPoints=[${HOOK}]`,
         "--set",
         `buffer.hookPoints=[{name: ${HOOK}, dModel: 48}]`,
         "--set",
@@ -244,6 +246,9 @@ describe("trainer over gRPC", () => {
     child.stderr.on("data", (b: Buffer) => (err += b.toString()));
     const code = await new Promise<number | null>((resolve) => child.once("exit", resolve));
     assert.equal(code, 2);
-    assert.match(err, /trainer\.dModel: 48, but the buffer's pool/);
+    assert.match(
+      err,
+      new RegExp(`buffer\\.hookPoints\\.0\\.dModel: 48 for ${HOOK}, but the buffer at ${buffer.address} holds rows of width ${D}`),
+    );
   });
 });

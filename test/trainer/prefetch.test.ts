@@ -7,6 +7,7 @@ import { setImmediate as turn } from "node:timers/promises";
 import { ConfigError } from "../../services/common/config/index.js";
 import type { RunningServer } from "../../services/common/grpc/server.js";
 import { bf16ToFp32, fp32ToBf16 } from "../../services/common/tensor-codec.js";
+import type { DTypeName } from "../../services/common/config/sections/dtype.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
 import { PrefetchedBatches } from "../../services/trainer/prefetch.js";
 import { gaussianBatch, testConfig } from "./fixtures.js";
@@ -24,7 +25,7 @@ let fp32: RunningServer;
 let bf16: RunningServer;
 
 before(async () => {
-  const config = testConfig(root, { dModel: D });
+  const config = testConfig(root, {}, { dModel: D });
   fp32 = await startSyntheticBuffer({ config, hookPoint: HOOK, dModel: D, rows, dtype: DType.FP32 });
   bf16 = await startSyntheticBuffer({ config, hookPoint: HOOK, dModel: D, rows, dtype: DType.BF16 });
 });
@@ -34,8 +35,13 @@ after(async () => {
   rmSync(root, { recursive: true, force: true });
 });
 
-const config = (buffer: RunningServer, over: Record<string, unknown> = {}) =>
-  testConfig(root, { bufferAddress: buffer.address, hookPoint: HOOK, dModel: D, batchSize: ROWS, ...over });
+/** The buffer's stream of HOOK on its own thread, for a run whose pool is `dModel` wide. */
+const prefetched = (buffer: RunningServer, widen: DTypeName[] = [], dModel = D) =>
+  new PrefetchedBatches(
+    testConfig(root, { batchSize: ROWS }, { address: buffer.address, hookPoint: HOOK, dModel }),
+    { hookPoint: HOOK, address: buffer.address },
+    widen,
+  );
 
 /** Holds this thread as a synchronous onnxruntime step would. */
 function busy(ms: number): void {
@@ -45,7 +51,7 @@ function busy(ms: number): void {
 
 describe("batches received on their own thread", { timeout: 60_000 }, () => {
   test("the next batch (2 MiB) is received and decoded while the training thread is held, ready at its first turn", async () => {
-    const source = new PrefetchedBatches(config(fp32), []);
+    const source = prefetched(fp32);
     try {
       const first = await source.next();
       assert.equal(first?.rows, ROWS);
@@ -63,8 +69,8 @@ describe("batches received on their own thread", { timeout: 60_000 }, () => {
   });
 
   test("bf16 rows are widened to float32 there when the step takes float32, and handed over as words otherwise", async () => {
-    const widened = new PrefetchedBatches(config(bf16), ["bf16"]);
-    const words = new PrefetchedBatches(config(bf16), []);
+    const widened = prefetched(bf16, ["bf16"]);
+    const words = prefetched(bf16);
     try {
       const a = (await widened.next())!;
       const b = (await words.next())!;
@@ -79,16 +85,16 @@ describe("batches received on their own thread", { timeout: 60_000 }, () => {
   });
 
   test("a batch the trainer cannot take fails next() with the key at fault", async () => {
-    const source = new PrefetchedBatches(config(fp32, { dModel: 32 }), []);
+    const source = prefetched(fp32, [], 32);
     try {
-      await assert.rejects(source.next(), (err: unknown) => err instanceof ConfigError && err.keys[0] === "trainer.dModel");
+      await assert.rejects(source.next(), (err: unknown) => err instanceof ConfigError && err.keys[0] === "buffer.hookPoints.0.dModel");
     } finally {
       source.close();
     }
   });
 
   test("close() ends the stream: next() resolves undefined", async () => {
-    const source = new PrefetchedBatches(config(fp32), []);
+    const source = prefetched(fp32);
     await source.next();
     source.close();
     assert.equal(await source.next(), undefined);

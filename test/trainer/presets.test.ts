@@ -7,6 +7,7 @@ import { loadConfig } from "../../services/common/config/index.js";
 import { ArrayBatchSource } from "../../services/trainer/batches.js";
 import { loadSaeLens } from "../../services/trainer/export.js";
 import { activeK, learningRate } from "../../services/trainer/schedule.js";
+import { hookConfig } from "../../services/trainer/hook.js";
 import { Training } from "../../services/trainer/training.js";
 import { loadSae, saeForward } from "../../tools/eval/sae.js";
 import { asBatches, explainedVariance, readJsonl, saeLensForward, sparseData } from "./fixtures.js";
@@ -22,7 +23,7 @@ describe("Llama Scope presets", () => {
       const c = loadConfig({ file: preset(name) });
       const t = c.trainer;
       assert.equal(c.buffer.hookPoints[0]!.dModel, 4096);
-      assert.equal(t.hookPoint, "blocks.15.hook_resid_post");
+      assert.deepEqual(t.hookPoints, ["blocks.15.hook_resid_post"]);
       assert.deepEqual([c.buffer.dtype, c.producer.dtype], ["bf16", "bf16"]);
       assert.equal(c.buffer.capacityRows, 500_000);
       assert.equal(c.producer.contextLength, 1024);
@@ -56,7 +57,7 @@ describe("tiny preset", () => {
 
   test("trains its sweep with the Llama Scope schedule; k and the learning rate take their documented values", async (t) => {
     const config = loadConfig({ file: preset("tiny"), sets: [`run.dir=${root}`, "trainer.threads=1"] });
-    const c = config.trainer;
+    const c = hookConfig(config, config.trainer.hookPoints[0]!);
     const data = sparseData({ d: c.dModel, features: 128, active: 4, rows: c.batchSize, batches: c.steps, seed: "tiny" });
     const result = await new Training({ config, source: new ArrayBatchSource(asBatches(data.batches, c.batchSize, c.dModel)) }).run();
     assert.equal(result.step, c.steps);

@@ -29,7 +29,7 @@ const data = sparseData({ d: D, features: 48, active: 3, rows: ROWS, batches: 60
 const batches = asBatches(data.batches, ROWS, D);
 
 async function train(dir: string, trainer: Record<string, unknown>, source: Batch[]) {
-  const config = testConfig(dir, { dModel: D, batchSize: ROWS, ...trainer });
+  const config = testConfig(dir, { batchSize: ROWS, ...trainer }, { dModel: D });
   const t = new Training({ config, source: new ArrayBatchSource(source) });
   return { result: await t.run(), config };
 }
@@ -295,7 +295,7 @@ describe("reviving dead latents", () => {
       D,
       2,
     );
-    const config = testConfig(dir, { dModel: D, batchSize: ROWS, steps: 400, deadWindowTokens: 5 * ROWS, saes: [spec] });
+    const config = testConfig(dir, { batchSize: ROWS, steps: 400, deadWindowTokens: 5 * ROWS, saes: [spec] }, { dModel: D });
     const t = new Training({ config, source: new ArrayBatchSource(batches) });
     const { step } = await t.run();
     // Revived: fired on some token after planting (last_fired counts tokens; 0 is never).
@@ -401,15 +401,14 @@ describe("checkpoints", () => {
   };
   const failedRun = async (dir: string, source: BatchSource) => {
     const lines: string[] = [];
-    const config = testConfig(dir, {
-      dModel: D,
-      batchSize: ROWS,
-      steps: 50,
-      saes: [{ name: "s", recipe: "topk", width: 96, k: 3, lr: 0.01 }],
-    });
+    const config = testConfig(
+      dir,
+      { batchSize: ROWS, steps: 50, saes: [{ name: "s", recipe: "topk", width: 96, k: 3, lr: 0.01 }] },
+      { dModel: D },
+    );
     await assert.rejects(
       new Training({ config, source, log: (line) => lines.push(line) }).run(),
-      (err: unknown) => err instanceof ConfigError && err.keys[0] === "trainer.dModel",
+      (err: unknown) => err instanceof ConfigError && err.keys[0] === "buffer.hookPoints.0.dModel",
       "the run ends with the error that stopped it, not the checkpoint's",
     );
     return lines;

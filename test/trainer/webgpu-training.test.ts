@@ -33,7 +33,7 @@ const fp32 = asBatches(data.batches, ROWS, D);
 const bf16: Batch[] = fp32.map((b) => ({ ...b, dtype: "bf16", data: Uint16Array.from(b.data as Float32Array, fp32ToBf16) }));
 
 async function train(dir: string, trainer: Record<string, unknown>, source: Batch[]) {
-  const config = testConfig(dir, { dModel: D, batchSize: ROWS, lrWarmupSteps: 2, adam: { eps: 1e-4 }, ...trainer });
+  const config = testConfig(dir, { batchSize: ROWS, lrWarmupSteps: 2, adam: { eps: 1e-4 }, ...trainer }, { dModel: D });
   return new Training({ config, source: new ArrayBatchSource(source) }).run();
 }
 
@@ -193,12 +193,11 @@ describe("training on WebGPU (SwiftShader)", { timeout: 600_000 }, () => {
 
   test("a device without room for the sweep is refused at start, naming trainer.executionProvider and what the sweep needs", async () => {
     // [1024, 524288] pre-activations are 2 GiB: over SwiftShader's 1 GiB buffer limit, so refused before anything is allocated.
-    const config = testConfig(runDir(), {
-      dModel: 64,
-      batchSize: 1024,
-      executionProvider: "webgpu",
-      saes: [{ name: "wide", recipe: "topk", width: 524288, k: 32 }],
-    });
+    const config = testConfig(
+      runDir(),
+      { batchSize: 1024, executionProvider: "webgpu", saes: [{ name: "wide", recipe: "topk", width: 524288, k: 32 }] },
+      { dModel: 64 },
+    );
     const lines: string[] = [];
     await assert.rejects(startTrainer(config, { source: new ArrayBatchSource([]), log: (l) => lines.push(l) }), (err: unknown) => {
       assert.ok(err instanceof ConfigError, String(err));

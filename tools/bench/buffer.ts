@@ -49,12 +49,7 @@ const HOOK = "blocks.1.hook_resid_post";
 /** A run config with one pool of `capacity` rows of `dModel` fp32 on the default hook point. */
 function benchConfig(dModel: number, capacity: number) {
   return loadConfig({
-    sets: [
-      "run.id=bench",
-      `buffer.hookPoints=[{name: ${HOOK}, dModel: ${dModel}}]`,
-      `buffer.capacityRows=${capacity}`,
-      `trainer.dModel=${dModel}`,
-    ],
+    sets: ["run.id=bench", `buffer.hookPoints=[{name: ${HOOK}, dModel: ${dModel}}]`, `buffer.capacityRows=${capacity}`],
   });
 }
 

@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { stringify } from "yaml";
 import { loadConfig, type RunConfig } from "../../services/common/config/index.js";
+import { poolWidth } from "../../services/common/shards.js";
 import { startNatsServer } from "../cli/nats-server.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
@@ -83,7 +84,7 @@ async function producerAlone(): Promise<number> {
     const buffer = spawnRole(root, runDir, "buffer", "buffer", config.buffer.address, configFile, [`buffer.address=127.0.0.1:0`]);
     const [bufferAddress] = await waitForLine(buffer.log, /serving (\S+) for run/);
     const producer = spawnRole(root, runDir, "producer", "producer-0", "", configFile, [
-      `producer.bufferAddress=${bufferAddress}`,
+      `buffer.address=${bufferAddress}`,
       "producer.address=127.0.0.1:0",
     ]);
     const [address] = await waitForLine(producer.log, /serving control on (\S+),/);
@@ -128,7 +129,8 @@ async function trainerAlone(): Promise<number> {
   const runDir = mkdtempSync(join(tmpdir(), "saeflow-bench-trainer-"));
   try {
     const config = benchConfig(runDir, [`trainer.steps=${STEPS / 2}`]);
-    const { batchSize, dModel } = config.trainer;
+    const { batchSize } = config.trainer;
+    const dModel = poolWidth(config.buffer, config.trainer.hookPoints[0]!);
     const distinct = Array.from({ length: 8 }, (_, s): Batch => {
       const data = Float32Array.from({ length: batchSize * dModel }, (_, i) => Math.sin(i * 0.37 + s) * 3);
       return { data, dtype: "fp32", rows: batchSize, dModel, traceparent: "" };

@@ -152,8 +152,8 @@ async function measureContext(setup: Setup, contextLength: number): Promise<Reco
     base: {
       run: { id: runId, dir: setup.runDir },
       nats: { url: setup.natsUrl },
-      buffer: { hookPoints: [{ name: HOOK, dModel: model.params.dModel }] },
-      producer: { model: model.modelPath, bufferAddress: setup.address, hookPoints: [HOOK], contextLength, batchContexts, resume: false },
+      buffer: { address: setup.address, hookPoints: [{ name: HOOK, dModel: model.params.dModel }] },
+      producer: { model: model.modelPath, hookPoints: [HOOK], contextLength, batchContexts, resume: false },
     },
   });
   const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
@@ -251,9 +251,9 @@ async function measureHookPoints(setup: Setup): Promise<Record<string, number>> 
       base: {
         run: { id: runId, dir: setup.runDir },
         nats: { url: setup.natsUrl },
-        buffer: { hookPoints: hooks.map((name) => ({ name, dModel: deep.params.dModel })) },
-        producer: { model: deep.modelPath, bufferAddress: setup.address, hookPoints: hooks, contextLength, batchContexts, resume: false },
-        trainer: { hookPoint: hooks[0], dModel: deep.params.dModel },
+        buffer: { address: setup.address, hookPoints: hooks.map((name) => ({ name, dModel: deep.params.dModel })) },
+        producer: { model: deep.modelPath, hookPoints: hooks, contextLength, batchContexts, resume: false },
+        trainer: { hookPoints: [hooks[0]] },
       },
     });
     const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });

@@ -6,7 +6,7 @@ const REFUSALS = ["duplicate", "non_finite", "pool_full", "draining"];
 const LOSSES = ["lost_with_buffer", "left_at_stop"];
 
 /**
- * The run's row ledger for one hook point, from the final statuses: what producers made, what the
+ * The run's row ledger for one hook point of one buffer shard, from the final statuses: what producers made, what the
  * buffer (across its restarts) accepted and refused, and where every accepted row went.
  *
  *   produced = accepted + refused other than duplicate   (a duplicate is a row sent again, not made again)
@@ -14,6 +14,8 @@ const LOSSES = ["lost_with_buffer", "left_at_stop"];
  */
 export interface HookLedger {
   hookPoint: string;
+  /** The buffer shard holding this pool (0 in a one-buffer run). */
+  shard: number;
   /** Rows producers made for this hook point, each counted once, across their restarts. */
   produced: number;
   accepted: number;
@@ -34,21 +36,24 @@ export interface HookLedger {
 const sum = (r: Record<string, number>) => Object.values(r).reduce((a, b) => a + b, 0);
 
 export function ledgerOf(st: RunStatus): HookLedger[] {
-  const hooks = st.buffer.flatMap((b) => b.status?.hookPoints ?? []);
-  return hooks.map((h) => {
+  const hooks = st.buffer.flatMap((b) => (b.status?.hookPoints ?? []).map((h) => ({ h, shard: b.status!.shard })));
+  return hooks.map(({ h, shard }) => {
     const reasons = new Map(h.dropped.map((d) => [d.reason, Number(d.rows)]));
     const refused = Object.fromEntries(REFUSALS.map((r) => [r, reasons.get(r) ?? 0]));
     const lost = Object.fromEntries(LOSSES.map((r) => [r, reasons.get(r) ?? 0]));
     let produced = 0;
+    // A producer sends a hook point's rows to one shard, and says how many it sent there (fewer than it
+    // made once that shard ended while it fed others).
     for (const p of st.producers) {
-      const s = p.status;
-      if (s && s.hookPoints.includes(h.hookPoint)) produced += Number(s.rowsSent) / Math.max(1, s.hookPoints.length);
+      const feed = p.status?.feeds.find((f) => f.shard === shard && f.hookPoints.includes(h.hookPoint));
+      if (feed) produced += Number(feed.rowsSent);
     }
     const accepted = Number(h.rowsIn);
     const served = Number(h.rowsOut);
     const held = Number(h.unconsumedRows);
     return {
       hookPoint: h.hookPoint,
+      shard,
       produced,
       accepted,
       refused,
@@ -61,8 +66,9 @@ export function ledgerOf(st: RunStatus): HookLedger[] {
   });
 }
 
-/** One line per hook point, for the end of `saeflow up`. */
+/** One line per hook point (of each shard, when there are several), for the end of `saeflow up`. */
 export function ledgerLines(ledger: HookLedger[]): string[] {
+  const sharded = ledger.some((l) => l.shard > 0);
   const total = (r: Record<string, number>) => {
     const parts = Object.entries(r).filter(([, n]) => n > 0);
     return `${sum(r)}${parts.length ? ` (${parts.map(([k, n]) => `${k} ${n}`).join(", ")})` : ""}`;
@@ -72,7 +78,7 @@ export function ledgerLines(ledger: HookLedger[]): string[] {
     const resent = duplicate ? `; ${duplicate} rows sent again were recognised as duplicates` : "";
     const bad = (ok: boolean) => (ok ? "" : " (DOES NOT RECONCILE)");
     return (
-      `${l.hookPoint}: produced ${l.produced} = accepted ${l.accepted} + refused ${total(refused)}${bad(l.producedReconciles)}; ` +
+      `${sharded ? `shard ${l.shard} ` : ""}${l.hookPoint}: produced ${l.produced} = accepted ${l.accepted} + refused ${total(refused)}${bad(l.producedReconciles)}; ` +
       `accepted = served ${l.served} + held ${l.held} + lost ${total(l.lost)}${bad(l.acceptedReconciles)}${resent}`
     );
   });

@@ -5,6 +5,13 @@ import type { NatsForRun } from "./nats.js";
 import { collectStatus } from "./status.js";
 import type { NatsWatch, Supervisor } from "./supervise.js";
 
+export interface BufferShardProcess {
+  id: string;
+  shard: number;
+  address: string;
+  hookPoints: string[];
+}
+
 /** Where every process of the run listens, and the resolved config they all read. */
 export interface RunPlan {
   root: string;
@@ -15,7 +22,8 @@ export interface RunPlan {
   cli: TransportConfig;
   tls?: LocalTls;
   nats: NatsForRun;
-  bufferAddress: string;
+  /** One buffer process per shard of the run (one when buffer.shards is empty). */
+  buffers: BufferShardProcess[];
   producerAddresses: string[];
   trainerAddresses: string[];
 }

@@ -2,6 +2,7 @@ import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ConfigError, loadConfig, type RunConfig } from "../../services/common/config/index.js";
 import { evalTable, evaluateRun } from "../eval/run.js";
+import { planCommand } from "../plan/main.js";
 import { exportRun } from "./export.js";
 import { writeReport } from "./report.js";
 import { cliConfig, readRunFile } from "./run-file.js";
@@ -17,6 +18,8 @@ const USAGE = `usage: saeflow <command> [options]
   stop [RUN_DIR]                    checkpoint and export the trainers, then drain the run
   export [RUN_DIR]                  write the SAELens export of each SAE from its latest checkpoint
   report [RUN_DIR]                  draw the run into RUN_DIR/report.html
+  plan CONFIG [--set key=value ...] lay the run out on a cluster: pods, GPUs, memory per buffer shard,
+     [--rates FILE] [--bench FILE]  bandwidth per link, time to train every SAE, what saturates first
 `;
 
 const root = resolve(import.meta.dirname, "../..");
@@ -53,6 +56,8 @@ async function evaluate(result: UpResult, config: RunConfig): Promise<void> {
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  // plan has flags of its own (--rates, --bench) and reads no run folder.
+  if (command === "plan") return planCommand(rest);
   const { values, positionals } = parseArgs({
     args: rest,
     allowPositionals: true,
@@ -90,7 +95,8 @@ async function main(argv: string[]): Promise<number> {
       // A JumpReLU export pulls calibration batches from the buffer, as a trainer does.
       const config = cliConfig(run, "exporter");
       const trainers = run.services.filter((s) => s.role === "trainer");
-      const dirs = trainers.length > 1 ? trainers.map((t) => resolve(runDir, t.id)) : [runDir];
+      // As saeflow up placed them: own folders only when trainers outnumber hook points.
+      const dirs = trainers.length > config.trainer.hookPoints.length ? trainers.map((t) => resolve(runDir, t.id)) : [runDir];
       for (const path of await exportRun(config, dirs, (l) => process.stderr.write(`saeflow: ${l}\n`))) process.stdout.write(`${path}\n`);
       return 0;
     }

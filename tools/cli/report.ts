@@ -63,12 +63,13 @@ function table(rows: Row[]): string {
     .join("")}</table>`;
 }
 
-/** final-status.json's ledger (saeflow up writes it), one row per hook point, reasons spread into columns. */
+/** final-status.json's ledger (saeflow up writes it), one row per hook point of each shard, reasons spread into columns. */
 function ledgerRows(runDir: string): Row[] {
   const file = join(runDir, "final-status.json");
   if (!existsSync(file)) return [];
   const { ledger = [] } = JSON.parse(readFileSync(file, "utf8")) as { ledger?: HookLedger[] };
   return ledger.map((l) => ({
+    shard: l.shard,
     hook_point: l.hookPoint,
     produced: l.produced,
     accepted: l.accepted,

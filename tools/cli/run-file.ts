@@ -25,6 +25,10 @@ export const RunFile = z.object({
       log: z.string(),
     }),
   ),
+  buffers: z
+    .array(z.object({ id: z.string(), shard: z.number().int(), address: z.string(), hookPoints: z.array(z.string()) }))
+    .default([])
+    .describe("The run's buffer processes, one per shard, and the pools each holds."),
   tls: z
     .object({
       ca: z.string().describe("The run's CA: grpcurl -cacert."),

@@ -101,10 +101,11 @@ export function statusTable(st: RunStatus): string {
     if (!t.status) rows.push([t.id, "unreachable", t.error ?? ""]);
     else {
       const wait = t.status.wallMs > 0 ? (100 * t.status.waitMs) / t.status.wallMs : 0;
-      rows.push([t.id, stateName(t.status.state), `${t.status.hookPoint}  waiting ${wait.toFixed(0)}% of wall time`]);
+      rows.push([t.id, stateName(t.status.state), `${t.status.hookPoints.join(", ")}  waiting ${wait.toFixed(0)}% of wall time`]);
+      const several = t.status.hookPoints.length > 1;
       for (const sae of t.status.saes) {
         rows.push([
-          `  ${sae.name}`,
+          several ? `  ${sae.hookPoint}/${sae.name}` : `  ${sae.name}`,
           sae.recipe,
           `step ${sae.step}  loss ${fmt(sae.loss)}  mse ${fmt(sae.mse)}  ev ${fmt(sae.explainedVariance)}  L0 ${fmt(sae.l0)}  dead ${(sae.deadFraction * 100).toFixed(1)}%  ${fmt(sae.tokensPerSecond)} tok/s`,
         ]);

@@ -11,6 +11,7 @@ import { freePort } from "./nats-server.js";
 import { type NatsForRun, natsForRun } from "./nats.js";
 import { checkBeforeStart } from "./preflight.js";
 import { spawnRole } from "./processes.js";
+import { shardsOf } from "../../services/common/shards.js";
 import { writeRunFile } from "./run-file.js";
 import { handlingSignals } from "./signals.js";
 import { NatsWatch, type RoleSpec, Supervisor } from "./supervise.js";
@@ -63,8 +64,7 @@ export async function up(root: string, config: RunConfig, options: UpOptions = {
   } finally {
     await takeDown(run, completed);
   }
-  const dirs =
-    config.launch.trainers > 1 ? Array.from({ length: config.launch.trainers }, (_, i) => resolve(runDir, `trainer-${i}`)) : [runDir];
+  const dirs = ownFolders(config) ? Array.from({ length: config.launch.trainers }, (_, i) => resolve(runDir, `trainer-${i}`)) : [runDir];
   const exits: Record<string, number> = {};
   for (const s of run.sup.slots) exits[s.spec.id] = await s.done;
   return { runDir, trainerDirs: dirs, exits, completed, trained: completed || run.step > 0 };
@@ -107,23 +107,34 @@ function secured(config: RunConfig, nats: NatsForRun, tls: LocalTls | undefined)
   };
 }
 
-/** Picks the ports and writes run.yaml: the config with the addresses filled in. */
+/**
+ * Picks the ports and writes run.yaml: the config with the addresses filled in. A run of several
+ * buffer shards gets them all in buffer.shards; each buffer process is told which one it is.
+ */
 async function planRun(root: string, runDir: string, config: RunConfig, nats: NatsForRun, tls: LocalTls | undefined): Promise<LocalRun> {
   const { producers, trainers } = config.launch;
-  const addresses = (await ports(config, 1 + producers + trainers)).map((port) => `127.0.0.1:${port}`);
-  const bufferAddress = addresses[0]!;
+  const table = shardsOf(config.buffer);
+  const addresses = (await ports(config, table.length + producers + trainers)).map((port) => `127.0.0.1:${port}`);
+  const sharded = config.buffer.shards.length > 0;
+  const buffers = table.map((shard) => ({
+    id: sharded ? `buffer-${shard.index}` : "buffer",
+    shard: shard.index,
+    address: addresses[shard.index]!,
+    hookPoints: shard.hookPoints,
+  }));
   const resolved: RunConfig = {
     ...config,
     ...secured(config, nats, tls),
-    // The buffer ends the run once this many trainers are done, and keeps its ledger across a restart.
+    // The buffer ends the run once its trainers are done, and keeps its ledger across a restart.
     buffer: {
       ...config.buffer,
-      address: bufferAddress,
-      trainers: config.launch.trainers,
+      address: buffers[0]!.address,
+      shards: sharded ? buffers.map((b) => ({ address: b.address, hookPoints: b.hookPoints })) : [],
+      trainers,
       stateFile: config.buffer.stateFile || resolve(runDir, "buffer.state.json"),
     },
-    producer: { ...config.producer, bufferAddress, shardCount: producers },
-    trainer: { ...config.trainer, bufferAddress },
+    producer: { ...config.producer, shardCount: producers },
+    trainer: { ...config.trainer, shardCount: trainers },
   };
   const configFile = resolve(runDir, "run.yaml");
   writeFileSync(configFile, `# Resolved by saeflow up; every process of the run read this file.\n${stringify(resolved)}`);
@@ -137,9 +148,9 @@ async function planRun(root: string, runDir: string, config: RunConfig, nats: Na
       : resolved.transport,
     ...(tls ? { tls } : {}),
     nats,
-    bufferAddress,
-    producerAddresses: addresses.slice(1, 1 + producers),
-    trainerAddresses: addresses.slice(1 + producers),
+    buffers,
+    producerAddresses: addresses.slice(table.length, table.length + producers),
+    trainerAddresses: addresses.slice(table.length + producers),
   };
   // Statuses left by an earlier run in this folder are not this run's last words.
   rmSync(resolve(runDir, "status"), { recursive: true, force: true });
@@ -174,12 +185,22 @@ function spawnSpec(plan: RunPlan, spec: RoleSpec) {
   return spawnRole(plan.root, plan.runDir, spec.role, spec.id, spec.address, plan.configFile, [...spec.sets, ...identity]);
 }
 
-/** The buffer first (producers and trainers connect to it), then the producers and the trainers. */
+/** The buffers first (producers and trainers connect to them), then the producers and the trainers. */
 async function startRoles(run: LocalRun): Promise<void> {
   const { plan, sup } = run;
-  const buffer = sup.start({ role: "buffer", id: "buffer", address: plan.bufferAddress, sets: [] });
-  await waitServing(buffer.proc, BufferService.typeName, plan.cli, 60_000);
-  if (run.stopping) throw new Error("interrupted while the buffer started");
+  const sharded = plan.buffers.length > 1 || plan.config.buffer.shards.length > 0;
+  const buffers = plan.buffers.map((b) =>
+    sup.start({
+      role: "buffer",
+      id: b.id,
+      address: b.address,
+      sets: sharded
+        ? [`buffer.shard=${b.shard}`, `buffer.address=${b.address}`, `buffer.stateFile=${resolve(plan.runDir, `${b.id}.state.json`)}`]
+        : [],
+    }),
+  );
+  await Promise.all(buffers.map((b) => waitServing(b.proc, BufferService.typeName, plan.cli, 60_000)));
+  if (run.stopping) throw new Error("interrupted while the buffers started");
   plan.producerAddresses.forEach((address, i) =>
     sup.start({
       role: "producer",
@@ -200,12 +221,15 @@ async function startRoles(run: LocalRun): Promise<void> {
       sets: [
         `trainer.id=trainer-${i}`,
         `trainer.address=${address}`,
-        // Several trainers train the same sweep names, so each gets its own folder.
-        ...(plan.trainerAddresses.length > 1 ? [`run.dir=${resolve(plan.runDir, `trainer-${i}`)}`] : []),
+        `trainer.shardIndex=${i}`,
+        ...(ownFolders(plan.config) ? [`run.dir=${resolve(plan.runDir, `trainer-${i}`)}`] : []),
       ],
     }),
   );
 }
+
+/** More trainers than hook points train the same sweep of one hook point side by side: each then gets its own folder. */
+const ownFolders = (config: RunConfig) => config.launch.trainers > config.trainer.hookPoints.length;
 
 /** run.json for `saeflow status/stop/export`, and one line saying what runs where. */
 function announce(run: LocalRun): void {
@@ -213,7 +237,7 @@ function announce(run: LocalRun): void {
   writeRun(run);
   const { producers, trainers } = plan.config.launch;
   log(
-    `run ${plan.config.run.id}: ${producers} producer(s), buffer ${plan.bufferAddress}, ${trainers} trainer(s); logs in ${resolve(plan.runDir, "logs")}`,
+    `run ${plan.config.run.id}: ${producers} producer(s), buffer ${plan.buffers.map((b) => b.address).join(", ")}, ${trainers} trainer(s); logs in ${resolve(plan.runDir, "logs")}`,
   );
   if (plan.tls) log(`mTLS on every gRPC call; the CA and the operator's certificate are in ${plan.tls.dir} (see run.json)`);
 }
@@ -227,6 +251,7 @@ function writeRun(run: LocalRun): void {
     natsUrl: plan.nats.url,
     startedAt: new Date(run.startedAt).toISOString(),
     services: run.sup.slots.map(({ proc: p }) => ({ id: p.id, role: p.role, address: p.address, pid: p.child.pid ?? -1, log: p.log })),
+    buffers: plan.buffers,
     ...(run.nats ? { natsPid: run.nats.pid } : {}),
     ...(plan.tls
       ? { tls: { ca: plan.tls.ca, serverName: plan.tls.serverName, operator: plan.tls.operator, exporter: plan.tls.exporter } }

@@ -53,12 +53,13 @@ function drainWhenProducersFinish(run: LocalRun, trainersDone: () => boolean): v
   const producers = run.sup.of("producer");
   void Promise.all(producers.map((p) => p.done)).then(async (codes) => {
     if (run.stopping || run.sup.ending || trainersDone() || !codes.every((c) => c === 0)) return;
-    // Producers also stop when the run ends (every trainer done): the buffer is then draining already.
+    // Producers also stop when the run ends (every trainer done): the buffers are then draining already.
     const st = await collectStatus({ services: liveServices(run).filter((s) => s.role === "buffer") }, run.plan.cli);
-    const state = st.buffer[0]?.status?.state;
-    if (state !== ServiceState.RUNNING && state !== ServiceState.PAUSED) return;
-    log("every producer finished its epochs; the buffer serves what it holds, then ends the trainers' streams");
-    await drainBuffer(run.plan.bufferAddress, run.plan.cli);
+    const serving = st.buffer.filter((b) => b.status?.state === ServiceState.RUNNING || b.status?.state === ServiceState.PAUSED);
+    if (!serving.length) return;
+    log("every producer finished its epochs; the buffers serve what they hold, then end the trainers' streams");
+    const addresses = new Map(run.plan.buffers.map((b) => [b.id, b.address]));
+    await Promise.all(serving.map((b) => drainBuffer(addresses.get(b.id)!, run.plan.cli)));
   });
 }
 

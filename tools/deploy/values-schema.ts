@@ -64,7 +64,7 @@ export const ChartValues = z
     imagePullSecrets: z.array(z.object({ name: z.string().min(1) }).strict()).describe("Secrets for a private registry."),
     buffer: z
       .object({
-        port,
+        port: port.describe("gRPC port of every buffer shard and of its Service <release>-saeflow-buffer-<index>."),
         cpu: quantity.describe("CPU request of the buffer."),
         memoryOverheadMiB: z
           .number()
@@ -72,6 +72,9 @@ export const ChartValues = z
           .min(0)
           .describe("Memory on top of the pools (Node runtime, chunks and batches in flight); the pools' size comes from config.buffer."),
         ...placement,
+        backoffLimit: placement.backoffLimit.describe(
+          "Failed pods of one buffer shard before that shard gives up (each shard counts its own); a bad config (exit code 2) fails the Job at once.",
+        ),
       })
       .strict(),
     producer: z
@@ -85,7 +88,9 @@ export const ChartValues = z
       .strict(),
     trainer: z
       .object({
-        replicas: replicas.describe("Trainers, with ids trainer-<completion index>; all train config.trainer."),
+        replicas: replicas.describe(
+          "Trainers, with ids trainer-<completion index>; trainer i trains the hook points of config.trainer.hookPoints at positions p with p % replicas == i.",
+        ),
         port,
         gpu,
         resources,
@@ -168,13 +173,15 @@ export const ChartValues = z
   })
   .strict();
 
-type JsonObject = { properties: Record<string, JsonObject>; required?: string[] };
+type JsonObject = { properties: Record<string, JsonObject>; required?: string[]; items?: JsonObject; description?: string };
 
 /**
  * The chart sizes the buffer pod's memory from the pools (rows x widths x dtype bytes), so these keys,
  * optional for the CLI, must be written out in the values; helm cannot see the run config's defaults.
  */
 const SIZING_KEYS = ["dtype", "hookPoints", "capacityRows"];
+
+const SHARD_ADDRESS = "Set by the chart to this shard's Service, <release>-saeflow-buffer-<index>:<buffer.port>; leave it out.";
 
 /** The JSON schema helm applies to the chart's values (draft-07, the dialect helm 3 validates). */
 export function valuesSchema(): Record<string, unknown> {
@@ -183,6 +190,10 @@ export function valuesSchema(): Record<string, unknown> {
   config.required = [...(config.required ?? []), "buffer"];
   const buffer = config.properties.buffer!;
   buffer.required = [...(buffer.required ?? []), ...SIZING_KEYS];
+  // The chart gives each shard its Service's address; a shard in the values names its pools only.
+  const shard = buffer.properties.shards!.items!;
+  shard.required = (shard.required ?? []).filter((k) => k !== "address");
+  shard.properties.address!.description = SHARD_ADDRESS;
   return { ...schema, title: "saeflow chart values" };
 }
 

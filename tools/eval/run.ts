@@ -2,14 +2,15 @@ import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { RunConfig } from "../../services/common/config/index.js";
 import { writeAtomic } from "../../services/common/safetensors.js";
+import { saeFolder, saeFolders } from "../../services/common/sae-folders.js";
 import { CFG_FILE } from "../../services/trainer/export.js";
 import { corpusContexts } from "./contexts.js";
 import { evaluateSplice, type SpliceResult } from "./splice.js";
 
 export const EVAL_FILE = "eval.json";
 
-/** Where the trainer exports SAE `name` of a run (services/trainer/trainer.ts: <run dir>/<name>/sae_lens). */
-export const exportDir = (runDir: string, name: string): string => join(runDir, name, "sae_lens");
+/** Where the trainer exports an SAE: sae_lens in its folder (services/common/sae-folders.ts). */
+export const exportDir = (saeDir: string): string => join(saeDir, "sae_lens");
 
 export interface EvaluateRunOptions {
   /** Folder relative config paths (producer.model, dataset, tokenizer) resolve from; default the working folder. */
@@ -57,11 +58,17 @@ export async function evaluateRun(runDir: string, config: RunConfig, options: Ev
   const log = options.log ?? (() => undefined);
   const root = options.root ?? process.cwd();
   const p = config.producer;
-  const names = config.trainer.saes.map((s) => s.name).filter((name) => existsSync(join(exportDir(runDir, name), CFG_FILE)));
-  const missing = config.trainer.saes.filter((s) => !names.includes(s.name)).map((s) => s.name);
-  if (names.length === 0)
-    throw new Error(`no SAE of the run has an export in ${runDir} (expected ${exportDir(runDir, "<sae name>")}/${CFG_FILE})`);
+  // With several hook points, an SAE is named by its hook point too.
+  const label = (s: { hook: string; name: string }) => (config.trainer.hookPoints.length > 1 ? `${s.hook}/${s.name}` : s.name);
+  const all = saeFolders(runDir, config.trainer);
+  const found = all.filter((s) => existsSync(join(exportDir(s.dir), CFG_FILE)));
+  const missing = all.filter((s) => !found.includes(s)).map(label);
+  if (found.length === 0)
+    throw new Error(
+      `no SAE of the run has an export in ${runDir} (expected ${exportDir(saeFolder(runDir, config.trainer, "<hook point>", "<sae name>"))}/${CFG_FILE})`,
+    );
   if (missing.length) log(`eval: no export for ${missing.join(", ")}; evaluating the others`);
+  const names = found.map(label);
   const fromRoot = (path: string) => (path.startsWith("builtin:") ? path : resolve(root, path));
   const { contexts, bosId } = await corpusContexts(
     { ...p, dataset: p.dataset.map(fromRoot), tokenizer: fromRoot(p.tokenizer) },
@@ -71,7 +78,7 @@ export async function evaluateRun(runDir: string, config: RunConfig, options: Ev
   log(`eval: ${names.length} SAE(s) on ${contexts.length} contexts of ${p.contextLength} tokens`);
   const rows = await evaluateSplice({
     modelPath: fromRoot(p.model),
-    saeDirs: names.map((name) => exportDir(runDir, name)),
+    saeDirs: found.map((s) => exportDir(s.dir)),
     contexts,
     bosId: bosId ?? null,
     provider: p.executionProvider,

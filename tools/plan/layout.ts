@@ -1,26 +1,37 @@
-import type { RunConfig } from "../../services/common/config/index.js";
+import { ConfigError, type RunConfig } from "../../services/common/config/index.js";
+import { shardsOf, trainerHookPoints } from "../../services/common/shards.js";
 import { DTYPE_BYTES, dtypeFromName } from "../../services/common/tensor-codec.js";
 import type { Layout } from "./model.js";
 
+/** The block a hook point reads (blocks.<layer>.<kind>). */
+function layerOf(hookPoint: string): number {
+  const m = /^blocks\.(\d+)\./.exec(hookPoint);
+  if (!m) throw ConfigError.at("producer.hookPoints", `"${hookPoint}" is not blocks.<layer>.<kind>`);
+  return Number(m[1]);
+}
+
 /**
- * The run a config describes, as the plan counts it: every pool of the buffer, on the shard that owns
- * it (round-robin over `shards` when the config leaves it open), with the trainer's sweep on every
- * hook point the trainers train, one stream per hook point (a sweep packed into one trainer process).
+ * The run a config describes, as the plan counts it: the shard table (buffer.shards, or one shard
+ * holding every pool), producer.shardCount producers, trainer.shardCount trainer processes each
+ * with its share of trainer.hookPoints, the sweep trainer.saes on each.
  */
-export function layoutOf(config: RunConfig, shards: number): Layout {
-  const trained = new Set([config.trainer.hookPoint]);
-  const widths = config.trainer.saes.map((s) => s.width);
+export function layoutOf(config: RunConfig): Layout {
+  const shards = shardsOf(config.buffer);
+  const count = config.trainer.shardCount;
   return {
-    hooks: config.buffer.hookPoints.map((h, i) => ({
+    pools: config.buffer.hookPoints.map((h) => ({
       name: h.name,
       dModel: h.dModel,
-      shard: i % shards,
-      widths: trained.has(h.name) ? widths : [],
-      streams: trained.has(h.name) ? 1 : 0,
+      shards: shards.filter((s) => s.hookPoints.includes(h.name)).map((s) => s.index),
     })),
-    shards,
+    shards: shards.length,
+    producers: config.producer.shardCount,
+    trainers: Array.from({ length: count }, (_, index) => ({ index, hookPoints: trainerHookPoints(config.trainer, index, count) })),
+    share: config.trainer.share,
+    widths: config.trainer.saes.map((s) => s.width),
     poolRows: config.buffer.capacityRows,
     dtypeBytes: DTYPE_BYTES[dtypeFromName(config.buffer.dtype)],
     tokensPerSae: config.trainer.steps * config.trainer.batchSize,
+    producerLayers: 1 + Math.max(...config.producer.hookPoints.map(layerOf)),
   };
 }

@@ -1,44 +1,62 @@
 /**
  * The arithmetic of a cluster run, kept apart from how it is read and printed so each number can be
- * traced: a run is every hook point's pool (on some buffer shard), the SAEs trained on each hook
- * point, and the tokens each SAE sees; rates say how fast one GPU produces or trains and how fast a
- * buffer shard and a network link move bytes. One forward pass feeds every hook point, and a hook
- * point's rows go once to each trainer process that trains SAEs on it (a sweep packed in one process
- * shares one stream).
+ * traced. A run is its pools (each on one or more buffer shards), its producers (one forward pass
+ * feeds every pool; producer p pushes a pool's rows to the shard at p mod the number holding it),
+ * its trainer processes (each trains the sweep on its hook points, reading each from every shard
+ * holding it) and the tokens each SAE sees. Rates say how fast one GPU produces or trains, how fast
+ * a buffer shard and a network link move bytes. Pods are packed onto nodes in index order,
+ * producersPerNode, trainersPerNode and buffersPerNode to a node. A producer and trainers may share
+ * a machine: producers send and trainers receive, opposite directions of its (full-duplex) link.
  */
 
-export interface PlannedHook {
+export interface PlannedPool {
   name: string;
   dModel: number;
-  /** Index of the buffer shard that owns the pool. */
-  shard: number;
-  /** Latent counts of the SAEs trained on this hook point. */
-  widths: number[];
-  /** Trainer processes reading this hook point (each gets every row: a sweep split over processes). */
-  streams: number;
+  /** Shards holding the pool, in table order. */
+  shards: number[];
+}
+
+export interface PlannedTrainer {
+  index: number;
+  hookPoints: string[];
 }
 
 export interface Layout {
-  hooks: PlannedHook[];
+  pools: PlannedPool[];
   shards: number;
+  producers: number;
+  trainers: PlannedTrainer[];
+  /** fan_out: every trainer reading a pool gets every row; split: they share its rows. */
+  share: "fan_out" | "split";
+  /** Latent counts of the sweep trained on each hook point. */
+  widths: number[];
   /** Rows per pool. */
   poolRows: number;
   /** Bytes per activation element on the wire and in the pools. */
   dtypeBytes: number;
   /** Tokens every SAE trains on (steps x batch size). */
   tokensPerSae: number;
+  /** Layers the producer runs: up to its deepest hook point, where it cuts the model. */
+  producerLayers: number;
 }
 
 export interface Rates {
-  /** Tokens per second one producer GPU turns into activations at every hook point (the model cut after its deepest hook). */
+  /** Tokens per second one producer GPU runs the whole model at. */
   producerTokensPerSecond: number;
+  /** The model's layers: a producer cut after layer L runs (L + 1) / modelLayers of it. */
+  modelLayers: number;
   /** Tokens per second one trainer GPU trains one SAE of the given width on; widths between the given ones interpolate in 1/rate. */
   trainerTokensPerSecond: Record<number, number>;
-  /** Bytes per second one buffer shard takes in and serves out, together (push + serve). */
+  /** Row bytes per second one buffer shard passes through, each pushed once and served once (the buffer bench's rows/s x row bytes). */
   bufferBytesPerSecond: number;
   /** Bytes per second one node's network link carries each way. */
   linkBytesPerSecond: number;
-  gpusPerNode: number;
+  /** Producer pods (one GPU each) sharing one node's link. */
+  producersPerNode: number;
+  /** Trainer pods (one GPU each) sharing one node's link. */
+  trainersPerNode: number;
+  /** Buffer shards (processes) one buffer node runs. */
+  buffersPerNode: number;
   /** Memory one buffer node offers its pools, bytes. */
   bufferNodeBytes: number;
   /** Where each rate came from, printed beside it. */
@@ -47,28 +65,40 @@ export interface Rates {
 
 export interface ShardPlan {
   shard: number;
-  hooks: number;
+  pools: number;
   poolBytes: number;
-  inBytesPerSecond: number;
-  outBytesPerSecond: number;
+  /** Bytes over the whole run. */
+  inBytes: number;
+  outBytes: number;
+  seconds: number;
+  /** Pools this shard holds that no producer pushes to it (fewer producers than shards holding them). */
+  unfed: string[];
 }
 
+export interface NodeLink {
+  kind: "producer" | "trainer" | "buffer";
+  node: number;
+  inBytes: number;
+  outBytes: number;
+  seconds: number;
+}
+
+export type Stage = "producers" | "trainers" | "buffers" | "links";
+
 export interface Plan {
-  producerGpus: number;
-  trainerGpus: number;
-  nodes: number;
-  /** GPU-seconds each stage needs for the whole run. */
+  saes: number;
   producerGpuSeconds: number;
   trainerGpuSeconds: number;
+  /** GPU-seconds of each trainer process, in index order. */
+  trainerSeconds: number[];
+  shardPlans: ShardPlan[];
+  links: NodeLink[];
+  nodes: { producer: number; trainer: number; buffer: number };
   /** Seconds each stage alone would take with its GPUs, shards and links. */
-  seconds: { producers: number; trainers: number; buffers: number; links: number };
+  seconds: Record<Stage, number>;
   /** The run's time: the slowest stage. */
   runSeconds: number;
-  bottleneck: keyof Plan["seconds"];
-  shardPlans: ShardPlan[];
-  /** Busiest producer node's and trainer node's link, bytes per second at the run's pace. */
-  producerLinkBytesPerSecond: number;
-  trainerLinkBytesPerSecond: number;
+  bottleneck: Stage;
   /** Activation bytes the run moves into the buffers and out of them. */
   bytesIn: number;
   bytesOut: number;
@@ -89,66 +119,124 @@ export function trainerRate(rates: Rates, width: number): number {
   return 1 / (1 / below[1] + t * (1 / above[1] - 1 / below[1]));
 }
 
-/**
- * Lays `gpus` GPUs out between producers and trainers in proportion to their work, so neither waits
- * for the other, and times every stage. With fewer GPUs than needed for one of each, one of each.
- */
-export function plan(layout: Layout, rates: Rates, gpus: number): Plan {
+/** Tokens per second of one producer GPU running the model up to its deepest hook point. */
+export function producerRate(layout: Layout, rates: Rates): number {
+  return (rates.producerTokensPerSecond * rates.modelLayers) / Math.min(layout.producerLayers, rates.modelLayers);
+}
+
+/** Trainer processes reading each pool. */
+function readersOf(layout: Layout): Map<string, number> {
+  const readers = new Map<string, number>(layout.pools.map((p) => [p.name, 0]));
+  for (const t of layout.trainers) for (const h of t.hookPoints) readers.set(h, (readers.get(h) ?? 0) + 1);
+  return readers;
+}
+
+/** Share of the producers that push `pool`'s rows to the shard at position `slot` among those holding it. */
+function producerShare(layout: Layout, pool: PlannedPool, slot: number): number {
+  let n = 0;
+  for (let p = 0; p < layout.producers; p++) if (p % pool.shards.length === slot) n++;
+  return n / layout.producers;
+}
+
+/** What each shard holds and moves over the run. */
+export function shardTraffic(layout: Layout, rates: Rates): ShardPlan[] {
   const T = layout.tokensPerSae;
-  const producerGpuSeconds = T / rates.producerTokensPerSecond;
-  const trainerGpuSeconds = layout.hooks.reduce((sum, h) => sum + h.widths.reduce((s, w) => s + T / trainerRate(rates, w), 0), 0);
-  const share = producerGpuSeconds / (producerGpuSeconds + trainerGpuSeconds);
-  const producerGpus = Math.max(1, Math.min(gpus - 1, Math.round(gpus * share)));
-  const trainerGpus = Math.max(1, gpus - producerGpus);
-
-  const rowBytes = (h: PlannedHook) => h.dModel * layout.dtypeBytes;
-  const bytesIn = layout.hooks.reduce((s, h) => s + T * rowBytes(h), 0);
-  const bytesOut = layout.hooks.reduce((s, h) => s + T * rowBytes(h) * h.streams, 0);
-  const perShard = Array.from({ length: layout.shards }, (_, shard) => layout.hooks.filter((h) => h.shard === shard));
-  const shardBytes = perShard.map((hooks) => hooks.reduce((s, h) => s + T * rowBytes(h) * (1 + h.streams), 0));
-  const shardSeconds = Math.max(...shardBytes.map((b) => b / rates.bufferBytesPerSecond));
-
-  const producerNodes = Math.ceil(producerGpus / rates.gpusPerNode);
-  const trainerNodes = Math.ceil(trainerGpus / rates.gpusPerNode);
-  // Links: producer nodes send every hook point's rows, trainer nodes receive their streams, each
-  // buffer shard's node receives and sends its own; the busiest link bounds the run.
-  const linkSeconds = Math.max(
-    bytesIn / producerNodes / rates.linkBytesPerSecond,
-    bytesOut / trainerNodes / rates.linkBytesPerSecond,
-    ...perShard.map((hooks) => {
-      const inBytes = hooks.reduce((s, h) => s + T * rowBytes(h), 0);
-      const outBytes = hooks.reduce((s, h) => s + T * rowBytes(h) * h.streams, 0);
-      return Math.max(inBytes, outBytes) / rates.linkBytesPerSecond;
-    }),
-  );
-  const seconds = {
-    producers: producerGpuSeconds / producerGpus,
-    trainers: trainerGpuSeconds / trainerGpus,
-    buffers: shardSeconds,
-    links: linkSeconds,
-  };
-  const bottleneck = (Object.keys(seconds) as Array<keyof typeof seconds>).reduce((a, b) => (seconds[a] >= seconds[b] ? a : b));
-  const runSeconds = seconds[bottleneck];
-  const shardPlans = perShard.map((hooks, shard) => ({
+  const readers = readersOf(layout);
+  const plans: ShardPlan[] = Array.from({ length: layout.shards }, (_, shard) => ({
     shard,
-    hooks: hooks.length,
-    poolBytes: hooks.reduce((s, h) => s + layout.poolRows * rowBytes(h), 0),
-    inBytesPerSecond: hooks.reduce((s, h) => s + T * rowBytes(h), 0) / runSeconds,
-    outBytesPerSecond: hooks.reduce((s, h) => s + T * rowBytes(h) * h.streams, 0) / runSeconds,
+    pools: 0,
+    poolBytes: 0,
+    inBytes: 0,
+    outBytes: 0,
+    seconds: 0,
+    unfed: [],
   }));
+  for (const pool of layout.pools) {
+    const rowBytes = pool.dModel * layout.dtypeBytes;
+    const r = readers.get(pool.name) ?? 0;
+    pool.shards.forEach((shard, slot) => {
+      const s = plans[shard]!;
+      const inBytes = T * rowBytes * producerShare(layout, pool, slot);
+      s.pools++;
+      s.poolBytes += layout.poolRows * rowBytes;
+      s.inBytes += inBytes;
+      // Every reader takes every row under fan_out; under split the readers share each row once.
+      s.outBytes += inBytes * (layout.share === "fan_out" ? r : Math.min(r, 1));
+      if (inBytes === 0) s.unfed.push(pool.name);
+    });
+  }
+  // The bench's rate counts each row in once and out once: a shard's work is half its in + out bytes at that rate.
+  for (const s of plans) s.seconds = (s.inBytes + s.outBytes) / (2 * rates.bufferBytesPerSecond);
+  return plans;
+}
+
+/** GPU-seconds of each trainer process: its sweep on each of its hook points, over the rows it gets. */
+export function trainerWork(layout: Layout, rates: Rates): number[] {
+  const readers = readersOf(layout);
+  const sweep = layout.widths.reduce((s, w) => s + 1 / trainerRate(rates, w), 0);
+  return layout.trainers.map((t) =>
+    t.hookPoints.reduce((sum, h) => {
+      const tokens = layout.share === "fan_out" ? layout.tokensPerSae : layout.tokensPerSae / (readers.get(h) ?? 1);
+      return sum + tokens * sweep;
+    }, 0),
+  );
+}
+
+/** Each node's link: producers' out, trainers' in, buffer nodes' in and out, all over the run. */
+export function nodeLinks(layout: Layout, rates: Rates, shards: ShardPlan[]): NodeLink[] {
+  const T = layout.tokensPerSae;
+  const readers = readersOf(layout);
+  const width = new Map(layout.pools.map((p) => [p.name, p.dModel * layout.dtypeBytes]));
+  const perProducer = layout.pools.reduce((s, p) => s + T * p.dModel * layout.dtypeBytes, 0) / layout.producers;
+  const links: NodeLink[] = [];
+  const add = (kind: NodeLink["kind"], node: number, inBytes: number, outBytes: number) => {
+    const last = links.find((l) => l.kind === kind && l.node === node);
+    if (last) {
+      last.inBytes += inBytes;
+      last.outBytes += outBytes;
+    } else links.push({ kind, node, inBytes, outBytes, seconds: 0 });
+  };
+  for (let p = 0; p < layout.producers; p++) add("producer", Math.floor(p / rates.producersPerNode), 0, perProducer);
+  for (const t of layout.trainers) {
+    const bytes = t.hookPoints.reduce(
+      (s, h) => s + (T * (width.get(h) ?? 0)) / (layout.share === "fan_out" ? 1 : (readers.get(h) ?? 1)),
+      0,
+    );
+    add("trainer", Math.floor(t.index / rates.trainersPerNode), bytes, 0);
+  }
+  for (const s of shards) add("buffer", Math.floor(s.shard / rates.buffersPerNode), s.inBytes, s.outBytes);
+  // Links are full duplex: a node's busier direction bounds it.
+  for (const l of links) l.seconds = Math.max(l.inBytes, l.outBytes) / rates.linkBytesPerSecond;
+  return links;
+}
+
+/** Times every stage of the run the layout describes and names the slowest. */
+export function plan(layout: Layout, rates: Rates): Plan {
+  const T = layout.tokensPerSae;
+  const producerGpuSeconds = T / producerRate(layout, rates);
+  const trainerSeconds = trainerWork(layout, rates);
+  const shardPlans = shardTraffic(layout, rates);
+  const links = nodeLinks(layout, rates, shardPlans);
+  const seconds: Record<Stage, number> = {
+    producers: producerGpuSeconds / layout.producers,
+    trainers: Math.max(...trainerSeconds),
+    buffers: Math.max(...shardPlans.map((s) => s.seconds)),
+    links: Math.max(...links.map((l) => l.seconds)),
+  };
+  const bottleneck = (Object.keys(seconds) as Stage[]).reduce((a, b) => (seconds[a] >= seconds[b] ? a : b));
+  const nodes = (kind: NodeLink["kind"]) => new Set(links.filter((l) => l.kind === kind).map((l) => l.node)).size;
   return {
-    producerGpus,
-    trainerGpus,
-    nodes: producerNodes + trainerNodes,
+    saes: layout.trainers.reduce((n, t) => n + t.hookPoints.length * layout.widths.length, 0),
     producerGpuSeconds,
-    trainerGpuSeconds,
-    seconds,
-    runSeconds,
-    bottleneck,
+    trainerGpuSeconds: trainerSeconds.reduce((a, b) => a + b, 0),
+    trainerSeconds,
     shardPlans,
-    producerLinkBytesPerSecond: bytesIn / producerNodes / runSeconds,
-    trainerLinkBytesPerSecond: bytesOut / trainerNodes / runSeconds,
-    bytesIn,
-    bytesOut,
+    links,
+    nodes: { producer: nodes("producer"), trainer: nodes("trainer"), buffer: nodes("buffer") },
+    seconds,
+    runSeconds: seconds[bottleneck],
+    bottleneck,
+    bytesIn: shardPlans.reduce((s, p) => s + p.inBytes, 0),
+    bytesOut: shardPlans.reduce((s, p) => s + p.outBytes, 0),
   };
 }

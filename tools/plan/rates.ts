@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { ConfigError } from "../../services/common/config/index.js";
 import type { Rates } from "./model.js";
 
 /**
@@ -11,18 +12,27 @@ import type { Rates } from "./model.js";
  */
 export const DEFAULT_RATES: Rates = {
   producerTokensPerSecond: 39_000,
+  modelLayers: 32,
   trainerTokensPerSecond: { 32768: 182_000, 131072: 56_600 },
-  bufferBytesPerSecond: 0.35e9,
+  bufferBytesPerSecond: 40_000 * 8192,
   linkBytesPerSecond: 12.5e9,
-  gpusPerNode: 8,
+  producersPerNode: 8,
+  trainersPerNode: 8,
+  buffersPerNode: 8,
   bufferNodeBytes: 1.5 * 2 ** 40,
   sources: {
-    producerTokensPerSecond: "H200, PyTorch bf16: Llama-3.1-8B cut after block 15 ran 78k tok/s; the whole 32-block model at half that",
-    trainerTokensPerSecond: "H200, PyTorch TopK step at B=4096: 22.5 ms at 32768 latents, 72.4 ms at 131072 (d=4096)",
-    bufferBytesPerSecond: "buffer bench, push+serve of 8 KiB rows over gRPC on loopback, 2 cores: ~40k rows/s in and out",
-    linkBytesPerSecond: "assumed: a 100 Gb/s pod network link per node",
-    gpusPerNode: "assumed: 8-GPU nodes",
-    bufferNodeBytes: "assumed: 1.5 TiB of memory on a buffer node",
+    producerTokensPerSecond:
+      "given (docs/deploy.md): H200, PyTorch bf16, Llama-3.1-8B cut after block 15 ran 78k tok/s: the whole 32-block model at half that",
+    modelLayers: "given: Llama-3.1-8B's 32 blocks",
+    trainerTokensPerSecond:
+      "given (docs/deploy.md): H200, PyTorch TopK step at B=4096, d=4096: 22.5 ms at 32768 latents, 72.4 ms at 131072",
+    bufferBytesPerSecond:
+      "bench key buffer.e2e_8192b_rows_per_s: ~40k rows/s x 8192 B, one buffer process on 2 cores (npm run bench -- buffer)",
+    linkBytesPerSecond: "given: a 100 Gb/s pod network link per node",
+    producersPerNode: "given: 8-GPU nodes, one producer per GPU",
+    trainersPerNode: "given: 8-GPU nodes, one trainer per GPU",
+    buffersPerNode: "given: 8 buffer shards per memory node (2 cores each, as the buffer bench ran one)",
+    bufferNodeBytes: "given: 1.5 TiB of memory on a buffer node",
   },
 };
 
@@ -30,19 +40,34 @@ export const DEFAULT_RATES: Rates = {
 const RatesFile = z
   .object({
     producerTokensPerSecond: z.number().positive(),
+    modelLayers: z.number().int().positive(),
     trainerTokensPerSecond: z.record(z.string().regex(/^\d+$/), z.number().positive()),
     bufferBytesPerSecond: z.number().positive(),
     linkBytesPerSecond: z.number().positive(),
-    gpusPerNode: z.number().int().positive(),
+    producersPerNode: z.number().int().positive(),
+    trainersPerNode: z.number().int().positive(),
+    buffersPerNode: z.number().int().positive(),
     bufferNodeBytes: z.number().positive(),
   })
   .partial()
   .strict();
 
+/** A file a flag names, or a ConfigError naming the flag. */
+function readFlagFile(flag: string, path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch (err) {
+    throw ConfigError.at(flag, `cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+}
+
 export function ratesFromFile(path: string, base: Rates = DEFAULT_RATES): Rates {
-  const parsed = RatesFile.safeParse(parseYaml(readFileSync(path, "utf8")));
+  const parsed = RatesFile.safeParse(parseYaml(readFlagFile("--rates", path)));
   if (!parsed.success) {
-    throw new Error(`${path}: ${parsed.error.issues.map((i) => `${i.path.join(".") || "(root)"}: ${i.message}`).join("; ")}`);
+    throw ConfigError.at(
+      "--rates",
+      `${path}: ${parsed.error.issues.map((i) => `${i.path.join(".") || "(root)"}: ${i.message}`).join("; ")}`,
+    );
   }
   const out: Rates = { ...base, sources: { ...base.sources } };
   for (const [key, value] of Object.entries(parsed.data)) {
@@ -59,14 +84,19 @@ export function ratesFromFile(path: string, base: Rates = DEFAULT_RATES): Rates 
  * rate of 8 KiB rows, and the trainer's and producer's GPU rates where that run had a GPU.
  */
 export function ratesFromBench(path: string, base: Rates = DEFAULT_RATES): Rates {
-  const lines = readFileSync(path, "utf8").trim().split("\n");
-  const figures = JSON.parse(lines[lines.length - 1]!) as Record<string, number | string>;
+  const lines = readFlagFile("--bench", path).trim().split("\n");
+  let figures: Record<string, number | string>;
+  try {
+    figures = JSON.parse(lines[lines.length - 1]!) as Record<string, number | string>;
+  } catch {
+    throw ConfigError.at("--bench", `${path}: its last line is not the JSON line \`npm run bench\` ends with`);
+  }
   const out: Rates = { ...base, sources: { ...base.sources }, trainerTokensPerSecond: { ...base.trainerTokensPerSecond } };
   const num = (key: string) => (typeof figures[key] === "number" ? (figures[key] as number) : undefined);
   const rows = num("buffer.e2e_8192b_rows_per_s");
   if (rows) {
     out.bufferBytesPerSecond = rows * 8192;
-    out.sources.bufferBytesPerSecond = `${path}: buffer.e2e_8192b_rows_per_s on ${figures.cores} cores`;
+    out.sources.bufferBytesPerSecond = `bench key buffer.e2e_8192b_rows_per_s in ${path}: ${rows} rows/s x 8192 B on ${figures.cores} cores`;
   }
   // The trainer's GPU step with bf16 batches, as a Llama Scope run feeds it; only from a run on a GPU.
   if (figures["trainer-gpu.gpu"] === 1) {
@@ -74,7 +104,7 @@ export function ratesFromBench(path: string, base: Rates = DEFAULT_RATES): Rates
       const m = /^trainer-gpu\.d\d+_n(\d+)_k\d+_b\d+_bf16_step_tok_s$/.exec(key);
       if (!m || typeof value !== "number") continue;
       out.trainerTokensPerSecond[Number(m[1])] = value;
-      out.sources.trainerTokensPerSecond = `${path}: trainer-gpu on ${figures["trainer-gpu.device"]}`;
+      out.sources.trainerTokensPerSecond = `bench keys trainer-gpu.*_bf16_step_tok_s in ${path}, on ${figures["trainer-gpu.device"]}`;
     }
   }
   return out;

@@ -25,20 +25,14 @@ export const RunConfigSchema = z
     // Roles run in separate processes from one file; catch a file whose roles disagree at load time.
     const pools = new Map(c.buffer.hookPoints.map((h) => [h.name, h.dModel]));
     const known = [...pools.keys()].join(", ");
-    const pool = pools.get(c.trainer.hookPoint);
-    if (pool === undefined) {
-      ctx.addIssue({
-        code: "custom",
-        path: ["trainer", "hookPoint"],
-        message: `"${c.trainer.hookPoint}" has no pool in buffer.hookPoints (${known})`,
-      });
-    } else if (pool !== c.trainer.dModel) {
-      ctx.addIssue({
-        code: "custom",
-        path: ["trainer", "dModel"],
-        message: `${c.trainer.dModel} differs from the buffer pool's dModel ${pool} for ${c.trainer.hookPoint}`,
-      });
-    }
+    c.trainer.hookPoints.forEach((h, i) => {
+      if (!pools.has(h))
+        ctx.addIssue({
+          code: "custom",
+          path: ["trainer", "hookPoints", i],
+          message: `"${h}" has no pool in buffer.hookPoints (${known})`,
+        });
+    });
     c.producer.hookPoints.forEach((h, i) => {
       if (!pools.has(h))
         ctx.addIssue({

@@ -31,7 +31,18 @@ export const Position = z.object({
    */
   lineage: z.string().default(""),
   /** Rows per hook point and tokens of every pass delivered so far, across restarts: the run's ledger starts here. */
-  produced: z.object({ rows: z.number().int().min(0), tokens: z.number().int().min(0) }).default({ rows: 0, tokens: 0 }),
+  produced: z
+    .object({
+      rows: z.number().int().min(0),
+      tokens: z.number().int().min(0),
+      /**
+       * Per hook point, rows of the delivered passes whose chunk of it was sent: fewer than `rows` once
+       * its buffer shard ended while others went on. Absent in files saved before shards, whose every
+       * pass was sent whole.
+       */
+      hooks: z.record(z.string(), z.number().int().min(0)).optional(),
+    })
+    .default({ rows: 0, tokens: 0 }),
 });
 export type Position = z.infer<typeof Position>;
 

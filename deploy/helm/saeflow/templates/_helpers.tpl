@@ -52,19 +52,70 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- printf "nats://%s:4222" ($host | trunc 63 | trimSuffix "-") -}}
 {{- end -}}
 
-{{/* Bytes of the buffer's pools: capacityRows x sum of hook point widths x dtype bytes. */}}
-{{- define "saeflow.poolBytes" -}}
+{{/*
+The run's buffer shards as a JSON list of {index, service, address, hookPoints}: config.buffer.shards
+with each shard's address set to its Service, or one shard holding every pool when that list is empty.
+*/}}
+{{- define "saeflow.shards" -}}
 {{- $b := .Values.config.buffer -}}
+{{- $given := default (list) $b.shards -}}
+{{- if not $given -}}
+{{- $names := list -}}
+{{- range $b.hookPoints }}{{ $names = append $names .name }}{{ end -}}
+{{- $given = list (dict "hookPoints" $names) -}}
+{{- end -}}
+{{- $out := list -}}
+{{- range $i, $s := $given -}}
+{{- $svc := printf "%s-%d" (include "saeflow.roleName" (dict "root" $ "role" "buffer")) $i -}}
+{{- $out = append $out (dict "index" $i "service" $svc "address" (printf "%s:%d" $svc (int $.Values.buffer.port)) "hookPoints" $s.hookPoints) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* Bytes of one shard's pools: capacityRows x sum of its hook points' widths x dtype bytes. Args: root, hookPoints. */}}
+{{- define "saeflow.poolBytes" -}}
+{{- $b := .root.Values.config.buffer -}}
 {{- $width := 0 -}}
 {{- range $b.hookPoints -}}
-{{- $width = add $width .dModel -}}
+{{- if has .name $.hookPoints }}{{ $width = add $width .dModel }}{{ end -}}
 {{- end -}}
 {{- mul $b.capacityRows $width (get (dict "fp32" 4 "fp16" 2 "bf16" 2) $b.dtype) -}}
 {{- end -}}
 
+{{/*
+Memory of a buffer pod: its shard's pools plus buffer.memoryOverheadMiB. The shards are one Indexed
+Job, whose pods share one template, so every pod gets the largest shard's figure: a shard table
+whose shards hold equal widths wastes nothing.
+*/}}
 {{- define "saeflow.bufferMemory" -}}
-{{- $mib := div (add (include "saeflow.poolBytes" . | int64) 1048575) 1048576 -}}
+{{- $bytes := 0 -}}
+{{- range include "saeflow.shards" . | fromJsonArray -}}
+{{- $bytes = max $bytes (include "saeflow.poolBytes" (dict "root" $ "hookPoints" .hookPoints) | int64) -}}
+{{- end -}}
+{{- $mib := div (add $bytes 1048575) 1048576 -}}
 {{- printf "%dMi" (add $mib .Values.buffer.memoryOverheadMiB | int64) -}}
+{{- end -}}
+
+{{/*
+The run config every pod reads: config, with the facts of the whole release the chart owns written
+in: the shard table with the Services' addresses, and how many producers and trainers there are.
+*/}}
+{{- define "saeflow.runConfig" -}}
+{{- $c := deepCopy .Values.config -}}
+{{- $shards := list -}}
+{{- range include "saeflow.shards" . | fromJsonArray -}}
+{{- $shards = append $shards (dict "address" .address "hookPoints" .hookPoints) -}}
+{{- end -}}
+{{- $_ := set $c.buffer "shards" $shards -}}
+{{- /* The buffer shards end the run once every trainer process reading from them announced done. */ -}}
+{{- $_ = set $c.buffer "trainers" (int .Values.trainer.replicas) -}}
+{{- $producer := default (dict) $c.producer -}}
+{{- $_ = set $producer "shardCount" (int .Values.producer.replicas) -}}
+{{- $_ = set $c "producer" $producer -}}
+{{- $trainer := default (dict) $c.trainer -}}
+{{- $_ = set $trainer "shardCount" (int .Values.trainer.replicas) -}}
+{{- $_ = set $c "trainer" $trainer -}}
+{{- toYaml $c -}}
 {{- end -}}
 
 {{/* Refusals the schema cannot express: they span several keys. */}}
@@ -74,6 +125,27 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- $url := dig "nats" "url" "" $c -}}
 {{- if or (not $url) (contains "127.0.0.1" $url) (contains "localhost" $url) -}}
 {{- fail (printf "config.nats.url: %q cannot be reached from the pods; set it to your NATS server or set nats.deploy=true" $url) -}}
+{{- end -}}
+{{- end -}}
+{{- $pools := list -}}
+{{- range $c.buffer.hookPoints }}{{ $pools = append $pools .name }}{{ end -}}
+{{- $placed := list -}}
+{{- range $i, $s := default (list) $c.buffer.shards -}}
+{{- if hasKey $s "address" -}}
+{{- fail (printf "config.buffer.shards.%d.address: the chart sets each shard's address to its Service (<release>-saeflow-buffer-%d); leave it out" $i $i) -}}
+{{- end -}}
+{{- range $j, $h := $s.hookPoints -}}
+{{- if not (has $h $pools) -}}
+{{- fail (printf "config.buffer.shards.%d.hookPoints.%d: %q has no pool in config.buffer.hookPoints" $i $j $h) -}}
+{{- end -}}
+{{- $placed = append $placed $h -}}
+{{- end -}}
+{{- end -}}
+{{- if $c.buffer.shards -}}
+{{- range $pools -}}
+{{- if not (has . $placed) -}}
+{{- fail (printf "config.buffer.shards: no shard holds the pool %s" .) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- $model := dig "producer" "model" "" $c -}}
@@ -378,7 +450,9 @@ spec:
 
 {{/*
 A role's Job: a release is one run, and each role completes when the run stops. Args: root, role,
-replicas, indexed (each pod gets a completion index: the producer's shard, the trainer's id).
+replicas, indexed (each pod gets a completion index: the producer's dataset shard, the trainer's id
+and share of the hook points, the buffer's shard), perIndex (backoffLimit counts each index's
+failures apart, so one buffer shard's failures do not end the others).
 */}}
 {{- define "saeflow.job" -}}
 {{- $v := index .root.Values .role -}}
@@ -394,7 +468,11 @@ spec:
   {{- end }}
   completions: {{ .replicas }}
   parallelism: {{ .replicas }}
+  {{- if .perIndex }}
+  backoffLimitPerIndex: {{ int $v.backoffLimit }}
+  {{- else }}
   backoffLimit: {{ int $v.backoffLimit }}
+  {{- end }}
   # A replacement starts only once the failed pod is gone, so no two pods hold one GPU or two pools.
   podReplacementPolicy: Failed
   podFailurePolicy:
@@ -414,13 +492,16 @@ spec:
     {{- include "saeflow.podTemplate" . | nindent 4 }}
 {{- end -}}
 
-{{/* A role's Service on its gRPC port; headless for indexed roles so each pod has a DNS name. */}}
+{{/*
+A role's Service on its gRPC port; headless for indexed roles so each pod has a DNS name. With index,
+the Service of one pod of the role's Indexed Job, <role name>-<index> (a buffer shard's).
+*/}}
 {{- define "saeflow.service" -}}
 {{- $v := index .root.Values .role -}}
 apiVersion: v1
 kind: Service
 metadata:
-  name: {{ include "saeflow.roleName" . }}
+  name: {{ include "saeflow.roleName" . }}{{ if hasKey . "index" }}-{{ .index }}{{ end }}
   labels:
     {{- include "saeflow.labels" . | nindent 4 }}
 spec:
@@ -430,6 +511,9 @@ spec:
   {{- end }}
   selector:
     {{- include "saeflow.selectorLabels" . | nindent 4 }}
+    {{- if hasKey . "index" }}
+    batch.kubernetes.io/job-completion-index: {{ .index | quote }}
+    {{- end }}
   ports:
     - name: grpc
       port: {{ int $v.port }}

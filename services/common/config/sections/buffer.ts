@@ -8,10 +8,30 @@ export const HookPointPool = z
   })
   .strict();
 
-/** The activation buffer: one fixed pool per hook point. */
+/** One buffer process of a sharded run: where producers and trainers reach it, and the pools it holds. */
+export const BufferShard = z
+  .object({
+    address: Address.describe("Where producers and trainers reach this shard (its Service in a cluster)."),
+    hookPoints: z
+      .array(z.string().min(1))
+      .min(1)
+      .describe("Pools this shard holds (names from buffer.hookPoints); a pool on several shards is spread over them."),
+  })
+  .strict();
+
+/** The activation buffer: one fixed pool per hook point, optionally spread over several processes (shards). */
 export const BufferSection = z
   .object({
-    address: Address.default("127.0.0.1:50051").describe("Where the buffer serves gRPC."),
+    address: Address.default("127.0.0.1:50051").describe(
+      "Where this buffer process serves gRPC (its bind address); with no buffer.shards, also where producers and trainers reach it.",
+    ),
+    shards: z
+      .array(BufferShard)
+      .default([])
+      .describe(
+        "Buffer processes of the run and the pools each holds; empty means one buffer at buffer.address holding every pool. A producer pushes a hook point's rows to one of the shards holding it (its shardIndex modulo their number); a trainer reads its hook points from every shard holding them.",
+      ),
+    shard: z.number().int().min(0).default(0).describe("Which entry of buffer.shards this buffer process is."),
     dtype: DTypeName.default("fp32").describe("Wire and pool dtype; producers convert once to it."),
     hookPoints: z
       .array(HookPointPool)
@@ -68,11 +88,34 @@ export const BufferSection = z
       .min(0)
       .default(0)
       .describe(
-        "Trainers in the run: once this many have announced over NATS that they are done, the buffer stops producers and ends, so the run ends by itself (saeflow up sets it; in a cluster set it to trainer.replicas). 0 leaves the end to a Drain.",
+        "Trainer processes in the run (trainer.shardCount): each buffer shard waits for those that train one of its hook points, and once they have all announced over NATS that they are done, it stops its producers and ends, so the run ends by itself (saeflow up sets it; in a cluster the chart sets it to the trainers' replicas). 0 leaves the end to a Drain.",
       ),
   })
   .strict()
   .refine((b) => b.mixFloor < b.lowWatermark, {
     path: ["mixFloor"],
     message: "must be below lowWatermark, or trainers would wait before a refill is asked",
+  })
+  .superRefine((b, ctx) => {
+    const pools = new Set(b.hookPoints.map((h) => h.name));
+    const placed = new Set<string>();
+    const addresses = new Set<string>();
+    b.shards.forEach((shard, i) => {
+      if (addresses.has(shard.address))
+        ctx.addIssue({ code: "custom", path: ["shards", i, "address"], message: `${shard.address} is another shard's address` });
+      addresses.add(shard.address);
+      shard.hookPoints.forEach((h, j) => {
+        placed.add(h);
+        if (!pools.has(h))
+          ctx.addIssue({ code: "custom", path: ["shards", i, "hookPoints", j], message: `"${h}" has no pool in buffer.hookPoints` });
+        else if (shard.hookPoints.indexOf(h) !== j)
+          ctx.addIssue({ code: "custom", path: ["shards", i, "hookPoints", j], message: `${h} is listed twice` });
+      });
+    });
+    if (b.shards.length) {
+      for (const h of pools)
+        if (!placed.has(h)) ctx.addIssue({ code: "custom", path: ["shards"], message: `no shard holds the pool ${h}` });
+    }
+    const count = Math.max(1, b.shards.length);
+    if (b.shard >= count) ctx.addIssue({ code: "custom", path: ["shard"], message: `must be below the number of shards (${count})` });
   });

@@ -10,7 +10,6 @@ export const ProducerSection = z
       .default("")
       .describe("Producer id (NATS member name, chunk producer_id); empty means producer-<shardIndex>."),
     address: Address.default("127.0.0.1:50061").describe("Where the producer serves its control RPCs."),
-    bufferAddress: Address.default("127.0.0.1:50051").describe("The buffer to push to."),
     model: z.string().min(1).default(".cache/tiny-llama/model.onnx").describe("ONNX causal LM (optimum export layout)."),
     tokenizer: z
       .string()

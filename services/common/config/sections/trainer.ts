@@ -109,16 +109,23 @@ export const JumpReluSection = z
   })
   .strict();
 
-/** The SAE trainer: one hook point, one or several SAEs on the same batches. */
+/** The SAE trainer: one or several hook points, the same sweep of SAEs on each. */
 export const TrainerSection = z
   .object({
     address: Address.default("127.0.0.1:50071").describe("Where the trainer serves its control RPCs."),
-    bufferAddress: Address.default("127.0.0.1:50051").describe("The buffer to pull batches from."),
     id: z.string().min(1).default("trainer-0").describe("Trainer id reported to the buffer."),
     group: z.string().min(1).default("default").describe("Trainers of a group share rows per `share`."),
     share: z.enum(["fan_out", "split"]).default("fan_out").describe("Receive every row (fan_out) or a disjoint share (split)."),
-    hookPoint: z.string().min(1).default("blocks.1.hook_resid_post").describe("Hook point to train on."),
-    dModel: z.number().int().positive().default(64).describe("Activation width; must match the buffer's pool."),
+    hookPoints: z
+      .array(z.string().min(1))
+      .min(1)
+      .default(["blocks.1.hook_resid_post"])
+      .refine((h) => new Set(h).size === h.length, "hook points must be unique")
+      .describe(
+        "Hook points of the run's trainers; the sweep `saes` is trained on each. Trainer process shardIndex of shardCount takes the ones at positions p with p % shardCount == shardIndex (with more trainers than hook points, hook point shardIndex % count). A hook point's width is its pool's dModel.",
+      ),
+    shardIndex: z.number().int().min(0).default(0).describe("This trainer process's place among the run's trainers."),
+    shardCount: z.number().int().positive().default(1).describe("Trainer processes sharing trainer.hookPoints."),
     batchSize: z.number().int().positive().default(1024).describe("Rows per step."),
     steps: z.number().int().positive().default(1000).describe("Optimiser steps."),
     saes: z
@@ -208,6 +215,8 @@ export const TrainerSection = z
   })
   .strict()
   .superRefine((t, ctx) => {
+    if (t.shardIndex >= t.shardCount)
+      ctx.addIssue({ code: "custom", path: ["shardIndex"], message: `must be below shardCount (${t.shardCount})` });
     const names = new Set<string>();
     t.saes.forEach((sae, i) => {
       if (names.has(sae.name)) ctx.addIssue({ code: "custom", path: ["saes", i, "name"], message: `duplicate SAE name "${sae.name}"` });

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file saeflow/producer/v1/producer.proto.
  */
 export const file_saeflow_producer_v1_producer: GenFile = /*@__PURE__*/
-  fileDesc("CiJzYWVmbG93L3Byb2R1Y2VyL3YxL3Byb2R1Y2VyLnByb3RvEhNzYWVmbG93LnByb2R1Y2VyLnYxInAKD0RhdGFzZXRQb3NpdGlvbhISCgpmaWxlX2luZGV4GAEgASgNEgwKBGZpbGUYAiABKAkSFgoOZG9jdW1lbnRzX2RvbmUYAyABKAQSEAoIY29udGV4dHMYBCABKAQSEQoJZXhoYXVzdGVkGAUgASgIIg8KDVN0YXR1c1JlcXVlc3QiowIKDlN0YXR1c1Jlc3BvbnNlEicKBXN0YXRlGAEgASgOMhguc2FlZmxvdy52MS5TZXJ2aWNlU3RhdGUSEwoLcHJvZHVjZXJfaWQYAiABKAkSEwoLaG9va19wb2ludHMYAyADKAkSDgoGdG9rZW5zGAQgASgEEhEKCXJvd3Nfc2VudBgFIAEoBBISCgpieXRlc19zZW50GAYgASgEEhkKEXRva2Vuc19wZXJfc2Vjb25kGAcgASgBEjYKCHBvc2l0aW9uGAggASgLMiQuc2FlZmxvdy5wcm9kdWNlci52MS5EYXRhc2V0UG9zaXRpb24SGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAkgASgJEhgKEHBhdXNlZF9ieV9idWZmZXIYCiABKAgiDgoMUGF1c2VSZXF1ZXN0IjgKDVBhdXNlUmVzcG9uc2USJwoFc3RhdGUYASABKA4yGC5zYWVmbG93LnYxLlNlcnZpY2VTdGF0ZSIPCg1SZXN1bWVSZXF1ZXN0IjkKDlJlc3VtZVJlc3BvbnNlEicKBXN0YXRlGAEgASgOMhguc2FlZmxvdy52MS5TZXJ2aWNlU3RhdGUyhwIKD1Byb2R1Y2VyU2VydmljZRJRCgZTdGF0dXMSIi5zYWVmbG93LnByb2R1Y2VyLnYxLlN0YXR1c1JlcXVlc3QaIy5zYWVmbG93LnByb2R1Y2VyLnYxLlN0YXR1c1Jlc3BvbnNlEk4KBVBhdXNlEiEuc2FlZmxvdy5wcm9kdWNlci52MS5QYXVzZVJlcXVlc3QaIi5zYWVmbG93LnByb2R1Y2VyLnYxLlBhdXNlUmVzcG9uc2USUQoGUmVzdW1lEiIuc2FlZmxvdy5wcm9kdWNlci52MS5SZXN1bWVSZXF1ZXN0GiMuc2FlZmxvdy5wcm9kdWNlci52MS5SZXN1bWVSZXNwb25zZWIGcHJvdG8z", [file_saeflow_v1_control]);
+  fileDesc("CiJzYWVmbG93L3Byb2R1Y2VyL3YxL3Byb2R1Y2VyLnByb3RvEhNzYWVmbG93LnByb2R1Y2VyLnYxInAKD0RhdGFzZXRQb3NpdGlvbhISCgpmaWxlX2luZGV4GAEgASgNEgwKBGZpbGUYAiABKAkSFgoOZG9jdW1lbnRzX2RvbmUYAyABKAQSEAoIY29udGV4dHMYBCABKAQSEQoJZXhoYXVzdGVkGAUgASgIIg8KDVN0YXR1c1JlcXVlc3Qi0gIKDlN0YXR1c1Jlc3BvbnNlEicKBXN0YXRlGAEgASgOMhguc2FlZmxvdy52MS5TZXJ2aWNlU3RhdGUSEwoLcHJvZHVjZXJfaWQYAiABKAkSEwoLaG9va19wb2ludHMYAyADKAkSDgoGdG9rZW5zGAQgASgEEhEKCXJvd3Nfc2VudBgFIAEoBBISCgpieXRlc19zZW50GAYgASgEEhkKEXRva2Vuc19wZXJfc2Vjb25kGAcgASgBEjYKCHBvc2l0aW9uGAggASgLMiQuc2FlZmxvdy5wcm9kdWNlci52MS5EYXRhc2V0UG9zaXRpb24SGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAkgASgJEhgKEHBhdXNlZF9ieV9idWZmZXIYCiABKAgSLQoFZmVlZHMYCyADKAsyHi5zYWVmbG93LnByb2R1Y2VyLnYxLlNoYXJkRmVlZCKwAQoJU2hhcmRGZWVkEg0KBXNoYXJkGAEgASgNEg8KB2FkZHJlc3MYAiABKAkSEwoLaG9va19wb2ludHMYAyADKAkSGAoQY2h1bmtzX2luX2ZsaWdodBgEIAEoDRIYChBwYXVzZWRfYnlfYnVmZmVyGAUgASgIEg0KBWVuZGVkGAYgASgIEhgKEGNvbnRleHRzX2FsbG93ZWQYByABKAQSEQoJcm93c19zZW50GAggASgEIg4KDFBhdXNlUmVxdWVzdCI4Cg1QYXVzZVJlc3BvbnNlEicKBXN0YXRlGAEgASgOMhguc2FlZmxvdy52MS5TZXJ2aWNlU3RhdGUiDwoNUmVzdW1lUmVxdWVzdCI5Cg5SZXN1bWVSZXNwb25zZRInCgVzdGF0ZRgBIAEoDjIYLnNhZWZsb3cudjEuU2VydmljZVN0YXRlMocCCg9Qcm9kdWNlclNlcnZpY2USUQoGU3RhdHVzEiIuc2FlZmxvdy5wcm9kdWNlci52MS5TdGF0dXNSZXF1ZXN0GiMuc2FlZmxvdy5wcm9kdWNlci52MS5TdGF0dXNSZXNwb25zZRJOCgVQYXVzZRIhLnNhZWZsb3cucHJvZHVjZXIudjEuUGF1c2VSZXF1ZXN0GiIuc2FlZmxvdy5wcm9kdWNlci52MS5QYXVzZVJlc3BvbnNlElEKBlJlc3VtZRIiLnNhZWZsb3cucHJvZHVjZXIudjEuUmVzdW1lUmVxdWVzdBojLnNhZWZsb3cucHJvZHVjZXIudjEuUmVzdW1lUmVzcG9uc2ViBnByb3RvMw", [file_saeflow_v1_control]);
 
 /**
  * Where the producer is in its dataset shard.
@@ -148,11 +148,18 @@ export type StatusResponse = Message<"saeflow.producer.v1.StatusResponse"> & {
   executionProvider: string;
 
   /**
-   * True while the buffer's last NATS message said pause.
+   * True while the last NATS message of any buffer shard it still feeds said pause.
    *
    * @generated from field: bool paused_by_buffer = 10;
    */
   pausedByBuffer: boolean;
+
+  /**
+   * One entry per buffer shard it pushes to, with the hook points it sends there.
+   *
+   * @generated from field: repeated saeflow.producer.v1.ShardFeed feeds = 11;
+   */
+  feeds: ShardFeed[];
 };
 
 /**
@@ -161,6 +168,78 @@ export type StatusResponse = Message<"saeflow.producer.v1.StatusResponse"> & {
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
   messageDesc(file_saeflow_producer_v1_producer, 2);
+
+/**
+ * What a producer sends to one buffer shard.
+ *
+ * @generated from message saeflow.producer.v1.ShardFeed
+ */
+export type ShardFeed = Message<"saeflow.producer.v1.ShardFeed"> & {
+  /**
+   * Index of the shard in buffer.shards (0 in a one-buffer run).
+   *
+   * @generated from field: uint32 shard = 1;
+   */
+  shard: number;
+
+  /**
+   * Where the shard is reached.
+   *
+   * @generated from field: string address = 2;
+   */
+  address: string;
+
+  /**
+   * Hook points this producer pushes to this shard.
+   *
+   * @generated from field: repeated string hook_points = 3;
+   */
+  hookPoints: string[];
+
+  /**
+   * Chunks sent and not answered yet.
+   *
+   * @generated from field: uint32 chunks_in_flight = 4;
+   */
+  chunksInFlight: number;
+
+  /**
+   * True while the shard's last NATS message said pause.
+   *
+   * @generated from field: bool paused_by_buffer = 5;
+   */
+  pausedByBuffer: boolean;
+
+  /**
+   * The shard takes no more rows (its trainers are done, or it was drained).
+   *
+   * @generated from field: bool ended = 6;
+   */
+  ended: boolean;
+
+  /**
+   * Contexts the shard's grant allows the next forward pass.
+   *
+   * @generated from field: uint64 contexts_allowed = 7;
+   */
+  contextsAllowed: bigint;
+
+  /**
+   * Rows per hook point of the delivered passes sent to this shard, across the producer's restarts:
+   * where the ledger of each of these pools starts (produced = accepted + refused). Below
+   * rows_sent / hook points once the shard ended while the producer went on feeding others.
+   *
+   * @generated from field: uint64 rows_sent = 8;
+   */
+  rowsSent: bigint;
+};
+
+/**
+ * Describes the message saeflow.producer.v1.ShardFeed.
+ * Use `create(ShardFeedSchema)` to create a new message.
+ */
+export const ShardFeedSchema: GenMessage<ShardFeed> = /*@__PURE__*/
+  messageDesc(file_saeflow_producer_v1_producer, 3);
 
 /**
  * Pause the producer.
@@ -175,7 +254,7 @@ export type PauseRequest = Message<"saeflow.producer.v1.PauseRequest"> & {
  * Use `create(PauseRequestSchema)` to create a new message.
  */
 export const PauseRequestSchema: GenMessage<PauseRequest> = /*@__PURE__*/
-  messageDesc(file_saeflow_producer_v1_producer, 3);
+  messageDesc(file_saeflow_producer_v1_producer, 4);
 
 /**
  * Answer to Pause.
@@ -196,7 +275,7 @@ export type PauseResponse = Message<"saeflow.producer.v1.PauseResponse"> & {
  * Use `create(PauseResponseSchema)` to create a new message.
  */
 export const PauseResponseSchema: GenMessage<PauseResponse> = /*@__PURE__*/
-  messageDesc(file_saeflow_producer_v1_producer, 4);
+  messageDesc(file_saeflow_producer_v1_producer, 5);
 
 /**
  * Resume the producer.
@@ -211,7 +290,7 @@ export type ResumeRequest = Message<"saeflow.producer.v1.ResumeRequest"> & {
  * Use `create(ResumeRequestSchema)` to create a new message.
  */
 export const ResumeRequestSchema: GenMessage<ResumeRequest> = /*@__PURE__*/
-  messageDesc(file_saeflow_producer_v1_producer, 5);
+  messageDesc(file_saeflow_producer_v1_producer, 6);
 
 /**
  * Answer to Resume.
@@ -233,7 +312,7 @@ export type ResumeResponse = Message<"saeflow.producer.v1.ResumeResponse"> & {
  * Use `create(ResumeResponseSchema)` to create a new message.
  */
 export const ResumeResponseSchema: GenMessage<ResumeResponse> = /*@__PURE__*/
-  messageDesc(file_saeflow_producer_v1_producer, 6);
+  messageDesc(file_saeflow_producer_v1_producer, 7);
 
 /**
  * The activation producer: tokenizes text, runs the ONNX language model and streams the tensors at

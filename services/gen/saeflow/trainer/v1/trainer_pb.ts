@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file saeflow/trainer/v1/trainer.proto.
  */
 export const file_saeflow_trainer_v1_trainer: GenFile = /*@__PURE__*/
-  fileDesc("CiBzYWVmbG93L3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxISc2FlZmxvdy50cmFpbmVyLnYxItMBCglTYWVTdGF0dXMSDAoEbmFtZRgBIAEoCRIOCgZyZWNpcGUYAiABKAkSDAoEc3RlcBgDIAEoBBIOCgZ0b2tlbnMYBCABKAQSCwoDbXNlGAUgASgBEhoKEmV4cGxhaW5lZF92YXJpYW5jZRgGIAEoARIKCgJsMBgHIAEoARIVCg1kZWFkX2ZyYWN0aW9uGAggASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAkgASgBEgwKBGxvc3MYCiABKAESFQoNbGVhcm5pbmdfcmF0ZRgLIAEoASIPCg1TdGF0dXNSZXF1ZXN0Iq0BCg5TdGF0dXNSZXNwb25zZRInCgVzdGF0ZRgBIAEoDjIYLnNhZWZsb3cudjEuU2VydmljZVN0YXRlEhIKCmhvb2tfcG9pbnQYAiABKAkSKwoEc2FlcxgDIAMoCzIdLnNhZWZsb3cudHJhaW5lci52MS5TYWVTdGF0dXMSDwoHd2FpdF9tcxgEIAEoARIPCgd3YWxsX21zGAUgASgBEg8KB3J1bl9kaXIYBiABKAkiEwoRQ2hlY2twb2ludFJlcXVlc3QiMQoSQ2hlY2twb2ludFJlc3BvbnNlEg0KBXBhdGhzGAEgAygJEgwKBHN0ZXAYAiABKAQiDgoMUGF1c2VSZXF1ZXN0IjgKDVBhdXNlUmVzcG9uc2USJwoFc3RhdGUYASABKA4yGC5zYWVmbG93LnYxLlNlcnZpY2VTdGF0ZSIPCg1SZXN1bWVSZXF1ZXN0IjkKDlJlc3VtZVJlc3BvbnNlEicKBXN0YXRlGAEgASgOMhguc2FlZmxvdy52MS5TZXJ2aWNlU3RhdGUiIgoLU3RvcFJlcXVlc3QSEwoLc2tpcF9leHBvcnQYASABKAgiNAoMU3RvcFJlc3BvbnNlEhMKC2NoZWNrcG9pbnRzGAEgAygJEg8KB2V4cG9ydHMYAiADKAkyqAMKDlRyYWluZXJTZXJ2aWNlEk8KBlN0YXR1cxIhLnNhZWZsb3cudHJhaW5lci52MS5TdGF0dXNSZXF1ZXN0GiIuc2FlZmxvdy50cmFpbmVyLnYxLlN0YXR1c1Jlc3BvbnNlElsKCkNoZWNrcG9pbnQSJS5zYWVmbG93LnRyYWluZXIudjEuQ2hlY2twb2ludFJlcXVlc3QaJi5zYWVmbG93LnRyYWluZXIudjEuQ2hlY2twb2ludFJlc3BvbnNlEkwKBVBhdXNlEiAuc2FlZmxvdy50cmFpbmVyLnYxLlBhdXNlUmVxdWVzdBohLnNhZWZsb3cudHJhaW5lci52MS5QYXVzZVJlc3BvbnNlEk8KBlJlc3VtZRIhLnNhZWZsb3cudHJhaW5lci52MS5SZXN1bWVSZXF1ZXN0GiIuc2FlZmxvdy50cmFpbmVyLnYxLlJlc3VtZVJlc3BvbnNlEkkKBFN0b3ASHy5zYWVmbG93LnRyYWluZXIudjEuU3RvcFJlcXVlc3QaIC5zYWVmbG93LnRyYWluZXIudjEuU3RvcFJlc3BvbnNlYgZwcm90bzM", [file_saeflow_v1_control]);
+  fileDesc("CiBzYWVmbG93L3RyYWluZXIvdjEvdHJhaW5lci5wcm90bxISc2FlZmxvdy50cmFpbmVyLnYxIucBCglTYWVTdGF0dXMSDAoEbmFtZRgBIAEoCRIOCgZyZWNpcGUYAiABKAkSDAoEc3RlcBgDIAEoBBIOCgZ0b2tlbnMYBCABKAQSCwoDbXNlGAUgASgBEhoKEmV4cGxhaW5lZF92YXJpYW5jZRgGIAEoARIKCgJsMBgHIAEoARIVCg1kZWFkX2ZyYWN0aW9uGAggASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAkgASgBEgwKBGxvc3MYCiABKAESFQoNbGVhcm5pbmdfcmF0ZRgLIAEoARISCgpob29rX3BvaW50GAwgASgJIg8KDVN0YXR1c1JlcXVlc3QiwAEKDlN0YXR1c1Jlc3BvbnNlEicKBXN0YXRlGAEgASgOMhguc2FlZmxvdy52MS5TZXJ2aWNlU3RhdGUSKwoEc2FlcxgDIAMoCzIdLnNhZWZsb3cudHJhaW5lci52MS5TYWVTdGF0dXMSDwoHd2FpdF9tcxgEIAEoARIPCgd3YWxsX21zGAUgASgBEg8KB3J1bl9kaXIYBiABKAkSEwoLaG9va19wb2ludHMYByADKAlKBAgCEANSCmhvb2tfcG9pbnQiEwoRQ2hlY2twb2ludFJlcXVlc3QiMQoSQ2hlY2twb2ludFJlc3BvbnNlEg0KBXBhdGhzGAEgAygJEgwKBHN0ZXAYAiABKAQiDgoMUGF1c2VSZXF1ZXN0IjgKDVBhdXNlUmVzcG9uc2USJwoFc3RhdGUYASABKA4yGC5zYWVmbG93LnYxLlNlcnZpY2VTdGF0ZSIPCg1SZXN1bWVSZXF1ZXN0IjkKDlJlc3VtZVJlc3BvbnNlEicKBXN0YXRlGAEgASgOMhguc2FlZmxvdy52MS5TZXJ2aWNlU3RhdGUiIgoLU3RvcFJlcXVlc3QSEwoLc2tpcF9leHBvcnQYASABKAgiNAoMU3RvcFJlc3BvbnNlEhMKC2NoZWNrcG9pbnRzGAEgAygJEg8KB2V4cG9ydHMYAiADKAkyqAMKDlRyYWluZXJTZXJ2aWNlEk8KBlN0YXR1cxIhLnNhZWZsb3cudHJhaW5lci52MS5TdGF0dXNSZXF1ZXN0GiIuc2FlZmxvdy50cmFpbmVyLnYxLlN0YXR1c1Jlc3BvbnNlElsKCkNoZWNrcG9pbnQSJS5zYWVmbG93LnRyYWluZXIudjEuQ2hlY2twb2ludFJlcXVlc3QaJi5zYWVmbG93LnRyYWluZXIudjEuQ2hlY2twb2ludFJlc3BvbnNlEkwKBVBhdXNlEiAuc2FlZmxvdy50cmFpbmVyLnYxLlBhdXNlUmVxdWVzdBohLnNhZWZsb3cudHJhaW5lci52MS5QYXVzZVJlc3BvbnNlEk8KBlJlc3VtZRIhLnNhZWZsb3cudHJhaW5lci52MS5SZXN1bWVSZXF1ZXN0GiIuc2FlZmxvdy50cmFpbmVyLnYxLlJlc3VtZVJlc3BvbnNlEkkKBFN0b3ASHy5zYWVmbG93LnRyYWluZXIudjEuU3RvcFJlcXVlc3QaIC5zYWVmbG93LnRyYWluZXIudjEuU3RvcFJlc3BvbnNlYgZwcm90bzM", [file_saeflow_v1_control]);
 
 /**
  * Training state of one SAE of the sweep.
@@ -96,6 +96,13 @@ export type SaeStatus = Message<"saeflow.trainer.v1.SaeStatus"> & {
    * @generated from field: double learning_rate = 11;
    */
   learningRate: number;
+
+  /**
+   * Hook point this SAE is trained on (a process may train several).
+   *
+   * @generated from field: string hook_point = 12;
+   */
+  hookPoint: string;
 };
 
 /**
@@ -134,28 +141,21 @@ export type StatusResponse = Message<"saeflow.trainer.v1.StatusResponse"> & {
   state: ServiceState;
 
   /**
-   * Hook point trained on.
-   *
-   * @generated from field: string hook_point = 2;
-   */
-  hookPoint: string;
-
-  /**
-   * One entry per SAE of the sweep.
+   * One entry per SAE of the sweep, on each hook point (SaeStatus.hook_point).
    *
    * @generated from field: repeated saeflow.trainer.v1.SaeStatus saes = 3;
    */
   saes: SaeStatus[];
 
   /**
-   * Total milliseconds spent waiting for batches.
+   * Milliseconds spent waiting for batches, of the hook point that waited most.
    *
    * @generated from field: double wait_ms = 4;
    */
   waitMs: number;
 
   /**
-   * Total wall milliseconds since training began.
+   * Wall milliseconds since training began (the longest of the hook points').
    *
    * @generated from field: double wall_ms = 5;
    */
@@ -167,6 +167,13 @@ export type StatusResponse = Message<"saeflow.trainer.v1.StatusResponse"> & {
    * @generated from field: string run_dir = 6;
    */
   runDir: string;
+
+  /**
+   * Hook points this process trains, in trainer.hookPoints order.
+   *
+   * @generated from field: repeated string hook_points = 7;
+   */
+  hookPoints: string[];
 };
 
 /**
@@ -198,14 +205,14 @@ export const CheckpointRequestSchema: GenMessage<CheckpointRequest> = /*@__PURE_
  */
 export type CheckpointResponse = Message<"saeflow.trainer.v1.CheckpointResponse"> & {
   /**
-   * One path per SAE.
+   * One path per SAE, hook point by hook point.
    *
    * @generated from field: repeated string paths = 1;
    */
   paths: string[];
 
   /**
-   * Step of the checkpoint (the same for every SAE of a sweep).
+   * Step of the checkpoint: the lowest of the hook points' (every SAE of one hook point's sweep shares its step).
    *
    * @generated from field: uint64 step = 2;
    */
@@ -341,7 +348,8 @@ export const StopResponseSchema: GenMessage<StopResponse> = /*@__PURE__*/
   messageDesc(file_saeflow_trainer_v1_trainer, 10);
 
 /**
- * The SAE trainer: pulls minibatches from the buffer and trains one SAE or a sweep of SAEs on them.
+ * The SAE trainer: pulls minibatches from the buffer shards and trains a sweep of SAEs (one or
+ * several) on each of its hook points. The control RPCs act on every hook point of the process.
  *
  * @generated from service saeflow.trainer.v1.TrainerService
  */
@@ -367,7 +375,7 @@ export const TrainerService: GenService<{
     output: typeof CheckpointResponseSchema;
   },
   /**
-   * Pause pulling batches and training.
+   * Pause training on every hook point; answers once no step is in flight.
    *
    * @generated from rpc saeflow.trainer.v1.TrainerService.Pause
    */
