@@ -240,6 +240,9 @@ export class RefillCoordinator implements BufferObserver {
    */
   private grant(): void {
     if (this.buffer.state !== ServiceState.RUNNING) return;
+    // Rows that arrived were granted, whatever the order of a producer's hello and its re-sent chunks:
+    // a grant below them would promise the rest of the pool to rows that will never come.
+    for (const member of this.members.values()) member.grant = Math.max(member.grant, ...member.received.values());
     const open = new Map<HookPoint, number>();
     for (const hook of this.gating()) {
       let promised = 0;

@@ -92,7 +92,7 @@ export class Feeds {
         onAnswer: (chunk) => ledger.answered(chunk),
         onReconnected: (resent) => {
           const rows = resent.filter((c) => c.hookPoint === hooks[0]).reduce((n, c) => n + (c.activations?.shape[0] ?? 0), 0);
-          gate.rejoin(rows).catch((err: Error) => log(`${id}: rejoining buffer shard ${shard.index} failed: ${err.message}`));
+          return gate.rejoin(rows).catch((err: Error) => log(`${id}: rejoining buffer shard ${shard.index} failed: ${err.message}`));
         },
         log,
       });

@@ -18,8 +18,11 @@ export interface PushStreamOptions {
   maxInFlight: number;
   /** Each answer, in order; `response.code` != 0 means the buffer refused the chunk (not re-sent). */
   onAnswer: (chunk: ActivationChunk, response: PushResponse) => void;
-  /** The stream was lost and is open again to a (possibly restarted) buffer; `resent` are the chunks written again on it. */
-  onReconnected: (resent: ActivationChunk[]) => void;
+  /**
+   * The stream is about to be opened again with `resent` to write first: the producer joins the
+   * shard again (a hello) before they go, so that the buffer counts them in the grant that hello starts, as the producer does.
+   */
+  onReconnected: (resent: ActivationChunk[]) => Promise<void>;
   log: (line: string) => void;
 }
 
@@ -166,8 +169,10 @@ export class PushStream {
           );
           this.lostSince = undefined;
           this.backoffMs = MIN_BACKOFF_MS;
-          this.open();
-          this.options.onReconnected(this.pending.map((r) => r.chunk!));
+          // Re-sent rows reaching the buffer before the hello would count in the grant the hello replaces.
+          void this.options.onReconnected(this.pending.map((r) => r.chunk!)).then(() => {
+            if (!this.closing) this.open();
+          });
         },
         () => {
           if (this.closing) return;
