@@ -23,24 +23,14 @@ export const RunConfigSchema = z
   .strict()
   .superRefine((c, ctx) => {
     // Roles run in separate processes from one file; catch a file whose roles disagree at load time.
-    const pools = new Map(c.buffer.hookPoints.map((h) => [h.name, h.dModel]));
-    const known = [...pools.keys()].join(", ");
-    c.trainer.hookPoints.forEach((h, i) => {
-      if (!pools.has(h))
-        ctx.addIssue({
-          code: "custom",
-          path: ["trainer", "hookPoints", i],
-          message: `"${h}" has no pool in buffer.hookPoints (${known})`,
-        });
-    });
-    c.producer.hookPoints.forEach((h, i) => {
-      if (!pools.has(h))
-        ctx.addIssue({
-          code: "custom",
-          path: ["producer", "hookPoints", i],
-          message: `"${h}" has no pool in buffer.hookPoints (${known})`,
-        });
-    });
+    const pools = new Set(c.buffer.hookPoints.map((h) => h.name));
+    const known = [...pools].join(", ");
+    for (const role of ["trainer", "producer"] as const) {
+      c[role].hookPoints.forEach((h, i) => {
+        if (!pools.has(h))
+          ctx.addIssue({ code: "custom", path: [role, "hookPoints", i], message: `"${h}" has no pool in buffer.hookPoints (${known})` });
+      });
+    }
     if (c.producer.dtype !== c.buffer.dtype) {
       ctx.addIssue({
         code: "custom",
