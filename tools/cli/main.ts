@@ -8,7 +8,7 @@ import { writeReport } from "./report.js";
 import { cliConfig, readRunFile } from "./run-file.js";
 import { collectStatus, statusJson, statusTable } from "./status.js";
 import { stopTrainer } from "./control.js";
-import { type UpResult, up } from "./up.js";
+import { trainerDirs, type UpResult, up } from "./up.js";
 
 const USAGE = `usage: saeflow <command> [options]
 
@@ -94,10 +94,8 @@ async function main(argv: string[]): Promise<number> {
       const run = readRunFile(runDir);
       // A JumpReLU export pulls calibration batches from the buffer, as a trainer does.
       const config = cliConfig(run, "exporter");
-      const trainers = run.services.filter((s) => s.role === "trainer");
-      // As saeflow up placed them: own folders only when trainers outnumber hook points.
-      const dirs = trainers.length > config.trainer.hookPoints.length ? trainers.map((t) => resolve(runDir, t.id)) : [runDir];
-      for (const path of await exportRun(config, dirs, (l) => process.stderr.write(`saeflow: ${l}\n`))) process.stdout.write(`${path}\n`);
+      for (const path of await exportRun(config, trainerDirs(runDir, config), (l) => process.stderr.write(`saeflow: ${l}\n`)))
+        process.stdout.write(`${path}\n`);
       return 0;
     }
     case "report":

@@ -64,10 +64,9 @@ export async function up(root: string, config: RunConfig, options: UpOptions = {
   } finally {
     await takeDown(run, completed);
   }
-  const dirs = ownFolders(config) ? Array.from({ length: config.launch.trainers }, (_, i) => resolve(runDir, `trainer-${i}`)) : [runDir];
   const exits: Record<string, number> = {};
   for (const s of run.sup.slots) exits[s.spec.id] = await s.done;
-  return { runDir, trainerDirs: dirs, exits, completed, trained: completed || run.step > 0 };
+  return { runDir, trainerDirs: trainerDirs(runDir, config), exits, completed, trained: completed || run.step > 0 };
 }
 
 /** The model in place and every check that needs no process, before anything is written or started. */
@@ -188,7 +187,7 @@ function spawnSpec(plan: RunPlan, spec: RoleSpec) {
 /** The buffers first (producers and trainers connect to them), then the producers and the trainers. */
 async function startRoles(run: LocalRun): Promise<void> {
   const { plan, sup } = run;
-  const sharded = plan.buffers.length > 1 || plan.config.buffer.shards.length > 0;
+  const sharded = plan.config.buffer.shards.length > 0;
   const buffers = plan.buffers.map((b) =>
     sup.start({
       role: "buffer",
@@ -230,6 +229,11 @@ async function startRoles(run: LocalRun): Promise<void> {
 
 /** More trainers than hook points train the same sweep of one hook point side by side: each then gets its own folder. */
 const ownFolders = (config: RunConfig) => config.launch.trainers > config.trainer.hookPoints.length;
+
+/** The folders a run's trainers write their SAEs into: the run folder, or trainer-<i> each (see ownFolders). */
+export function trainerDirs(runDir: string, config: RunConfig): string[] {
+  return ownFolders(config) ? Array.from({ length: config.launch.trainers }, (_, i) => resolve(runDir, `trainer-${i}`)) : [runDir];
+}
 
 /** run.json for `saeflow status/stop/export`, and one line saying what runs where. */
 function announce(run: LocalRun): void {

@@ -163,13 +163,7 @@ export class GraphBuilder {
    * One graph computes them where it always does.
    */
   late<T>(fn: () => T): T {
-    const was = this.inLate;
-    this.inLate = true;
-    try {
-      return fn();
-    } finally {
-      this.inLate = was;
-    }
+    return this.marking("inLate", fn);
   }
 
   /**
@@ -179,12 +173,17 @@ export class GraphBuilder {
    * made from cross between stages (onnxruntime-node copies whatever a session returns).
    */
   serially<T>(fn: () => T): T {
-    const was = this.inSerial;
-    this.inSerial = true;
+    return this.marking("inSerial", fn);
+  }
+
+  /** Runs `fn` with `flag` set, so that every node it builds is marked; nests. */
+  private marking<T>(flag: "inLate" | "inSerial", fn: () => T): T {
+    const was = this[flag];
+    this[flag] = true;
     try {
       return fn();
     } finally {
-      this.inSerial = was;
+      this[flag] = was;
     }
   }
 
