@@ -69,17 +69,22 @@ export async function startBuffer(config: RunConfig, deps: BufferDeps = {}): Pro
         })
       : undefined;
   const status = (): StatusResponse => create(StatusResponseSchema, buffer.status(refill?.producers() ?? []));
+  // Listening on NATS before the port accepts: a producer whose stream comes back says hello
+  // before re-sending, and a hello nobody answers yet would leave its re-sent rows outside the grant.
+  refill?.start();
+  runEnd?.start();
   let server;
   try {
+    await bus?.flush();
     const handlers = bufferHandlers(buffer, ingest, batches, status);
     server = await startServer(deps.address ?? config.buffer.address, config.transport, [bind(BufferService, handlers)]);
   } catch (err) {
+    runEnd?.close();
+    refill?.close();
     buffer.close();
     await ownBus?.drain();
     throw err;
   }
-  refill?.start();
-  runEnd?.start();
   server.health.set(Serving.SERVING);
   const mib = (buffer.bytes / 2 ** 20).toFixed(0);
   const shards = shardsOf(config.buffer).length;

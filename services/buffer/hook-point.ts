@@ -70,6 +70,7 @@ export class HookPoint {
   primed = false;
   waitMs = 0;
   private fullSlack = 0;
+  private stranded = false;
   private cycleSpan: Span | undefined;
   private cycleRows = 0;
   private readonly traceparents = new Map<number, string>();
@@ -100,9 +101,9 @@ export class HookPoint {
     this.settle();
   }
 
-  /** Full: no chunk of the smallest size its producers send would fit any more. */
+  /** Full: no chunk of the smallest size its producers send would fit any more, or no grant can add rows (setStranded). */
   get isFull(): boolean {
-    return this.pool.free <= this.fullSlack;
+    return this.pool.free <= this.fullSlack || this.stranded;
   }
 
   /** Mean distinct contexts per batch in the current fill, or the last one before its first batch. */
@@ -117,6 +118,19 @@ export class HookPoint {
     this.fullSlack = slack;
     this.settle();
     // Being full may now start serving (primed) without a row added.
+    this.rowsAdded.notify();
+    this.onChange();
+  }
+
+  /**
+   * Says whether no row can come any more: no chunk can be granted into the rows nobody was promised,
+   * and no producer holds credit it can spend (see RefillCoordinator). The pool then counts as full
+   * though more than a chunk is free.
+   */
+  setStranded(stranded: boolean): void {
+    if (stranded === this.stranded) return;
+    this.stranded = stranded;
+    this.settle();
     this.rowsAdded.notify();
     this.onChange();
   }

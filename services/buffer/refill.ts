@@ -149,9 +149,12 @@ export class RefillCoordinator implements BufferObserver {
     this.adopt(announce);
     const member = this.members.get(announce.producerId);
     if (!member) {
-      this.members.set(announce.producerId, fresh(announce));
+      const stranger = fresh(announce);
+      this.members.set(announce.producerId, stranger);
+      this.settle(stranger, announce.settled);
       return this.membershipChanged();
     }
+    if (this.settle(member, announce.settled)) this.changed();
     const before = member.announce;
     const revived = !member.live;
     if (revived)
@@ -163,6 +166,22 @@ export class RefillCoordinator implements BufferObserver {
     member.live = true;
     if (revived || before.chunkRows !== announce.chunkRows || before.hookPoints.join("\n") !== announce.hookPoints.join("\n"))
       this.membershipChanged();
+  }
+
+  /**
+   * A producer with nothing in flight says how many rows it sent since it joined (MemberAnnounce.settled):
+   * every one of them was received, so none of its credit below that is still to come. True when that
+   * raised what the buffer counted.
+   */
+  private settle(member: Member, settled: number | undefined): boolean {
+    if (settled === undefined) return false;
+    let raised = false;
+    for (const hook of member.announce.hookPoints) {
+      if ((member.received.get(hook) ?? 0) >= settled) continue;
+      member.received.set(hook, settled);
+      raised = true;
+    }
+    return raised;
   }
 
   private leave(producerId: string): void {
@@ -208,11 +227,37 @@ export class RefillCoordinator implements BufferObserver {
   private flush(always: boolean): void {
     if (this.closed) return;
     this.grant();
+    this.markStranded();
     const demand = this.demand();
     const key = JSON.stringify([demand.cycle, demand.command, demand.grants, demand.done]);
     if (!always && key === this.lastPublished) return;
     this.lastPublished = key;
     this.bus.publish(this.subjects.demand, Demand, demand);
+  }
+
+  /**
+   * A pool that no grant can raise and no producer's credit can add rows to is full, though more
+   * than a chunk is free. Passes take whole contexts, which hold fewer rows than their bound, so a
+   * producer's grant is seldom spent to the row; what is left stays promised and can keep the next
+   * chunk from fitting. Counted full, the pool ends its refill (a restarted one starts serving), its
+   * trainers draw it down, and grants flow again; otherwise it could stay short of full for good,
+   * and in a sharded run hold back every shard its producers feed.
+   */
+  private markStranded(): void {
+    for (const hook of this.gating()) {
+      let promised = 0;
+      let smallest = Infinity;
+      let spendable = false;
+      for (const m of this.members.values()) {
+        if (!m.announce.hookPoints.includes(hook.name)) continue;
+        const credit = outstanding(m, hook.name);
+        promised += credit;
+        if (!m.live) continue;
+        smallest = Math.min(smallest, m.announce.chunkRows);
+        if (credit >= (m.announce.contextRows ?? m.announce.chunkRows)) spendable = true;
+      }
+      hook.setStranded(Number.isFinite(smallest) && !spendable && hook.pool.free - promised < smallest);
+    }
   }
 
   /** Pools that still ask for rows: those whose readers are all done neither refill nor pause the shard. */

@@ -52,6 +52,11 @@ export const MemberAnnounce = z.object({
   /** Rows per hook point the producer sends per chunk, so grants can be sized in whole chunks. */
   chunkRows: z.number().int().positive(),
   /**
+   * Most rows per hook point one context makes: a pass takes whole contexts, so credit under this
+   * cannot be spent (see the buffer's stranded pools). Without it, chunkRows.
+   */
+  contextRows: z.number().int().positive().optional(),
+  /**
    * Which pass through its shard the producer's context ids count in: made when it starts the shard
    * afresh, kept (in its position file) across restarts that resume. A context id names the same rows
    * within one lineage only.
@@ -62,6 +67,14 @@ export const MemberAnnounce = z.object({
    * learns from `answered` which re-sent rows it must not accept again.
    */
   marks: z.record(z.string(), HookMarks).optional(),
+  /**
+   * Rows per hook point sent to the shard since the producer last joined it, given only while every
+   * one of them was answered (nothing in flight or on its way): the buffer has then received them all,
+   * whatever order the hello, the re-sent rows and this heartbeat reached it in, so it counts at least
+   * these against the grant. Without it a re-sent chunk that reached a restarted buffer before the
+   * producer was a member there would hold a promise of rows that never come.
+   */
+  settled: z.number().int().min(0).optional(),
 });
 export type MemberAnnounce = z.infer<typeof MemberAnnounce>;
 

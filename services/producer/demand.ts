@@ -4,6 +4,7 @@ import type { Bus } from "../common/nats.js";
 import { Signal } from "../common/signal.js";
 
 const HELLO_TIMEOUT_MS = 2000;
+const REJOIN_RETRY_MS = 250;
 
 export interface DemandGateOptions {
   /** The subjects of the buffer shard it talks to. */
@@ -23,6 +24,8 @@ export interface DemandGateOptions {
   changed?: Signal;
   /** Called once when its shard (or the whole run) stops taking rows. */
   onEnded?: () => void;
+  /** Chunks sent to the shard and not answered yet (see MemberAnnounce.settled). */
+  inFlight?: () => number;
 }
 
 /**
@@ -68,10 +71,11 @@ export class DemandGate {
     this.changed = options.changed ?? new Signal();
   }
 
-  /** This producer as announced now: who it is, and how far its contexts have gone. */
+  /** This producer as announced now: who it is, how far its contexts have gone, and what the buffer has surely received. */
   private announcement(me: MemberAnnounce): MemberAnnounce {
     const marks = this.marks();
-    return marks ? { ...me, marks } : me;
+    const settled = this.taken === 0 && this.options.inFlight?.() === 0 ? this.rowsSent : undefined;
+    return { ...me, ...(marks && { marks }), ...(settled !== undefined && { settled }) };
   }
 
   /**
@@ -101,7 +105,14 @@ export class DemandGate {
     // A pass taken but not pushed yet goes out on the new stream too.
     this.rowsSent = rowsResent + this.taken;
     this.demand = undefined;
-    if (this.bus && this.me) await this.announce(this.bus, this.me);
+    const { bus, me } = this;
+    if (!bus || !me) return;
+    // The stream is back, so the buffer is up: re-sent rows wait until it answers the hello (it
+    // listens on NATS before its port accepts), so that both sides count them from the same join.
+    for (let attempt = 0; !this.stopped && !bus.isClosed(); attempt++) {
+      if (await this.announce(bus, me, attempt === 0)) return;
+      await new Promise((r) => setTimeout(r, REJOIN_RETRY_MS));
+    }
   }
 
   /**
@@ -177,14 +188,17 @@ export class DemandGate {
     await this.bus.flush();
   }
 
-  private async announce(bus: Bus, me: MemberAnnounce): Promise<void> {
+  /** Says hello; true once the buffer answered it. */
+  private async announce(bus: Bus, me: MemberAnnounce, say = true): Promise<boolean> {
     const now = this.announcement(me);
     bus.publish(this.subjects.join, MemberAnnounce, now);
     try {
       this.apply(await bus.request(this.subjects.hello, MemberAnnounce, now, Demand, HELLO_TIMEOUT_MS));
+      return true;
     } catch (err) {
       // No buffer yet: it will learn of this producer from its heartbeat and include it in the next Demand.
-      this.log(`demand: no answer to hello (${(err as Error).message}); waiting for the buffer's demand`);
+      if (say) this.log(`demand: no answer to hello (${(err as Error).message}); waiting for the buffer's demand`);
+      return false;
     }
   }
 

@@ -90,7 +90,7 @@ export class Feeds {
         transport: config.transport,
         maxInFlight: config.producer.maxInFlightChunks,
         onAnswer: (chunk) => ledger.answered(chunk),
-        onReconnected: (resent) => {
+        onReconnected: (resent): Promise<void> => {
           const rows = resent.filter((c) => c.hookPoint === hooks[0]).reduce((n, c) => n + (c.activations?.shape[0] ?? 0), 0);
           return gate.rejoin(rows).catch((err: Error) => log(`${id}: rejoining buffer shard ${shard.index} failed: ${err.message}`));
         },
@@ -98,7 +98,7 @@ export class Feeds {
       });
       const gate = new DemandGate({
         subjects: subjects(config.nats.subjectPrefix, config.run.id, shard.index),
-        member: { producerId: id, hookPoints: hooks, chunkRows, lineage },
+        member: { producerId: id, hookPoints: hooks, chunkRows, contextRows: rowsPerContext, lineage },
         log,
         rowsPerContext,
         marks: () => ledger.marks(hooks),
@@ -106,6 +106,7 @@ export class Feeds {
         scope: sharded ? `buffer shard ${shard.index}` : "run",
         changed: this.changed,
         onEnded: () => this.ended(feed),
+        inFlight: (): number => stream.inFlight,
       });
       const feed: Feed = { shard, hooks, stream, gate };
       this.list.push(feed);

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { afterEach, beforeEach, test } from "node:test";
 import { fromTensor } from "../../services/common/tensor-codec.js";
 import type { BatchesResponse } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
-import { collectBatches, D_MODEL, type Harness, hookStatus, startHarness, TestProducer } from "./support.js";
+import { collectBatches, D_MODEL, type Harness, HOOK, hookStatus, startHarness, TestProducer } from "./support.js";
 
 // pushWaitMs is short so that a producer overshooting the pool would show as pool_full drops.
 let h: Harness;
@@ -90,5 +90,47 @@ test("a producer whose heartbeats stop lapses, and its unused credit goes to the
   const s = await hookStatus(h);
   assert.equal(s.unconsumedRows, 1024n);
   assert.deepEqual(s.producers, ["a"]);
+  assert.deepEqual(s.dropped, []);
+});
+
+test("rows that reached the buffer before their producer joined stop holding its grant once it says they settled", async () => {
+  const p = new TestProducer(h, "r", 0);
+  producers.push(p);
+  // A restarted buffer can take re-sent rows before the hello that makes their producer a member:
+  // the producer counts them against the grant the hello starts, the buffer did not see them come.
+  await p.pushBeforeJoining(4);
+  await p.join();
+  await p.pushWithinCredit();
+  const stuck = await p.until((d) => d.freeRows[HOOK] === 256);
+  assert.equal(stuck.command, "refill");
+  assert.equal(p.credit, 0, "the 256 rows it sent before joining are still promised to it");
+  p.announceSettled();
+  await p.until((d) => d.command === "refill" && p.credit === 256);
+  await p.pushWithinCredit();
+  await p.until((d) => d.command === "pause");
+  const s = await hookStatus(h);
+  assert.equal(s.unconsumedRows, 1024n);
+  assert.deepEqual(s.dropped, []);
+});
+
+test("credit a producer cannot spend does not keep a pool short of full: the refill ends", async () => {
+  const p = new TestProducer(h, "a", 0, 64, 4);
+  producers.push(p);
+  await p.join();
+  // The whole pool is granted (1,024 rows, 4 chunks of 256); the last chunk's contexts are packed
+  // shorter than the bound (40 rows, not 64), so 96 rows of credit stay, too few for a chunk.
+  await Promise.all([p.pushChunk(), p.pushChunk(), p.pushChunk(), p.pushChunk(40)]);
+  await p.until((d) => d.command === "pause");
+  await collectBatches(h.client, { trainerId: "t", batchSize: 64, maxBatches: 7n });
+  // Down to 480 rows: a refill grants the one chunk that fits beside the 96 rows still promised.
+  await p.until((d) => d.command === "refill" && d.grants.a === 1280);
+  await p.pushChunk();
+  // 288 rows are free, more than a chunk, but 96 of them are promised to credit that cannot be spent:
+  // no grant can add a chunk, so the pool counts as full and the producers are told to pause.
+  const paused = await p.until((d) => d.command === "pause");
+  assert.equal(paused.freeRows[HOOK], 288);
+  const s = await hookStatus(h);
+  assert.equal(s.unconsumedRows, 736n);
+  assert.equal(s.refilling, false);
   assert.deepEqual(s.dropped, []);
 });

@@ -125,7 +125,8 @@ test("trainers keep getting batches while producers refill, and wait only when p
     [2, 2, 2, 2, 2],
     "batches kept coming during the refill",
   );
-  // The 14th would go under the floor: it waits for the producer.
+  // The 14th would go under the floor: it waits for the producer, which sends once the refill's grant reaches it.
+  await p.until(() => p.credit >= p.chunkRows);
   await p.pushWithinCredit(1);
   const last = (await it.next()).value as BatchesResponse;
   assert.ok(last.waitMs > 0);

@@ -213,7 +213,21 @@ export class TestProducer {
     this.sub = bus.subscribe(this.harness.subjects.demand, Demand, (d) => this.apply(d));
     this.heartbeat = setInterval(() => bus.publish(this.harness.subjects.heartbeat, MemberAnnounce, this.announce), HEARTBEAT_MS);
     this.apply(await bus.request(this.harness.subjects.hello, MemberAnnounce, this.announce, Demand, 5000));
-    this.push = new PushClient(this.harness.client);
+    this.push ??= new PushClient(this.harness.client);
+  }
+
+  /**
+   * Pushes `chunks` chunks before joining, as a producer re-sending to a restarted buffer that has not
+   * heard its hello yet; they count as sent, as the producer counts its re-sent rows.
+   */
+  async pushBeforeJoining(chunks: number): Promise<void> {
+    this.push ??= new PushClient(this.harness.client);
+    this.answers.push(...(await Promise.all(Array.from({ length: chunks }, () => this.pushChunk()))));
+  }
+
+  /** One heartbeat saying every row sent was answered (MemberAnnounce.settled); call with nothing in flight. */
+  announceSettled(): void {
+    this.bus!.publish(this.harness.subjects.heartbeat, MemberAnnounce, { ...this.announce, settled: this.sent });
   }
 
   /** Stops heartbeats without leaving: the buffer should let it lapse. */
@@ -255,17 +269,17 @@ export class TestProducer {
     }
   }
 
-  /** Sends one chunk regardless of credit. */
-  pushChunk(): Promise<PushResponse> {
+  /** Sends one chunk regardless of credit; `rowsPerContext` under the announced bound makes a short one, as packed contexts are. */
+  pushChunk(rowsPerContext = this.rowsPerContext): Promise<PushResponse> {
     const contexts = Array.from({ length: this.contextsPerChunk }, () => this.nextContext++);
-    this.sent += this.chunkRows;
+    this.sent += this.contextsPerChunk * rowsPerContext;
     return this.push!.send(
       makeChunk({
         producerId: this.id,
         producerNumber: this.number,
         sequence: this.sequence++,
         contexts,
-        rowsPerContext: this.rowsPerContext,
+        rowsPerContext,
       }),
     );
   }

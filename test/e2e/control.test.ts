@@ -115,8 +115,13 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
     for (const word of ["buffer blocks.1.hook_resid_post", "producer-0", "trainer-0", "topk-k8", "topk-k16"])
       assert.ok(stdout.includes(word), stdout);
     await cli("stop", runDir);
+    const asked = performance.now();
     const code = await exited;
     assert.equal(code, 0, `a run stopped on request ends cleanly:\n${output}`);
+    // Its roles end within seconds of the trainers; the CLI leaves with them rather than when the
+    // 30 s it would give them to end by themselves has passed.
+    const seconds = (performance.now() - asked) / 1000;
+    assert.ok(seconds < 30, `saeflow up exited ${seconds.toFixed(1)} s after the run was asked to stop:\n${output}`);
     for (const sae of ["topk-k8", "topk-k16"])
       assert.ok(existsSync(join(runDir, sae, "sae_lens", "cfg.json")), `${sae} exported:\n${output}`);
     assert.ok(existsSync(join(runDir, "final-status.json")));

@@ -44,6 +44,11 @@ export interface LocalRun {
 
 export const log = (line: string) => process.stderr.write(`saeflow: ${line}\n`);
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/**
+ * A time limit raced against work that keeps the process alive by itself (child processes, calls):
+ * it does not, so a CLI whose work ended before the limit exits then, not when the limit would pass.
+ */
+export const limit = (ms: number) => new Promise((r) => setTimeout(r, ms).unref());
 
 /** The services of the run whose process is up now (not restarting, not ended), as collectStatus takes them. */
 export const liveServices = (run: LocalRun) =>

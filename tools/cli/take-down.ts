@@ -1,7 +1,7 @@
 import { furthestStep } from "./control.js";
 import { finalStatus, writeFinalStatus } from "./final-status.js";
 import { ledgerLines } from "./ledger.js";
-import { type LocalRun, log, sleep } from "./local-run.js";
+import { limit, type LocalRun, log } from "./local-run.js";
 import { stopRole } from "./processes.js";
 import type { Slot } from "./supervise.js";
 
@@ -19,7 +19,7 @@ export async function takeDown(run: LocalRun, completed: boolean): Promise<void>
   const { plan, sup } = run;
   const running = () => sup.slots.filter((s) => s.state === "running" || s.state === "restarting");
   if (completed && running().length) {
-    await Promise.race([Promise.all(running().map((s) => s.done)), sleep(END_BY_ITSELF_MS)]);
+    await Promise.race([Promise.all(running().map((s) => s.done)), limit(END_BY_ITSELF_MS)]);
     const left = running().map((s) => s.spec.id);
     if (left.length) log(`${left.join(", ")} did not end by themselves ${END_BY_ITSELF_MS / 1000} s after the trainers; stopping them`);
   }

@@ -1,7 +1,7 @@
 import { resolve } from "node:path";
 import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
 import { drainBuffer, furthestStep } from "./control.js";
-import { downNow, liveServices, type LocalRun, log, sleep, stopTraining } from "./local-run.js";
+import { downNow, limit, liveServices, type LocalRun, log, stopTraining } from "./local-run.js";
 import { ProgressLine, RecentWindow, summarise } from "./progress.js";
 import { collectStatus } from "./status.js";
 import { Watchdog } from "./watchdog.js";
@@ -39,7 +39,7 @@ export async function watch(run: LocalRun): Promise<boolean> {
       run.step = Math.max(run.step, furthestStep(st));
       progress.update(record);
       watchdog.check(st, record.stalledS ?? 0, down);
-      await Promise.race([trainersDone, sleep(config.launch.statusEveryMs)]);
+      await Promise.race([trainersDone, limit(config.launch.statusEveryMs)]);
     }
   } finally {
     progress.stop();
