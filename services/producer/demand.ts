@@ -5,6 +5,7 @@ import { Signal } from "../common/signal.js";
 
 const HELLO_TIMEOUT_MS = 2000;
 const REJOIN_RETRY_MS = 250;
+const REJOIN_WAIT_MS = 10_000;
 
 export interface DemandGateOptions {
   /** The subjects of the buffer shard it talks to. */
@@ -109,7 +110,10 @@ export class DemandGate {
     if (!bus || !me) return;
     // The stream is back, so the buffer is up: re-sent rows wait until it answers the hello (it
     // listens on NATS before its port accepts), so that both sides count them from the same join.
-    for (let attempt = 0; !this.stopped && !bus.isClosed(); attempt++) {
+    // A buffer that never answers (NATS down) gets them anyway after REJOIN_WAIT_MS; the settled
+    // count in the heartbeats squares the grant once NATS is back.
+    const until = Date.now() + REJOIN_WAIT_MS;
+    for (let attempt = 0; !this.stopped && !bus.isClosed() && Date.now() < until; attempt++) {
       if (await this.announce(bus, me, attempt === 0)) return;
       await new Promise((r) => setTimeout(r, REJOIN_RETRY_MS));
     }
