@@ -245,19 +245,22 @@ export class RefillCoordinator implements BufferObserver {
    */
   private markStranded(): void {
     for (const hook of this.gating()) {
-      let promised = 0;
       let smallest = Infinity;
       let spendable = false;
-      for (const m of this.members.values()) {
+      for (const m of this.live()) {
         if (!m.announce.hookPoints.includes(hook.name)) continue;
-        const credit = outstanding(m, hook.name);
-        promised += credit;
-        if (!m.live) continue;
         smallest = Math.min(smallest, m.announce.chunkRows);
-        if (credit >= (m.announce.contextRows ?? m.announce.chunkRows)) spendable = true;
+        if (outstanding(m, hook.name) >= (m.announce.contextRows ?? m.announce.chunkRows)) spendable = true;
       }
-      hook.setStranded(Number.isFinite(smallest) && !spendable && hook.pool.free - promised < smallest);
+      hook.setStranded(Number.isFinite(smallest) && !spendable && hook.pool.free - this.promised(hook) < smallest);
     }
+  }
+
+  /** Rows of `hook`'s pool promised and not yet arrived: every member's outstanding credit for it. */
+  private promised(hook: HookPoint): number {
+    let rows = 0;
+    for (const m of this.members.values()) if (m.announce.hookPoints.includes(hook.name)) rows += outstanding(m, hook.name);
+    return rows;
   }
 
   /** Pools that still ask for rows: those whose readers are all done neither refill nor pause the shard. */
@@ -289,11 +292,7 @@ export class RefillCoordinator implements BufferObserver {
     // a grant below them would promise the rest of the pool to rows that will never come.
     for (const member of this.members.values()) member.grant = Math.max(member.grant, ...member.received.values());
     const open = new Map<HookPoint, number>();
-    for (const hook of this.gating()) {
-      let promised = 0;
-      for (const m of this.members.values()) if (m.announce.hookPoints.includes(hook.name)) promised += outstanding(m, hook.name);
-      open.set(hook, Math.max(0, hook.pool.free - promised));
-    }
+    for (const hook of this.gating()) open.set(hook, Math.max(0, hook.pool.free - this.promised(hook)));
     const eligible: Array<{ member: Member; hooks: HookPoint[] }> = [];
     for (const member of this.live()) {
       const hooks = member.announce.hookPoints
