@@ -94,7 +94,8 @@ export function checkTensor(tensor: Tensor | undefined, field: string, expect: T
 
 /**
  * The payload as a typed array. A view when the bytes are aligned for the element type, else one
- * copy (received messages sit at arbitrary offsets inside grpc-js buffers).
+ * copy (a received payload sits where its message put it in grpc-js' buffer: aligned when the sender
+ * filled the message's align field, as grpc/wire.ts does).
  */
 export function fromTensor(tensor: Tensor): HostArray {
   const { data } = tensor;

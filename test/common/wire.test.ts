@@ -2,9 +2,9 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { decodeMessage, encodeMessage, wireBuffer } from "../../services/common/grpc/wire.js";
-import { toTensor } from "../../services/common/tensor-codec.js";
-import { PushRequestSchema, StatusResponseSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
-import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
+import { fromTensor, toTensor } from "../../services/common/tensor-codec.js";
+import { BatchesResponseSchema, PushRequestSchema, StatusResponseSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
+import { DType, type Tensor } from "../../services/gen/saeflow/v1/tensor_pb.js";
 
 describe("gRPC wire encoding", () => {
   it("writes tensor-carrying messages that protobuf-es parses back identically", () => {
@@ -60,8 +60,10 @@ describe("gRPC wire encoding", () => {
     const bytes = encodeMessage(PushRequestSchema, msg);
     assert.equal(bytes.buffer, out.buffer, "no copy of the payload");
     assert.equal(bytes.byteOffset + bytes.byteLength, out.byteOffset + out.byteLength, "the message ends with the payload");
-    assert.equal(bytes.byteLength, toBinary(PushRequestSchema, msg).byteLength);
-    assert.deepEqual(fromBinary(PushRequestSchema, new Uint8Array(bytes)), msg);
+    // Besides the filler that aligns the payload (next test), protobuf-es' own encoding.
+    const back = fromBinary(PushRequestSchema, new Uint8Array(bytes));
+    assert.equal(bytes.byteLength, toBinary(PushRequestSchema, msg).byteLength + 2 + back.align.byteLength);
+    assert.deepEqual({ ...back, align: new Uint8Array(0) }, msg);
     // Fields that do not fit in the room kept in front are copied out as before.
     const many = Array.from({ length: 20_000 }, (_, i) => i);
     const big = create(PushRequestSchema, {
@@ -69,7 +71,36 @@ describe("gRPC wire encoding", () => {
     });
     const copied = encodeMessage(PushRequestSchema, big);
     assert.notEqual(copied.buffer, out.buffer);
-    assert.deepEqual(fromBinary(PushRequestSchema, new Uint8Array(copied)), big);
+    assert.deepEqual({ ...fromBinary(PushRequestSchema, new Uint8Array(copied)), align: new Uint8Array(0) }, big);
+  });
+
+  it("pads a message with an align field so that its payload starts 8-byte aligned behind gRPC's 5-byte frame header", () => {
+    const values = new Float32Array(64 << 10);
+    // Every length of the fields in front of the payload modulo 8, through the run id's length.
+    for (let extra = 0; extra < 16; extra++) {
+      for (const [schema, msg] of [
+        [
+          PushRequestSchema,
+          create(PushRequestSchema, { chunk: { runId: "r".repeat(extra), activations: toTensor(values, DType.FP32, [1024, 64]) } }),
+        ],
+        [
+          BatchesResponseSchema,
+          create(BatchesResponseSchema, { traceparent: "t".repeat(extra), activations: toTensor(values, DType.FP32, [1024, 64]) }),
+        ],
+      ] as const) {
+        const bytes = encodeMessage(schema as typeof PushRequestSchema, msg as never);
+        // As grpc-js hands a received message over: a fresh buffer holding the 5-byte header, then the message.
+        const framed = Buffer.alloc(5 + bytes.byteLength);
+        bytes.copy(framed, 5);
+        const received = decodeMessage(schema as typeof PushRequestSchema, framed.subarray(5)) as {
+          activations?: Tensor;
+          chunk?: { activations?: Tensor };
+        };
+        const tensor = received.activations ?? received.chunk!.activations!;
+        assert.equal(tensor.data.byteOffset % 8, 0, `${schema.typeName}, ${extra} bytes more in front`);
+        assert.deepEqual(Array.from(fromTensor(tensor).subarray(0, 4)), [0, 0, 0, 0]);
+      }
+    }
   });
 
   it("leaves empty payloads out", () => {

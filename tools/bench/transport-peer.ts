@@ -39,7 +39,8 @@ const grpc = await startServer("127.0.0.1:0", transport, [
         activations: toTensor(floats(rows * D_MODEL), DType.FP32, [rows, D_MODEL]),
       });
       // The adapter resumes only after the last message was serialised, so one message is reused.
-      for (let i = 0n; i < req.maxBatches && !ctx.signal.aborted; i++) {
+      // As the buffer, max_batches 0 streams until the trainer cancels.
+      for (let i = 0n; (req.maxBatches === 0n || i < req.maxBatches) && !ctx.signal.aborted; i++) {
         batch.sequence = i;
         yield batch;
       }

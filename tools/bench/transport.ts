@@ -3,16 +3,18 @@ import { connect } from "node:net";
 import { fork } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { RunConfigSchema } from "../../services/common/config/index.js";
-import { createClient } from "../../services/common/grpc/adapter.js";
+import { createClient, type ServiceClient } from "../../services/common/grpc/adapter.js";
 import { wireBuffer } from "../../services/common/grpc/wire.js";
 import { toTensor } from "../../services/common/tensor-codec.js";
+import { GrpcBatchSource } from "../../services/trainer/batches.js";
 import { BufferService, PushRequestSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
 import { gbPerSecond, line, round } from "./stats.js";
 
 /**
  * Tensor chunks of 2, 8 and 32 MiB pushed producer→server (Push) and streamed server→client
- * (Batches) through the gRPC adapter, beside the same bytes over raw TCP on loopback.
+ * (Batches, read as the trainer reads them) through the gRPC adapter, beside the same bytes over raw
+ * TCP on loopback.
  */
 const MIB = 1024 * 1024;
 const D_MODEL = 1024;
@@ -33,8 +35,9 @@ async function timed(fn: () => Promise<void>): Promise<number> {
   return performance.now() - t0;
 }
 
-async function grpcUpload(address: string, chunkMiB: number, count: number): Promise<void> {
-  const client = createClient(BufferService, address, transport);
+type Client = ServiceClient<typeof BufferService>;
+
+async function grpcUpload(client: Client, chunkMiB: number, count: number): Promise<void> {
   const rows = (chunkMiB * MIB) / (D_MODEL * 4);
   const req = create(PushRequestSchema, {
     chunk: {
@@ -58,16 +61,21 @@ async function grpcUpload(address: string, chunkMiB: number, count: number): Pro
   }
   await done;
   call.end();
-  client.close();
 }
 
-async function grpcDownload(address: string, chunkMiB: number, count: number): Promise<void> {
-  const client = createClient(BufferService, address, transport);
-  const stream = client.batches({ hookPoint: "h", batchSize: (chunkMiB * MIB) / (D_MODEL * 4), maxBatches: BigInt(count) });
-  let got = 0;
-  for await (const _ of stream) got++;
-  if (got !== count) throw new Error(`download: ${got} of ${count} batches`);
-  client.close();
+/** `count` batches of `chunkMiB`, read as the trainer reads them (GrpcBatchSource: checked, and viewed as float32). */
+async function grpcDownload(client: Client, address: string, chunkMiB: number, count: number): Promise<void> {
+  const config = RunConfigSchema.parse({
+    buffer: { hookPoints: [{ name: "h", dModel: D_MODEL }] },
+    producer: { hookPoints: ["h"] },
+    trainer: { hookPoints: ["h"], batchSize: (chunkMiB * MIB) / (D_MODEL * 4) },
+  });
+  const source = new GrpcBatchSource(client, config, 2, { hookPoint: "h", address });
+  try {
+    for (let got = 0; got < count; got++) if (!(await source.next())) throw new Error(`download: ${got} of ${count} batches`);
+  } finally {
+    source.close();
+  }
 }
 
 function tcpRun(port: number, chunkMiB: number, count: number, upload: boolean): Promise<void> {
@@ -104,22 +112,25 @@ export async function run(): Promise<Record<string, number>> {
     child.once("exit", (code) => reject(new Error(`transport peer exited with ${code}`)));
   });
   const out: Record<string, number> = {};
+  // One channel for the whole run, as a producer or a trainer keeps its own: each round is a new call
+  // on it, so what is timed is the stream, not connecting.
+  const client = createClient(BufferService, peer.grpc, transport);
   try {
     for (const mib of [2, 8, 32]) {
       const count = Math.max(8, Math.round(256 / mib));
       const bytes = mib * MIB * count;
       for (const [dir, grpcFn, upload] of [
         ["push", grpcUpload, true],
-        ["batches", grpcDownload, false],
+        ["batches", (c: Client, m: number, n: number) => grpcDownload(c, peer.grpc, m, n), false],
       ] as const) {
         // Rounds alternate gRPC and raw TCP, so load from elsewhere on the machine hits both alike;
         // the ratio is the median of the rounds' ratios.
-        await grpcFn(peer.grpc, mib, count);
+        await grpcFn(client, mib, count);
         await tcpRun(peer.tcpPort, mib, count, upload);
         const gs: number[] = [];
         const ts: number[] = [];
         for (let r = 0; r < ROUNDS; r++) {
-          gs.push(gbPerSecond(bytes, await timed(() => grpcFn(peer.grpc, mib, count))));
+          gs.push(gbPerSecond(bytes, await timed(() => grpcFn(client, mib, count))));
           ts.push(gbPerSecond(bytes, await timed(() => tcpRun(peer.tcpPort, mib, count, upload))));
         }
         const g = median(gs);
@@ -133,6 +144,7 @@ export async function run(): Promise<Record<string, number>> {
       }
     }
   } finally {
+    client.close();
     const exited = new Promise((r) => child.once("exit", r));
     child.send("close");
     await exited;

@@ -7,7 +7,8 @@ import { type DescField, type DescMessage, fromBinary, type MessageShape, toBina
  * through toBinary, each payload as a view. A payload that ends the message and sits in a buffer
  * made by wireBuffer() is not copied at all: the fields before it are written into the room kept in
  * front of it, and the message is a view. Otherwise everything is copied once into the buffer grpc-js
- * takes. grpc-js copies once more to frame it; that copy it forces.
+ * takes. grpc-js copies once more to frame it; that copy it forces. A message with an `align` field
+ * gets filler there so that its payload lands 8-byte aligned where grpc-js hands it to the receiver.
  */
 
 /** Room kept in front of a wireBuffer's bytes, by ArrayBuffer. */
@@ -50,7 +51,8 @@ function isHeavy(field: DescField, seen: Set<DescMessage>): boolean {
 function planFor(schema: DescMessage): Plan {
   let plan = plans.get(schema);
   if (!plan) {
-    plan = { heavy: schema.fields.filter((f) => isHeavy(f, new Set([schema]))) };
+    // The align filler is written with the small fields, in front of the payloads it aligns.
+    plan = { heavy: schema.fields.filter((f) => f !== alignFieldOf(schema) && isHeavy(f, new Set([schema]))) };
     plans.set(schema, plan);
   }
   return plan;
@@ -99,10 +101,39 @@ function encodeSegments(schema: DescMessage, message: Record<string, unknown>, s
   return total;
 }
 
+/** Bytes grpc-js puts in front of a message in the buffer it hands the receiver's deserialiser (flag and length). */
+const FRAME_HEADER = 5;
+
+/** A message's `align` field (bytes, numbered below 16 so its tag is one byte), when it has one. */
+function alignFieldOf(schema: DescMessage): DescField | undefined {
+  const f = schema.fields.find((x) => x.localName === "align");
+  return f && f.fieldKind === "scalar" && f.scalar === 12 && f.number < 16 && !f.oneof ? f : undefined;
+}
+
+/**
+ * The message's fields, with its `align` field (when it has one) sized so that a payload that ends
+ * the message starts 8-byte aligned in the receiver's buffer: the receiver then views the rows in
+ * place instead of copying them to an aligned array.
+ */
+function aligned(schema: DescMessage, message: Record<string, unknown>, segments: Uint8Array[]): number {
+  const align = alignFieldOf(schema);
+  if (!align) return encodeSegments(schema, message, segments);
+  const bare = { ...message, [align.localName]: new Uint8Array(0) };
+  const total = encodeSegments(schema, bare, segments);
+  const payload = segments[segments.length - 1]!;
+  if (segments.length === 1 || payload.byteLength < ZERO_COPY_MIN_BYTES) return total;
+  const short = (8 - ((FRAME_HEADER + total - payload.byteLength) % 8)) % 8;
+  if (short === 0) return total;
+  // The field takes a tag and a length byte besides its filler, and an empty filler is not written: 3..10 bytes in all.
+  const filler = short < 3 ? short + 6 : short - 2;
+  segments.length = 0;
+  return encodeSegments(schema, { ...bare, [align.localName]: new Uint8Array(filler) }, segments);
+}
+
 /** Serialises a message into one Buffer, copying each bytes payload at most once. */
 export function encodeMessage<S extends DescMessage>(schema: S, message: MessageShape<S>): Buffer {
   const segments: Uint8Array[] = [];
-  const total = encodeSegments(schema, message as unknown as Record<string, unknown>, segments);
+  const total = aligned(schema, message as unknown as Record<string, unknown>, segments);
   if (segments.length === 1) {
     const only = segments[0]!;
     return Buffer.from(only.buffer, only.byteOffset, only.byteLength);
