@@ -31,6 +31,8 @@ export function wireBuffer(bytes: number, room = 64 << 10): Buffer {
 interface Plan {
   /** Singular bytes fields and singular message fields leading to one; written by hand. */
   heavy: DescField[];
+  /** The message's `align` field, when it has one (see aligned()). */
+  align: DescField | undefined;
 }
 
 const plans = new WeakMap<DescMessage, Plan>();
@@ -51,8 +53,9 @@ function isHeavy(field: DescField, seen: Set<DescMessage>): boolean {
 function planFor(schema: DescMessage): Plan {
   let plan = plans.get(schema);
   if (!plan) {
-    // The align filler is written with the small fields, in front of the payloads it aligns.
-    plan = { heavy: schema.fields.filter((f) => f !== alignFieldOf(schema) && isHeavy(f, new Set([schema]))) };
+    const align = alignFieldOf(schema);
+    // The align filler goes in front of the payloads it aligns, never after them.
+    plan = { heavy: schema.fields.filter((f) => f !== align && isHeavy(f, new Set([schema]))), align };
     plans.set(schema, plan);
   }
   return plan;
@@ -111,23 +114,28 @@ function alignFieldOf(schema: DescMessage): DescField | undefined {
 }
 
 /**
- * The message's fields, with its `align` field (when it has one) sized so that a payload that ends
- * the message starts 8-byte aligned in the receiver's buffer: the receiver then views the rows in
- * place instead of copying them to an aligned array.
+ * The message's segments, with an `align` field (when the message has one) written after its small
+ * fields and sized so that a payload that ends the message starts 8-byte aligned in the receiver's
+ * buffer: the receiver then views the rows in place instead of copying them to an aligned array.
+ * Protobuf readers take fields in any order, so the field goes in as a segment of its own.
  */
 function aligned(schema: DescMessage, message: Record<string, unknown>, segments: Uint8Array[]): number {
-  const align = alignFieldOf(schema);
+  const { align } = planFor(schema);
   if (!align) return encodeSegments(schema, message, segments);
-  const bare = { ...message, [align.localName]: new Uint8Array(0) };
-  const total = encodeSegments(schema, bare, segments);
+  // A filler the caller set is not written: this one replaces it.
+  let total = encodeSegments(schema, { ...message, [align.localName]: new Uint8Array(0) }, segments);
   const payload = segments[segments.length - 1]!;
   if (segments.length === 1 || payload.byteLength < ZERO_COPY_MIN_BYTES) return total;
   const short = (8 - ((FRAME_HEADER + total - payload.byteLength) % 8)) % 8;
   if (short === 0) return total;
-  // The field takes a tag and a length byte besides its filler, and an empty filler is not written: 3..10 bytes in all.
-  const filler = short < 3 ? short + 6 : short - 2;
-  segments.length = 0;
-  return encodeSegments(schema, { ...bare, [align.localName]: new Uint8Array(filler) }, segments);
+  // The field is a one-byte tag, a one-byte length and its filler: 2 to 9 bytes in all.
+  const bytes = short < 2 ? short + 8 : short;
+  const field = new Uint8Array(bytes);
+  field[0] = (align.number << 3) | 2;
+  field[1] = bytes - 2;
+  segments.splice(1, 0, field);
+  total += bytes;
+  return total;
 }
 
 /** Serialises a message into one Buffer, copying each bytes payload at most once. */
