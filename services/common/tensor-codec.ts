@@ -190,7 +190,6 @@ export function decodeFloats(data: HostArray, dtype: DType, out?: Float32Array):
   return values;
 }
 
-/** True when every element is finite; 16-bit formats are tested on their exponent bits. */
 /**
  * Index of the first NaN or Inf element in raw little-endian tensor bytes, or -1. Reads the
  * exponent bits byte by byte, so bytes at any offset (a tensor inside a received message) are

@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { trace } from "@opentelemetry/api";
 import type { RunConfig } from "../common/config/index.js";
+import { keepaliveTimeoutMs } from "../common/grpc/options.js";
 import { inSpan, traceparentOf } from "../common/telemetry.js";
 import { dtypeFromName, type HostArray, toTensor } from "../common/tensor-codec.js";
 import { type ActivationChunk, ActivationChunkSchema } from "../gen/saeflow/buffer/v1/buffer_pb.js";
@@ -24,6 +25,22 @@ export interface ProduceParts {
   feeds: Feeds;
   ledger: InFlightLedger;
   progress: ProducerProgress;
+  log: (line: string) => void;
+}
+
+/**
+ * What to tell the user when a pass held the producer's own thread (the CPU provider) past the gRPC
+ * keepalive timeout: meanwhile it could not answer the buffer's keepalive pings, so the buffer may
+ * have closed the connection. Undefined when the pass was shorter.
+ */
+export function longPassWarning(passMs: number, config: RunConfig): string | undefined {
+  const limit = keepaliveTimeoutMs(config.transport);
+  if (passMs <= limit) return undefined;
+  return (
+    `a forward pass held the producer's thread for ${(passMs / 1000).toFixed(1)} s, longer than the gRPC keepalive ` +
+    `timeout (${(limit / 1000).toFixed(1)} s, from transport.keepaliveMs): the buffer may close the connection mid-pass ` +
+    `(chunks in flight are sent again, none is lost); lower producer.batchContexts or raise transport.keepaliveMs`
+  );
 }
 
 /**
@@ -39,6 +56,7 @@ export class ProduceStep {
   /** Rows per hook point and tokens of every pass so far, the saved ones included. */
   private readonly produced: Position["produced"];
   private readonly lineage: string;
+  private warnedLongPass = false;
   /** Settles once the last batch handed to produce() is pushed (or failed). */
   private delivered: Promise<void> = Promise.resolve();
 
@@ -54,9 +72,10 @@ export class ProduceStep {
   }
 
   /**
-   * Produces `batch`. Its forward pass may run while the previous batch is still being converted
-   * and pushed (onnxruntime computes on its own threads); everything after the forward pass waits
-   * for the previous batch, so sequences, positions and pushes stay in order.
+   * Produces `batch`. On a GPU provider its forward pass runs on the model's thread while the
+   * previous batch is still being converted and pushed; on the CPU provider it runs on this thread,
+   * between them (see model-thread.ts). Everything after the forward pass waits for the previous
+   * batch, so sequences, positions and pushes stay in order.
    */
   produce(batch: Batch): Promise<void> {
     const attributes = { contexts: batch.contexts.length, tokens: batch.tokens, rows: batch.rows };
@@ -81,10 +100,17 @@ export class ProduceStep {
   }
 
   private forward(batch: Batch) {
-    return inSpan(tracer, "producer.forward", { tokens: batch.tokens, contexts: batch.contexts.length }, async (span) => ({
-      traceparent: traceparentOf(span),
-      outputs: await this.parts.model.run(batch.inputs),
-    }));
+    return inSpan(tracer, "producer.forward", { tokens: batch.tokens, contexts: batch.contexts.length }, async (span) => {
+      const t0 = performance.now();
+      const outputs = await this.parts.model.run(batch.inputs);
+      const warning =
+        this.parts.model.ownThread || this.warnedLongPass ? undefined : longPassWarning(performance.now() - t0, this.parts.config);
+      if (warning) {
+        this.warnedLongPass = true;
+        this.parts.log(`${this.parts.id}: ${warning}`);
+      }
+      return { traceparent: traceparentOf(span), outputs };
+    });
   }
 
   private convert(batch: Batch, outputs: Awaited<ReturnType<ModelSession["run"]>>, hooks: readonly string[]): Promise<HostArray[]> {

@@ -12,7 +12,8 @@ import { FLUSH_MS, produceUntilDone } from "./loop.js";
 import { checkAgainstRun, type Prepared, prepare } from "./prepare.js";
 import { ProduceStep } from "./produce.js";
 import { type ProducerControl, producerHandlers } from "./service.js";
-import { type ModelSession, openModelSession } from "./session.js";
+import { openModelSession } from "./model-thread.js";
+import type { ModelSession } from "./session.js";
 import { ProducerProgress, producerStatus } from "./status.js";
 
 export interface RunningProducer extends Role<StatusResponse> {
@@ -157,7 +158,7 @@ export async function startProducer(config: RunConfig, deps: RoleDeps = {}): Pro
   server.health.set(Serving.SERVING);
   const where = feeds.list.map((f) => `${f.hooks.join(", ")} to ${f.shard.address}`).join("; ");
   log(`${id} serving control on ${server.address}, pushing ${where}`);
-  const step = new ProduceStep({ config, id, model: parts.model, feeds, ledger, progress }, parts.from);
+  const step = new ProduceStep({ config, id, model: parts.model, feeds, ledger, progress, log }, parts.from);
   const finished = outcome(produceUntilDone({ id, producer: p, contexts, feeds, step, ledger, progress, log }));
 
   let stopping: Promise<void> | undefined;

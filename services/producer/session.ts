@@ -32,6 +32,8 @@ export interface ModelSession {
   /** Vocabulary size from the config.json beside the model, when there is one. */
   readonly vocabSize: number | undefined;
   run(inputs: ForwardInputs): Promise<Map<string, HookOutput>>;
+  /** The pass runs on a thread of its own, so the producer's thread stays free meanwhile (see model-thread.ts). */
+  readonly ownThread: boolean;
   /** Releases the onnxruntime session (and its device memory). */
   close(): Promise<void>;
 }
@@ -110,11 +112,13 @@ function forwardPass(session: ort.InferenceSession, outputs: readonly string[]) 
 }
 
 /**
- * Opens the model for a producer: checks the hook points against it, cuts it after the last one
- * (so one forward pass computes every hook tensor and nothing beyond), and runs a two-token pass
- * at once, so a provider that cannot run the graph fails at start, not on the first batch.
+ * Opens the model on the calling thread: checks the hook points against it, cuts it after the last
+ * one (so one forward pass computes every hook tensor and nothing beyond), and runs a two-token
+ * pass at once, so a provider that cannot run the graph fails at start, not on the first batch.
+ * onnxruntime-node runs a session on the thread that calls run() and returns only when the pass is
+ * done; on a GPU provider the producer opens it on a thread of its own (model-thread.ts).
  */
-export async function openModelSession(options: SessionOptions): Promise<ModelSession> {
+export async function openModelHere(options: SessionOptions): Promise<ModelSession> {
   const cut = cutModel(options);
   const session = await openOrtSession(
     encodeModel(cut),
@@ -145,6 +149,7 @@ export async function openModelSession(options: SessionOptions): Promise<ModelSe
     dModel: first.data.length / 2,
     vocabSize: readVocabSize(options.model),
     run,
+    ownThread: false,
     close: () => session.release(),
   };
 }

@@ -6,7 +6,8 @@ import { Signal } from "../common/signal.js";
 import { decodeFloats, dtypeFromName } from "../common/tensor-codec.js";
 import { BufferService } from "../gen/saeflow/buffer/v1/buffer_pb.js";
 import { type Batch, type BatchSource, GrpcBatchSource } from "./batches.js";
-import type { FromWorker, PrefetchInit, ToWorker, WireError } from "./prefetch.js";
+import { wireError } from "../common/worker.js";
+import type { FromWorker, PrefetchInit, ToWorker } from "./prefetch.js";
 
 /**
  * The trainer's batch stream, on its own thread: receives and decodes the buffer's batches, widens
@@ -50,13 +51,6 @@ port.on("message", (m: ToWorker) => {
 function own(batch: Batch): Batch {
   if (widen.includes(batch.dtype)) return { ...batch, dtype: "fp32", data: decodeFloats(batch.data, dtypeFromName(batch.dtype)) };
   return { ...batch, data: batch.data.slice() };
-}
-
-function wire(err: unknown): WireError {
-  if (err instanceof ConfigError && err.issues.length === 1)
-    return { message: err.message, key: err.issues[0]!.key, rawMessage: err.issues[0]!.message };
-  const { message, code } = err as Error & { code?: unknown };
-  return { message, ...(typeof code === "number" ? { code } : {}) };
 }
 
 const send = (m: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer);
@@ -126,7 +120,7 @@ try {
   }
   send({ type: "end" });
 } catch (err) {
-  send({ type: "error", error: wire(err) });
+  send({ type: "error", error: wireError(err) });
 } finally {
   source.close();
   client.close();

@@ -1,7 +1,8 @@
-import { Worker } from "node:worker_threads";
-import { ConfigError, type RunConfig } from "../common/config/index.js";
+import type { Worker } from "node:worker_threads";
+import type { RunConfig } from "../common/config/index.js";
 import type { DTypeName } from "../common/config/sections/dtype.js";
 import { Signal } from "../common/signal.js";
+import { startWorker, unwireError, type WireError } from "../common/worker.js";
 import type { Batch, BatchSource, StreamOf } from "./batches.js";
 
 /** What the prefetch thread is started with. */
@@ -15,33 +16,9 @@ export interface PrefetchInit {
   depth: number;
 }
 
-/** An error crossing from the prefetch thread: a config error keeps its key, a gRPC error its code. */
-export interface WireError {
-  message: string;
-  key?: string;
-  rawMessage?: string;
-  code?: number;
-}
-
 export type FromWorker =
   { type: "batch"; batch: Batch } | { type: "end" } | { type: "error"; error: WireError } | { type: "log"; line: string };
 export type ToWorker = { type: "credit" } | { type: "close" };
-
-function unwire(e: WireError): Error {
-  if (e.key !== undefined && e.rawMessage !== undefined) return ConfigError.at(e.key, e.rawMessage);
-  return Object.assign(new Error(e.message), e.code === undefined ? {} : { code: e.code });
-}
-
-/**
- * A worker running `file` (a module next to this one). Under tsx (the sources run as TypeScript)
- * the worker registers tsx's loader first, since a worker thread does not inherit the parent's.
- */
-function startWorker(file: string, workerData: unknown): Worker {
-  const url = new URL(`./${file}${import.meta.url.endsWith(".ts") ? ".ts" : ".js"}`, import.meta.url);
-  if (url.pathname.endsWith(".js")) return new Worker(url, { workerData });
-  const boot = `import { register } from ${JSON.stringify(import.meta.resolve("tsx/esm/api"))};\nregister();\nawait import(${JSON.stringify(url.href)});`;
-  return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`), { workerData });
-}
 
 /**
  * One buffer shard's batches of one hook point, received on a thread of their own (prefetch-worker.ts)
@@ -60,11 +37,11 @@ export class PrefetchedBatches implements BatchSource {
   /** `log` hears what the stream's thread says (a broken stream, its reconnection). */
   constructor(config: RunConfig, stream: StreamOf, widen: DTypeName[], depth = 1, log: (line: string) => void = () => undefined) {
     const init: PrefetchInit = { config, stream, widen, depth };
-    this.worker = startWorker("prefetch-worker", init);
+    this.worker = startWorker(import.meta.url, "prefetch-worker", init);
     this.worker.on("message", (m: FromWorker) => {
       if (m.type === "log") return log(m.line);
       if (m.type === "batch") this.queue.push(m.batch);
-      else if (m.type === "error") this.failure ??= unwire(m.error);
+      else if (m.type === "error") this.failure ??= unwireError(m.error);
       else this.ended = true;
       this.changed.notify();
     });

@@ -19,10 +19,14 @@ import { loadTokenizer } from "../../services/producer/tokenizer.js";
 import * as ort from "onnxruntime-node";
 import { freePort } from "../../tools/cli/nats-server.js";
 import { ReflectionClient } from "../support/reflection-client.js";
+import { useSwiftShader } from "../trainer/webgpu.js";
 import { D_MODEL, paragraphs, type RecordingBuffer, startWorld, type World, writeDataset } from "./harness.js";
 
 // The producer against real parts: nats-server, a gRPC server speaking the buffer's Push contract,
 // onnxruntime on the tiny Llama, the Llama-3.1 tokenizer.
+
+// WebGPU runs on SwiftShader (Vulkan on the CPU), the same device on every machine.
+useSwiftShader();
 
 const BOS = 128000;
 const HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"];
@@ -137,6 +141,27 @@ describe("producer", () => {
       }
     }
     await session.release();
+  });
+
+  it("on WebGPU, with each pass on the model's thread, streams what the CPU provider streams", async () => {
+    const settings = { dataset: [data], hookPoints: HOOKS, contextLength: 16, batchContexts: 3 };
+    await world.newBuffer();
+    const cpu = await runToEnd(world, { ...settings, id: "on-cpu" });
+    await world.newBuffer();
+    const gpu = await runToEnd(world, { ...settings, id: "on-webgpu", executionProvider: "webgpu" });
+    assert.ok(cpu.length > 2, "several passes");
+    assert.deepEqual(
+      gpu.map((c) => [c.hookPoint, Number(c.sequence), c.tokenIds]),
+      cpu.map((c) => [c.hookPoint, Number(c.sequence), c.tokenIds]),
+      "the same chunks, in the same order",
+    );
+    let worst = 0;
+    for (const [i, c] of cpu.entries()) {
+      const want = fromTensor(c.activations!) as Float32Array;
+      const got = fromTensor(gpu[i]!.activations!) as Float32Array;
+      for (let k = 0; k < want.length; k++) worst = Math.max(worst, Math.abs(got[k]! - want[k]!) / (1 + Math.abs(want[k]!)));
+    }
+    assert.ok(worst < 1e-4, `WebGPU activations differ from the CPU's by ${worst}`);
   });
 
   it("drops BOS rows and converts once to fp16 or bf16 with the shared codec", async () => {

@@ -6,13 +6,19 @@ import type { TransportConfig } from "../config/index.js";
  * windows at 64 KiB by default, which holds a tensor stream to ~0.3 GB/s; the windows come from
  * the transport config.
  */
+/**
+ * How long either end waits for its keepalive ping to be answered before it closes the connection.
+ * A process whose thread is held that long (a long forward pass on it) cannot answer in time.
+ */
+export const keepaliveTimeoutMs = (t: TransportConfig): number => Math.max(5000, Math.floor(t.keepaliveMs / 2));
+
 export function channelOptions(t: TransportConfig): ChannelOptions {
   return {
     "grpc.max_receive_message_length": t.maxMessageBytes,
     "grpc.max_send_message_length": t.maxMessageBytes,
     "grpc-node.flow_control_window": t.flowControlWindowBytes,
     "grpc.keepalive_time_ms": t.keepaliveMs,
-    "grpc.keepalive_timeout_ms": Math.max(5000, Math.floor(t.keepaliveMs / 2)),
+    "grpc.keepalive_timeout_ms": keepaliveTimeoutMs(t),
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
     // Each client its own HTTP/2 connection: on one shared by a Push held back by a full pool and the
@@ -27,7 +33,7 @@ export function serverOptions(t: TransportConfig): ChannelOptions {
     "grpc.max_receive_message_length": t.maxMessageBytes,
     "grpc.max_send_message_length": t.maxMessageBytes,
     "grpc.keepalive_time_ms": t.keepaliveMs,
-    "grpc.keepalive_timeout_ms": Math.max(5000, Math.floor(t.keepaliveMs / 2)),
+    "grpc.keepalive_timeout_ms": keepaliveTimeoutMs(t),
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.min_ping_interval_without_data_ms": 1000,
     // A client's calls past this wait for one of its streams to end (HTTP/2 SETTINGS), never pile up here.
