@@ -26,7 +26,7 @@ interface Pending {
  *
  * On the CPU provider the pass runs on the producer's thread, which onnxruntime counts as one of
  * its intra-op threads: the pool fills the cores, and a push beside it only competes with it
- * (measured on 2 cores: a thread of its own made the producer 15 to 30% slower). The push then
+ * (measured on 2 cores: a thread of its own made the producer 9 to 33% slower). The push then
  * waits for the pass, and a pass longer than the gRPC keepalive timeout can get the connection
  * closed under it (produce.ts warns).
  *

@@ -1,10 +1,11 @@
 import assert from "node:assert/strict";
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { getPriority, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { after, before, describe, it } from "node:test";
+import { readRunFile, type RunFile } from "../../tools/cli/run-file.js";
 import { ReflectionClient } from "../support/reflection-client.js";
 
 // What the README tells users to run against a live run: grpcurl list / describe / every control
@@ -13,10 +14,6 @@ import { ReflectionClient } from "../support/reflection-client.js";
 const root = resolve(import.meta.dirname, "../..");
 const run = promisify(execFile);
 const cli = (...args: string[]) => run(process.execPath, ["--import", "tsx", "tools/cli/main.ts", ...args], { cwd: root });
-
-interface RunJson {
-  services: Array<{ id: string; role: string; address: string }>;
-}
 
 async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 120_000): Promise<T> {
   const end = Date.now() + timeoutMs;
@@ -33,7 +30,7 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
   let up: ChildProcess;
   let exited: Promise<number | null>;
   let output = "";
-  let services: RunJson["services"] = [];
+  let services: RunFile["services"] = [];
   const clients: ReflectionClient[] = [];
   const reflect = (role: string) => {
     const c = new ReflectionClient(services.find((s) => s.role === role)!.address);
@@ -62,9 +59,7 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
     up.stdout!.on("data", (d: Buffer) => (output += d.toString()));
     up.stderr!.on("data", (d: Buffer) => (output += d.toString()));
     exited = new Promise((r) => up.once("exit", (code) => r(code)));
-    services = await until("run.json", async () =>
-      existsSync(join(runDir, "run.json")) ? (JSON.parse(readFileSync(join(runDir, "run.json"), "utf8")) as RunJson).services : undefined,
-    );
+    services = await until("run.json", async () => (existsSync(join(runDir, "run.json")) ? readRunFile(runDir).services : undefined));
     // Training has begun once the trainer reports a step.
     await until("the first step", async () => {
       const st = (await reflect("trainer").call("saeflow.trainer.v1.TrainerService", "Status", {})) as { saes?: Array<{ step?: string }> };
@@ -89,6 +84,12 @@ describe("control plane of a live run", { timeout: 300_000 }, () => {
         methods,
       );
     }
+  });
+
+  it("runs the producer launch.producerNice (10) below the buffer and the trainer", () => {
+    const base = getPriority();
+    for (const s of services)
+      assert.equal(getPriority(s.pid), s.role === "producer" ? Math.min(19, base + 10) : base, `${s.id}'s niceness`);
   });
 
   it("pauses and resumes the producer, the buffer and the trainer", async () => {

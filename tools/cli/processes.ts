@@ -1,8 +1,23 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { createWriteStream, existsSync, mkdirSync, readFileSync } from "node:fs";
+import { getPriority, setPriority } from "node:os";
 import { join } from "node:path";
 import { PARENT_FD_ENV, STATUS_FILE_ENV } from "../../services/common/service-main.js";
 import { roleEnv } from "./role-env.js";
+
+/**
+ * Lowers a just-started process's scheduling priority by `nice`. Linux sets it on the main thread only, and
+ * the threads that thread starts later inherit it: onnxruntime's pool and the tokenizer's threads
+ * are started long after this runs. A process that already ended needs nothing.
+ */
+function lowerPriority(pid: number | undefined, nice: number): void {
+  if (pid === undefined) return;
+  try {
+    setPriority(pid, Math.min(19, getPriority(pid) + nice));
+  } catch {
+    // It exited already; its exit is reported as any other.
+  }
+}
 
 /**
  * Role processes of a local run: each is `node --import tsx services/<role>/main.ts --config FILE`
@@ -46,6 +61,7 @@ export function spawnRole(
   address: string,
   configFile: string,
   sets: string[],
+  nice = 0,
 ): RoleProcess {
   const logs = join(runDir, "logs");
   mkdirSync(logs, { recursive: true });
@@ -55,6 +71,7 @@ export function spawnRole(
   const statusFile = statusFileOf(runDir, id);
   const env = { ...roleEnv(), [PARENT_FD_ENV]: "3", [STATUS_FILE_ENV]: statusFile };
   const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "pipe", "pipe"], env });
+  if (nice > 0) lowerPriority(child.pid, nice);
   child.stdout!.pipe(out, { end: false });
   child.stderr!.pipe(out, { end: false });
   // The CLI never writes to the launcher pipe; it only has to stay open while the CLI lives.

@@ -181,7 +181,8 @@ async function planRun(root: string, runDir: string, config: RunConfig, nats: Na
 function spawnSpec(plan: RunPlan, spec: RoleSpec) {
   const own = plan.tls?.issue(spec.id, spec.role);
   const identity = own ? [`transport.tls.cert=${own.cert}`, `transport.tls.key=${own.key}`] : [];
-  return spawnRole(plan.root, plan.runDir, spec.role, spec.id, spec.address, plan.configFile, [...spec.sets, ...identity]);
+  const nice = spec.role === "producer" ? plan.config.launch.producerNice : 0;
+  return spawnRole(plan.root, plan.runDir, spec.role, spec.id, spec.address, plan.configFile, [...spec.sets, ...identity], nice);
 }
 
 /** The buffers first (producers and trainers connect to them), then the producers and the trainers. */

@@ -17,6 +17,15 @@ export const LaunchSection = z
       .max(65000)
       .default(0)
       .describe("First gRPC port (buffer, producers, trainers in order); 0 picks free ports."),
+    producerNice: z
+      .number()
+      .int()
+      .min(0)
+      .max(19)
+      .default(10)
+      .describe(
+        "Niceness added to producer processes (0 leaves them as the other roles). On cores the roles share, the trainer, which sets the pace, gets them first and producers what it leaves; they still refill the pool in time.",
+      ),
     statusEveryMs: z.number().int().positive().default(1000).describe("How often the progress line and pipeline.jsonl are refreshed."),
     evaluate: z.boolean().default(true).describe("After training, measure each SAE's spliced LM loss (delta and fraction recovered)."),
     evalContexts: z.number().int().positive().default(16).describe("Contexts of the corpus used for the splice evaluation."),
