@@ -6,9 +6,9 @@ import { PARENT_FD_ENV, STATUS_FILE_ENV } from "../../services/common/service-ma
 import { roleEnv } from "./role-env.js";
 
 /**
- * Lowers a just-started process's scheduling priority by `nice`. Linux sets it on the main thread only, and
- * the threads that thread starts later inherit it: onnxruntime's pool and the tokenizer's threads
- * are started long after this runs. A process that already ended needs nothing.
+ * Lowers a just-started process's scheduling priority by `nice`. Linux sets it on the main thread
+ * only, and the threads that thread starts later inherit it: onnxruntime's pool and the tokenizer's
+ * threads are started long after this runs. A process that already ended needs nothing.
  */
 function lowerPriority(pid: number | undefined, nice: number): void {
   if (pid === undefined) return;
