@@ -17,21 +17,21 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Resolves once `p` reports SERVING; throws with the role's own error when it exits first. */
 export async function waitServing(p: RoleProcess, service: string, transport: TransportConfig, timeoutMs: number): Promise<void> {
-  const health = createClient(Health, p.address, transport);
   const until = Date.now() + timeoutMs;
   let code: number | undefined;
   void p.exited.then((c) => (code = c));
-  try {
-    while (Date.now() < until && code === undefined) {
-      try {
-        if ((await health.check({ service }, { deadline: Date.now() + 1000 })).status === Serving.SERVING) return;
-      } catch {
-        // not listening yet
-      }
-      await sleep(200);
+  while (Date.now() < until && code === undefined) {
+    // A channel per check: one that was refused backs off before it tries again (1 s, then 1.6
+    // times longer each time), which would see a role that took 10 s to listen 5 s late.
+    const health = createClient(Health, p.address, transport);
+    try {
+      if ((await health.check({ service }, { deadline: Date.now() + 1000 })).status === Serving.SERVING) return;
+    } catch {
+      // not listening yet
+    } finally {
+      health.close();
     }
-  } finally {
-    health.close();
+    await sleep(200);
   }
   if (code === undefined) throw new Error(`${p.id} at ${p.address} not serving after ${timeoutMs} ms (see ${p.log})`);
   throw new Error(`during start-up, ${exitReport(p, code)}`);
