@@ -2,16 +2,16 @@ import type { ChannelOptions } from "@grpc/grpc-js";
 import type { TransportConfig } from "../config/index.js";
 
 /**
- * Channel and server options every service uses. grpc-js caps messages at 4 MiB and keeps HTTP/2
- * windows at 64 KiB by default, which holds a tensor stream to ~0.3 GB/s; the windows come from
- * the transport config.
- */
-/**
  * How long either end waits for its keepalive ping to be answered before it closes the connection.
  * A process whose thread is held that long (a long forward pass on it) cannot answer in time.
  */
 export const keepaliveTimeoutMs = (t: TransportConfig): number => Math.max(5000, Math.floor(t.keepaliveMs / 2));
 
+/**
+ * Channel and server options every service uses. grpc-js caps messages at 4 MiB and keeps HTTP/2
+ * windows at 64 KiB by default, which holds a tensor stream to ~0.3 GB/s; the windows come from
+ * the transport config.
+ */
 export function channelOptions(t: TransportConfig): ChannelOptions {
   return {
     "grpc.max_receive_message_length": t.maxMessageBytes,
