@@ -15,12 +15,13 @@ import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
 import { type Batch, makeBatch } from "../../services/producer/batch.js";
 import { shardContexts } from "../../services/producer/dataset/contexts.js";
 import { freshPosition } from "../../services/producer/dataset/position.js";
-import { resolveSources } from "../../services/producer/dataset/sources.js";
+import { readDocuments, resolveSources } from "../../services/producer/dataset/sources.js";
 import { loadModel } from "../../services/producer/model/onnx.js";
 import { sessionFor } from "../../services/producer/model/session.js";
 import { truncateAtHooks } from "../../services/producer/model/truncate.js";
 import { type RunningProducer, startProducer } from "../../services/producer/producer.js";
 import { loadTokenizer, type TextTokenizer } from "../../services/producer/tokenizer.js";
+import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 import { makeTinyLlama } from "../model/tiny-llama.js";
 import { line, round } from "./stats.js";
 
@@ -28,8 +29,9 @@ import { line, round } from "./stats.js";
  * The producer on the tiny Llama (builtin corpus, Llama-3.1 tokenizer, CPU) at context 128 and
  * 1024: tokens/s and activation bytes/s through the whole service (dataset, tokenizer, forward,
  * conversion, push over gRPC to a buffer stand-in in another process, NATS grants), beside a bare
- * onnxruntime session running the same batches of the same cut model in the same run. Then what
- * cutting the model after an early hook point saves against running it whole (to the logits).
+ * onnxruntime session running the same batches of the same cut model in the same run, and the CPU
+ * a token each takes, with the part that reading and tokenizing the text is. Then what cutting the model after an early hook
+ * point saves against running it whole (to the logits).
  */
 const HOOK = "blocks.1.hook_resid_post";
 const EARLY_HOOK = "blocks.0.hook_resid_post";
@@ -108,6 +110,8 @@ async function bareSeconds(session: ort.InferenceSession, batches: Batch[], outp
   return (performance.now() - t0) / 1000;
 }
 
+const cpuSeconds = (used: NodeJS.CpuUsage): number => (used.user + used.system) / 1e6;
+
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function until(ready: () => boolean): Promise<void> {
@@ -143,8 +147,12 @@ interface Setup {
   runDir: string;
 }
 
-/** The producer against a bare session on the same batches, at one context length. */
-async function measureContext(setup: Setup, contextLength: number): Promise<Record<string, number>> {
+/**
+ * The producer against a bare session on the same batches, at one context length: tokens/s, and
+ * CPU a token in this process with the part of the producer's that reading and tokenizing are
+ * (`tokenizerCpu`, CPU-seconds a token, from measureTokenizer).
+ */
+async function measureContext(setup: Setup, contextLength: number, tokenizerCpu: number): Promise<Record<string, number>> {
   const { model, bus, full } = setup;
   const batchContexts = TOKENS_PER_PASS / contextLength;
   const runId = `bench-${contextLength}`;
@@ -166,12 +174,20 @@ async function measureContext(setup: Setup, contextLength: number): Promise<Reco
   const producerTps: number[] = [];
   const producerBps: number[] = [];
   const bareTps: number[] = [];
+  // CPU-seconds a token in this process (the buffer stand-in's excluded).
+  const producerCpu: number[] = [];
+  const bareCpu: number[] = [];
   for (let r = 0; r < ROUNDS; r++) {
+    let cpu0 = process.cpuUsage();
     const p = await timedGrant(bus, runId, producer, chunkRows, PASSES, r + 1);
+    producerCpu.push(cpuSeconds(process.cpuUsage(cpu0)) / p.tokens);
     producerTps.push(p.tokens / p.seconds);
     producerBps.push(p.bytes / p.seconds);
     const same = batches.slice(WARMUP_PASSES + r * PASSES, WARMUP_PASSES + (r + 1) * PASSES);
-    bareTps.push(same.reduce((n, b) => n + b.tokens, 0) / (await bareSeconds(session, same, [HOOK])));
+    const sameTokens = same.reduce((n, b) => n + b.tokens, 0);
+    cpu0 = process.cpuUsage();
+    bareTps.push(sameTokens / (await bareSeconds(session, same, [HOOK])));
+    bareCpu.push(cpuSeconds(process.cpuUsage(cpu0)) / sameTokens);
   }
   await producer.stop();
   await session.release();
@@ -184,11 +200,20 @@ async function measureContext(setup: Setup, contextLength: number): Promise<Reco
   });
   line(`  producer/bare ORT tok/s (median of rounds)`, ratio, "");
   line(`  activation bytes/s (fp32, d_model ${model.params.dModel})`, median(producerBps) / 1e6, "MB/s");
+  line(`  CPU a token in this process (buffer stand-in apart)`, median(producerCpu) * 1e6, "µs", {
+    label: "bare ORT",
+    value: median(bareCpu) * 1e6,
+  });
+  line(`  reading + tokenizing, of the producer's CPU a token`, tokenizerCpu / median(producerCpu), "");
   return {
     [`${key}_tokens_per_s`]: round(median(producerTps), 0),
     [`${key}_activation_mb_per_s`]: round(median(producerBps) / 1e6, 2),
     [`${key}_bare_ort_tokens_per_s`]: round(median(bareTps), 0),
     [`${key}_vs_bare_ort_ratio`]: round(ratio, 3),
+    [`${key}_cpu_us_per_token`]: round(median(producerCpu) * 1e6, 3),
+    [`${key}_bare_ort_cpu_us_per_token`]: round(median(bareCpu) * 1e6, 3),
+    [`${key}_cpu_per_token_vs_bare_ort_ratio`]: round(median(producerCpu) / median(bareCpu), 3),
+    [`${key}_tokenize_of_cpu_ratio`]: round(tokenizerCpu / median(producerCpu), 3),
   };
 }
 
@@ -220,6 +245,39 @@ async function measureTruncation(setup: Setup): Promise<Record<string, number>> 
     figures[`truncate_${name}_speedup_ratio`] = round(whole / median(ms[name]), 2);
   }
   return figures;
+}
+
+/**
+ * The producer's reading and tokenizing of the whole builtin corpus, done as the producer does it
+ * (its document reader and tokenize-ahead, Hugging Face's tokenizer): CPU-seconds a token over every
+ * thread of this process, since on the producer's cores this takes CPU from the forward pass, and
+ * tokens per wall second. Median of three runs after one to warm up.
+ */
+async function measureTokenizer(setup: Setup): Promise<{ cpuPerToken: number; figures: Record<string, number> }> {
+  const files = resolveSources(["builtin:corpus"]);
+  const readAll = async () => {
+    const documents = readDocuments(files, { textSplit: "paragraph", textField: "text", log: () => undefined }, freshPosition().cursor);
+    let tokens = 0;
+    for await (const { ids } of encodeAhead(documents, setup.tokenizer.encode)) tokens += ids.length;
+    return tokens;
+  };
+  const tokens = await readAll();
+  const cpu: number[] = [];
+  const wall: number[] = [];
+  for (let r = 0; r < 3; r++) {
+    const cpu0 = process.cpuUsage();
+    const t0 = performance.now();
+    await readAll();
+    wall.push((performance.now() - t0) / 1000);
+    cpu.push(cpuSeconds(process.cpuUsage(cpu0)));
+  }
+  const cpuPerToken = median(cpu) / tokens;
+  line(`read + tokenize the builtin corpus (${tokens} tokens)`, tokens / median(wall) / 1e6, "M tok/s");
+  line(`  CPU a token`, cpuPerToken * 1e6, "µs");
+  return {
+    cpuPerToken,
+    figures: { tokenize_tokens_per_s: round(tokens / median(wall), 0), tokenize_cpu_us_per_token: round(cpuPerToken * 1e6, 3) },
+  };
 }
 
 /** Hook points of an 8-block model: four per block, the last block's resid_post in every set, so every set runs the same forward pass. */
@@ -299,9 +357,11 @@ export async function run(): Promise<Record<string, number>> {
     runDir: mkdtempSync(join(tmpdir(), "saeflow-bench-producer-")),
   };
   try {
+    const tokenizer = await measureTokenizer(setup);
     return {
-      ...(await measureContext(setup, 128)),
-      ...(await measureContext(setup, 1024)),
+      ...tokenizer.figures,
+      ...(await measureContext(setup, 128, tokenizer.cpuPerToken)),
+      ...(await measureContext(setup, 1024, tokenizer.cpuPerToken)),
       ...(await measureHookPoints(setup)),
       ...(await measureTruncation(setup)),
     };
