@@ -15,7 +15,7 @@ import {
   PushRequestSchema,
 } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
-import { gbPerSecond, line, round } from "./stats.js";
+import { gbPerSecond, line, packageVersion, round } from "./stats.js";
 
 /**
  * The buffer's two costs, each beside a reference measured in the same run:
@@ -305,8 +305,12 @@ export async function bufferRowsPerSecond(dModel: number, bytes = E2E_BYTES): Pr
   }
 }
 
-export async function run(): Promise<Record<string, number>> {
-  const out: Record<string, number> = {};
+export async function run(): Promise<Record<string, number | string>> {
+  const out: Record<string, number | string> = {
+    gather_reference: `memcpy: one Buffer.copy of a batch's bytes at a time, on one thread, from a block of memory the pool's size`,
+    e2e_reference: `raw TCP relay: producer -> peer process -> trainer over node's net sockets on 127.0.0.1, the same bytes in chunks of ${CHUNK} rows and batches of ${BATCH}`,
+    grpc_js: packageVersion("@grpc/grpc-js"),
+  };
   for (const { label, dModel } of ROWS) {
     const { gatherGbps, memcpyGbps } = await gather(dModel, Math.min(GATHER_POOL_ROWS, Math.floor((128 << 20) / (dModel * 4))));
     const key = `gather_${dModel * 4}b`;

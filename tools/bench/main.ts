@@ -1,11 +1,11 @@
 import { spawnSync } from "node:child_process";
-import { availableParallelism } from "node:os";
+import { availableParallelism, cpus } from "node:os";
 import { ROLE_ENV, roleEnv } from "../cli/role-env.js";
 
 /**
  * `npm run bench` runs every benchmark; `npm run bench -- NAME [NAME...]` runs some. Each prints
  * its own lines, then this prints one JSON line holding every figure, ratios under keys ending in
- * `_ratio`, and the core count.
+ * `_ratio`, the core count, node's version and the CPU; each bench adds what its references ran on.
  */
 // Benches measure the roles as they run: with the environment every role process gets (glibc reads
 // its allocator settings at start-up, so this process starts again with them when they are missing).
@@ -24,7 +24,11 @@ if (unknown.length) {
   process.exit(2);
 }
 const names: BenchName[] = asked.length ? (asked as BenchName[]) : [...BENCHES];
-const figures: Record<string, number | string> = { cores: availableParallelism() };
+const figures: Record<string, number | string> = {
+  cores: availableParallelism(),
+  node: process.versions.node,
+  cpu: cpus()[0]?.model ?? "unknown",
+};
 for (const name of names) {
   process.stdout.write(`\n== ${name} (${figures.cores} cores)\n`);
   const mod = (await import(`./${name}.js`)) as { run: () => Promise<Record<string, number | string>> };

@@ -148,7 +148,7 @@ async function trainerAlone(): Promise<number> {
   }
 }
 
-export async function run(): Promise<Record<string, number>> {
+export async function run(): Promise<Record<string, number | string>> {
   const piped = await pipeline();
   const producer = await producerAlone();
   const trainer = await trainerAlone();
@@ -160,7 +160,14 @@ export async function run(): Promise<Record<string, number>> {
   line("buffer alone (push→serve, d=64)", buffer / 1e3, "krows/s");
   line("trainer wait, fraction of wall time", piped.waitFraction, "");
   line("batches held for producers, fraction of wall", piped.holdFraction, "");
+  // The settings every stage above ran with (read only: nothing is written to the run folder).
+  const config = benchConfig(tmpdir());
   return {
+    reference:
+      "each stage alone, measured after the pipeline in the same run: the producer pushing into a buffer with room for all it sends (5 s), the trainer's sweep on batches in memory, the buffer's push -> serve at d=64",
+    producer_threads: config.producer.threads,
+    trainer_threads: config.trainer.threads,
+    producer_nice: config.launch.producerNice,
     pipeline_tokens_per_s: Math.round(piped.tokensPerS),
     producer_alone_tokens_per_s: Math.round(producer),
     trainer_alone_tokens_per_s: Math.round(trainer),

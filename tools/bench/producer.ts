@@ -23,7 +23,7 @@ import { truncateAtHooks } from "../../services/producer/model/truncate.js";
 import { type RunningProducer, startProducer } from "../../services/producer/producer.js";
 import { loadTokenizer, type TextTokenizer } from "../../services/producer/tokenizer.js";
 import { makeTinyLlama } from "../model/tiny-llama.js";
-import { line, round } from "./stats.js";
+import { line, packageVersion, round } from "./stats.js";
 
 /**
  * The producer on the tiny Llama (builtin corpus, Llama-3.1 tokenizer, CPU) at context 128 and
@@ -342,7 +342,7 @@ async function measureHookPoints(setup: Setup): Promise<Record<string, number>> 
   return figures;
 }
 
-export async function run(): Promise<Record<string, number>> {
+export async function run(): Promise<Record<string, number | string>> {
   const model = makeTinyLlama({ out: ".cache/tiny-llama" });
   const nats = await startNatsServer();
   const peer = fork(fileURLToPath(import.meta.url), [PEER_FLAG], {
@@ -362,6 +362,10 @@ export async function run(): Promise<Record<string, number>> {
   try {
     const tokenize = await measureReadTokenize(setup);
     return {
+      reference:
+        "a bare onnxruntime-node session on the same cut model and the same batches, CPU provider, intra-op threads onnxruntime's default (its count of physical cores), as the producer's own session here",
+      onnxruntime: ort.env.versions.common,
+      tokenizers: packageVersion("tokenizers"),
       ...tokenize.figures,
       ...(await measureContext(setup, 128, tokenize.cpuPerToken)),
       ...(await measureContext(setup, 1024, tokenize.cpuPerToken)),

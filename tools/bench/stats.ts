@@ -1,3 +1,5 @@
+import { createRequire } from "node:module";
+
 /** Timing helpers shared by the benchmarks. */
 export const GB = 1e9;
 
@@ -23,3 +25,7 @@ export function line(label: string, value: number, unit: string, reference?: { l
     : "";
   process.stdout.write(`${label.padEnd(44)} ${value.toFixed(3).padStart(10)} ${unit}${ref}\n`);
 }
+
+/** The installed version of an npm package the benchmarks name in their JSON. */
+export const packageVersion = (name: string): string =>
+  (createRequire(import.meta.url)(`${name}/package.json`) as { version: string }).version;

@@ -9,7 +9,7 @@ import { toTensor } from "../../services/common/tensor-codec.js";
 import { GrpcBatchSource } from "../../services/trainer/batches.js";
 import { BufferService, PushRequestSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
-import { gbPerSecond, line, round } from "./stats.js";
+import { gbPerSecond, line, packageVersion, round } from "./stats.js";
 
 /**
  * Tensor chunks of 2, 8 and 32 MiB pushed producer→server (Push) and streamed server→client
@@ -105,13 +105,19 @@ function tcpRun(port: number, chunkMiB: number, count: number, upload: boolean):
   });
 }
 
-export async function run(): Promise<Record<string, number>> {
+export async function run(): Promise<Record<string, number | string>> {
   const child = fork(fileURLToPath(new URL("./transport-peer.ts", import.meta.url)), [String(D_MODEL)], { execArgv: ["--import", "tsx"] });
   const peer = await new Promise<{ grpc: string; tcpPort: number }>((resolve, reject) => {
     child.once("message", (m) => resolve(m as { grpc: string; tcpPort: number }));
     child.once("exit", (code) => reject(new Error(`transport peer exited with ${code}`)));
   });
-  const out: Record<string, number> = {};
+  const out: Record<string, number | string> = {
+    reference:
+      "raw TCP on 127.0.0.1 between the same two node processes (net sockets): the same bytes in the same chunk sizes, written back to back and counted on arrival, no framing",
+    grpc_js: packageVersion("@grpc/grpc-js"),
+    grpc_flow_control_window_bytes: transport.flowControlWindowBytes,
+    grpc_max_message_bytes: transport.maxMessageBytes,
+  };
   // One channel for the whole run, as a producer or a trainer keeps its own: each round is a new call
   // on it, so what is timed is the stream, not connecting.
   const client = createClient(BufferService, peer.grpc, transport);
