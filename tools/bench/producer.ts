@@ -41,6 +41,8 @@ const WARMUP_PASSES = 3;
 const ROUNDS = 5;
 const PASSES = 12;
 const PEER_FLAG = "--producer-bench-peer";
+/** How the bench reads the builtin corpus, for the batches it times and for the tokenizing it measures alone: as the producer does. */
+const CORPUS_READ = { textSplit: "paragraph", textField: "text", log: () => undefined } as const;
 
 /** The buffer stand-in: answers every chunk at once, as a buffer with room does. */
 async function servePeer(): Promise<void> {
@@ -77,7 +79,7 @@ async function sameBatches(tokenizer: TextTokenizer, contextLength: number, batc
   const contexts = shardContexts(
     {
       files: resolveSources(["builtin:corpus"]),
-      read: { textSplit: "paragraph", textField: "text", log: () => undefined },
+      read: CORPUS_READ,
       shard: { index: 0, count: 1 },
       pack: { contextLength, prependBos: true, excludeBos: true, bosId: tokenizer.bosId, padId: tokenizer.padId },
       encode: tokenizer.encode,
@@ -259,7 +261,7 @@ async function measureTruncation(setup: Setup): Promise<Record<string, number>> 
 async function measureReadTokenize(setup: Setup): Promise<{ cpuPerToken: number; figures: Record<string, number> }> {
   const files = resolveSources(["builtin:corpus"]);
   const readAll = async () => {
-    const documents = readDocuments(files, { textSplit: "paragraph", textField: "text", log: () => undefined }, freshPosition().cursor);
+    const documents = readDocuments(files, CORPUS_READ, freshPosition().cursor);
     let tokens = 0;
     for await (const { ids } of encodeAhead(documents, setup.tokenizer.encode)) tokens += ids.length;
     return tokens;
