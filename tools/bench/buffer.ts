@@ -15,7 +15,7 @@ import {
   PushRequestSchema,
 } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
-import { gbPerSecond, line, packageVersion, round } from "./stats.js";
+import { gbPerSecond, line, median, packageVersion, round } from "./stats.js";
 
 /**
  * The buffer's two costs, each beside a reference measured in the same run:
@@ -41,7 +41,6 @@ const E2E_ROUNDS = 5;
 /** Buffer shards side by side: 1, 2 and 4, each moving this many bytes. */
 const SHARDS = [1, 2, 4] as const;
 const SHARD_BYTES = 256 << 20;
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const PEER_FLAG = "SAEFLOW_BUFFER_BENCH_PEER";
 const transport = RunConfigSchema.parse({}).transport;
 const HOOK = "blocks.1.hook_resid_post";
@@ -107,7 +106,7 @@ async function medianOf(repeats: number, fn: () => number | Promise<number>): Pr
   await fn();
   const times: number[] = [];
   for (let i = 0; i < repeats; i++) times.push(await fn());
-  return times.sort((a, b) => a - b)[Math.floor(repeats / 2)]!;
+  return median(times);
 }
 
 /** Pushes `rows` rows in chunks, `IN_FLIGHT` unanswered at most, as a producer's stream does. */

@@ -23,7 +23,7 @@ import { truncateAtHooks } from "../../services/producer/model/truncate.js";
 import { type RunningProducer, startProducer } from "../../services/producer/producer.js";
 import { loadTokenizer, type TextTokenizer } from "../../services/producer/tokenizer.js";
 import { makeTinyLlama } from "../model/tiny-llama.js";
-import { line, packageVersion, round } from "./stats.js";
+import { line, median, packageVersion, round } from "./stats.js";
 
 /**
  * The producer on the tiny Llama (builtin corpus, Llama-3.1 tokenizer, CPU) at context 128 and
@@ -114,8 +114,6 @@ async function bareSeconds(session: ort.InferenceSession, batches: Batch[], outp
 }
 
 const cpuSeconds = (used: NodeJS.CpuUsage): number => (used.user + used.system) / 1e6;
-
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function until(ready: () => boolean): Promise<void> {
   while (!ready()) await new Promise((r) => setTimeout(r, 2));

@@ -3,6 +3,9 @@ import { createRequire } from "node:module";
 /** Timing helpers shared by the benchmarks. */
 export const GB = 1e9;
 
+/** The middle value of `xs` (the upper one of the two middles for an even count). */
+export const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
 /** Runs `fn` `repeats` times after one warm-up and returns the median wall time in ms. */
 export async function medianMs(repeats: number, fn: () => Promise<void> | void): Promise<number> {
   await fn();
@@ -12,8 +15,7 @@ export async function medianMs(repeats: number, fn: () => Promise<void> | void):
     await fn();
     times.push(performance.now() - t0);
   }
-  times.sort((a, b) => a - b);
-  return times[Math.floor(times.length / 2)]!;
+  return median(times);
 }
 
 export const gbPerSecond = (bytes: number, ms: number): number => bytes / GB / (ms / 1000);
