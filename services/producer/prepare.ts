@@ -19,7 +19,9 @@ export interface Prepared {
 /** What the saved position is only meaningful for: files, shard, splitting, tokenizer, packing. */
 function fingerprint(config: RunConfig, files: SourceFile[]): string {
   const p = config.producer;
+  // tokensField joins only when set, so positions saved before it existed still match.
   const what = [p.dataset, files.length, p.textSplit, p.textField, p.shardIndex, p.shardCount, p.tokenizer, p.contextLength, p.prependBos];
+  if (p.tokensField) what.push(p.tokensField);
   return createHash("sha256").update(JSON.stringify(what)).digest("hex").slice(0, 16);
 }
 

@@ -6,6 +6,7 @@ import { outcome, type Role, type RoleDeps, stderrLog } from "../common/role.js"
 import { ProducerService, type StatusResponse } from "../gen/saeflow/producer/v1/producer_pb.js";
 import { ServiceState } from "../gen/saeflow/v1/control_pb.js";
 import { shardContexts } from "./dataset/contexts.js";
+import { readOptionsOf } from "./dataset/sources.js";
 import { Feeds, type FeedStatus } from "./feeds.js";
 import { InFlightLedger } from "./in-flight.js";
 import { FLUSH_MS, produceUntilDone } from "./loop.js";
@@ -141,7 +142,7 @@ export async function startProducer(config: RunConfig, deps: RoleDeps = {}): Pro
   const contexts = shardContexts(
     {
       files: parts.files,
-      read: { textSplit: p.textSplit, textField: p.textField, log },
+      read: readOptionsOf(p, parts.tokenizer.vocabSize, log),
       shard: { index: p.shardIndex, count: p.shardCount },
       pack: {
         contextLength: p.contextLength,

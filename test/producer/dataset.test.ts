@@ -89,6 +89,65 @@ describe("dataset sources", () => {
     assert.match(logged[1]!, /no string field "text" \(producer\.textField\)/);
   });
 
+  it("reads token ids from JSONL records when tokens are asked for, skipping records a tokenizer of that vocabulary cannot have made", async () => {
+    const lines = [
+      '{"input_ids":[5,0,9]}',
+      '{"text":"only text"}',
+      '{"input_ids":[3,10]}',
+      '{"input_ids":[3,-1]}',
+      '{"input_ids":[3,1.5]}',
+      '{"input_ids":"3 4"}',
+      '{"input_ids":[]}',
+      '{"input_ids":[7],"text":"ignored"}',
+    ];
+    const dir = writeDataset(root, "ids", { "x.jsonl": lines.join("\n"), "y.txt": "plain text stays text" });
+    const logged: string[] = [];
+    const options = { ...read(), tokens: { field: "input_ids", vocabSize: 10 }, log: (l: string) => logged.push(l) };
+    const docs = await collect(readDocuments(resolveSources([dir]), options, START));
+    assert.deepEqual(
+      docs.map((d) => [d.index, d.ids ?? d.text]),
+      [
+        [0, [5, 0, 9]],
+        [1, []],
+        [2, [7]],
+        [3, "plain text stays text"],
+      ],
+    );
+    assert.equal(logged.length, 5);
+    assert.match(logged[0]!, /at byte 22: no array field "input_ids" \(producer\.tokensField\); record skipped/);
+    assert.match(
+      logged[1]!,
+      /"input_ids" holds 10 at position 1, not a token id below the tokenizer's vocabulary size 10 \(producer\.tokensField\)/,
+    );
+    assert.match(logged[2]!, /holds -1 at position 1/);
+    assert.match(logged[3]!, /holds 1\.5 at position 1/);
+    assert.match(logged[4]!, /no array field "input_ids"/);
+  });
+
+  it("tokenizes ahead only the documents that come without ids, keeping the documents' order", async () => {
+    const encoded: string[] = [];
+    const counting = async (texts: readonly string[]) => (encoded.push(...texts), encodeAsync(texts));
+    async function* mixed(): AsyncGenerator<Document> {
+      yield { index: 0, fileIndex: 0, offset: 0, ids: [1, 2] };
+      yield { index: 1, fileIndex: 1, offset: 0, text: "aa bbb" };
+      yield { index: 2, fileIndex: 2, offset: 0, ids: [] };
+      yield { index: 3, fileIndex: 2, offset: 9, ids: [4] };
+      yield { index: 4, fileIndex: 3, offset: 0, text: "c" };
+    }
+    const out = await collect(encodeAhead(mixed(), counting, { documents: 2, chars: 1 << 20, batchChars: 4 }));
+    assert.deepEqual(
+      out.map((e) => [e.doc.index, e.ids]),
+      [
+        [0, [1, 2]],
+        [1, [12, 13]],
+        [2, []],
+        [3, [4]],
+        [4, [11]],
+      ],
+    );
+    assert.deepEqual(encoded, ["aa bbb", "c"]);
+  });
+
   it("walks folders recursively in a sorted order and numbers documents across files", async () => {
     const dir = writeDataset(root, "tree", {
       "b/z.md": "z1\n\nz2",

@@ -18,6 +18,7 @@ import { type RunningProducer, startProducer } from "../../services/producer/pro
 import { loadTokenizer } from "../../services/producer/tokenizer.js";
 import * as ort from "onnxruntime-node";
 import { freePort } from "../../tools/cli/nats-server.js";
+import { pretokenize, TOKENS_FIELD } from "../../tools/cli/pretokenize.js";
 import { ReflectionClient } from "../support/reflection-client.js";
 import { useSwiftShader } from "../trainer/webgpu.js";
 import { D_MODEL, paragraphs, type RecordingBuffer, startWorld, type World, writeDataset } from "./harness.js";
@@ -225,6 +226,31 @@ describe("producer", () => {
     const encoded = await tokenizer.encode(docs);
     docs.forEach((_, i) => assert.deepEqual(tokensOf.get(i), encoded[i], `document ${i} once, whole`));
     assert.deepEqual(new Set(owner.values()), new Set(["cover-0", "cover-1"]));
+  });
+
+  it("from its dataset pretokenized (saeflow pretokenize), streams exactly what it streams from the text", async () => {
+    const dir = writeDataset(world.dir, "pretok", {
+      "a.txt": paragraphs(7, 5),
+      "b.jsonl": [0, 1, 2].map((i) => JSON.stringify({ text: `Record ${i}, written as JSON.` })).join("\n"),
+    });
+    const common = { hookPoints: [HOOKS[0]!], contextLength: 20, batchContexts: 2 };
+    await world.newBuffer();
+    const fromText = await runToEnd(world, { ...common, id: "text", dataset: [dir] });
+    const jsonl = join(world.dir, "pretok.jsonl");
+    const made = await pretokenize(world.config({ dataset: [dir] }).producer, jsonl, () => undefined);
+    assert.equal(made.documents, 10);
+    await world.newBuffer();
+    const fromIds = await runToEnd(world, { ...common, id: "ids", dataset: [jsonl], tokensField: TOKENS_FIELD });
+    assert.equal(fromIds.length, fromText.length);
+    assert.equal(
+      fromIds.reduce((n, c) => n + c.tokenIds.length, 0),
+      made.tokens,
+    );
+    fromText.forEach((want, i) => {
+      const got = fromIds[i]!;
+      assert.deepEqual([got.tokenIds, got.contextIds, got.documentIds], [want.tokenIds, want.contextIds, want.documentIds], `chunk ${i}`);
+      assert.deepEqual(fromTensor(got.activations!), fromTensor(want.activations!), `chunk ${i}'s activations`);
+    });
   });
 
   it("produces only within its grant: whole passes first, then a smaller pass spends the credit left", async () => {

@@ -68,7 +68,7 @@ describe("tokenizer output on the whole built-in corpus", () => {
     for await (const { doc, ids } of encodeAhead(documents, now.encode)) {
       assert.deepEqual(
         ids,
-        before.encode(doc.text, { add_special_tokens: false }),
+        before.encode(doc.text!, { add_special_tokens: false }),
         `document ${doc.index} (file ${files[doc.fileIndex]!.path})`,
       );
       tokens += ids.length;

@@ -16,12 +16,13 @@ import { type Batch, makeBatch } from "../../services/producer/batch.js";
 import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 import { shardContexts } from "../../services/producer/dataset/contexts.js";
 import { freshPosition } from "../../services/producer/dataset/position.js";
-import { readDocuments, resolveSources } from "../../services/producer/dataset/sources.js";
+import { readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
 import { loadModel } from "../../services/producer/model/onnx.js";
 import { sessionFor } from "../../services/producer/model/session.js";
 import { truncateAtHooks } from "../../services/producer/model/truncate.js";
 import { type RunningProducer, startProducer } from "../../services/producer/producer.js";
 import { loadTokenizer, type TextTokenizer } from "../../services/producer/tokenizer.js";
+import { pretokenize, TOKENS_FIELD } from "../cli/pretokenize.js";
 import { makeTinyLlama } from "../model/tiny-llama.js";
 import { line, median, packageVersion, round } from "./stats.js";
 
@@ -31,7 +32,8 @@ import { line, median, packageVersion, round } from "./stats.js";
  * conversion, push over gRPC to a buffer stand-in in another process, NATS grants), beside a bare
  * onnxruntime session running the same batches of the same cut model in the same run, and the CPU
  * a token each takes, with the share of the producer's that reading and tokenizing the text take.
- * Then what cutting the model after an early hook point saves against running it whole (to the
+ * The same again with the corpus pretokenized (saeflow pretokenize), the producer reading ids, so
+ * that what tokenizing costs the producer shows beside what the rest of it costs. Then what cutting the model after an early hook point saves against running it whole (to the
  * logits).
  */
 const HOOK = "blocks.1.hook_resid_post";
@@ -43,6 +45,15 @@ const PASSES = 12;
 const PEER_FLAG = "--producer-bench-peer";
 /** How the bench reads the builtin corpus, for the batches it times and for the tokenizing it measures alone: as the producer does. */
 const CORPUS_READ = { textSplit: "paragraph", textField: "text", log: () => undefined } as const;
+
+/** What a measured producer reads: the builtin corpus as text, or its copy made by saeflow pretokenize. */
+interface Corpus {
+  /** Prefix of this corpus' lines and JSON keys. */
+  label: string;
+  dataset: string[];
+  tokensField: string;
+}
+const TEXT: Corpus = { label: "", dataset: ["builtin:corpus"], tokensField: "" };
 
 /** The buffer stand-in: answers every chunk at once, as a buffer with room does. */
 async function servePeer(): Promise<void> {
@@ -155,16 +166,24 @@ interface Setup {
  * producer's tokenize-ahead refills as the producer consumes, so what it still encodes when a round
  * ends falls in the bare session's round and counts to the bare session's CPU.
  */
-async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: number): Promise<Record<string, number>> {
+async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: number, corpus: Corpus): Promise<Record<string, number>> {
   const { model, bus, full } = setup;
   const batchContexts = TOKENS_PER_PASS / contextLength;
-  const runId = `bench-${contextLength}`;
+  const runId = `bench-${contextLength}${corpus.label}`;
   const config = loadConfig({
     base: {
       run: { id: runId, dir: setup.runDir },
       nats: { url: setup.natsUrl },
       buffer: { address: setup.address, hookPoints: [{ name: HOOK, dModel: model.params.dModel }] },
-      producer: { model: model.modelPath, hookPoints: [HOOK], contextLength, batchContexts, resume: false },
+      producer: {
+        model: model.modelPath,
+        hookPoints: [HOOK],
+        contextLength,
+        batchContexts,
+        resume: false,
+        dataset: corpus.dataset,
+        tokensField: corpus.tokensField,
+      },
     },
   });
   const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
@@ -195,19 +214,28 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
   await producer.stop();
   await session.release();
 
-  const key = `ctx${contextLength}`;
+  const key = `ctx${contextLength}${corpus.label && `_${corpus.label}`}`;
   const ratio = median(producerTps.map((t, i) => t / bareTps[i]!));
-  line(`producer, context ${contextLength} x ${batchContexts}`, median(producerTps) / 1000, "k tokens/s", {
-    label: "bare ORT",
-    value: median(bareTps) / 1000,
-  });
+  line(
+    `producer, context ${contextLength} x ${batchContexts}${corpus.label && `, ${corpus.label}`}`,
+    median(producerTps) / 1000,
+    "k tokens/s",
+    {
+      label: "bare ORT",
+      value: median(bareTps) / 1000,
+    },
+  );
   line(`  producer/bare ORT tok/s (median of rounds)`, ratio, "");
   line(`  activation bytes/s (fp32, d_model ${model.params.dModel})`, median(producerBps) / 1e6, "MB/s");
   line(`  CPU a token in this process (buffer stand-in apart)`, median(producerCpu) * 1e6, "µs", {
     label: "bare ORT",
     value: median(bareCpu) * 1e6,
   });
-  line(`  reading + tokenizing, of the producer's CPU a token`, tokenizeCpu / median(producerCpu), "");
+  line(
+    `  ${corpus.tokensField ? "reading ids" : "reading + tokenizing"}, of the producer's CPU a token`,
+    tokenizeCpu / median(producerCpu),
+    "",
+  );
   return {
     [`${key}_tokens_per_s`]: round(median(producerTps), 0),
     [`${key}_activation_mb_per_s`]: round(median(producerBps) / 1e6, 2),
@@ -216,7 +244,7 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
     [`${key}_cpu_us_per_token`]: round(median(producerCpu) * 1e6, 3),
     [`${key}_bare_ort_cpu_us_per_token`]: round(median(bareCpu) * 1e6, 3),
     [`${key}_cpu_per_token_vs_bare_ort_ratio`]: round(median(producerCpu) / median(bareCpu), 3),
-    [`${key}_tokenize_of_cpu_ratio`]: round(tokenizeCpu / median(producerCpu), 3),
+    [`${key}_${corpus.tokensField ? "read_ids" : "tokenize"}_of_cpu_ratio`]: round(tokenizeCpu / median(producerCpu), 3),
   };
 }
 
@@ -252,14 +280,16 @@ async function measureTruncation(setup: Setup): Promise<Record<string, number>> 
 
 /**
  * The producer's reading and tokenizing of the whole builtin corpus, done as the producer does it
- * (its document reader and tokenize-ahead, Hugging Face's tokenizer): CPU-seconds a token over every
- * thread of this process, since on the producer's cores this takes CPU from the forward pass, and
- * tokens per wall second. Median of three runs after one to warm up.
+ * (its document reader and tokenize-ahead, Hugging Face's tokenizer), or its reading of the ids of
+ * the pretokenized copy: CPU-seconds a token over every thread of this process, since on the
+ * producer's cores this takes CPU from the forward pass, and tokens per wall second. Median of three
+ * runs after one to warm up.
  */
-async function measureReadTokenize(setup: Setup): Promise<{ cpuPerToken: number; figures: Record<string, number> }> {
-  const files = resolveSources(["builtin:corpus"]);
+async function measureReadTokenize(setup: Setup, corpus: Corpus): Promise<{ cpuPerToken: number; figures: Record<string, number> }> {
+  const files = resolveSources(corpus.dataset);
+  const read = readOptionsOf({ ...CORPUS_READ, tokensField: corpus.tokensField }, setup.tokenizer.vocabSize, CORPUS_READ.log);
   const readAll = async () => {
-    const documents = readDocuments(files, CORPUS_READ, freshPosition().cursor);
+    const documents = readDocuments(files, read, freshPosition().cursor);
     let tokens = 0;
     for await (const { ids } of encodeAhead(documents, setup.tokenizer.encode)) tokens += ids.length;
     return tokens;
@@ -275,11 +305,13 @@ async function measureReadTokenize(setup: Setup): Promise<{ cpuPerToken: number;
     cpu.push(cpuSeconds(process.cpuUsage(cpu0)));
   }
   const cpuPerToken = median(cpu) / tokens;
-  line(`read + tokenize the builtin corpus (${tokens} tokens)`, tokens / median(wall) / 1e6, "M tok/s");
+  const what = corpus.tokensField ? "read the ids of the builtin corpus, pretokenized" : "read + tokenize the builtin corpus";
+  const key = corpus.tokensField ? "read_ids" : "tokenize";
+  line(`${what} (${tokens} tokens)`, tokens / median(wall) / 1e6, "M tok/s");
   line(`  CPU a token`, cpuPerToken * 1e6, "µs");
   return {
     cpuPerToken,
-    figures: { tokenize_tokens_per_s: round(tokens / median(wall), 0), tokenize_cpu_us_per_token: round(cpuPerToken * 1e6, 3) },
+    figures: { [`${key}_tokens_per_s`]: round(tokens / median(wall), 0), [`${key}_cpu_us_per_token`]: round(cpuPerToken * 1e6, 3) },
   };
 }
 
@@ -360,15 +392,26 @@ export async function run(): Promise<Record<string, number | string>> {
     runDir: mkdtempSync(join(tmpdir(), "saeflow-bench-producer-")),
   };
   try {
-    const tokenize = await measureReadTokenize(setup);
+    const tokenize = await measureReadTokenize(setup, TEXT);
+    // The same corpus tokenized once ahead, as `saeflow pretokenize` writes it for a producer to read ids from.
+    const pretokenized: Corpus = { label: "pretokenized", dataset: [join(setup.runDir, "corpus.jsonl")], tokensField: TOKENS_FIELD };
+    await pretokenize(
+      { ...CORPUS_READ, dataset: TEXT.dataset, tokenizer: "builtin:llama3_1", tokensField: "" },
+      pretokenized.dataset[0]!,
+      () => undefined,
+    );
+    const readIds = await measureReadTokenize(setup, pretokenized);
     return {
       reference:
         "a bare onnxruntime-node session on the same cut model and the same batches, CPU provider, intra-op threads onnxruntime's default (its count of physical cores), as the producer's own session here",
       onnxruntime: ort.env.versions.common,
       tokenizers: packageVersion("tokenizers"),
       ...tokenize.figures,
-      ...(await measureContext(setup, 128, tokenize.cpuPerToken)),
-      ...(await measureContext(setup, 1024, tokenize.cpuPerToken)),
+      ...readIds.figures,
+      ...(await measureContext(setup, 128, tokenize.cpuPerToken, TEXT)),
+      ...(await measureContext(setup, 1024, tokenize.cpuPerToken, TEXT)),
+      ...(await measureContext(setup, 128, readIds.cpuPerToken, pretokenized)),
+      ...(await measureContext(setup, 1024, readIds.cpuPerToken, pretokenized)),
       ...(await measureHookPoints(setup)),
       ...(await measureTruncation(setup)),
     };

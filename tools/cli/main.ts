@@ -4,6 +4,7 @@ import { ConfigError, loadConfig, type RunConfig } from "../../services/common/c
 import { evalTable, evaluateRun } from "../eval/run.js";
 import { planCommand } from "../plan/main.js";
 import { exportRun } from "./export.js";
+import { pretokenize, TOKENS_FIELD } from "./pretokenize.js";
 import { writeReport } from "./report.js";
 import { cliConfig, readRunFile } from "./run-file.js";
 import { collectStatus, statusJson, statusTable } from "./status.js";
@@ -18,6 +19,8 @@ const USAGE = `usage: saeflow <command> [options]
   stop [RUN_DIR]                    checkpoint and export the trainers, then drain the run
   export [RUN_DIR]                  write the SAELens export of each SAE from its latest checkpoint
   report [RUN_DIR]                  draw the run into RUN_DIR/report.html
+  pretokenize CONFIG OUT.jsonl      tokenize the config's producer.dataset once into JSONL records of token
+     [--set key=value ...]          ids; train on them with producer.dataset=[OUT], producer.tokensField=input_ids
   plan CONFIG [--set key=value ...] lay the run out on a cluster: pods, GPUs, memory per buffer shard,
      [--rates FILE] [--bench FILE]  bandwidth per link, time to train every SAE, what saturates first
 `;
@@ -96,6 +99,17 @@ async function main(argv: string[]): Promise<number> {
       const config = cliConfig(run, "exporter");
       for (const path of await exportRun(config, trainerDirs(runDir, config), (l) => process.stderr.write(`saeflow: ${l}\n`)))
         process.stdout.write(`${path}\n`);
+      return 0;
+    }
+    case "pretokenize": {
+      const [file, out] = positionals;
+      if (!file || !out)
+        fail("pretokenize needs a CONFIG file and an OUT file, e.g. saeflow pretokenize deploy/configs/local.yaml corpus.jsonl");
+      if (!out.toLowerCase().endsWith(".jsonl")) fail(`pretokenize: OUT ${out} must end in .jsonl, so that producers read it as JSONL`);
+      const config = loadConfig({ file, env: process.env, sets: values.set });
+      const { documents, tokens } = await pretokenize(config.producer, resolve(out), say);
+      say(`wrote ${documents} documents, ${tokens} tokens to ${out}`);
+      say(`train on it with --set producer.dataset=${JSON.stringify([out])} --set producer.tokensField=${TOKENS_FIELD}`);
       return 0;
     }
     case "report":

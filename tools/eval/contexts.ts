@@ -1,12 +1,15 @@
 import type { ProducerConfig } from "../../services/common/config/index.js";
 import { packContexts } from "../../services/producer/dataset/pack.js";
 import { START } from "../../services/producer/dataset/position.js";
-import { readDocuments, resolveSources } from "../../services/producer/dataset/sources.js";
+import { readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
 import { loadTokenizer } from "../../services/producer/tokenizer.js";
 import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 
 /** What the producer reads and packs with; the evaluation takes its contexts the same way. */
-export type CorpusOptions = Pick<ProducerConfig, "dataset" | "tokenizer" | "textSplit" | "textField" | "contextLength" | "prependBos">;
+export type CorpusOptions = Pick<
+  ProducerConfig,
+  "dataset" | "tokenizer" | "textSplit" | "textField" | "tokensField" | "contextLength" | "prependBos"
+>;
 
 export interface CorpusSettings {
   /** Dataset warnings (skipped records). */
@@ -30,7 +33,7 @@ export async function corpusContexts(options: CorpusOptions, count: number, sett
   const { log = () => undefined, keys = { tokenizer: "producer.tokenizer", dataset: "producer.dataset" } } = settings;
   const tokenizer = loadTokenizer(options.tokenizer, keys.tokenizer);
   const files = resolveSources(options.dataset, keys.dataset);
-  const documents = readDocuments(files, { textSplit: options.textSplit, textField: options.textField, log }, START);
+  const documents = readDocuments(files, readOptionsOf(options, tokenizer.vocabSize, log), START);
   const pack = {
     contextLength: options.contextLength,
     prependBos: options.prependBos && tokenizer.bosId !== undefined,

@@ -23,6 +23,7 @@ of loss recovered, the KL divergence and reconstruction figures.
   --contexts N          contexts to evaluate on (default 16)
   --context-length N    tokens per context (default 128)
   --dataset PATH        text/JSONL file or folder, or builtin:corpus (default; repeat for several)
+  --tokens-field NAME   JSONL records hold token ids in this field (saeflow pretokenize), not text
   --tokenizer SPEC      tokenizer.json (or its folder) or builtin:llama3_1 (default)
   --provider NAME       onnxruntime execution provider: cpu (default), cuda or webgpu
   --threads N           onnxruntime intra-op threads (default: onnxruntime's choice)
@@ -60,6 +61,7 @@ export async function runCli(
         "context-length": { type: "string", default: String(defaults.contextLength) },
         dataset: { type: "string", multiple: true, default: defaults.dataset },
         tokenizer: { type: "string", default: defaults.tokenizer },
+        "tokens-field": { type: "string", default: defaults.tokensField },
         provider: { type: "string", default: "cpu" },
         threads: { type: "string", default: "0" },
         out: { type: "string" },
@@ -83,7 +85,13 @@ export async function runCli(
     const provider = PROVIDERS.find((p) => p === values.provider);
     if (!provider) throw new UsageError(`--provider: expected one of ${PROVIDERS.join(", ")}, got "${values.provider}"`);
 
-    const corpus = { ...defaults, dataset: values.dataset, tokenizer: values.tokenizer, contextLength };
+    const corpus = {
+      ...defaults,
+      dataset: values.dataset,
+      tokenizer: values.tokenizer,
+      tokensField: values["tokens-field"],
+      contextLength,
+    };
     const { contexts, bosId } = await corpusContexts(corpus, count, {
       log: (line) => io.err(`${line}\n`),
       keys: { tokenizer: "--tokenizer", dataset: "--dataset" },

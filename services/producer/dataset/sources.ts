@@ -1,8 +1,8 @@
 import { createReadStream, existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
-import { ConfigError } from "../../common/config/index.js";
-import { textOfRecord } from "./jsonl.js";
+import { ConfigError, type ProducerConfig } from "../../common/config/index.js";
+import { type Body, bodyOfRecord, type TokenIds } from "./jsonl.js";
 
 /** One file of the dataset, in the sorted order every producer agrees on. */
 export interface SourceFile {
@@ -10,20 +10,30 @@ export interface SourceFile {
   format: "text" | "jsonl";
 }
 
-/** One document: a line, paragraph or file of text, or one JSONL record. */
-export interface Document {
+/** One document: a line, paragraph or file of text, or one JSONL record (its text or its token ids). */
+export type Document = Body & {
   /** Index over the whole dataset (all shards), in file order; sharding and resume use it. */
   index: number;
   fileIndex: number;
   /** Byte offset of the document's first line in its file, where a resumed reader starts. */
   offset: number;
-  text: string;
-}
+};
 
 export interface ReadOptions {
   textSplit: "line" | "paragraph" | "file";
   textField: string;
+  /** When set, JSONL records hold token ids in this field instead of text (plain-text files are still text). */
+  tokens?: TokenIds;
   log: (line: string) => void;
+}
+
+/** How a producer's settings read the dataset; token ids given in records must be below `vocabSize`. */
+export function readOptionsOf(
+  p: Pick<ProducerConfig, "textSplit" | "textField" | "tokensField">,
+  vocabSize: number,
+  log: (line: string) => void,
+): ReadOptions {
+  return { textSplit: p.textSplit, textField: p.textField, tokens: p.tokensField ? { field: p.tokensField, vocabSize } : undefined, log };
 }
 
 /** Where to start reading: a document boundary in a file. */
@@ -135,14 +145,14 @@ async function* readLines(path: string, start: number): AsyncGenerator<Line> {
 
 const isBlank = (text: string): boolean => text.trim() === "";
 
-/** Documents of one file as [offset, text], split per `textSplit` (JSONL: one per record). */
-async function* fileDocuments(file: SourceFile, start: number, options: ReadOptions): AsyncGenerator<[number, string]> {
+/** Documents of one file as [offset, body], split per `textSplit` (JSONL: one per record). */
+async function* fileDocuments(file: SourceFile, start: number, options: ReadOptions): AsyncGenerator<[number, Body]> {
   if (file.format === "jsonl") {
     for await (const line of readLines(file.path, start)) {
       if (isBlank(line.text)) continue;
-      const text = textOfRecord(line.text, options.textField);
-      if (typeof text === "string") yield [line.offset, text];
-      else options.log(`dataset: ${displayName(file.path)} at byte ${line.offset}: ${text.error}; record skipped`);
+      const body = bodyOfRecord(line.text, options.textField, options.tokens);
+      if ("error" in body) options.log(`dataset: ${displayName(file.path)} at byte ${line.offset}: ${body.error}; record skipped`);
+      else yield [line.offset, body];
     }
     return;
   }
@@ -150,18 +160,18 @@ async function* fileDocuments(file: SourceFile, start: number, options: ReadOpti
   let paraOffset = start;
   for await (const line of readLines(file.path, start)) {
     if (options.textSplit === "line") {
-      if (!isBlank(line.text)) yield [line.offset, line.text];
+      if (!isBlank(line.text)) yield [line.offset, { text: line.text }];
       continue;
     }
     if (options.textSplit === "paragraph" && isBlank(line.text)) {
-      if (para.length) yield [paraOffset, para.join("\n")];
+      if (para.length) yield [paraOffset, { text: para.join("\n") }];
       para = [];
       continue;
     }
     if (!para.length) paraOffset = line.offset;
     para.push(line.text);
   }
-  if (para.length && !isBlank(para.join("\n"))) yield [paraOffset, para.join("\n")];
+  if (para.length && !isBlank(para.join("\n"))) yield [paraOffset, { text: para.join("\n") }];
 }
 
 /**
@@ -172,8 +182,8 @@ export async function* readDocuments(files: SourceFile[], options: ReadOptions, 
   let index = from.documentIndex;
   for (let fileIndex = from.fileIndex; fileIndex < files.length; fileIndex++) {
     const start = fileIndex === from.fileIndex ? from.offset : 0;
-    for await (const [offset, text] of fileDocuments(files[fileIndex]!, start, options)) {
-      yield { index: index++, fileIndex, offset, text };
+    for await (const [offset, body] of fileDocuments(files[fileIndex]!, start, options)) {
+      yield { ...body, index: index++, fileIndex, offset };
     }
   }
 }

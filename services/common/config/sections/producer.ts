@@ -22,6 +22,12 @@ export const ProducerSection = z
       .default(["builtin:corpus"])
       .describe("Text/JSONL files or folders, or builtin:corpus (English .md docs of the installed npm dependencies)."),
     textField: z.string().min(1).default("text").describe("Field holding the text in JSONL records."),
+    tokensField: z
+      .string()
+      .default("")
+      .describe(
+        "Field holding a document's token ids in JSONL records (written by saeflow pretokenize with this tokenizer), read instead of text; empty means JSONL records hold text.",
+      ),
     textSplit: z
       .enum(["line", "paragraph", "file"])
       .default("paragraph")

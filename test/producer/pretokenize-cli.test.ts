@@ -1,0 +1,59 @@
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, describe, it } from "node:test";
+import { loadTokenizer } from "../../services/producer/tokenizer.js";
+import { paragraphs, writeDataset } from "./harness.js";
+
+// `saeflow pretokenize` as a user runs it: the real CLI in its own process, the Llama-3.1 tokenizer.
+
+const root = mkdtempSync(join(tmpdir(), "saeflow-pretokenize-"));
+after(() => rmSync(root, { recursive: true, force: true }));
+
+const cli = (...args: string[]) =>
+  spawnSync(process.execPath, ["--import", "tsx", "tools/cli/main.ts", "pretokenize", ...args], { encoding: "utf8", timeout: 120_000 });
+
+describe("saeflow pretokenize", () => {
+  it("writes one record of token ids per document, the ids the tokenizer gives the text, and says how to train on them", async () => {
+    const text = paragraphs(5, 1);
+    const dir = writeDataset(root, "data", { "a.txt": text });
+    const out = join(root, "ids.jsonl");
+    const r = cli("deploy/configs/local.yaml", out, "--set", `producer.dataset=[${dir}]`);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stderr, /wrote 5 documents, \d+ tokens to /);
+    assert.match(r.stderr, /--set producer\.tokensField=input_ids/);
+    const records = readFileSync(out, "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { input_ids: number[] });
+    const want = await loadTokenizer("builtin:llama3_1").encode(text.split("\n\n").map((t) => t.trim()));
+    assert.deepEqual(
+      records.map((r) => r.input_ids),
+      want,
+    );
+    assert.equal(existsSync(`${out}.partial`), false);
+  });
+
+  it("refuses a command line it cannot carry out, naming what is wrong, and writes nothing", () => {
+    const cases: Array<[string[], RegExp]> = [
+      [["deploy/configs/local.yaml"], /pretokenize needs a CONFIG file and an OUT file/],
+      [["deploy/configs/local.yaml", join(root, "ids.txt")], /OUT .*ids\.txt must end in \.jsonl/],
+      [
+        ["deploy/configs/local.yaml", join(root, "x.jsonl"), "--set", `producer.dataset=[${join(root, "missing")}]`],
+        /producer\.dataset\.0: .*missing does not exist/,
+      ],
+      [["deploy/configs/local.yaml", join(root, "y.jsonl"), "--set", "producer.tokenizer=/no/tokenizer.json"], /producer\.tokenizer: /],
+    ];
+    for (const [args, message] of cases) {
+      const r = cli(...args);
+      assert.equal(r.status, 2, `${args.join(" ")}: ${r.stderr}`);
+      assert.match(r.stderr, message);
+    }
+    assert.deepEqual(
+      ["ids.txt", "x.jsonl", "y.jsonl", "x.jsonl.partial", "y.jsonl.partial"].filter((f) => existsSync(join(root, f))),
+      [],
+    );
+  });
+});

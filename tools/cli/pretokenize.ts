@@ -1,0 +1,62 @@
+import { once } from "node:events";
+import { createWriteStream, renameSync, rmSync, statSync } from "node:fs";
+import { SingleBar } from "cli-progress";
+import type { ProducerConfig } from "../../services/common/config/index.js";
+import { encodeAhead } from "../../services/producer/dataset/ahead.js";
+import { START } from "../../services/producer/dataset/position.js";
+import { readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
+import { loadTokenizer } from "../../services/producer/tokenizer.js";
+
+/** The field `saeflow pretokenize` writes ids to: the name Hugging Face datasets give tokenized text. */
+export const TOKENS_FIELD = "input_ids";
+
+export type PretokenizeOptions = Pick<ProducerConfig, "dataset" | "tokenizer" | "textSplit" | "textField" | "tokensField">;
+
+export interface Pretokenized {
+  documents: number;
+  tokens: number;
+}
+
+/**
+ * Tokenizes a dataset once, into one JSONL record of token ids per document (`{"input_ids": [...]}`),
+ * in the order and with the splitting a producer reads it, so that a producer given the file and
+ * `producer.tokensField: input_ids` packs exactly the contexts it would have packed from the text,
+ * and spends no CPU tokenizing however many runs read it. Records the producer would skip are
+ * skipped here too (and logged). The file appears only when complete: it is written beside `out`
+ * and renamed.
+ */
+export async function pretokenize(p: PretokenizeOptions, out: string, log: (line: string) => void): Promise<Pretokenized> {
+  const tokenizer = loadTokenizer(p.tokenizer);
+  const files = resolveSources(p.dataset);
+  const sizes = files.map((f) => statSync(f.path).size);
+  const before = sizes.map((_, i) => sizes.slice(0, i).reduce((a, b) => a + b, 0));
+  const bar = new SingleBar({
+    format: "pretokenize [{bar}] {percentage}% | {documents} documents, {tokens} tokens",
+    stream: process.stderr,
+    hideCursor: true,
+  });
+  bar.start(Math.max(1, before.at(-1)! + sizes.at(-1)!), 0, { documents: 0, tokens: 0 });
+  const partial = `${out}.partial`;
+  const stream = createWriteStream(partial);
+  const done: Pretokenized = { documents: 0, tokens: 0 };
+  try {
+    const documents = readDocuments(files, readOptionsOf(p, tokenizer.vocabSize, log), START);
+    for await (const { doc, ids } of encodeAhead(documents, tokenizer.encode)) {
+      if (!stream.write(`${JSON.stringify({ [TOKENS_FIELD]: ids })}\n`)) await once(stream, "drain");
+      done.documents++;
+      done.tokens += ids.length;
+      if (done.documents % 1024 === 0) bar.update(before[doc.fileIndex]! + doc.offset, done);
+    }
+    stream.end();
+    await once(stream, "finish");
+    renameSync(partial, out);
+  } catch (err) {
+    stream.destroy();
+    rmSync(partial, { force: true });
+    throw err;
+  } finally {
+    bar.update(bar.getTotal(), done);
+    bar.stop();
+  }
+  return done;
+}
