@@ -52,7 +52,11 @@ function benchConfig(dModel: number, capacity: number) {
   });
 }
 
-async function gather(dModel: number, capacity: number): Promise<{ gatherGbps: number; memcpyGbps: number }> {
+/** Gather and memcpy rounds, alternating so that load from elsewhere on the machine hits both alike. */
+const GATHER_ROUNDS = 5;
+
+/** Gather against memcpy: each figure the median over rounds, the ratio the median of the rounds' ratios. */
+async function gather(dModel: number, capacity: number): Promise<{ gatherGbps: number; memcpyGbps: number; ratio: number }> {
   const buffer = new ActivationBuffer({ runId: "bench", seed: 1, config: benchConfig(dModel, capacity).buffer });
   const hook = buffer.hooks.get(HOOK)!;
   const rowBytes = hook.pool.rowBytes;
@@ -72,33 +76,39 @@ async function gather(dModel: number, capacity: number): Promise<{ gatherGbps: n
   const out = Buffer.from(new ArrayBuffer(BATCH * rowBytes));
   const batches = Math.max(64, Math.round((512 << 20) / (BATCH * rowBytes)));
   // Takes are timed alone: the refill between them is the producers' work, not the gather's.
-  let gatherMs = 0;
-  const takeAll = () => {
+  const gatherRound = () => {
+    let ms = 0;
     for (let i = 0; i < batches; i++) {
       if (hook.pool.unread(cursor) < BATCH) refill();
       const t0 = performance.now();
       hook.take(cursor, BATCH, out);
-      gatherMs += performance.now() - t0;
+      ms += performance.now() - t0;
     }
+    return ms;
   };
-  takeAll();
-  gatherMs = 0;
-  takeAll();
   // The reference: one copy of the same number of bytes per batch, from a block of DRAM the size of the pool.
   const block = Buffer.alloc(capacity * rowBytes, 1);
   const span = BATCH * rowBytes;
   const slots = Math.floor(block.length / span);
-  const memcpyMs = await medianOf(3, () => {
+  const memcpyRound = () => {
     const t0 = performance.now();
     for (let i = 0; i < batches; i++) {
       const at = ((i * 7) % slots) * span;
       block.copy(out, 0, at, at + span);
     }
     return performance.now() - t0;
-  });
-  buffer.close();
+  };
+  gatherRound();
+  memcpyRound();
   const bytes = batches * BATCH * rowBytes;
-  return { gatherGbps: gbPerSecond(bytes, gatherMs), memcpyGbps: gbPerSecond(bytes, memcpyMs) };
+  const gathers: number[] = [];
+  const memcpys: number[] = [];
+  for (let r = 0; r < GATHER_ROUNDS; r++) {
+    gathers.push(gbPerSecond(bytes, gatherRound()));
+    memcpys.push(gbPerSecond(bytes, memcpyRound()));
+  }
+  buffer.close();
+  return { gatherGbps: median(gathers), memcpyGbps: median(memcpys), ratio: median(gathers.map((g, i) => g / memcpys[i]!)) };
 }
 
 /** Median of `repeats` timings after one warm-up, where `fn` times what matters itself and returns ms. */
@@ -311,12 +321,13 @@ export async function run(): Promise<Record<string, number | string>> {
     grpc_js: packageVersion("@grpc/grpc-js"),
   };
   for (const { label, dModel } of ROWS) {
-    const { gatherGbps, memcpyGbps } = await gather(dModel, Math.min(GATHER_POOL_ROWS, Math.floor((128 << 20) / (dModel * 4))));
+    const { gatherGbps, memcpyGbps, ratio } = await gather(dModel, Math.min(GATHER_POOL_ROWS, Math.floor((128 << 20) / (dModel * 4))));
     const key = `gather_${dModel * 4}b`;
     line(`gather ${label} rows (batch ${BATCH})`, gatherGbps, "GB/s", { label: "memcpy", value: memcpyGbps });
+    line(`  gather/memcpy GB/s (median of ${GATHER_ROUNDS} rounds)`, ratio, "");
     out[`${key}_gbps`] = round(gatherGbps);
     out[`${key}_memcpy_gbps`] = round(memcpyGbps);
-    out[`${key}_vs_memcpy_ratio`] = round(gatherGbps / memcpyGbps);
+    out[`${key}_vs_memcpy_ratio`] = round(ratio);
   }
   const peer = await startPeer();
   try {
