@@ -9,6 +9,7 @@ import { createClient } from "../../services/common/grpc/adapter.js";
 import { ProducerService } from "../../services/gen/saeflow/producer/v1/producer_pb.js";
 import { ArrayBatchSource, type Batch } from "../../services/trainer/batches.js";
 import { startTrainer } from "../../services/trainer/trainer.js";
+import { pretokenize, TOKENS_FIELD } from "../cli/pretokenize.js";
 import { spawnRole, stopRole } from "../cli/processes.js";
 import type { PipelineRecord } from "../cli/progress.js";
 import { up } from "../cli/up.js";
@@ -16,8 +17,9 @@ import { bufferRowsPerSecond } from "./buffer.js";
 import { line, round } from "./stats.js";
 
 /**
- * The local run (deploy/configs/local.yaml, fewer steps) end to end through `saeflow up`, beside
- * each stage's own rate measured alone in the same run: the producer pushing into a buffer nobody
+ * The local run (deploy/configs/local.yaml, fewer steps) end to end through `saeflow up`, on the
+ * builtin corpus as text and again pretokenized (the producer reading ids), beside each stage's own
+ * rate measured alone in the same run: the producer pushing into a buffer nobody
  * drains, the trainer's sweep on in-memory batches, and the buffer's push → serve path.
  */
 const root = resolve(import.meta.dirname, "../..");
@@ -47,10 +49,17 @@ interface MetricsLine {
   wait_ms: number;
 }
 
-async function pipeline(): Promise<{ tokensPerS: number; waitFraction: number; holdFraction: number }> {
+/** The run, on the builtin corpus as text or, with `pretokenized`, as saeflow pretokenize writes it. */
+async function pipeline(pretokenized = false): Promise<{ tokensPerS: number; waitFraction: number; holdFraction: number }> {
   const runDir = mkdtempSync(join(tmpdir(), "saeflow-bench-pipeline-"));
   try {
-    const config = benchConfig(runDir);
+    const sets: string[] = [];
+    if (pretokenized) {
+      const corpus = join(runDir, "corpus.jsonl");
+      await pretokenize(benchConfig(runDir).producer, corpus, () => undefined);
+      sets.push(`producer.dataset=[${corpus}]`, `producer.tokensField=${TOKENS_FIELD}`);
+    }
+    const config = benchConfig(runDir, sets);
     const result = await up(root, config);
     if (!result.completed) throw new Error(`pipeline run did not complete: ${JSON.stringify(result.exits)}`);
     const lines = readFileSync(join(runDir, config.trainer.saes[0]!.name, "metrics.jsonl"), "utf8")
@@ -150,11 +159,13 @@ async function trainerAlone(): Promise<number> {
 
 export async function run(): Promise<Record<string, number | string>> {
   const piped = await pipeline();
+  const pipedIds = await pipeline(true);
   const producer = await producerAlone();
   const trainer = await trainerAlone();
   const buffer = await bufferRowsPerSecond(64, 64 << 20);
   const slowest = Math.min(producer, trainer, buffer);
   line("pipeline (saeflow up, trained tok/s)", piped.tokensPerS / 1e3, "ktok/s", { label: "slowest stage alone", value: slowest / 1e3 });
+  line("pipeline, corpus pretokenized", pipedIds.tokensPerS / 1e3, "ktok/s", { label: "slowest stage alone", value: slowest / 1e3 });
   line("producer alone", producer / 1e3, "ktok/s");
   line("trainer alone (2-SAE sweep)", trainer / 1e3, "ktok/s");
   line("buffer alone (push→serve, d=64)", buffer / 1e3, "krows/s");
@@ -176,5 +187,8 @@ export async function run(): Promise<Record<string, number | string>> {
     buffer_hold_fraction: round(piped.holdFraction),
     pipeline_vs_slowest_stage_ratio: round(piped.tokensPerS / slowest),
     pipeline_vs_trainer_alone_ratio: round(piped.tokensPerS / trainer),
+    pipeline_pretokenized_tokens_per_s: Math.round(pipedIds.tokensPerS),
+    pipeline_pretokenized_trainer_wait_fraction: round(pipedIds.waitFraction),
+    pipeline_pretokenized_vs_slowest_stage_ratio: round(pipedIds.tokensPerS / slowest),
   };
 }
