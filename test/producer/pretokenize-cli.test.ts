@@ -37,6 +37,7 @@ describe("saeflow pretokenize", () => {
   });
 
   it("refuses a command line it cannot carry out, naming what is wrong, and writes nothing", () => {
+    const own = join(writeDataset(root, "own", { "ids.jsonl": '{"input_ids":[1]}' }), "ids.jsonl");
     const cases: Array<[string[], RegExp]> = [
       [["deploy/configs/local.yaml"], /pretokenize needs a CONFIG file and an OUT file/],
       [["deploy/configs/local.yaml", join(root, "ids.txt")], /OUT .*ids\.txt must end in \.jsonl/],
@@ -45,6 +46,10 @@ describe("saeflow pretokenize", () => {
         /producer\.dataset\.0: .*missing does not exist/,
       ],
       [["deploy/configs/local.yaml", join(root, "y.jsonl"), "--set", "producer.tokenizer=/no/tokenizer.json"], /producer\.tokenizer: /],
+      [
+        ["deploy/configs/local.yaml", own, "--set", `producer.dataset=[${join(root, "own")}]`],
+        /is the output of pretokenize and part of the dataset/,
+      ],
     ];
     for (const [args, message] of cases) {
       const r = cli(...args);
@@ -52,8 +57,11 @@ describe("saeflow pretokenize", () => {
       assert.match(r.stderr, message);
     }
     assert.deepEqual(
-      ["ids.txt", "x.jsonl", "y.jsonl", "x.jsonl.partial", "y.jsonl.partial"].filter((f) => existsSync(join(root, f))),
+      ["ids.txt", "x.jsonl", "y.jsonl", "x.jsonl.partial", "y.jsonl.partial", "own/ids.jsonl.partial"].filter((f) =>
+        existsSync(join(root, f)),
+      ),
       [],
     );
+    assert.equal(readFileSync(own, "utf8"), '{"input_ids":[1]}');
   });
 });

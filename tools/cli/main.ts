@@ -109,7 +109,7 @@ async function main(argv: string[]): Promise<number> {
       const config = loadConfig({ file, env: process.env, sets: values.set });
       const { documents, tokens } = await pretokenize(config.producer, resolve(out), say);
       say(`wrote ${documents} documents, ${tokens} tokens to ${out}`);
-      say(`train on it with --set producer.dataset=${JSON.stringify([out])} --set producer.tokensField=${TOKENS_FIELD}`);
+      say(`train on it with --set 'producer.dataset=${JSON.stringify([out])}' --set producer.tokensField=${TOKENS_FIELD}`);
       return 0;
     }
     case "report":

@@ -1,7 +1,8 @@
 import { once } from "node:events";
 import { createWriteStream, renameSync, rmSync, statSync } from "node:fs";
+import { resolve } from "node:path";
 import { SingleBar } from "cli-progress";
-import type { ProducerConfig } from "../../services/common/config/index.js";
+import { ConfigError, type ProducerConfig } from "../../services/common/config/index.js";
 import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 import { START } from "../../services/producer/dataset/position.js";
 import { readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
@@ -28,6 +29,9 @@ export interface Pretokenized {
 export async function pretokenize(p: PretokenizeOptions, out: string, log: (line: string) => void): Promise<Pretokenized> {
   const tokenizer = loadTokenizer(p.tokenizer);
   const files = resolveSources(p.dataset);
+  const itself = files.findIndex((f) => resolve(f.path) === resolve(out));
+  if (itself >= 0)
+    throw ConfigError.at("producer.dataset", `${out} is the output of pretokenize and part of the dataset it reads; write it elsewhere`);
   const sizes = files.map((f) => statSync(f.path).size);
   const before = sizes.map((_, i) => sizes.slice(0, i).reduce((a, b) => a + b, 0));
   const bar = new SingleBar({
