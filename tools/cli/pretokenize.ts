@@ -29,8 +29,7 @@ export interface Pretokenized {
 export async function pretokenize(p: PretokenizeOptions, out: string, log: (line: string) => void): Promise<Pretokenized> {
   const tokenizer = loadTokenizer(p.tokenizer);
   const files = resolveSources(p.dataset);
-  const itself = files.findIndex((f) => resolve(f.path) === resolve(out));
-  if (itself >= 0)
+  if (files.some((f) => resolve(f.path) === resolve(out)))
     throw ConfigError.at("producer.dataset", `${out} is the output of pretokenize and part of the dataset it reads; write it elsewhere`);
   const sizes = files.map((f) => statSync(f.path).size);
   const before = sizes.map((_, i) => sizes.slice(0, i).reduce((a, b) => a + b, 0));
@@ -54,12 +53,12 @@ export async function pretokenize(p: PretokenizeOptions, out: string, log: (line
     stream.end();
     await once(stream, "finish");
     renameSync(partial, out);
+    bar.update(bar.getTotal(), done);
   } catch (err) {
     stream.destroy();
     rmSync(partial, { force: true });
     throw err;
   } finally {
-    bar.update(bar.getTotal(), done);
     bar.stop();
   }
   return done;
