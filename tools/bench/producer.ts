@@ -33,8 +33,8 @@ import { line, median, packageVersion, round } from "./stats.js";
  * onnxruntime session running the same batches of the same cut model in the same run, and the CPU
  * a token each takes, with the share of the producer's that reading and tokenizing the text take.
  * The same again with the corpus pretokenized (saeflow pretokenize), the producer reading ids, so
- * that what tokenizing costs the producer shows beside what the rest of it costs. Then what cutting the model after an early hook point saves against running it whole (to the
- * logits).
+ * that what tokenizing costs the producer shows beside what the rest of it costs. Then what cutting
+ * the model after an early hook point saves against running it whole (to the logits).
  */
 const HOOK = "blocks.1.hook_resid_post";
 const EARLY_HOOK = "blocks.0.hook_resid_post";
@@ -54,6 +54,8 @@ interface Corpus {
   tokensField: string;
 }
 const TEXT: Corpus = { label: "", dataset: ["builtin:corpus"], tokensField: "" };
+/** The JSON key part of what reading a corpus costs: tokenizing text, or reading ids. */
+const readKey = (corpus: Corpus): string => (corpus.tokensField ? "read_ids" : "tokenize");
 
 /** The buffer stand-in: answers every chunk at once, as a buffer with room does. */
 async function servePeer(): Promise<void> {
@@ -244,7 +246,7 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
     [`${key}_cpu_us_per_token`]: round(median(producerCpu) * 1e6, 3),
     [`${key}_bare_ort_cpu_us_per_token`]: round(median(bareCpu) * 1e6, 3),
     [`${key}_cpu_per_token_vs_bare_ort_ratio`]: round(median(producerCpu) / median(bareCpu), 3),
-    [`${key}_${corpus.tokensField ? "read_ids" : "tokenize"}_of_cpu_ratio`]: round(tokenizeCpu / median(producerCpu), 3),
+    [`${key}_${readKey(corpus)}_of_cpu_ratio`]: round(tokenizeCpu / median(producerCpu), 3),
   };
 }
 
@@ -306,7 +308,7 @@ async function measureReadTokenize(setup: Setup, corpus: Corpus): Promise<{ cpuP
   }
   const cpuPerToken = median(cpu) / tokens;
   const what = corpus.tokensField ? "read the ids of the builtin corpus, pretokenized" : "read + tokenize the builtin corpus";
-  const key = corpus.tokensField ? "read_ids" : "tokenize";
+  const key = readKey(corpus);
   line(`${what} (${tokens} tokens)`, tokens / median(wall) / 1e6, "M tok/s");
   line(`  CPU a token`, cpuPerToken * 1e6, "µs");
   return {
