@@ -71,7 +71,7 @@ async function main(argv: string[]): Promise<number> {
       help: { type: "boolean", short: "h" },
     },
   });
-  if (!command || values.help || command === "help") {
+  if (!command || values.help || ["help", "--help", "-h"].includes(command)) {
     process.stdout.write(USAGE);
     return command ? 0 : 2;
   }
