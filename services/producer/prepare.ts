@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { ConfigError, type RunConfig } from "../common/config/index.js";
 import { DTYPE_BYTES, dtypeFromName } from "../common/tensor-codec.js";
 import { freshPosition, type Position, PositionStore } from "./dataset/position.js";
+import { checkPretokenized } from "./dataset/pretokenized.js";
 import { resolveSources, type SourceFile } from "./dataset/sources.js";
 import type { ModelSession } from "./session.js";
 import { loadTokenizer, type TextTokenizer } from "./tokenizer.js";
@@ -36,6 +37,7 @@ export function prepare(config: RunConfig, id: string, log: (line: string) => vo
     );
   }
   const files = resolveSources(p.dataset);
+  checkPretokenized(files, p.tokensField, tokenizer);
   const store = new PositionStore(p.stateFile || join(config.run.dir, `${id}.position.json`), fingerprint(config, files));
   const saved = p.resume ? store.load() : undefined;
   if (saved) {

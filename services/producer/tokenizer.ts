@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
@@ -8,6 +9,8 @@ import { ConfigError } from "../common/config/index.js";
 export interface TextTokenizer {
   /** The config value it was loaded from, for status and errors. */
   readonly source: string;
+  /** sha256 of its tokenizer.json (16 hex digits): what ids made by it are recorded with. */
+  readonly fingerprint: string;
   /** Begin-of-sequence id, when the tokenizer defines one. */
   readonly bosId: number | undefined;
   /** Id written at padding positions (they are masked out and never sent). */
@@ -67,6 +70,7 @@ function open(spec: string, file: string, key: string): TextTokenizer {
   while (tok.idToToken(vocabSize) !== null) vocabSize++;
   return {
     source: spec,
+    fingerprint: createHash("sha256").update(readFileSync(file)).digest("hex").slice(0, 16),
     bosId,
     padId: idOf(config.pad_token) ?? idOf(config.eos_token) ?? bosId ?? 0,
     vocabSize,

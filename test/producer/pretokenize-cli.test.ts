@@ -34,6 +34,13 @@ describe("saeflow pretokenize", () => {
       want,
     );
     assert.equal(existsSync(`${out}.partial`), false);
+    const meta = JSON.parse(readFileSync(`${out}.meta.json`, "utf8")) as Record<string, unknown>;
+    assert.deepEqual(meta, {
+      field: "input_ids",
+      tokenizer: { source: "builtin:llama3_1", fingerprint: loadTokenizer("builtin:llama3_1").fingerprint, vocabSize: 128256 },
+      documents: 5,
+      tokens: want.flat().length,
+    });
   });
 
   it("refuses a command line it cannot carry out, naming what is wrong, and writes nothing", () => {

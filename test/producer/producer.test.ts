@@ -479,6 +479,13 @@ describe("producer", () => {
   });
 
   it("refuses a bad config at start, naming the key", async () => {
+    const foreign = writeDataset(world.dir, "foreign", {
+      "ids.jsonl": '{"input_ids":[1,2,3]}',
+      "ids.jsonl.meta.json": JSON.stringify({
+        field: "input_ids",
+        tokenizer: { source: "other/tokenizer", fingerprint: "0000000000000000" },
+      }),
+    });
     const cases: Array<[Record<string, unknown>, string, RegExp]> = [
       [{ hookPoints: ["blocks.0.hook_resid_psot"] }, "producer.hookPoints", /unknown hook point "blocks\.0\.hook_resid_psot"/],
       [{ hookPoints: ["blocks.7.hook_resid_post"] }, "producer.hookPoints", /layer 7 is beyond the model, which has 2 layers/],
@@ -495,6 +502,7 @@ describe("producer", () => {
         /is 64 wide in the model but its buffer pool has dModel 32/,
       ],
       [{ batchContexts: 8192, contextLength: 1024 }, "producer.batchContexts", /over transport\.maxMessageBytes/],
+      [{ dataset: [foreign], tokensField: "input_ids" }, "producer.tokenizer", /was pretokenized with other\/tokenizer/],
     ];
     for (const [{ _pool, ...producer }, key, message] of cases) {
       // Pools for the producer's hook points, so that the config loads and the producer's own checks speak.

@@ -1,10 +1,11 @@
 import { once } from "node:events";
-import { createWriteStream, renameSync, rmSync, statSync } from "node:fs";
+import { createWriteStream, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { SingleBar } from "cli-progress";
 import { ConfigError, type ProducerConfig } from "../../services/common/config/index.js";
 import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 import { START } from "../../services/producer/dataset/position.js";
+import { checkPretokenized, metaPath, type PretokenizedMeta } from "../../services/producer/dataset/pretokenized.js";
 import { readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
 import { loadTokenizer } from "../../services/producer/tokenizer.js";
 
@@ -24,11 +25,12 @@ export interface Pretokenized {
  * `producer.tokensField: input_ids` packs exactly the contexts it would have packed from the text,
  * and spends no CPU tokenizing however many runs read it. Records the producer would skip are
  * skipped here too (and logged). The file appears only when complete: it is written beside `out`
- * and renamed.
+ * and renamed; then `<out>.meta.json` records the field and the tokenizer (checkPretokenized).
  */
 export async function pretokenize(p: PretokenizeOptions, out: string, log: (line: string) => void): Promise<Pretokenized> {
   const tokenizer = loadTokenizer(p.tokenizer);
   const files = resolveSources(p.dataset);
+  checkPretokenized(files, p.tokensField, tokenizer);
   if (files.some((f) => resolve(f.path) === resolve(out)))
     throw ConfigError.at("producer.dataset", `${out} is the output of pretokenize and part of the dataset it reads; write it elsewhere`);
   const sizes = files.map((f) => statSync(f.path).size);
@@ -53,6 +55,12 @@ export async function pretokenize(p: PretokenizeOptions, out: string, log: (line
     stream.end();
     await once(stream, "finish");
     renameSync(partial, out);
+    const meta: PretokenizedMeta = {
+      field: TOKENS_FIELD,
+      tokenizer: { source: tokenizer.source, fingerprint: tokenizer.fingerprint, vocabSize: tokenizer.vocabSize },
+      ...done,
+    };
+    writeFileSync(metaPath(out), `${JSON.stringify(meta, null, 2)}\n`);
     bar.update(bar.getTotal(), done);
   } catch (err) {
     stream.destroy();

@@ -94,7 +94,7 @@ export async function runCli(
     };
     const { contexts, bosId } = await corpusContexts(corpus, count, {
       log: (line) => io.err(`${line}\n`),
-      keys: { tokenizer: "--tokenizer", dataset: "--dataset" },
+      keys: { tokenizer: "--tokenizer", dataset: "--dataset", tokensField: "--tokens-field" },
     });
     if (contexts.length === 0) throw new UsageError(`--dataset: holds no full context of ${contextLength} tokens`);
     if (contexts.length < count)
