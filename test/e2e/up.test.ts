@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, describe, it } from "node:test";
@@ -67,6 +67,20 @@ describe("saeflow up with a config that cannot run", { timeout: 240_000 }, () =>
     ]);
     assert.equal(ran.code, 2, ran.output);
     assert.match(ran.output, /saeflow: producer\.hookPoints: .*blocks\.9\.hook_resid_post/);
+    assert.ok(!existsSync(join(dir, "logs")), "no role was started");
+  });
+
+  it("refuses a pretokenized file it would read as text before starting anything, naming the setting", async () => {
+    const dir = runDir("pretokenized");
+    const data = join(dir, "..", "ids.jsonl");
+    writeFileSync(data, '{"input_ids":[1,2,3]}\n');
+    writeFileSync(`${data}.meta.json`, JSON.stringify({ field: "input_ids", tokenizer: { source: "builtin:llama3_1", fingerprint: "x" } }));
+    const ran = await cliUp([`run.dir=${dir}`, "launch.basePort=0", `producer.dataset=[${data}]`]);
+    assert.equal(ran.code, 2, ran.output);
+    assert.match(
+      ran.output,
+      /saeflow: producer\.tokensField: .*ids\.jsonl holds token ids \(saeflow pretokenize\) in "input_ids"; set producer\.tokensField=input_ids to read them/,
+    );
     assert.ok(!existsSync(join(dir, "logs")), "no role was started");
   });
 
