@@ -1,7 +1,7 @@
 import type { ProducerConfig } from "../../services/common/config/index.js";
 import { packContexts } from "../../services/producer/dataset/pack.js";
 import { START } from "../../services/producer/dataset/position.js";
-import { checkPretokenized, type PretokenizedKeys } from "../../services/producer/dataset/pretokenized.js";
+import { checkPretokenized, PRODUCER_KEYS, type PretokenizedKeys } from "../../services/producer/dataset/pretokenized.js";
 import { readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
 import { loadTokenizer } from "../../services/producer/tokenizer.js";
 import { encodeAhead } from "../../services/producer/dataset/ahead.js";
@@ -31,10 +31,7 @@ export interface EvalContexts {
  * shorter than `count` contexts gives what it holds; its padded tail context is left out.
  */
 export async function corpusContexts(options: CorpusOptions, count: number, settings: CorpusSettings = {}): Promise<EvalContexts> {
-  const {
-    log = () => undefined,
-    keys = { tokenizer: "producer.tokenizer", dataset: "producer.dataset", tokensField: "producer.tokensField" },
-  } = settings;
+  const { log = () => undefined, keys = PRODUCER_KEYS } = settings;
   const tokenizer = loadTokenizer(options.tokenizer, keys.tokenizer);
   const files = resolveSources(options.dataset, keys.dataset);
   checkPretokenized(files, options.tokensField, tokenizer, keys);

@@ -25,7 +25,7 @@ export interface PretokenizedKeys {
   tokensField: string;
 }
 
-const PRODUCER_KEYS: PretokenizedKeys = {
+export const PRODUCER_KEYS: PretokenizedKeys = {
   dataset: "producer.dataset",
   tokenizer: "producer.tokenizer",
   tokensField: "producer.tokensField",
