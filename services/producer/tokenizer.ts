@@ -68,9 +68,13 @@ function open(spec: string, file: string, key: string): TextTokenizer {
   // Ids are dense in practice; stepping past any the count misses keeps every id below vocabSize.
   let vocabSize = tok.getVocabSize(true);
   while (tok.idToToken(vocabSize) !== null) vocabSize++;
+  let fingerprint: string | undefined;
   return {
     source: spec,
-    fingerprint: createHash("sha256").update(readFileSync(file)).digest("hex").slice(0, 16),
+    // Hashed on first use: only runs that write or read pretokenized files need it, and tokenizer.json is megabytes.
+    get fingerprint() {
+      return (fingerprint ??= createHash("sha256").update(readFileSync(file)).digest("hex").slice(0, 16));
+    },
     bosId,
     padId: idOf(config.pad_token) ?? idOf(config.eos_token) ?? bosId ?? 0,
     vocabSize,
