@@ -19,8 +19,8 @@ import { line, round } from "./stats.js";
 /**
  * The local run (deploy/configs/local.yaml, fewer steps) end to end through `saeflow up`, on the
  * builtin corpus as text and again pretokenized (the producer reading ids), beside each stage's own
- * rate measured alone in the same run: the producer pushing into a buffer nobody
- * drains, the trainer's sweep on in-memory batches, and the buffer's push → serve path.
+ * rate measured alone in the same run: the producer pushing into a buffer nobody drains, the
+ * trainer's sweep on in-memory batches, and the buffer's push → serve path.
  */
 const root = resolve(import.meta.dirname, "../..");
 const STEPS = 600;

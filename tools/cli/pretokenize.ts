@@ -31,7 +31,8 @@ export async function pretokenize(p: PretokenizeOptions, out: string, log: (line
   const tokenizer = loadTokenizer(p.tokenizer);
   const files = resolveSources(p.dataset);
   checkPretokenized(files, p.tokensField, tokenizer);
-  if (files.some((f) => resolve(f.path) === resolve(out)))
+  const target = resolve(out);
+  if (files.some((f) => resolve(f.path) === target))
     throw ConfigError.at("producer.dataset", `${out} is the output of pretokenize and part of the dataset it reads; write it elsewhere`);
   const sizes = files.map((f) => statSync(f.path).size);
   const before = sizes.map((_, i) => sizes.slice(0, i).reduce((a, b) => a + b, 0));
