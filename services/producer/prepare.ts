@@ -1,6 +1,6 @@
 import { createHash, randomUUID } from "node:crypto";
 import { join } from "node:path";
-import { ConfigError, type RunConfig } from "../common/config/index.js";
+import { ConfigError, type ProducerConfig, type RunConfig } from "../common/config/index.js";
 import { DTYPE_BYTES, dtypeFromName } from "../common/tensor-codec.js";
 import { freshPosition, type Position, PositionStore } from "./dataset/position.js";
 import { checkPretokenized } from "./dataset/pretokenized.js";
@@ -26,9 +26,15 @@ function fingerprint(config: RunConfig, files: SourceFile[]): string {
   return createHash("sha256").update(JSON.stringify(what)).digest("hex").slice(0, 16);
 }
 
-/** Loads the tokenizer, resolves the dataset and reads the saved position, failing with the key at fault. */
-export function prepare(config: RunConfig, id: string, log: (line: string) => void): Prepared {
-  const p = config.producer;
+/**
+ * The tokenizer and the dataset's files, checked against each other and the packing (BOS, the
+ * records of pretokenized files), failing with the key at fault. `saeflow up` runs it before
+ * starting anything; the producer at start.
+ */
+export function loadTokenizerAndDataset(p: Pick<ProducerConfig, "tokenizer" | "prependBos" | "dataset" | "tokensField">): {
+  tokenizer: TextTokenizer;
+  files: SourceFile[];
+} {
   const tokenizer = loadTokenizer(p.tokenizer);
   if (p.prependBos && tokenizer.bosId === undefined) {
     throw ConfigError.at(
@@ -38,6 +44,13 @@ export function prepare(config: RunConfig, id: string, log: (line: string) => vo
   }
   const files = resolveSources(p.dataset);
   checkPretokenized(files, p.tokensField, tokenizer);
+  return { tokenizer, files };
+}
+
+/** Loads the tokenizer, resolves the dataset and reads the saved position, failing with the key at fault. */
+export function prepare(config: RunConfig, id: string, log: (line: string) => void): Prepared {
+  const p = config.producer;
+  const { tokenizer, files } = loadTokenizerAndDataset(p);
   const store = new PositionStore(p.stateFile || join(config.run.dir, `${id}.position.json`), fingerprint(config, files));
   const saved = p.resume ? store.load() : undefined;
   if (saved) {
