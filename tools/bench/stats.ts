@@ -6,15 +6,18 @@ export const GB = 1e9;
 /** The middle value of `xs` (the upper one of the two middles for an even count). */
 export const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
+/** Wall time of one call of `fn`, in ms. */
+export async function timed(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = performance.now();
+  await fn();
+  return performance.now() - t0;
+}
+
 /** Runs `fn` `repeats` times after one warm-up and returns the median wall time in ms. */
 export async function medianMs(repeats: number, fn: () => Promise<void> | void): Promise<number> {
   await fn();
   const times: number[] = [];
-  for (let i = 0; i < repeats; i++) {
-    const t0 = performance.now();
-    await fn();
-    times.push(performance.now() - t0);
-  }
+  for (let i = 0; i < repeats; i++) times.push(await timed(async () => fn()));
   return median(times);
 }
 

@@ -7,7 +7,7 @@ import type { StepScalars } from "../../services/trainer/reference.js";
 import { Rng } from "../../services/trainer/rng.js";
 import { initState } from "../../services/trainer/sae.js";
 import { StepSession } from "../../services/trainer/session.js";
-import { line, median, round } from "./stats.js";
+import { line, median, round, timed } from "./stats.js";
 import { describeBlas, TorchStep } from "./trainer-torch.js";
 
 /**
@@ -70,12 +70,6 @@ async function gemmSession(d: number, n: number, x: ort.Tensor): Promise<{ run: 
   };
   const pre = new ort.Tensor("float32", new Float32Array(B * n), [B, n]);
   return { run: async () => void (await session.run(feeds, { pre })), close: () => session.release() };
-}
-
-async function timed(fn: () => Promise<unknown>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return performance.now() - t0;
 }
 
 const tok = (ms: number) => (B / ms) * 1000;

@@ -9,7 +9,7 @@ import { toTensor } from "../../services/common/tensor-codec.js";
 import { GrpcBatchSource } from "../../services/trainer/batches.js";
 import { BufferService, PushRequestSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { DType } from "../../services/gen/saeflow/v1/tensor_pb.js";
-import { gbPerSecond, line, median, packageVersion, round } from "./stats.js";
+import { gbPerSecond, line, median, packageVersion, round, timed } from "./stats.js";
 
 /**
  * Tensor chunks of 2, 8 and 32 MiB pushed producer→server (Push) and streamed server→client
@@ -27,12 +27,6 @@ function floats(n: number): Float32Array {
 }
 
 const ROUNDS = 5;
-
-async function timed(fn: () => Promise<void>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return performance.now() - t0;
-}
 
 type Client = ServiceClient<typeof BufferService>;
 
