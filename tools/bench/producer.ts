@@ -1,4 +1,4 @@
-import { fork } from "node:child_process";
+import { type ChildProcess, fork } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -7,7 +7,7 @@ import { create } from "@bufbuild/protobuf";
 import ort from "onnxruntime-node";
 import { loadConfig } from "../../services/common/config/index.js";
 import { startNatsServer } from "../cli/nats-server.js";
-import { type Bus, connectBus } from "../../services/common/nats.js";
+import { connectBus } from "../../services/common/nats.js";
 import { Demand, subjects } from "../../services/common/coordination.js";
 import { bind, startServer } from "../../services/common/grpc/server.js";
 import { BufferService, PushResponseSchema } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
@@ -41,7 +41,7 @@ const EARLY_HOOK = "blocks.0.hook_resid_post";
 const TOKENS_PER_PASS = 2048;
 const WARMUP_PASSES = 3;
 const ROUNDS = 5;
-const PASSES = 12;
+const PASSES = 36;
 const PEER_FLAG = "--producer-bench-peer";
 /** How the bench reads the builtin corpus, for the batches it times and for the tokenizing it measures alone: as the producer does. */
 const CORPUS_READ = { textSplit: "paragraph", textField: "text", log: () => undefined } as const;
@@ -57,18 +57,40 @@ const TEXT: Corpus = { label: "", dataset: ["builtin:corpus"], tokensField: "" }
 /** The JSON key part of what reading a corpus costs: tokenizing text, or reading ids. */
 const readKey = (corpus: Corpus): string => (corpus.tokensField ? "read_ids" : "tokenize");
 
-/** The buffer stand-in: answers every chunk at once, as a buffer with room does. */
+/** What the bench and its buffer stand-in say to each other over the fork's channel. */
+type ToPeer = { type: "expect"; runId: string; hookPoint: string; rows: number } | { type: "stop" };
+type FromPeer = { type: "listening"; address: string } | { type: "reached"; runId: string };
+
+/**
+ * The buffer stand-in: answers every chunk at once, as a buffer with room does, and tells the bench
+ * when a run's rows of one hook point reach the count it expects, so the bench's clock stops when
+ * the last chunk arrives without the bench polling the producer it measures meanwhile.
+ */
 async function servePeer(): Promise<void> {
   const transport = loadConfig({}).transport;
   const refuse = (): never => {
     throw new Error("not part of the producer benchmark");
+  };
+  // Rows received, and the count the bench waits for, by run id and hook point.
+  const received = new Map<string, number>();
+  const expected = new Map<string, { runId: string; rows: number }>();
+  const say = (m: FromPeer) => process.send!(m);
+  const check = (key: string) => {
+    const want = expected.get(key);
+    if (want === undefined || (received.get(key) ?? 0) < want.rows) return;
+    expected.delete(key);
+    say({ type: "reached", runId: want.runId });
   };
   const server = await startServer("127.0.0.1:0", transport, [
     bind(BufferService, {
       push: async function* (requests) {
         for await (const req of requests) {
           const c = req.chunk!;
-          yield create(PushResponseSchema, { hookPoint: c.hookPoint, sequence: c.sequence, rowsAccepted: c.activations!.shape[0]! });
+          const rows = c.activations!.shape[0]!;
+          const key = `${c.runId}/${c.hookPoint}`;
+          received.set(key, (received.get(key) ?? 0) + rows);
+          check(key);
+          yield create(PushResponseSchema, { hookPoint: c.hookPoint, sequence: c.sequence, rowsAccepted: rows });
         }
       },
       batches: async function* () {
@@ -80,11 +102,17 @@ async function servePeer(): Promise<void> {
       drain: async () => refuse(),
     }),
   ]);
-  process.send!({ address: server.address });
-  process.once("message", async () => {
+  process.on("message", async (m: ToPeer) => {
+    if (m.type === "expect") {
+      const key = `${m.runId}/${m.hookPoint}`;
+      expected.set(key, { runId: m.runId, rows: m.rows });
+      check(key);
+      return;
+    }
     await server.close(100);
     process.disconnect();
   });
+  say({ type: "listening", address: server.address });
 }
 
 /** The first `count` batches the producer would run, built by its own dataset code. */
@@ -132,23 +160,60 @@ async function until(ready: () => boolean): Promise<void> {
   while (!ready()) await new Promise((r) => setTimeout(r, 2));
 }
 
+/** The bench's end of the fork channel to its buffer stand-in. */
+class Peer {
+  private readonly waiting = new Map<string, () => void>();
+
+  constructor(private readonly child: ChildProcess) {
+    child.on("message", (m: FromPeer) => {
+      if (m.type !== "reached") return;
+      this.waiting.get(m.runId)?.();
+      this.waiting.delete(m.runId);
+    });
+  }
+
+  /** Resolves once the stand-in has received `rows` rows of `hookPoint` in `runId`, counted from the start. */
+  received(runId: string, hookPoint: string, rows: number): Promise<void> {
+    const reached = new Promise<void>((resolve) => this.waiting.set(runId, resolve));
+    this.send({ type: "expect", runId, hookPoint, rows });
+    return reached;
+  }
+
+  send(m: ToPeer): void {
+    this.child.send(m);
+  }
+}
+
 /**
- * Grants `passes` more passes and times them until the producer has used the grant and parked.
- * Grants count rows per hook point; Status's rows_sent counts them over every hook point.
+ * Grants `passes` more passes and times them (wall and this process' CPU) until the last of their
+ * chunks reaches the buffer stand-in; then waits, untimed, for the producer to park. Grants count
+ * rows per hook point, Status's rows_sent over every hook point.
  */
-async function timedGrant(bus: Bus, runId: string, producer: RunningProducer, chunkRows: number, passes: number, cycle: number) {
+async function timedGrant(setup: Setup, runId: string, producer: RunningProducer, chunkRows: number, passes: number, cycle: number) {
   const before = producer.status();
-  const perHook = (s: typeof before) => Number(s.rowsSent) / s.hookPoints.length;
+  const hooks = before.hookPoints.length;
+  const perHook = (s: typeof before) => Number(s.rowsSent) / hooks;
   const grant = perHook(before) + passes * chunkRows;
+  // A pass pushes its hook points in order, so its last hook point's chunk is the pass' last. The
+  // last pass is what takes that hook point's count past this: every pass before it brings chunkRows rows.
+  const arrived = setup.peer.received(runId, before.hookPoints.at(-1)!, perHook(before) + (passes - 1) * chunkRows + 1);
+  const cpu0 = process.cpuUsage();
   const t0 = performance.now();
-  bus.publish(subjects("saeflow", runId).demand, Demand, { cycle, command: "refill", grants: { [producer.id]: grant }, freeRows: {} });
+  setup.bus.publish(subjects("saeflow", runId).demand, Demand, {
+    cycle,
+    command: "refill",
+    grants: { [producer.id]: grant },
+    freeRows: {},
+  });
+  await arrived;
+  const seconds = (performance.now() - t0) / 1000;
+  const cpu = cpuSeconds(process.cpuUsage(cpu0));
   await until(() => {
     const s = producer.status();
     return s.state === ServiceState.PAUSED && perHook(s) + chunkRows > grant;
   });
-  const seconds = (performance.now() - t0) / 1000;
   const after = producer.status();
-  return { seconds, tokens: Number(after.tokens - before.tokens), bytes: Number(after.bytesSent - before.bytesSent) };
+  return { seconds, cpu, tokens: Number(after.tokens - before.tokens), bytes: Number(after.bytesSent - before.bytesSent) };
 }
 
 interface Setup {
@@ -158,6 +223,7 @@ interface Setup {
   natsUrl: string;
   bus: Awaited<ReturnType<typeof connectBus>>;
   address: string;
+  peer: Peer;
   runDir: string;
 }
 
@@ -169,7 +235,7 @@ interface Setup {
  * ends falls in the bare session's round and counts to the bare session's CPU.
  */
 async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: number, corpus: Corpus): Promise<Record<string, number>> {
-  const { model, bus, full } = setup;
+  const { model, full } = setup;
   const batchContexts = TOKENS_PER_PASS / contextLength;
   const runId = `bench-${contextLength}${corpus.label}`;
   const config = loadConfig({
@@ -191,7 +257,7 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
   const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
   const session = await sessionFor(truncateAtHooks(full, [HOOK]), dirname(model.modelPath));
   const chunkRows = batchContexts * (contextLength - 1);
-  await timedGrant(bus, runId, producer, chunkRows, WARMUP_PASSES, 0);
+  await timedGrant(setup, runId, producer, chunkRows, WARMUP_PASSES, 0);
   // Rounds alternate between the producer and the bare session, so that load from elsewhere on
   // the machine hits both alike; each figure is the median over rounds.
   const batches = await sameBatches(setup.tokenizer, contextLength, batchContexts, WARMUP_PASSES + ROUNDS * PASSES);
@@ -202,14 +268,13 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
   const producerCpu: number[] = [];
   const bareCpu: number[] = [];
   for (let r = 0; r < ROUNDS; r++) {
-    let cpu0 = process.cpuUsage();
-    const p = await timedGrant(bus, runId, producer, chunkRows, PASSES, r + 1);
-    producerCpu.push(cpuSeconds(process.cpuUsage(cpu0)) / p.tokens);
+    const p = await timedGrant(setup, runId, producer, chunkRows, PASSES, r + 1);
+    producerCpu.push(p.cpu / p.tokens);
     producerTps.push(p.tokens / p.seconds);
     producerBps.push(p.bytes / p.seconds);
     const same = batches.slice(WARMUP_PASSES + r * PASSES, WARMUP_PASSES + (r + 1) * PASSES);
     const sameTokens = same.reduce((n, b) => n + b.tokens, 0);
-    cpu0 = process.cpuUsage();
+    const cpu0 = process.cpuUsage();
     bareTps.push(sameTokens / (await bareSeconds(session, same, [HOOK])));
     bareCpu.push(cpuSeconds(process.cpuUsage(cpu0)) / sameTokens);
   }
@@ -352,10 +417,10 @@ async function measureHookPoints(setup: Setup): Promise<Record<string, number>> 
       },
     });
     const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
-    await timedGrant(setup.bus, runId, producer, chunkRows, WARMUP_PASSES, 0);
+    await timedGrant(setup, runId, producer, chunkRows, WARMUP_PASSES, 0);
     const tps: number[] = [];
     for (let r = 0; r < ROUNDS; r++) {
-      const p = await timedGrant(setup.bus, runId, producer, chunkRows, PASSES, r + 1);
+      const p = await timedGrant(setup, runId, producer, chunkRows, PASSES, r + 1);
       tps.push(p.tokens / p.seconds);
     }
     await producer.stop();
@@ -379,11 +444,13 @@ async function measureHookPoints(setup: Setup): Promise<Record<string, number>> 
 export async function run(): Promise<Record<string, number | string>> {
   const model = makeTinyLlama({ out: ".cache/tiny-llama" });
   const nats = await startNatsServer();
-  const peer = fork(fileURLToPath(import.meta.url), [PEER_FLAG], {
+  const child = fork(fileURLToPath(import.meta.url), [PEER_FLAG], {
     execArgv: ["--import", "tsx"],
     cwd: dirname(fileURLToPath(new URL("../../package.json", import.meta.url))),
   });
-  const { address } = await new Promise<{ address: string }>((resolve) => peer.once("message", (m) => resolve(m as { address: string })));
+  const { address } = await new Promise<{ address: string }>((resolve) =>
+    child.once("message", (m: FromPeer) => m.type === "listening" && resolve(m)),
+  );
   const setup: Setup = {
     model,
     tokenizer: loadTokenizer("builtin:llama3_1"),
@@ -391,6 +458,7 @@ export async function run(): Promise<Record<string, number | string>> {
     natsUrl: nats.url,
     bus: await connectBus({ url: nats.url, name: "bench-buffer", log: () => undefined }),
     address,
+    peer: new Peer(child),
     runDir: mkdtempSync(join(tmpdir(), "saeflow-bench-producer-")),
   };
   try {
@@ -419,8 +487,8 @@ export async function run(): Promise<Record<string, number | string>> {
     };
   } finally {
     await setup.bus.drain();
-    peer.send("stop");
-    await new Promise((r) => peer.once("exit", r));
+    setup.peer.send({ type: "stop" });
+    await new Promise((r) => child.once("exit", r));
     await nats.stop();
     rmSync(setup.runDir, { recursive: true, force: true });
   }
