@@ -97,4 +97,31 @@ describe("tensor codec", () => {
       }
     }
   });
+
+  it("finds the first NaN or Inf wherever it lies: each position of short and odd lengths, at every byte offset", () => {
+    // The largest finite values and subnormals must pass; lengths cover the word passes' tails.
+    for (const [dtype, largest, smallest] of [
+      [DType.FP32, 3.4e38, -1e-45],
+      [DType.FP16, 65504, -6e-8],
+      [DType.BF16, 3.3e38, -1e-40],
+    ] as const) {
+      for (const length of [1, 2, 3, 5, 8, 9, 33]) {
+        for (let at = -1; at < length; at++) {
+          for (const bad of at < 0 ? [undefined] : [NaN, Infinity, -Infinity]) {
+            const values = Float32Array.from({ length }, (_, i) => [largest, smallest, 0][i % 3]! * (i % 2 ? -1 : 1));
+            if (bad !== undefined) values[at] = bad;
+            if (bad !== undefined && at + 2 < length) values[at + 2] = NaN; // only the first counts
+            const words = encodeFloats(values, dtype);
+            const bytes = new Uint8Array(words.buffer, words.byteOffset, words.byteLength);
+            for (const offset of [0, 1, 2, 4]) {
+              const room = new Uint8Array(bytes.length + 8);
+              room.set(bytes, offset);
+              const view = room.subarray(offset, offset + bytes.length);
+              assert.equal(firstNonFinite(view, dtype), at, `${DType[dtype]} length ${length}, ${bad} at ${at}, offset ${offset}`);
+            }
+          }
+        }
+      }
+    }
+  });
 });
