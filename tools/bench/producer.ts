@@ -187,16 +187,27 @@ class Peer {
 /**
  * Grants `passes` more passes and times them (wall and this process' CPU) until the last of their
  * chunks reaches the buffer stand-in; then waits, untimed, for the producer to park. Grants count
- * rows per hook point, Status's rows_sent over every hook point.
+ * rows per hook point, Status's rows_sent over every hook point. A pass brings at most `chunkRows`
+ * rows (fewer where a document's BOS is left out), so the producer may run a pass more than
+ * `passes` to use its grant; the figures count every pass it ran.
  */
-async function timedGrant(setup: Setup, runId: string, producer: RunningProducer, chunkRows: number, passes: number, cycle: number) {
+async function timedGrant(
+  setup: Setup,
+  runId: string,
+  producer: RunningProducer,
+  pass: { chunkRows: number; contextRows: number },
+  passes: number,
+  cycle: number,
+) {
   const before = producer.status();
   const hooks = before.hookPoints.length;
   const perHook = (s: typeof before) => Number(s.rowsSent) / hooks;
-  const grant = perHook(before) + passes * chunkRows;
-  // A pass pushes its hook points in order, so its last hook point's chunk is the pass' last. The
-  // last pass is what takes that hook point's count past this: every pass before it brings chunkRows rows.
-  const arrived = setup.peer.received(runId, before.hookPoints.at(-1)!, perHook(before) + (passes - 1) * chunkRows + 1);
+  const grant = perHook(before) + passes * pass.chunkRows;
+  // The producer takes another context while one more fits in the grant, so it parks once past
+  // this count, and only its last pass takes it there. A pass pushes its hook points in order, so
+  // the last hook point's chunk is the pass' last.
+  const last = grant - pass.contextRows + 1;
+  const arrived = setup.peer.received(runId, before.hookPoints.at(-1)!, last);
   const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   setup.bus.publish(subjects("saeflow", runId).demand, Demand, {
@@ -210,7 +221,7 @@ async function timedGrant(setup: Setup, runId: string, producer: RunningProducer
   const cpu = cpuSeconds(process.cpuUsage(cpu0));
   await until(() => {
     const s = producer.status();
-    return s.state === ServiceState.PAUSED && perHook(s) + chunkRows > grant;
+    return s.state === ServiceState.PAUSED && perHook(s) >= last;
   });
   const after = producer.status();
   return { seconds, cpu, tokens: Number(after.tokens - before.tokens), bytes: Number(after.bytesSent - before.bytesSent) };
@@ -256,8 +267,8 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
   });
   const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
   const session = await sessionFor(truncateAtHooks(full, [HOOK]), dirname(model.modelPath));
-  const chunkRows = batchContexts * (contextLength - 1);
-  await timedGrant(setup, runId, producer, chunkRows, WARMUP_PASSES, 0);
+  const pass = { chunkRows: batchContexts * (contextLength - 1), contextRows: contextLength - 1 };
+  await timedGrant(setup, runId, producer, pass, WARMUP_PASSES, 0);
   // Rounds alternate between the producer and the bare session, so that load from elsewhere on
   // the machine hits both alike; each figure is the median over rounds.
   const batches = await sameBatches(setup.tokenizer, contextLength, batchContexts, WARMUP_PASSES + ROUNDS * PASSES);
@@ -268,7 +279,7 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
   const producerCpu: number[] = [];
   const bareCpu: number[] = [];
   for (let r = 0; r < ROUNDS; r++) {
-    const p = await timedGrant(setup, runId, producer, chunkRows, PASSES, r + 1);
+    const p = await timedGrant(setup, runId, producer, pass, PASSES, r + 1);
     producerCpu.push(p.cpu / p.tokens);
     producerTps.push(p.tokens / p.seconds);
     producerBps.push(p.bytes / p.seconds);
@@ -401,7 +412,7 @@ async function measureHookPoints(setup: Setup): Promise<Record<string, number>> 
   const deep = makeTinyLlama({ out: ".cache/tiny-llama-8l", layers: DEEP_LAYERS });
   const contextLength = 128;
   const batchContexts = TOKENS_PER_PASS / contextLength;
-  const chunkRows = batchContexts * (contextLength - 1);
+  const pass = { chunkRows: batchContexts * (contextLength - 1), contextRows: contextLength - 1 };
   const rates: number[] = [];
   const figures: Record<string, number> = {};
   for (const count of [1, 8, 32]) {
@@ -417,10 +428,10 @@ async function measureHookPoints(setup: Setup): Promise<Record<string, number>> 
       },
     });
     const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
-    await timedGrant(setup, runId, producer, chunkRows, WARMUP_PASSES, 0);
+    await timedGrant(setup, runId, producer, pass, WARMUP_PASSES, 0);
     const tps: number[] = [];
     for (let r = 0; r < ROUNDS; r++) {
-      const p = await timedGrant(setup, runId, producer, chunkRows, PASSES, r + 1);
+      const p = await timedGrant(setup, runId, producer, pass, PASSES, r + 1);
       tps.push(p.tokens / p.seconds);
     }
     await producer.stop();
