@@ -194,7 +194,8 @@ export function decodeFloats(data: HostArray, dtype: DType, out?: Float32Array):
  * Index of the first NaN or Inf element in raw little-endian tensor bytes, or -1. Bytes at any
  * offset (a tensor inside a received message) are checked where they lie. Every pushed row is
  * checked, so the common answer (none) comes from a pass over word views where the bytes are 4-byte
- * aligned, two to three times the speed of the byte-wise scan that then finds the index.
+ * aligned, as a saeflow producer's pushes land (their `align` filler): 1.4 to 1.9 times the speed of
+ * the byte-wise scan, which finds the index, and checks bytes that lie unaligned.
  */
 export function firstNonFinite(bytes: Uint8Array, dtype: DType): number {
   if (bytes.byteOffset % 4 !== 0) return scanNonFinite(bytes, dtype, 0);
