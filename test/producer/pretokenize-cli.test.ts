@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
@@ -57,6 +57,10 @@ describe("saeflow pretokenize", () => {
         ["deploy/configs/local.yaml", own, "--set", `producer.dataset=[${join(root, "own")}]`],
         /is the output of pretokenize and part of the dataset/,
       ],
+      [
+        ["deploy/configs/local.yaml", join(root, "no-such-folder", "z.jsonl")],
+        /OUT .*z\.jsonl is in .*no-such-folder, which is not a folder/,
+      ],
     ];
     for (const [args, message] of cases) {
       const r = cli(...args);
@@ -70,5 +74,15 @@ describe("saeflow pretokenize", () => {
       [],
     );
     assert.equal(readFileSync(own, "utf8"), '{"input_ids":[1]}');
+  });
+
+  it("fails with a message naming OUT, not a crash, when it cannot write there", () => {
+    // A folder where the file being written goes: opening it fails as a full or read-only disk would.
+    mkdirSync(join(root, "w.jsonl.partial"));
+    const r = cli("deploy/configs/local.yaml", join(root, "w.jsonl"));
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(r.stderr, /^saeflow: pretokenize cannot write .*w\.jsonl: EISDIR/m);
+    assert.doesNotMatch(r.stderr, /Unhandled|at .*\.ts:\d+/);
+    assert.equal(existsSync(join(root, "w.jsonl")), false);
   });
 });

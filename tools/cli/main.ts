@@ -1,4 +1,5 @@
-import { join, resolve } from "node:path";
+import { statSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ConfigError, loadConfig, type RunConfig } from "../../services/common/config/index.js";
 import { evalTable, evaluateRun } from "../eval/run.js";
@@ -106,6 +107,8 @@ async function main(argv: string[]): Promise<number> {
       if (!file || !out)
         fail("pretokenize needs a CONFIG file and an OUT file, e.g. saeflow pretokenize deploy/configs/local.yaml corpus.jsonl");
       if (!out.toLowerCase().endsWith(".jsonl")) fail(`pretokenize: OUT ${out} must end in .jsonl, so that producers read it as JSONL`);
+      if (!statSync(dirname(resolve(out)), { throwIfNoEntry: false })?.isDirectory())
+        fail(`pretokenize: OUT ${out} is in ${dirname(out)}, which is not a folder; make it first or write elsewhere`);
       const config = loadConfig({ file, env: process.env, sets: values.set });
       const { documents, tokens } = await pretokenize(config.producer, resolve(out), say);
       say(`wrote ${documents} documents, ${tokens} tokens to ${out}`);
