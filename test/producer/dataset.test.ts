@@ -14,6 +14,7 @@ import {
   type Document,
   readDocuments,
   type ReadOptions,
+  readOptionsOf,
   resolveSources,
   type SourceFile,
 } from "../../services/producer/dataset/sources.js";
@@ -102,7 +103,7 @@ describe("dataset sources", () => {
     ];
     const dir = writeDataset(root, "ids", { "x.jsonl": lines.join("\n"), "y.txt": "plain text stays text" });
     const logged: string[] = [];
-    const options = { ...read(), tokens: { field: "input_ids", vocabSize: 10 }, log: (l: string) => logged.push(l) };
+    const options = readOptionsOf({ textSplit: "paragraph", textField: "text", tokensField: "input_ids" }, 10, (l) => logged.push(l));
     const docs = await collect(readDocuments(resolveSources([dir]), options, START));
     assert.deepEqual(
       docs.map((d) => [d.index, d.ids ?? d.text]),
@@ -115,13 +116,28 @@ describe("dataset sources", () => {
     );
     assert.equal(logged.length, 5);
     assert.match(logged[0]!, /at byte 22: no array field "input_ids" \(producer\.tokensField\); record skipped/);
+    // Whole ids past the vocabulary point at the tokenizer; anything else at the field.
     assert.match(
       logged[1]!,
-      /"input_ids" holds 10 at position 1, not a token id below the tokenizer's vocabulary size 10 \(producer\.tokensField\)/,
+      /"input_ids" holds 10 at position 1, past the vocabulary of 10 ids \(made by another tokenizer than producer\.tokenizer\?\)/,
     );
-    assert.match(logged[2]!, /holds -1 at position 1/);
-    assert.match(logged[3]!, /holds 1\.5 at position 1/);
+    assert.match(logged[2]!, /"input_ids" holds -1 at position 1, not a token id \(producer\.tokensField\)/);
+    assert.match(logged[3]!, /holds 1\.5 at position 1, not a token id/);
     assert.match(logged[4]!, /no array field "input_ids"/);
+
+    // Read from a CLI (the evaluation's), skips name its flags instead.
+    const flagged: string[] = [];
+    const keys = { tokensField: "--tokens-field", tokenizer: "--tokenizer" };
+    const fromCli = readOptionsOf(
+      { textSplit: "paragraph", textField: "text", tokensField: "input_ids" },
+      10,
+      (l) => flagged.push(l),
+      keys,
+    );
+    await collect(readDocuments(resolveSources([dir]), fromCli, START));
+    assert.match(flagged[0]!, /no array field "input_ids" \(--tokens-field\)/);
+    assert.match(flagged[1]!, /made by another tokenizer than --tokenizer\?/);
+    assert.match(flagged[2]!, /not a token id \(--tokens-field\)/);
   });
 
   it("tokenizes ahead only the documents that come without ids, keeping the documents' order", async () => {

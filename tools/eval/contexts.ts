@@ -1,8 +1,8 @@
 import type { ProducerConfig } from "../../services/common/config/index.js";
 import { packContexts } from "../../services/producer/dataset/pack.js";
 import { START } from "../../services/producer/dataset/position.js";
-import { checkPretokenized, PRODUCER_KEYS, type PretokenizedKeys } from "../../services/producer/dataset/pretokenized.js";
-import { readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
+import { checkPretokenized } from "../../services/producer/dataset/pretokenized.js";
+import { type DatasetKeys, PRODUCER_KEYS, readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
 import { loadTokenizer } from "../../services/producer/tokenizer.js";
 import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 
@@ -16,7 +16,7 @@ export interface CorpusSettings {
   /** Dataset warnings (skipped records). */
   log?: (line: string) => void;
   /** What errors call the tokenizer and dataset settings: config keys by default, CLI flags from the CLI. */
-  keys?: PretokenizedKeys;
+  keys?: DatasetKeys;
 }
 
 export interface EvalContexts {
@@ -35,7 +35,7 @@ export async function corpusContexts(options: CorpusOptions, count: number, sett
   const tokenizer = loadTokenizer(options.tokenizer, keys.tokenizer);
   const files = resolveSources(options.dataset, keys.dataset);
   checkPretokenized(files, options.tokensField, tokenizer, keys);
-  const documents = readDocuments(files, readOptionsOf(options, tokenizer.vocabSize, log), START);
+  const documents = readDocuments(files, readOptionsOf(options, tokenizer.vocabSize, log, keys), START);
   const pack = {
     contextLength: options.contextLength,
     prependBos: options.prependBos && tokenizer.bosId !== undefined,

@@ -1,18 +1,23 @@
 /** What a document is made of: text for the tokenizer, or token ids a tokenizer made earlier. */
 export type Body = { text: string; ids?: undefined } | { ids: number[]; text?: undefined };
 
-/** Where a record's token ids are, and the bound every id must stay below. */
+/** Where a record's token ids are, the bound every id must stay below, and the settings a skip names. */
 export interface TokenIds {
   field: string;
   vocabSize: number;
+  /** The settings that say where ids are and which tokenizer made them: config keys, or a CLI's flags. */
+  keys: { tokensField: string; tokenizer: string };
 }
 
-/** The first entry of `value` that is not a token id below `vocabSize`, as a message; undefined when all are. */
-function badId(value: unknown[], vocabSize: number): string | undefined {
-  for (let i = 0; i < value.length; i++) {
-    const id = value[i];
-    if (typeof id !== "number" || !Number.isInteger(id) || id < 0 || id >= vocabSize)
-      return `holds ${JSON.stringify(id)} at position ${i}, not a token id below the tokenizer's vocabulary size ${vocabSize}`;
+/** The first entry of `ids` that is not a token id below the vocabulary size, as a message naming the setting at fault; undefined when all are. */
+function badId(ids: unknown[], tokens: TokenIds): string | undefined {
+  for (let i = 0; i < ids.length; i++) {
+    const id = ids[i];
+    if (typeof id !== "number" || !Number.isInteger(id) || id < 0)
+      return `"${tokens.field}" holds ${JSON.stringify(id)} at position ${i}, not a token id (${tokens.keys.tokensField})`;
+    // Whole ids past the vocabulary are most likely another tokenizer's.
+    if (id >= tokens.vocabSize)
+      return `"${tokens.field}" holds ${id} at position ${i}, past the vocabulary of ${tokens.vocabSize} ids (made by another tokenizer than ${tokens.keys.tokenizer}?)`;
   }
   return undefined;
 }
@@ -33,9 +38,9 @@ export function bodyOfRecord(line: string, textField: string, tokens: TokenIds |
   if (typeof record !== "object" || record === null || Array.isArray(record)) return { error: "not a JSON object" };
   if (tokens) {
     const ids: unknown = (record as Record<string, unknown>)[tokens.field];
-    if (!Array.isArray(ids)) return { error: `no array field "${tokens.field}" (producer.tokensField)` };
-    const bad = badId(ids, tokens.vocabSize);
-    if (bad) return { error: `"${tokens.field}" ${bad} (producer.tokensField)` };
+    if (!Array.isArray(ids)) return { error: `no array field "${tokens.field}" (${tokens.keys.tokensField})` };
+    const bad = badId(ids, tokens);
+    if (bad) return { error: bad };
     return { ids: ids as number[] };
   }
   const text = (record as Record<string, unknown>)[textField];

@@ -1,7 +1,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { ConfigError } from "../../common/config/index.js";
 import type { TextTokenizer } from "../tokenizer.js";
-import { displayName, type SourceFile } from "./sources.js";
+import { displayName, PRODUCER_KEYS, type SourceFile } from "./sources.js";
 
 /**
  * What `saeflow pretokenize` records beside each file it writes (`<file>.meta.json`; folders are
@@ -17,19 +17,6 @@ export interface PretokenizedMeta {
 }
 
 export const metaPath = (file: string): string => `${file}.meta.json`;
-
-/** The settings a check's errors name: the producer's config keys, or a CLI's flags. */
-export interface PretokenizedKeys {
-  dataset: string;
-  tokenizer: string;
-  tokensField: string;
-}
-
-export const PRODUCER_KEYS: PretokenizedKeys = {
-  dataset: "producer.dataset",
-  tokenizer: "producer.tokenizer",
-  tokensField: "producer.tokensField",
-};
 
 /** The record beside `file`, when pretokenize left one; a record that cannot be read is a config error. */
 function metaOf(file: string, key: string): PretokenizedMeta | undefined {

@@ -27,13 +27,28 @@ export interface ReadOptions {
   log: (line: string) => void;
 }
 
+/** The settings a dataset's errors and skips name: the producer's config keys, or a CLI's flags. */
+export interface DatasetKeys {
+  dataset: string;
+  tokenizer: string;
+  tokensField: string;
+}
+
+export const PRODUCER_KEYS: DatasetKeys = {
+  dataset: "producer.dataset",
+  tokenizer: "producer.tokenizer",
+  tokensField: "producer.tokensField",
+};
+
 /** How a producer's settings read the dataset; token ids given in records must be below `vocabSize`. */
 export function readOptionsOf(
   p: Pick<ProducerConfig, "textSplit" | "textField" | "tokensField">,
   vocabSize: number,
   log: (line: string) => void,
+  keys: TokenIds["keys"] = PRODUCER_KEYS,
 ): ReadOptions {
-  return { textSplit: p.textSplit, textField: p.textField, tokens: p.tokensField ? { field: p.tokensField, vocabSize } : undefined, log };
+  const tokens = p.tokensField ? { field: p.tokensField, vocabSize, keys } : undefined;
+  return { textSplit: p.textSplit, textField: p.textField, tokens, log };
 }
 
 /** Where to start reading: a document boundary in a file. */
