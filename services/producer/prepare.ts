@@ -4,7 +4,7 @@ import { ConfigError, type ProducerConfig, type RunConfig } from "../common/conf
 import { DTYPE_BYTES, dtypeFromName } from "../common/tensor-codec.js";
 import { freshPosition, type Position, PositionStore } from "./dataset/position.js";
 import { checkPretokenized } from "./dataset/pretokenized.js";
-import { resolveSources, type SourceFile } from "./dataset/sources.js";
+import { type DatasetKeys, PRODUCER_KEYS, resolveSources, type SourceFile } from "./dataset/sources.js";
 import type { ModelSession } from "./session.js";
 import { loadTokenizer, type TextTokenizer } from "./tokenizer.js";
 
@@ -28,22 +28,26 @@ function fingerprint(config: RunConfig, files: SourceFile[]): string {
 
 /**
  * The tokenizer and the dataset's files, checked against each other and the packing (BOS, the
- * records of pretokenized files), failing with the key at fault. `saeflow up` runs it before
- * starting anything; the producer at start.
+ * records of pretokenized files), failing with the key at fault (`keys`: a CLI names its flags).
+ * `saeflow up` runs it before starting anything; the producer at start; pretokenize and the
+ * evaluation before they read.
  */
-export function loadTokenizerAndDataset(p: Pick<ProducerConfig, "tokenizer" | "prependBos" | "dataset" | "tokensField">): {
+export function loadTokenizerAndDataset(
+  p: Pick<ProducerConfig, "tokenizer" | "prependBos" | "dataset" | "tokensField">,
+  keys: DatasetKeys = PRODUCER_KEYS,
+): {
   tokenizer: TextTokenizer;
   files: SourceFile[];
 } {
-  const tokenizer = loadTokenizer(p.tokenizer);
+  const tokenizer = loadTokenizer(p.tokenizer, keys.tokenizer);
   if (p.prependBos && tokenizer.bosId === undefined) {
     throw ConfigError.at(
       "producer.prependBos",
       `${p.tokenizer} defines no BOS token (no bos_token in tokenizer_config.json); set producer.prependBos=false`,
     );
   }
-  const files = resolveSources(p.dataset);
-  checkPretokenized(files, p.tokensField, tokenizer);
+  const files = resolveSources(p.dataset, keys.dataset);
+  checkPretokenized(files, p.tokensField, tokenizer, keys);
   return { tokenizer, files };
 }
 

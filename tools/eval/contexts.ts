@@ -1,9 +1,8 @@
 import type { ProducerConfig } from "../../services/common/config/index.js";
 import { packContexts } from "../../services/producer/dataset/pack.js";
 import { START } from "../../services/producer/dataset/position.js";
-import { checkPretokenized } from "../../services/producer/dataset/pretokenized.js";
-import { type DatasetKeys, PRODUCER_KEYS, readDocuments, readOptionsOf, resolveSources } from "../../services/producer/dataset/sources.js";
-import { loadTokenizer } from "../../services/producer/tokenizer.js";
+import { type DatasetKeys, PRODUCER_KEYS, readDocuments, readOptionsOf } from "../../services/producer/dataset/sources.js";
+import { loadTokenizerAndDataset } from "../../services/producer/prepare.js";
 import { encodeAhead } from "../../services/producer/dataset/ahead.js";
 
 /** What the producer reads and packs with; the evaluation takes its contexts the same way. */
@@ -32,9 +31,8 @@ export interface EvalContexts {
  */
 export async function corpusContexts(options: CorpusOptions, count: number, settings: CorpusSettings = {}): Promise<EvalContexts> {
   const { log = () => undefined, keys = PRODUCER_KEYS } = settings;
-  const tokenizer = loadTokenizer(options.tokenizer, keys.tokenizer);
-  const files = resolveSources(options.dataset, keys.dataset);
-  checkPretokenized(files, options.tokensField, tokenizer, keys);
+  // A tokenizer without BOS packs without it here (below) rather than failing.
+  const { tokenizer, files } = loadTokenizerAndDataset({ ...options, prependBos: false }, keys);
   const documents = readDocuments(files, readOptionsOf(options, tokenizer.vocabSize, log, keys), START);
   const pack = {
     contextLength: options.contextLength,
