@@ -184,6 +184,12 @@ class Peer {
   }
 }
 
+/** What a pass at `contextLength` brings at most (rows per hook point), and what one context brings (BOS left out). */
+const passShape = (contextLength: number) => ({
+  chunkRows: (TOKENS_PER_PASS / contextLength) * (contextLength - 1),
+  contextRows: contextLength - 1,
+});
+
 /**
  * Grants `passes` more passes and times them (wall and this process' CPU) until the last of their
  * chunks reaches the buffer stand-in; then waits, untimed, for the producer to park. Grants count
@@ -195,7 +201,7 @@ async function timedGrant(
   setup: Setup,
   runId: string,
   producer: RunningProducer,
-  pass: { chunkRows: number; contextRows: number },
+  pass: ReturnType<typeof passShape>,
   passes: number,
   cycle: number,
 ) {
@@ -267,7 +273,7 @@ async function measureContext(setup: Setup, contextLength: number, tokenizeCpu: 
   });
   const producer = await startProducer(config, { address: "127.0.0.1:0", log: () => undefined });
   const session = await sessionFor(truncateAtHooks(full, [HOOK]), dirname(model.modelPath));
-  const pass = { chunkRows: batchContexts * (contextLength - 1), contextRows: contextLength - 1 };
+  const pass = passShape(contextLength);
   await timedGrant(setup, runId, producer, pass, WARMUP_PASSES, 0);
   // Rounds alternate between the producer and the bare session, so that load from elsewhere on
   // the machine hits both alike; each figure is the median over rounds.
@@ -412,7 +418,7 @@ async function measureHookPoints(setup: Setup): Promise<Record<string, number>> 
   const deep = makeTinyLlama({ out: ".cache/tiny-llama-8l", layers: DEEP_LAYERS });
   const contextLength = 128;
   const batchContexts = TOKENS_PER_PASS / contextLength;
-  const pass = { chunkRows: batchContexts * (contextLength - 1), contextRows: contextLength - 1 };
+  const pass = passShape(contextLength);
   const rates: number[] = [];
   const figures: Record<string, number> = {};
   for (const count of [1, 8, 32]) {

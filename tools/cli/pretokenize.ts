@@ -72,8 +72,9 @@ export async function pretokenize(p: PretokenizeOptions, out: string, log: (line
       tokenizer: { source: tokenizer.source, fingerprint: tokenizer.fingerprint, vocabSize: tokenizer.vocabSize },
       ...done,
     };
-    writeFileSync(`${metaPath(out)}.partial`, `${JSON.stringify(meta, null, 2)}\n`);
-    renameSync(`${metaPath(out)}.partial`, metaPath(out));
+    const record = metaPath(out);
+    writeFileSync(`${record}.partial`, `${JSON.stringify(meta, null, 2)}\n`);
+    renameSync(`${record}.partial`, record);
     bar.update(bar.getTotal(), done);
   } catch (err) {
     stream.destroy();
