@@ -2,6 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { type ClientDuplexStream, type ServiceError, status } from "@grpc/grpc-js";
 import type { TransportConfig } from "../common/config/index.js";
 import { createClient, type ServiceClient } from "../common/grpc/adapter.js";
+import { RECONNECT_MAX_MS } from "../common/grpc/options.js";
 import { Signal } from "../common/signal.js";
 import {
   type ActivationChunk,
@@ -27,7 +28,6 @@ export interface PushStreamOptions {
 }
 
 const MIN_BACKOFF_MS = 100;
-const MAX_BACKOFF_MS = 5000;
 /** How long one reconnect attempt waits for the channel to connect. */
 const CONNECT_MS = 1000;
 /** How long drain() lets the buffer close its side of the stream before cutting it. */
@@ -176,7 +176,7 @@ export class PushStream {
         },
         () => {
           if (this.closing) return;
-          this.backoffMs = Math.min(this.backoffMs * 2, MAX_BACKOFF_MS);
+          this.backoffMs = Math.min(this.backoffMs * 2, RECONNECT_MAX_MS);
           this.reconnect();
         },
       );

@@ -2,6 +2,7 @@ import { parentPort, workerData } from "node:worker_threads";
 import { status as grpcStatus } from "@grpc/grpc-js";
 import { ConfigError } from "../common/config/index.js";
 import { createClient } from "../common/grpc/adapter.js";
+import { RECONNECT_MAX_MS } from "../common/grpc/options.js";
 import { Signal } from "../common/signal.js";
 import { decodeFloats, dtypeFromName } from "../common/tensor-codec.js";
 import { BufferService } from "../gen/saeflow/buffer/v1/buffer_pb.js";
@@ -38,7 +39,6 @@ const TRANSIENT = new Set<number>([
   grpcStatus.ABORTED,
 ]);
 const MIN_BACKOFF_MS = 200;
-const MAX_BACKOFF_MS = 5000;
 
 port.on("message", (m: ToWorker) => {
   if (m.type === "credit") credit++;
@@ -64,7 +64,7 @@ const transient = (err: unknown) => !(err instanceof ConfigError) && TRANSIENT.h
  */
 async function reopen(err: unknown, lostAt: number): Promise<void> {
   let last = err;
-  for (let backoff = MIN_BACKOFF_MS; ; backoff = Math.min(backoff * 2, MAX_BACKOFF_MS)) {
+  for (let backoff = MIN_BACKOFF_MS; ; backoff = Math.min(backoff * 2, RECONNECT_MAX_MS)) {
     if (!transient(last)) throw last;
     const away = Date.now() - lostAt;
     if (away >= budgetMs) {
@@ -75,7 +75,7 @@ async function reopen(err: unknown, lostAt: number): Promise<void> {
     await changed.wait(undefined, backoff);
     if (closing) return;
     try {
-      await client.ready(Math.min(MAX_BACKOFF_MS, budgetMs - away));
+      await client.ready(Math.min(RECONNECT_MAX_MS, budgetMs - away));
       source = new GrpcBatchSource(client, config, 1, stream);
       return;
     } catch (e) {

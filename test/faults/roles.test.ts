@@ -63,7 +63,9 @@ describe("kill -9 of a role mid-run", { timeout: 600_000 }, () => {
     assert.match(trainer, /stream of \S+ from the buffer at \S+ lost .*; reconnecting for up to 60 s/);
     const back = /stream of \S+ from the buffer at \S+ back after (\d+) ms; training goes on/.exec(trainer);
     assert.ok(back, trainer);
-    figure(`kill -9 buffer: the trainer's stream was back after ${back[1]} ms`);
+    const pushBack = /push: stream to \S+ is back after (\d+) ms/.exec(readFileSync(join(r.runDir, "logs", "producer-0.log"), "utf8"));
+    assert.ok(pushBack, "the producer's push stream came back");
+    figure(`kill -9 buffer: the trainer's stream was back after ${back[1]} ms, the producer's push stream after ${pushBack[1]} ms`);
     assert.doesNotMatch(trainer, /resumed/, "the trainer rode through: it was not restarted");
     assert.ok(r.ledger[0]!.lost.lost_with_buffer! > 0, `a pool that held rows lost them: ${JSON.stringify(r.ledger[0])}`);
     const evaluated = JSON.parse(readFileSync(join(r.runDir, "eval.json"), "utf8")) as Array<{ sae: string; lm_loss_sae: number }>;
