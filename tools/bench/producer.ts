@@ -156,31 +156,71 @@ async function bareSeconds(session: ort.InferenceSession, batches: Batch[], outp
 
 const cpuSeconds = (used: NodeJS.CpuUsage): number => (used.user + used.system) / 1e6;
 
-async function until(ready: () => boolean): Promise<void> {
-  while (!ready()) await new Promise((r) => setTimeout(r, 2));
+/** How long a round may take before the bench gives up on it: rounds here take seconds. */
+const ROUND_TIMEOUT_MS = 120_000;
+
+/** Polls `ready` every 2 ms; throws naming `what` after ROUND_TIMEOUT_MS. */
+async function until(ready: () => boolean, what: string): Promise<void> {
+  const deadline = performance.now() + ROUND_TIMEOUT_MS;
+  while (!ready()) {
+    if (performance.now() > deadline) throw new Error(`${what}: not after ${ROUND_TIMEOUT_MS / 1000} s`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
 }
 
 /** The bench's end of the fork channel to its buffer stand-in. */
 class Peer {
-  private readonly waiting = new Map<string, () => void>();
+  private readonly waiting = new Map<string, { resolve: () => void; reject: (err: Error) => void }>();
 
   constructor(private readonly child: ChildProcess) {
     child.on("message", (m: FromPeer) => {
       if (m.type !== "reached") return;
-      this.waiting.get(m.runId)?.();
-      this.waiting.delete(m.runId);
+      this.waiting.get(m.runId)?.resolve();
+    });
+    // A stand-in that died would otherwise leave the bench waiting for its word forever.
+    child.on("exit", (code, signal) => {
+      for (const w of [...this.waiting.values()])
+        w.reject(new Error(`the buffer stand-in exited (${signal ?? `code ${code}`}) during a round`));
     });
   }
 
-  /** Resolves once the stand-in has received `rows` rows of `hookPoint` in `runId`, counted from the start. */
+  /**
+   * Resolves once the stand-in has received `rows` rows of `hookPoint` in `runId`, counted from the
+   * start; rejects after ROUND_TIMEOUT_MS (a producer that stopped pushing) or if the stand-in exits.
+   */
   received(runId: string, hookPoint: string, rows: number): Promise<void> {
-    const reached = new Promise<void>((resolve) => this.waiting.set(runId, resolve));
     this.send({ type: "expect", runId, hookPoint, rows });
+    const reached = new Promise<void>((resolve, reject) => {
+      const done = (settle: () => void) => {
+        clearTimeout(timer);
+        this.waiting.delete(runId);
+        settle();
+      };
+      const timer = setTimeout(
+        () =>
+          done(() =>
+            reject(new Error(`the buffer stand-in had not received ${rows} rows of ${hookPoint} after ${ROUND_TIMEOUT_MS / 1000} s`)),
+          ),
+        ROUND_TIMEOUT_MS,
+      );
+      this.waiting.set(runId, { resolve: () => done(resolve), reject: (err) => done(() => reject(err)) });
+    });
     return reached;
   }
 
   send(m: ToPeer): void {
+    // child.send on a closed channel emits an 'error' event that would end the bench with Node's stack.
+    if (!this.child.connected) throw new Error("the buffer stand-in is gone (its process exited)");
     this.child.send(m);
+  }
+
+  /** Stops the stand-in, unless it is gone already (the error that ended the bench is what to see). */
+  async stop(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const exited = new Promise((r) => this.child.once("exit", r));
+    if (this.child.connected) this.send({ type: "stop" });
+    else this.child.kill();
+    await exited;
   }
 }
 
@@ -228,7 +268,7 @@ async function timedGrant(
   await until(() => {
     const s = producer.status();
     return s.state === ServiceState.PAUSED && perHook(s) >= last;
-  });
+  }, "the producer parks once its grant is used up");
   const after = producer.status();
   return { seconds, cpu, tokens: Number(after.tokens - before.tokens), bytes: Number(after.bytesSent - before.bytesSent) };
 }
@@ -504,8 +544,7 @@ export async function run(): Promise<Record<string, number | string>> {
     };
   } finally {
     await setup.bus.drain();
-    setup.peer.send({ type: "stop" });
-    await new Promise((r) => child.once("exit", r));
+    await setup.peer.stop();
     await nats.stop();
     rmSync(setup.runDir, { recursive: true, force: true });
   }
