@@ -53,7 +53,8 @@ export async function produceUntilDone(parts: LoopParts): Promise<void> {
       if (!feeds.open) progress.state = ServiceState.PAUSED;
       if ((await feeds.wait()) === "stop") return;
       progress.state = ServiceState.RUNNING;
-      const batch = await inSpan(tracer, "producer.tokenize", {}, async (span) => {
+      // Named for the stage in every run; `input` says whether it tokenized text or read ids.
+      const batch = await inSpan(tracer, "producer.tokenize", { input: p.tokensField ? "ids" : "text" }, async (span) => {
         const b = await nextBatch(parts);
         span.setAttribute("tokens", b?.tokens ?? 0);
         return b;

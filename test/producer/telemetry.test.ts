@@ -35,6 +35,10 @@ describe("producer telemetry", () => {
     for (const n of ["producer.produce", "producer.forward", "producer.convert", "producer.push"])
       assert.equal(named(n).length, chunks.length, n);
     assert.ok(named("producer.tokenize").length >= chunks.length);
+    assert.ok(
+      named("producer.tokenize").every((s) => s.attributes.input === "text"),
+      "a dataset of text is tokenized",
+    );
     const forward = named("producer.forward");
     const produce = named("producer.produce");
     assert.ok(
@@ -58,5 +62,35 @@ describe("producer telemetry", () => {
         assert.equal(c.traceparent, `00-${ctx.traceId}-${ctx.spanId}-01`);
       });
     }
+  });
+
+  it("says when the stage read ids instead of tokenizing text", async () => {
+    exporter.reset();
+    const hook = "blocks.0.hook_resid_post";
+    const before = world.buffer.chunks(hook).length;
+    const ids = Array.from({ length: 40 }, (_, i) => 100 + i);
+    const data = writeDataset(world.dir, "ids", { "a.jsonl": `${JSON.stringify({ input_ids: ids })}\n` });
+    const p = await startProducer(
+      world.config({
+        id: "ids",
+        dataset: [data],
+        tokensField: "input_ids",
+        hookPoints: [hook],
+        contextLength: 16,
+        batchContexts: 2,
+        epochs: 1,
+      }),
+      { address: "127.0.0.1:0", log: () => undefined },
+    );
+    await world.demand.grant({ ids: 1e12 });
+    assert.equal(await p.finished, undefined);
+    await p.stop();
+    const stage = exporter.getFinishedSpans().filter((s) => s.name === "producer.tokenize");
+    const chunks = world.buffer.chunks(hook).length - before;
+    assert.ok(chunks > 0 && stage.length >= chunks, `${stage.length} spans, ${chunks} chunks`);
+    assert.ok(
+      stage.every((s) => s.attributes.input === "ids"),
+      JSON.stringify(stage.map((s) => s.attributes)),
+    );
   });
 });
