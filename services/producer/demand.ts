@@ -142,6 +142,15 @@ export class DemandGate {
     return this.operatorPaused;
   }
 
+  /**
+   * Its shard ended before this producer started (see Position.endedHooks): it is not joined, and no
+   * pass waits for it.
+   */
+  endedEarlier(): void {
+    this.poolsDone = true;
+    this.changed.notify();
+  }
+
   /** True once its shard (or the whole run) drains or stops: it takes no more rows from this producer. */
   get shardEnded(): boolean {
     return this.runState !== "running" || this.poolsDone;

@@ -112,11 +112,26 @@ export class Feeds {
       this.list.push(feed);
       for (const hook of hooks) this.byHook.set(hook, feed);
     }
+    // A shard that ended while an earlier start of this producer fed others is gone (its process
+    // exited): waiting for its grant would hold back every pass.
+    const gone = this.list.filter((f) => ledger.endedBefore(f.hooks));
+    for (const feed of gone) {
+      feed.gate.endedEarlier();
+      this.abandoned.add(feed);
+      void feed.stream.close();
+    }
+    if (gone.length) {
+      const rest = this.live.map((f) => f.shard.index);
+      log(
+        `${id}: buffer shard(s) ${gone.map((f) => f.shard.index).join(", ")} ended before this start (the saved position says so); ` +
+          (rest.length ? `feeding shard(s) ${rest.join(", ")}` : "none is left to feed"),
+      );
+    }
   }
 
-  /** Joins every shard it feeds as the producer whose control server is at `address`. */
+  /** Joins every shard it feeds, but those that ended before this start, as the producer whose control server is at `address`. */
   async join(bus: Bus, address: string): Promise<void> {
-    await Promise.all(this.list.map((f) => f.gate.join(bus, address)));
+    await Promise.all(this.live.map((f) => f.gate.join(bus, address)));
   }
 
   /** Feeds whose shard still takes rows. */

@@ -44,6 +44,7 @@ export class InFlightLedger {
     hookPoints: readonly string[],
   ) {
     this.sentContexts = position.contexts;
+    for (const hook of position.endedHooks ?? []) this.ended.add(hook);
     const hooks = Object.fromEntries(hookPoints.map((h) => [h, position.produced.hooks?.[h] ?? position.produced.rows]));
     this.position = { ...position, produced: { ...position.produced, hooks } };
   }
@@ -106,6 +107,13 @@ export class InFlightLedger {
       pass.unanswered--;
     }
     this.settle();
+    // Saved at once: a producer restarted later must not wait for a shard that is gone.
+    this.save();
+  }
+
+  /** True when every one of `hookPoints` had its shard end before this start (the saved position says so). */
+  endedBefore(hookPoints: readonly string[]): boolean {
+    return hookPoints.every((h) => this.ended.has(h));
   }
 
   /** The shard is done and every pass answered: the saved position says so. */
@@ -116,7 +124,7 @@ export class InFlightLedger {
 
   /** Writes the delivered position now. */
   save(): void {
-    this.store.save(this.position);
+    this.store.save(this.ended.size ? { ...this.position, endedHooks: [...this.ended] } : this.position);
     this.lastSave = Date.now();
   }
 

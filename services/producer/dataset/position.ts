@@ -43,6 +43,11 @@ export const Position = z.object({
       hooks: z.record(z.string(), z.number().int().min(0)).optional(),
     })
     .default({ rows: 0, tokens: 0 }),
+  /**
+   * Hook points whose buffer shard ended (its trainers were done, or it was drained) while this
+   * producer fed others: a restarted producer does not wait for that shard, which is gone.
+   */
+  endedHooks: z.array(z.string()).optional(),
 });
 export type Position = z.infer<typeof Position>;
 
