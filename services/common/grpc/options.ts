@@ -10,10 +10,10 @@ export const keepaliveTimeoutMs = (t: TransportConfig): number => Math.max(5000,
 /**
  * A channel's wait after a failed connect: the first, and the longest it grows to. A stream's own
  * retry loop waits no longer than the longest between its tries, so a buffer back from a restart is
- * found within about a second whatever the outage's length.
+ * found within about half a second whatever the outage's length.
  */
 export const RECONNECT_INITIAL_MS = 100;
-export const RECONNECT_MAX_MS = 1000;
+export const RECONNECT_MAX_MS = 500;
 
 /**
  * Channel and server options every service uses. grpc-js caps messages at 4 MiB and keeps HTTP/2
