@@ -92,13 +92,23 @@ describe("rendered objects", () => {
         if (role === "trainer") {
           assert.deepEqual([cfg.trainer.id, cfg.trainer.shardIndex, cfg.trainer.shardCount], [`trainer-${i}`, i, 2]);
         }
-        if (role === "buffer") assert.deepEqual([cfg.buffer.shard, cfg.buffer.trainers], [0, 2]);
+        if (role === "buffer") {
+          assert.deepEqual([cfg.buffer.shard, cfg.buffer.trainers], [0, 2]);
+          assert.equal(cfg.buffer.stateFile, "/var/lib/saeflow/llama31-8b-l15r/buffer-0.state.json", "its ledger outlives the pod");
+        }
       }
     }
     assert.deepEqual(
       [r.job("producer").spec!.completions, r.job("trainer").spec!.completions, r.job("buffer").spec!.completions],
       [3, 2, 1],
     );
+  });
+
+  test("buffer.stateFile set in the values is kept: the chart adds its own only when none is given", () => {
+    const r = render("rel", [], ["config.buffer.stateFile=/var/lib/saeflow/mine.json"]);
+    const c = r.container("buffer");
+    assert.ok(!(c.env ?? []).some((e) => e.name === "SAEFLOW_BUFFER__STATE_FILE"));
+    assert.equal(loadConfig({ base: r.values.config, env: podEnv(c, 0) }).buffer.stateFile, "/var/lib/saeflow/mine.json");
   });
 
   test("a config the role refuses (exit code 2) fails its Job at once; evictions do not count", () => {
