@@ -46,6 +46,8 @@ export class RefillCoordinator implements BufferObserver {
   private readonly buffer: ActivationBuffer;
   private readonly log: (line: string) => void;
   private readonly shardCount: number;
+  /** Other shards heard to drain or stop, told to producers in every Demand. */
+  private readonly endedShards = new Set<number>();
 
   constructor(options: RefillOptions) {
     this.bus = options.bus;
@@ -65,8 +67,13 @@ export class RefillCoordinator implements BufferObserver {
       bus.subscribe(s.heartbeat, MemberAnnounce, (m) => this.heartbeat(m)),
       bus.subscribe(s.leave, MemberAnnounce, (m) => this.leave(m.producerId)),
       bus.subscribe(s.runState, RunState, (m) => {
-        // Another shard's end is not this one's: its producers go on feeding this shard.
-        if (m.state !== "running" && (m.shard === undefined || m.shard === this.buffer.shard.index)) this.buffer.drain();
+        if (m.state === "running") return;
+        if (m.shard === undefined || m.shard === this.buffer.shard.index) return this.buffer.drain();
+        // Another shard's end is not this one's: its producers go on feeding this shard, and hear of it in Demand.
+        if (!this.endedShards.has(m.shard)) {
+          this.endedShards.add(m.shard);
+          this.changed();
+        }
       }),
       bus.reply(s.hello, MemberAnnounce, Demand, (m) => {
         this.join(m);
@@ -277,6 +284,7 @@ export class RefillCoordinator implements BufferObserver {
       grants: Object.fromEntries([...this.live()].map((m) => [m.announce.producerId, m.grant])),
       freeRows: Object.fromEntries(hooks.map((h) => [h.name, h.pool.free])),
       done: hooks.filter((h) => h.readersDone).map((h) => h.name),
+      endedShards: [...this.endedShards].sort((a, b) => a - b),
     };
   }
 

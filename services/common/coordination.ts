@@ -101,6 +101,11 @@ export const Demand = z.object({
    * will never come.
    */
   done: z.array(z.string()).default([]),
+  /**
+   * Other buffer shards this one heard drain or stop (their RunState): a producer that was down when
+   * one of them ended, and so never heard it, learns here not to wait for its grant.
+   */
+  endedShards: z.array(z.number().int().min(0)).default([]),
 });
 export type Demand = z.infer<typeof Demand>;
 

@@ -25,6 +25,8 @@ export interface DemandGateOptions {
   changed?: Signal;
   /** Called once when its shard (or the whole run) stops taking rows. */
   onEnded?: () => void;
+  /** Other shards its shard says ended (Demand.endedShards). */
+  onShardsEnded?: (shards: number[]) => void;
   /** Chunks sent to the shard and not answered yet (see MemberAnnounce.settled). */
   inFlight?: () => number;
 }
@@ -151,6 +153,16 @@ export class DemandGate {
     this.changed.notify();
   }
 
+  /** Another shard said this one ended (its RunState came while this producer was not listening). */
+  heardEnded(from: string): void {
+    if (this.shardEnded) return;
+    const { scope = "run", onEnded } = this.options;
+    this.poolsDone = true;
+    this.log(`demand: ${scope} ended (said by ${from}); leaving it`);
+    onEnded?.();
+    this.changed.notify();
+  }
+
   /** True once its shard (or the whole run) drains or stops: it takes no more rows from this producer. */
   get shardEnded(): boolean {
     return this.runState !== "running" || this.poolsDone;
@@ -229,6 +241,7 @@ export class DemandGate {
 
   private apply(d: Demand): void {
     this.demand = d;
+    if (d.endedShards.length) this.options.onShardsEnded?.(d.endedShards);
     if (!this.poolsDone && this.member.hookPoints.every((h) => d.done.includes(h))) {
       const { scope = "run", onEnded } = this.options;
       this.poolsDone = true;

@@ -106,6 +106,7 @@ export class Feeds {
         scope: sharded ? `buffer shard ${shard.index}` : "run",
         changed: this.changed,
         onEnded: () => this.ended(feed),
+        onShardsEnded: (ended) => this.endedElsewhere(ended, shard.index),
         inFlight: (): number => stream.inFlight,
       });
       const feed: Feed = { shard, hooks, stream, gate };
@@ -255,6 +256,13 @@ export class Feeds {
       this.leaving.set(feed, left);
     }
     return left;
+  }
+
+  /** Shard `from` says `ended` shards ended: those this producer feeds are left as if it had heard them. */
+  private endedElsewhere(ended: readonly number[], from: number): void {
+    for (const feed of this.list) {
+      if (ended.includes(feed.shard.index)) feed.gate.heardEnded(`buffer shard ${from}`);
+    }
   }
 
   /**

@@ -41,7 +41,7 @@ describe("NATS helper against a real nats-server", () => {
     await b.flush();
     await new Promise((r) => setTimeout(r, 50));
     sub.unsubscribe();
-    assert.deepEqual(got, [{ cycle: 3, command: "pause", grants: { p0: 128 }, freeRows: { h: 0 }, done: [] }]);
+    assert.deepEqual(got, [{ cycle: 3, command: "pause", grants: { p0: 128 }, freeRows: { h: 0 }, done: [], endedShards: [] }]);
     assert.ok(logs.some((l) => l.includes("dropped invalid message") && l.includes("cycle")));
     assert.ok(logs.some((l) => l.includes("dropped non-JSON message")));
   });

@@ -186,7 +186,7 @@ export class RecordingBuffer {
 
 /** Plays the buffer's side of NATS: publishes Demand and answers hello with the latest one. */
 export class DemandPlayer {
-  private latest: Demand = { cycle: 0, command: "pause", grants: {}, freeRows: {}, done: [] };
+  private latest: Demand = { cycle: 0, command: "pause", grants: {}, freeRows: {}, done: [], endedShards: [] };
 
   private constructor(
     readonly bus: Bus,
@@ -203,7 +203,7 @@ export class DemandPlayer {
 
   /** Grants rows (absolute, per producer) and says refill. */
   async grant(grants: Record<string, number>, cycle = 1): Promise<void> {
-    await this.send({ cycle, command: "refill", grants, freeRows: {}, done: [] });
+    await this.send({ cycle, command: "refill", grants, freeRows: {}, done: [], endedShards: [] });
   }
 
   async pause(): Promise<void> {
