@@ -61,6 +61,8 @@ export class ActivationBuffer {
   private readonly stateFile: BufferStateFile | undefined;
   private stopCause: StopCause | undefined;
   private runEnding = false;
+  /** Other shards of the run heard to drain or stop (their RunState). */
+  private readonly otherShardsEnded = new Set<number>();
 
   constructor(options: BufferOptions) {
     this.stopped = new Promise<void>((resolve) => (this.markStopped = resolve));
@@ -99,13 +101,14 @@ export class ActivationBuffer {
   }
 
   /**
-   * Goes on from the ledger the buffer before this one left: its counts, its row ids, its marks and
-   * the trainers done with each pool.
+   * Goes on from the ledger the buffer before this one left: its counts, its row ids, its marks, the
+   * trainers done with each pool and the other shards it heard end.
    * The rows its pool held are gone with it, counted by why.
    */
   private restore(saved: BufferState): void {
     this.nextRowId = saved.nextRowId;
     this.marks.restore(saved.marks);
+    for (const shard of saved.endedShards) this.otherShardsEnded.add(shard);
     for (const [name, ledger] of Object.entries(saved.hooks)) {
       const hook = this.hooks.get(name);
       hook?.accounting.restore(ledger, ledger.held, saved.clean ? "left_at_stop" : "lost_with_buffer");
@@ -134,7 +137,21 @@ export class ActivationBuffer {
         ]),
       ),
       marks: this.marks.save(),
+      endedShards: this.endedShards,
     };
+  }
+
+  /** Other shards heard to drain or stop, in shard order. */
+  get endedShards(): number[] {
+    return [...this.otherShardsEnded].sort((a, b) => a - b);
+  }
+
+  /** Another shard drained or stopped: kept (in the state file too); true when it was not known. */
+  otherShardEnded(shard: number): boolean {
+    if (this.otherShardsEnded.has(shard)) return false;
+    this.otherShardsEnded.add(shard);
+    this.commit();
+    return true;
   }
 
   /**

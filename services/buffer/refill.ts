@@ -46,8 +46,6 @@ export class RefillCoordinator implements BufferObserver {
   private readonly buffer: ActivationBuffer;
   private readonly log: (line: string) => void;
   private readonly shardCount: number;
-  /** Other shards heard to drain or stop, told to producers in every Demand. */
-  private readonly endedShards = new Set<number>();
 
   constructor(options: RefillOptions) {
     this.bus = options.bus;
@@ -70,10 +68,7 @@ export class RefillCoordinator implements BufferObserver {
         if (m.state === "running") return;
         if (m.shard === undefined || m.shard === this.buffer.shard.index) return this.buffer.drain();
         // Another shard's end is not this one's: its producers go on feeding this shard, and hear of it in Demand.
-        if (!this.endedShards.has(m.shard)) {
-          this.endedShards.add(m.shard);
-          this.changed();
-        }
+        if (this.buffer.otherShardEnded(m.shard)) this.changed();
       }),
       bus.reply(s.hello, MemberAnnounce, Demand, (m) => {
         this.join(m);
@@ -236,7 +231,7 @@ export class RefillCoordinator implements BufferObserver {
     this.grant();
     this.markStranded();
     const demand = this.demand();
-    const key = JSON.stringify([demand.cycle, demand.command, demand.grants, demand.done]);
+    const key = JSON.stringify([demand.cycle, demand.command, demand.grants, demand.done, demand.endedShards]);
     if (!always && key === this.lastPublished) return;
     this.lastPublished = key;
     this.bus.publish(this.subjects.demand, Demand, demand);
@@ -284,7 +279,7 @@ export class RefillCoordinator implements BufferObserver {
       grants: Object.fromEntries([...this.live()].map((m) => [m.announce.producerId, m.grant])),
       freeRows: Object.fromEntries(hooks.map((h) => [h.name, h.pool.free])),
       done: hooks.filter((h) => h.readersDone).map((h) => h.name),
-      endedShards: [...this.endedShards].sort((a, b) => a - b),
+      endedShards: this.buffer.endedShards,
     };
   }
 

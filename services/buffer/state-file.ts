@@ -26,6 +26,8 @@ export const BufferState = z.object({
   hooks: z.record(z.string(), HookLedger),
   /** Per producer: its lineage and, per hook point, the first row not yet answered (see marks.ts). */
   marks: z.record(z.string(), z.object({ lineage: z.string(), hooks: z.record(z.string(), Mark) })),
+  /** Other shards heard to drain or stop: a restarted buffer still tells its producers (Demand.endedShards). */
+  endedShards: z.array(z.number().int().min(0)).default([]),
 });
 export type BufferState = z.infer<typeof BufferState>;
 

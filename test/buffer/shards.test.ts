@@ -95,7 +95,9 @@ test("a shard ends once the trainers reading it are done; another shard's end an
   h = await startHarness([...SHARD_SETS, "buffer.trainers=2"]);
   const bus = await connectBus({ url: h.nats.url, name: "watch" });
   const states: RunState[] = [];
+  const demands: Demand[] = [];
   bus.subscribe(h.subjects.runState, RunState, (m) => states.push(m));
+  bus.subscribe(h.subjects.demand, Demand, (m) => demands.push(m));
   try {
     const push = new PushClient(h.client);
     await push.send(makeChunk({ producerId: "p", producerNumber: 0, sequence: 0, contexts: [0], rowsPerContext: 8 }));
@@ -105,6 +107,8 @@ test("a shard ends once the trainers reading it are done; another shard's end an
     await bus.flush();
     await new Promise((r) => setTimeout(r, 500));
     assert.equal(h.running.status().state, ServiceState.RUNNING);
+    // ...but its producers hear of it, in case they missed shard 0's word.
+    assert.deepEqual(demands.at(-1)?.endedShards, [0]);
     bus.publish(h.subjects.trainerDone, TrainerDone, { trainerId: "trainer-1", hookPoints: [HOOK], step: 7 });
     await h.running.finished;
     assert.equal(h.running.buffer.stoppedBecause, "run_ended");
@@ -229,7 +233,7 @@ test("a pool whose trainers are done stops gating its shard: its rows are refuse
   }
 });
 
-test("who is done with a pool is kept in buffer.stateFile: a restarted buffer does not wait for them again", async () => {
+test("who is done with a pool, and which other shards ended, are kept in buffer.stateFile: a restarted buffer does not wait for them again and still says so", async () => {
   const dir = mkdtempSync(join(tmpdir(), "saeflow-done-"));
   try {
     const config = loadConfig({
@@ -248,10 +252,13 @@ test("who is done with a pool is kept in buffer.stateFile: a restarted buffer do
       });
     const first = open();
     first.hooks.get(OTHER)!.doneReaders.add("trainer-0");
+    assert.equal(first.otherShardEnded(3), true);
+    assert.equal(first.otherShardEnded(3), false, "known already");
     first.commit();
     const again = open();
     assert.deepEqual([...again.hooks.get(OTHER)!.doneReaders], ["trainer-0"]);
     assert.deepEqual([...again.hooks.get(HOOK)!.doneReaders], []);
+    assert.deepEqual(again.endedShards, [3]);
     first.close();
     again.close();
   } finally {
