@@ -94,7 +94,7 @@ describe("rendered objects", () => {
         }
         if (role === "buffer") {
           assert.deepEqual([cfg.buffer.shard, cfg.buffer.trainers], [0, 2]);
-          assert.equal(cfg.buffer.stateFile, "/var/lib/saeflow/llama31-8b-l15r/buffer-0.state.json", "its ledger outlives the pod");
+          assert.equal(cfg.buffer.stateFile, "", "no run claim on buffer pods: no state file, which would die with the pod");
         }
       }
     }
@@ -104,8 +104,15 @@ describe("rendered objects", () => {
     );
   });
 
+  test("with the run claim on buffer pods, each shard keeps its ledger in a state file of its own there", () => {
+    const r = render("rel", [], ["persistence.roles={trainer,buffer}"]);
+    const c = r.container("buffer");
+    assert.equal(loadConfig({ base: r.values.config, env: podEnv(c, 0) }).buffer.stateFile, "/var/lib/saeflow/demo/buffer-0.state.json");
+    assert.equal(podEnv(c, 7).SAEFLOW_BUFFER__STATE_FILE, "/var/lib/saeflow/demo/buffer-7.state.json");
+  });
+
   test("buffer.stateFile set in the values is kept: the chart adds its own only when none is given", () => {
-    const r = render("rel", [], ["config.buffer.stateFile=/var/lib/saeflow/mine.json"]);
+    const r = render("rel", [], ["persistence.roles={trainer,buffer}", "config.buffer.stateFile=/var/lib/saeflow/mine.json"]);
     const c = r.container("buffer");
     assert.ok(!(c.env ?? []).some((e) => e.name === "SAEFLOW_BUFFER__STATE_FILE"));
     assert.equal(loadConfig({ base: r.values.config, env: podEnv(c, 0) }).buffer.stateFile, "/var/lib/saeflow/mine.json");
@@ -273,6 +280,15 @@ describe("bad values are refused with a message naming them", () => {
       "a shard without pools",
       ["config.buffer.shards[0].hookPoints=null"],
       /config\.buffer\.shards\.0\.hookPoints: Invalid type\. Expected: array, given: null/,
+    ],
+    [
+      "one state file for several buffer shards",
+      [
+        "config.buffer.stateFile=/var/lib/saeflow/b.json",
+        "config.buffer.shards[0].hookPoints={blocks.1.hook_resid_post}",
+        "config.buffer.shards[1].hookPoints={blocks.1.hook_resid_post}",
+      ],
+      /config\.buffer\.stateFile: every buffer shard would keep its ledger in this one file/,
     ],
     [
       "a GPU provider for trainers without a GPU",

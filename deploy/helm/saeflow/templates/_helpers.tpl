@@ -141,6 +141,9 @@ in: the shard table with the Services' addresses, and how many producers and tra
 {{- $placed = append $placed $h -}}
 {{- end -}}
 {{- end -}}
+{{- if and (gt (len (default (list) $c.buffer.shards)) 1) (dig "buffer" "stateFile" "" $c) -}}
+{{- fail "config.buffer.stateFile: every buffer shard would keep its ledger in this one file; leave it out (the chart gives each shard its own on the run claim when persistence.roles has buffer)" -}}
+{{- end -}}
 {{- if $c.buffer.shards -}}
 {{- range $pools -}}
 {{- if not (has . $placed) -}}
