@@ -108,7 +108,7 @@ export class ActivationBuffer {
   private restore(saved: BufferState): void {
     this.nextRowId = saved.nextRowId;
     this.marks.restore(saved.marks);
-    for (const shard of saved.endedShards) this.otherShardsEnded.add(shard);
+    for (const shard of saved.endedShards) if (shard !== this.shard.index) this.otherShardsEnded.add(shard);
     for (const [name, ledger] of Object.entries(saved.hooks)) {
       const hook = this.hooks.get(name);
       hook?.accounting.restore(ledger, ledger.held, saved.clean ? "left_at_stop" : "lost_with_buffer");

@@ -48,6 +48,8 @@ export class DemandGate {
   /** Every pool this producer feeds on the shard is done (its trainers finished). */
   private poolsDone = false;
   private operatorPaused = false;
+  /** Demand.endedShards as last told to onShardsEnded. */
+  private endedShardsSeen = "";
   private stopped = false;
   /** Rows per hook point taken since joining: sent, or in a pass still on its way. */
   private rowsSent = 0;
@@ -241,7 +243,12 @@ export class DemandGate {
 
   private apply(d: Demand): void {
     this.demand = d;
-    if (d.endedShards.length) this.options.onShardsEnded?.(d.endedShards);
+    // Every Demand repeats the list (256 shards a second in a large run): told on a change only.
+    const ended = d.endedShards.join(",");
+    if (ended !== this.endedShardsSeen) {
+      this.endedShardsSeen = ended;
+      if (d.endedShards.length) this.options.onShardsEnded?.(d.endedShards);
+    }
     if (!this.poolsDone && this.member.hookPoints.every((h) => d.done.includes(h))) {
       const { scope = "run", onEnded } = this.options;
       this.poolsDone = true;

@@ -260,8 +260,11 @@ export class Feeds {
 
   /** Shard `from` says `ended` shards ended: those this producer feeds are left as if it had heard them. */
   private endedElsewhere(ended: readonly number[], from: number): void {
+    const gone = new Set(ended);
+    // A shard saying so of itself can only be a mistake (its RunState says when it ends).
+    gone.delete(from);
     for (const feed of this.list) {
-      if (ended.includes(feed.shard.index)) feed.gate.heardEnded(`buffer shard ${from}`);
+      if (gone.has(feed.shard.index)) feed.gate.heardEnded(`buffer shard ${from}`);
     }
   }
 
