@@ -49,6 +49,25 @@ interface ShardedRun {
   close(): Promise<void>;
 }
 
+/**
+ * trainer-1 reading H1 from shard 1, which makes room there; resolves once the shard has taken 1024
+ * more rows of it (`what` names that wait), with the reader to stop.
+ */
+async function readH1UntilFed(run: ShardedRun, what: string): Promise<{ stop(): void }> {
+  const client = createClient(BufferService, run.buffers[1]!.address, run.config().transport);
+  const stream = client.batches({ hookPoint: H1, trainerId: "trainer-1", batchSize: 64 });
+  stream.on("data", () => undefined);
+  stream.on("error", () => undefined);
+  const before = rowsIn(run.buffers[1]!, H1);
+  await poll(() => rowsIn(run.buffers[1]!, H1) > before + 1024, what);
+  return {
+    stop: () => {
+      stream.cancel();
+      client.close();
+    },
+  };
+}
+
 describe("producer with buffer shards", () => {
   let nats: NatsServer;
   let model: TinyLlama;
@@ -305,16 +324,10 @@ describe("producer with buffer shards", () => {
           logs.some((l) => c.says.test(l)),
           logs.join("\n"),
         );
-        const client = createClient(BufferService, run.buffers[1]!.address, run.config().transport);
-        const stream = client.batches({ hookPoint: H1, trainerId: "trainer-1", batchSize: 64 });
-        stream.on("data", () => undefined);
-        stream.on("error", () => undefined);
-        const before = rowsIn(run.buffers[1]!, H1);
-        await poll(() => rowsIn(run.buffers[1]!, H1) > before + 1024, "shard 1 to be fed by the producer started again");
+        const reader = await readH1UntilFed(run, "shard 1 to be fed by the producer started again");
         done("trainer-1", H1);
         assert.equal(await again.finished, undefined, "its run is over once shard 1 ended too");
-        stream.cancel();
-        client.close();
+        reader.stop();
         await again.stop();
       } finally {
         await run.close();
@@ -345,14 +358,7 @@ describe("producer with buffer shards", () => {
       await poll(() => p.shards()[0]!.ended, "the producer to leave shard 0");
       assert.equal(run.buffers[0]!.status().state, ServiceState.RUNNING, "shard 0 goes on for H1");
       // A reader of H1 on shard 1 makes room: the producer keeps feeding it.
-      const client = createClient(BufferService, run.buffers[1]!.address, run.config().transport);
-      const stream = client.batches({ hookPoint: H1, trainerId: "trainer-1", batchSize: 64 });
-      stream.on("data", () => undefined);
-      stream.on("error", () => undefined);
-      const before = rowsIn(run.buffers[1]!, H1);
-      await poll(() => rowsIn(run.buffers[1]!, H1) > before + 1024, "shard 1 to be fed after the producer left shard 0");
-      stream.cancel();
-      client.close();
+      (await readH1UntilFed(run, "shard 1 to be fed after the producer left shard 0")).stop();
       await p.stop();
     } finally {
       await run.close();
