@@ -158,10 +158,7 @@ export class DemandGate {
   /** Another shard said this one ended (its RunState came while this producer was not listening). */
   heardEnded(from: string): void {
     if (this.shardEnded) return;
-    const { scope = "run", onEnded } = this.options;
-    this.poolsDone = true;
-    this.log(`demand: ${scope} ended (said by ${from}); leaving it`);
-    onEnded?.();
+    this.leaving(`demand: ${this.scope} ended (said by ${from}); leaving it`);
     this.changed.notify();
   }
 
@@ -230,12 +227,12 @@ export class DemandGate {
   }
 
   private applyRunState(s: RunState): void {
-    const { shard, scope = "run", onEnded } = this.options;
+    const { shard, onEnded } = this.options;
     if (s.shard !== undefined && shard !== undefined && s.shard !== shard) return;
     const was = this.runState;
     this.runState = s.state;
     if (s.state !== "running" && was === "running") {
-      this.log(`demand: ${scope} is ${s.state}${s.reason ? ` (${s.reason})` : ""}; stopping`);
+      this.log(`demand: ${this.scope} is ${s.state}${s.reason ? ` (${s.reason})` : ""}; stopping`);
       onEnded?.();
     }
     this.changed.notify();
@@ -250,11 +247,20 @@ export class DemandGate {
       if (d.endedShards.length) this.options.onShardsEnded?.(d.endedShards);
     }
     if (!this.poolsDone && this.member.hookPoints.every((h) => d.done.includes(h))) {
-      const { scope = "run", onEnded } = this.options;
-      this.poolsDone = true;
-      this.log(`demand: every pool this producer feeds on ${scope} is done (their trainers finished); leaving it`);
-      onEnded?.();
+      this.leaving(`demand: every pool this producer feeds on ${this.scope} is done (their trainers finished); leaving it`);
     }
     this.changed.notify();
+  }
+
+  /** What its log lines call the end it hears of. */
+  private get scope(): string {
+    return this.options.scope ?? "run";
+  }
+
+  /** Its shard takes no more rows from this producer, as `line` says: the producer leaves it. */
+  private leaving(line: string): void {
+    this.poolsDone = true;
+    this.log(line);
+    this.options.onEnded?.();
   }
 }
