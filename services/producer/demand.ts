@@ -230,10 +230,12 @@ export class DemandGate {
     const { shard, onEnded } = this.options;
     if (s.shard !== undefined && shard !== undefined && s.shard !== shard) return;
     const was = this.runState;
+    const left = this.shardEnded;
     this.runState = s.state;
     if (s.state !== "running" && was === "running") {
       this.log(`demand: ${this.scope} is ${s.state}${s.reason ? ` (${s.reason})` : ""}; stopping`);
-      onEnded?.();
+      // Left already when a Demand said every pool it feeds there is done.
+      if (!left) onEnded?.();
     }
     this.changed.notify();
   }
@@ -246,7 +248,7 @@ export class DemandGate {
       this.endedShardsSeen = ended;
       if (d.endedShards.length) this.options.onShardsEnded?.(d.endedShards);
     }
-    if (!this.poolsDone && this.member.hookPoints.every((h) => d.done.includes(h))) {
+    if (!this.shardEnded && this.member.hookPoints.every((h) => d.done.includes(h))) {
       this.leaving(`demand: every pool this producer feeds on ${this.scope} is done (their trainers finished); leaving it`);
     }
     this.changed.notify();

@@ -31,10 +31,10 @@ export interface FeedStatus {
   ended: boolean;
   contextsAllowed: number;
   /**
-   * Rows per hook point of the delivered passes that went to this shard, across restarts: what its
+   * Rows of the delivered passes that went to this shard, per hook point, across restarts: what its
    * ledger of each of these hook points starts from (produced = accepted + refused).
    */
-  rowsSent: number;
+  rowsSent: Record<string, number>;
 }
 
 export interface FeedsOptions {
@@ -245,7 +245,7 @@ export class Feeds {
       pausedByBuffer: f.gate.pausedByBuffer,
       ended: f.gate.shardEnded,
       contextsAllowed: f.gate.contextsAllowed,
-      rowsSent: this.options.ledger.delivered.produced.hooks?.[f.hooks[0]!] ?? 0,
+      rowsSent: Object.fromEntries(f.hooks.map((h) => [h, this.options.ledger.delivered.produced.hooks?.[h] ?? 0])),
     }));
   }
 

@@ -83,7 +83,7 @@ export function producerStatus(s: StatusSources): StatusResponse {
       pausedByBuffer: f.pausedByBuffer,
       ended: f.ended,
       contextsAllowed: BigInt(f.contextsAllowed),
-      rowsSent: BigInt(f.rowsSent),
+      rowsSent: Object.fromEntries(Object.entries(f.rowsSent).map(([h, rows]) => [h, BigInt(rows)])),
     })),
   });
 }

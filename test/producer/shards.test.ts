@@ -7,6 +7,7 @@ import { loadConfig, type RunConfig } from "../../services/common/config/index.j
 import { Demand, subjects, TrainerDone } from "../../services/common/coordination.js";
 import { createClient } from "../../services/common/grpc/adapter.js";
 import { type Bus, connectBus } from "../../services/common/nats.js";
+import type { RoleDeps } from "../../services/common/role.js";
 import { type RunningBuffer, startBuffer } from "../../services/buffer/buffer.js";
 import { type BatchesResponse, BufferService } from "../../services/gen/saeflow/buffer/v1/buffer_pb.js";
 import { ServiceState } from "../../services/gen/saeflow/v1/control_pb.js";
@@ -46,6 +47,8 @@ interface ShardedRun {
   config(producer?: Record<string, unknown>): RunConfig;
   /** Stops shard `i` and starts it again at its address, going on from its buffer.stateFile. */
   restart(i: number): Promise<void>;
+  /** Starts a producer that close() stops too, so that a failed assertion does not leave it holding the test file open. */
+  producer(config: RunConfig, deps: RoleDeps): Promise<RunningProducer>;
   close(): Promise<void>;
 }
 
@@ -114,6 +117,7 @@ describe("producer with buffer shards", () => {
     );
     const buffers: RunningBuffer[] = [];
     for (const [i, config] of configs.entries()) buffers.push(await startBuffer(config, { log: (line) => logs[i]!.push(line) }));
+    const producers: RunningProducer[] = [];
     return {
       buffers,
       logs,
@@ -139,7 +143,13 @@ describe("producer with buffer shards", () => {
             },
           },
         }),
+      producer: async (config, deps) => {
+        const p = await startProducer(config, deps);
+        producers.push(p);
+        return p;
+      },
       close: async () => {
+        await Promise.all(producers.map((p) => p.stop()));
         for (const s of subs) s.unsubscribe();
         for (const b of buffers) await b.stop();
       },
@@ -149,7 +159,7 @@ describe("producer with buffer shards", () => {
   it("feeds two shards holding disjoint hook points from one pass: each gets only its rows, granted and counted per shard", async () => {
     const run = await startRun([[H0], [H1, H2]], [H0, H1, H2]);
     try {
-      const p = await startProducer(run.config(), quiet);
+      const p = await run.producer(run.config(), quiet);
       assert.deepEqual(
         p.shards().map((f) => [f.shard, f.hookPoints]),
         [
@@ -200,7 +210,7 @@ describe("producer with buffer shards", () => {
     try {
       const producers: RunningProducer[] = [];
       for (const shardIndex of [0, 1])
-        producers.push(await startProducer(run.config({ shardIndex, shardCount: 2, hookPoints: [H1] }), quiet));
+        producers.push(await run.producer(run.config({ shardIndex, shardCount: 2, hookPoints: [H1] }), quiet));
       for (const p of producers) assert.equal(await p.finished, undefined);
       assert.deepEqual(run.buffers[0]!.status().producers, ["producer-0"]);
       assert.deepEqual(run.buffers[1]!.status().producers, ["producer-1"]);
@@ -224,7 +234,7 @@ describe("producer with buffer shards", () => {
     const run = await startRun([[H0], [H1, H2]], [H0, H1, H2]);
     try {
       run.buffers[0]!.buffer.pause();
-      const p = await startProducer(run.config({ epochs: 0 }), quiet);
+      const p = await run.producer(run.config({ epochs: 0 }), quiet);
       await poll(() => p.shards()[1]!.contextsAllowed > 0 && p.shards()[0]!.pausedByBuffer, "shard 1 to grant while shard 0 pauses");
       // Shard 1 grants rows, but a pass for it would make shard 0's rows too: none starts.
       await new Promise((r) => setTimeout(r, 500));
@@ -247,8 +257,9 @@ describe("producer with buffer shards", () => {
     });
     const trainerDone = subjects("saeflow", run.buffers[0]!.status().runId).trainerDone;
     const done = (trainerId: string, hook: string) => watch.publish(trainerDone, TrainerDone, { trainerId, hookPoints: [hook], step: 1 });
+    const said: string[] = [];
     try {
-      const p = await startProducer(run.config({ epochs: 0 }), quiet);
+      const p = await run.producer(run.config({ epochs: 0 }), { address: "127.0.0.1:0", log: (line) => said.push(line) });
       await poll(() => rowsIn(run.buffers[0]!, H0) > 0 && rowsIn(run.buffers[1]!, H1) > 0, "rows on both shards");
       done("trainer-0", H0);
       await run.buffers[0]!.finished;
@@ -258,6 +269,8 @@ describe("producer with buffer shards", () => {
         p.shards().map((f) => f.ended),
         [true, false],
       );
+      // The Demand saying its pools are done and the shard's RunState both tell it: it leaves once.
+      assert.equal(said.filter((l) => /leaving buffer shard 0/.test(l)).length, 1, said.join("\n"));
       assert.equal(run.buffers[1]!.status().state, ServiceState.RUNNING, "shard 1's trainer still trains");
 
       // A trainer reading shard 1 makes room: the producer goes on feeding it alone.
@@ -305,7 +318,7 @@ describe("producer with buffer shards", () => {
       const logs: string[] = [];
       const config = run.config({ epochs: 0, resume: true });
       try {
-        const first = await startProducer(config, quiet);
+        const first = await run.producer(config, quiet);
         await poll(() => rowsIn(run.buffers[0]!, H0) > 0 && rowsIn(run.buffers[1]!, H1) > 0, "rows on both shards");
         if (c.downFirst) await first.stop();
         done("trainer-0", H0);
@@ -318,7 +331,7 @@ describe("producer with buffer shards", () => {
         await run.buffers[0]!.stop();
         await poll(() => run.demands[1]!.some((d) => d.endedShards.includes(0)), "shard 1 to say shard 0 ended");
 
-        const again = await startProducer(config, { address: "127.0.0.1:0", log: (line) => logs.push(line) });
+        const again = await run.producer(config, { address: "127.0.0.1:0", log: (line) => logs.push(line) });
         await poll(() => again.shards()[0]!.ended, "the producer started again to leave shard 0");
         assert.ok(
           logs.some((l) => c.says.test(l)),
@@ -345,7 +358,7 @@ describe("producer with buffer shards", () => {
     });
     const trainerDone = subjects("saeflow", run.buffers[0]!.status().runId).trainerDone;
     try {
-      const p = await startProducer(run.config({ epochs: 0, shardIndex: 1, shardCount: 2 }), quiet);
+      const p = await run.producer(run.config({ epochs: 0, shardIndex: 1, shardCount: 2 }), quiet);
       assert.deepEqual(
         p.shards().map((f) => [f.shard, f.hookPoints]),
         [
@@ -386,7 +399,7 @@ describe("producer with buffer shards", () => {
       }
     };
     try {
-      const p = await startProducer(run.config({ epochs: 0 }), quiet);
+      const p = await run.producer(run.config({ epochs: 0 }), quiet);
       const readers = [read(0, H0, "trainer-0"), read(1, H1, "trainer-1")];
       await poll(() => rowsIn(run.buffers[0]!, H0) > 2048 && rowsIn(run.buffers[1]!, H1) > 2048, "rows flowing to both shards");
       await run.restart(1);
@@ -407,8 +420,8 @@ describe("producer with buffer shards", () => {
 
       const feeds = p.shards();
       const perHook = Number(p.status().rowsSent) / 2;
-      assert.ok(feeds[0]!.rowsSent < perHook, `shard 0 was sent ${feeds[0]!.rowsSent} of the ${perHook} rows per hook point`);
-      assert.equal(feeds[1]!.rowsSent, perHook, "shard 1 was sent every pass");
+      assert.ok(feeds[0]!.rowsSent[H0]! < perHook, `shard 0 was sent ${feeds[0]!.rowsSent[H0]} of the ${perHook} rows per hook point`);
+      assert.equal(feeds[1]!.rowsSent[H1], perHook, "shard 1 was sent every pass");
       for (const [i, hook] of [
         [0, H0],
         [1, H1],
@@ -419,7 +432,7 @@ describe("producer with buffer shards", () => {
         const lost = (dropped.lost_with_buffer ?? 0) + (dropped.left_at_stop ?? 0);
         const ledger = JSON.stringify({
           shard: i,
-          sent: feeds[i]!.rowsSent,
+          sent: feeds[i]!.rowsSent[hook],
           ...h,
           capacityRows: undefined,
           rowsIn: Number(h.rowsIn),
@@ -429,7 +442,7 @@ describe("producer with buffer shards", () => {
           dropped,
           trainers: undefined,
         });
-        assert.equal(feeds[i]!.rowsSent, Number(h.rowsIn) + refused, `produced = accepted + refused: ${ledger}`);
+        assert.equal(feeds[i]!.rowsSent[hook], Number(h.rowsIn) + refused, `produced = accepted + refused: ${ledger}`);
         assert.equal(Number(h.rowsIn), Number(h.rowsOut) + Number(h.unconsumedRows) + lost, `accepted = served + held + lost: ${ledger}`);
       }
       assert.ok(

@@ -45,8 +45,8 @@ export function ledgerOf(st: RunStatus): HookLedger[] {
     // A producer sends a hook point's rows to one shard, and says how many it sent there (fewer than it
     // made once that shard ended while it fed others).
     for (const p of st.producers) {
-      const feed = p.status?.feeds.find((f) => f.shard === shard && f.hookPoints.includes(h.hookPoint));
-      if (feed) produced += Number(feed.rowsSent);
+      const feed = p.status?.feeds.find((f) => f.shard === shard);
+      produced += Number(feed?.rowsSent[h.hookPoint] ?? 0n);
     }
     const accepted = Number(h.rowsIn);
     const served = Number(h.rowsOut);
