@@ -136,9 +136,14 @@ export class RefillCoordinator implements BufferObserver {
     this.membershipChanged();
   }
 
-  /** Learns a producer's lineage and how far its rows were answered (see marks.ts). */
+  /**
+   * Learns a producer's lineage and, without a state file, how far its rows were answered (see
+   * marks.ts). The file holds the mark of every row this shard answered; a producer's word can only
+   * repeat it, or overstate it for a shard it went on without.
+   */
   private adopt(announce: MemberAnnounce): void {
-    const answered = Object.fromEntries(Object.entries(announce.marks ?? {}).map(([hook, m]) => [hook, m.answered]));
+    const marks = this.buffer.keepsState ? {} : (announce.marks ?? {});
+    const answered = Object.fromEntries(Object.entries(marks).map(([hook, m]) => [hook, m.answered]));
     this.buffer.marks.adopt(announce.producerId, announce.lineage, answered);
   }
 

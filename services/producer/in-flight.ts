@@ -14,8 +14,8 @@ interface Pass {
   unanswered: number;
   /** Rows per hook point of its chunks written to a stream (a shard that ended meanwhile gets none). */
   sent: Map<string, number>;
-  /** Its chunks written at least once: one re-sent after a broken stream is not made twice. */
-  written: Set<string>;
+  /** Rows of its chunks written at least once, by chunk: one re-sent after a broken stream is not made twice. */
+  written: Map<string, number>;
 }
 
 const chunkKey = (chunk: ActivationChunk) => `${chunk.hookPoint}#${chunk.sequence}`;
@@ -33,6 +33,8 @@ export class InFlightLedger {
   private sentContexts: number;
   /** Hook points whose buffer shard ended: their chunks are not sent, so no pass waits for them. */
   private readonly ended = new Set<string>();
+  /** Rows of chunks written to a shard that ended before answering them, by chunk: produced only if an answer still comes. */
+  private readonly late = new Map<string, number>();
 
   /**
    * `hookPoints` are the producer's: a position saved before per-hook counts sent every pass to all
@@ -49,10 +51,14 @@ export class InFlightLedger {
     this.position = { ...position, produced: { ...position.produced, hooks } };
   }
 
-  /** How far this producer's contexts have gone, per hook point, for its announcements (see docs/nats.md). */
+  /**
+   * How far this producer's contexts have gone, per hook point, for its announcements (see docs/nats.md).
+   * None for a hook point whose shard ended: the passes delivered since did not wait for its answers,
+   * and a shard taking them as answered would call a chunk re-sent to it a duplicate it never had.
+   */
   marks(hookPoints: readonly string[]): Record<string, HookMarks> {
     const mark = { sent: this.sentContexts, answered: this.position.contexts };
-    return Object.fromEntries(hookPoints.map((h) => [h, mark]));
+    return Object.fromEntries(hookPoints.filter((h) => !this.ended.has(h)).map((h) => [h, mark]));
   }
 
   /** The position up to which every chunk was answered. */
@@ -63,7 +69,7 @@ export class InFlightLedger {
   /** Records a pass whose `chunks` are about to be sent; once they are all answered, `position` is delivered. */
   opened(position: Position, chunks: readonly ActivationChunk[]): void {
     const awaited = chunks.filter((c) => !this.ended.has(c.hookPoint));
-    const pass: Pass = { position, unanswered: awaited.length, sent: new Map(), written: new Set() };
+    const pass: Pass = { position, unanswered: awaited.length, sent: new Map(), written: new Map() };
     this.sentContexts = Math.max(this.sentContexts, position.contexts);
     this.passes.push(pass);
     for (const chunk of awaited) this.passOf.set(chunkKey(chunk), pass);
@@ -74,20 +80,29 @@ export class InFlightLedger {
    * `chunk` of an opened pass is being written to its stream, before any answer to it can come: its
    * rows count as produced for its hook point once the pass is delivered, once however often it is
    * re-sent (a re-sent row the buffer had is answered as a duplicate, which the ledger sets aside). A chunk of a shard that
-   * ended before it went out is never written, so what a shard is said to have been sent is what it
-   * answered (accepted or refused), and its ledger reconciles.
+   * ended before it went out is never written, and one written but not answered when it ended counts
+   * only if its answer still comes, so what a shard is said to have been sent is what it answered
+   * (accepted or refused), and its ledger reconciles.
    */
   sending(chunk: ActivationChunk): void {
     const key = chunkKey(chunk);
     const pass = this.passOf.get(key);
     if (!pass || pass.written.has(key)) return;
-    pass.written.add(key);
-    pass.sent.set(chunk.hookPoint, (pass.sent.get(chunk.hookPoint) ?? 0) + (chunk.activations?.shape[0] ?? 0));
+    const rows = chunk.activations?.shape[0] ?? 0;
+    pass.written.set(key, rows);
+    pass.sent.set(chunk.hookPoint, (pass.sent.get(chunk.hookPoint) ?? 0) + rows);
   }
 
   /** The buffer answered `chunk` (accepted or refused: either way it is not sent again). */
   answered(chunk: ActivationChunk): void {
     const key = chunkKey(chunk);
+    const late = this.late.get(key);
+    if (late !== undefined) {
+      this.late.delete(key);
+      const hooks = { ...this.position.produced.hooks };
+      hooks[chunk.hookPoint] = (hooks[chunk.hookPoint] ?? 0) + late;
+      this.position = { ...this.position, produced: { ...this.position.produced, hooks } };
+    }
     const pass = this.passOf.get(key);
     this.passOf.delete(key);
     if (pass) pass.unanswered--;
@@ -96,15 +111,23 @@ export class InFlightLedger {
 
   /**
    * The buffer shard holding `hookPoints` for this producer ended (its trainers are done, or it was
-   * drained): their chunks still unanswered will never be, and later ones are not sent. Passes stop
-   * waiting for them, so the position goes on with the shards still fed.
+   * drained): later chunks of theirs are not sent, and passes stop waiting for the answers still due
+   * (they may never come: its stream may be down), so the position goes on with the shards still
+   * fed. Rows of those chunks count as produced when an answer comes after all.
    */
   endHooks(hookPoints: readonly string[]): void {
     for (const hook of hookPoints) this.ended.add(hook);
     for (const [key, pass] of this.passOf) {
-      if (!hookPoints.includes(key.slice(0, key.lastIndexOf("#")))) continue;
+      const hook = key.slice(0, key.lastIndexOf("#"));
+      if (!hookPoints.includes(hook)) continue;
       this.passOf.delete(key);
       pass.unanswered--;
+      // Written and unanswered: the stream may be down and never reach the shard again.
+      const rows = pass.written.get(key);
+      if (rows !== undefined) {
+        pass.sent.set(hook, pass.sent.get(hook)! - rows);
+        this.late.set(key, rows);
+      }
     }
     this.settle();
     // Saved at once: a producer restarted later must not wait for a shard that is gone.
