@@ -116,15 +116,15 @@ export class ActivationBuffer {
     }
   }
 
-  /**
-   * Saves the ledger and marks (when a state file is configured). Called wherever a change is about to
-   * become visible to a peer, before it does (see state-file.ts).
-   */
   /** Whether its ledger and marks are kept in buffer.stateFile (then they are exact across its restarts). */
   get keepsState(): boolean {
     return this.stateFile !== undefined;
   }
 
+  /**
+   * Saves the ledger and marks (when a state file is configured). Called wherever a change is about to
+   * become visible to a peer, before it does (see state-file.ts).
+   */
   commit(): void {
     this.stateFile?.save(this.snapshot(this.currentState === ServiceState.STOPPED));
   }

@@ -102,6 +102,8 @@ export class InFlightLedger {
       const hooks = { ...this.position.produced.hooks };
       hooks[chunk.hookPoint] = (hooks[chunk.hookPoint] ?? 0) + late;
       this.position = { ...this.position, produced: { ...this.position.produced, hooks } };
+      // A restart makes nothing again for a shard that ended, so the count is kept at once.
+      this.save();
     }
     const pass = this.passOf.get(key);
     this.passOf.delete(key);
@@ -132,6 +134,11 @@ export class InFlightLedger {
     this.settle();
     // Saved at once: a producer restarted later must not wait for a shard that is gone.
     this.save();
+  }
+
+  /** Chunks written to shards that ended and not answered (yet): their rows are not counted as produced. */
+  get unansweredLate(): number {
+    return this.late.size;
   }
 
   /** True when every one of `hookPoints` had its shard end before this start (the saved position says so). */

@@ -170,6 +170,9 @@ export async function startProducer(config: RunConfig, deps: RoleDeps = {}): Pro
       await finished;
       if (!(await feeds.drainStreams(FLUSH_MS)))
         log(`${id}: ${feeds.inFlight} chunks unanswered after ${FLUSH_MS} ms; they will be produced again on resume`);
+      // Their shard may have kept them before it died; if so its ledger shows them accepted and not produced.
+      if (ledger.unansweredLate > 0)
+        log(`${id}: ${ledger.unansweredLate} chunks sent to shards that ended were never answered; their rows are not counted as produced`);
       ledger.save();
       await feeds.leaveAll();
       if (parts.ownBus) await parts.bus.drain();

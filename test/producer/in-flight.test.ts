@@ -51,6 +51,9 @@ describe("the in-flight ledger when a shard ends with chunks unanswered", () => 
     // b0's answer still comes (the stream was up); b1's never does (it was down).
     ledger.answered(b0);
     assert.deepEqual(ledger.delivered.produced.hooks, { a: 128, b: 64 });
+    assert.equal(ledger.unansweredLate, 1);
+    // Kept at once: a restart makes nothing again for b.
+    assert.deepEqual(new PositionStore(join(dir, "q.json"), "f").load()?.produced.hooks, { a: 128, b: 64 });
     // Passes delivered later keep what came late.
     const [a2] = [chunk("a", 2, 64)];
     ledger.opened(pass(3), [a2, chunk("b", 2, 64)]);
