@@ -12,13 +12,15 @@ const SAVE_EVERY_MS = 200;
 interface Pass {
   position: Position;
   unanswered: number;
-  /** Rows per hook point of its chunks written to a stream (a shard that ended meanwhile gets none). */
-  sent: Map<string, number>;
-  /** Rows of its chunks written at least once, by chunk: one re-sent after a broken stream is not made twice. */
+  /**
+   * Rows of its chunks written at least once, by chunk (one re-sent after a broken stream is not made
+   * twice): what the pass adds to each hook point's count (a shard that ended meanwhile gets none).
+   */
   written: Map<string, number>;
 }
 
 const chunkKey = (chunk: ActivationChunk) => `${chunk.hookPoint}#${chunk.sequence}`;
+const hookOf = (key: string) => key.slice(0, key.lastIndexOf("#"));
 
 /**
  * The passes whose chunks are out, oldest first. A pass's position is delivered once all of its
@@ -69,7 +71,7 @@ export class InFlightLedger {
   /** Records a pass whose `chunks` are about to be sent; once they are all answered, `position` is delivered. */
   opened(position: Position, chunks: readonly ActivationChunk[]): void {
     const awaited = chunks.filter((c) => !this.ended.has(c.hookPoint));
-    const pass: Pass = { position, unanswered: awaited.length, sent: new Map(), written: new Map() };
+    const pass: Pass = { position, unanswered: awaited.length, written: new Map() };
     this.sentContexts = Math.max(this.sentContexts, position.contexts);
     this.passes.push(pass);
     for (const chunk of awaited) this.passOf.set(chunkKey(chunk), pass);
@@ -88,9 +90,7 @@ export class InFlightLedger {
     const key = chunkKey(chunk);
     const pass = this.passOf.get(key);
     if (!pass || pass.written.has(key)) return;
-    const rows = chunk.activations?.shape[0] ?? 0;
-    pass.written.set(key, rows);
-    pass.sent.set(chunk.hookPoint, (pass.sent.get(chunk.hookPoint) ?? 0) + rows);
+    pass.written.set(key, chunk.activations?.shape[0] ?? 0);
   }
 
   /** The buffer answered `chunk` (accepted or refused: either way it is not sent again). */
@@ -120,14 +120,13 @@ export class InFlightLedger {
   endHooks(hookPoints: readonly string[]): void {
     for (const hook of hookPoints) this.ended.add(hook);
     for (const [key, pass] of this.passOf) {
-      const hook = key.slice(0, key.lastIndexOf("#"));
-      if (!hookPoints.includes(hook)) continue;
+      if (!hookPoints.includes(hookOf(key))) continue;
       this.passOf.delete(key);
       pass.unanswered--;
       // Written and unanswered: the stream may be down and never reach the shard again.
       const rows = pass.written.get(key);
       if (rows !== undefined) {
-        pass.sent.set(hook, pass.sent.get(hook)! - rows);
+        pass.written.delete(key);
         this.late.set(key, rows);
       }
     }
@@ -162,7 +161,7 @@ export class InFlightLedger {
     while (this.passes.length && this.passes[0]!.unanswered === 0) {
       const pass = this.passes.shift()!;
       const hooks = { ...this.position.produced.hooks };
-      for (const [hook, rows] of pass.sent) hooks[hook] = (hooks[hook] ?? 0) + rows;
+      for (const [key, rows] of pass.written) hooks[hookOf(key)] = (hooks[hookOf(key)] ?? 0) + rows;
       this.position = { ...pass.position, produced: { ...pass.position.produced, hooks } };
     }
     if (Date.now() - this.lastSave >= SAVE_EVERY_MS) this.save();
